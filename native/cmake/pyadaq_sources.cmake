@@ -1,0 +1,22 @@
+# pyadaq's own C sources, added to upstream's targets so that the patches only need to
+# add registrations and call sites.
+set(PYADAQ_SRC ${CMAKE_CURRENT_LIST_DIR}/../src)
+
+# Reference kernels and type traits: ggml-base. The reference is the specification that
+# pyadaq/quants_ref.py repeats bit for bit, so the compiler must not fuse its multiply-adds.
+target_sources(ggml-base PRIVATE ${PYADAQ_SRC}/pyadaq-quants.c)
+target_include_directories(ggml-base PRIVATE ${PYADAQ_SRC})
+set_source_files_properties(${PYADAQ_SRC}/pyadaq-quants.c TARGET_DIRECTORY ggml-base
+                            PROPERTIES COMPILE_OPTIONS "-ffp-contract=off")
+
+# CPU paths: ggml-cpu.
+target_sources(ggml-cpu PRIVATE ${PYADAQ_SRC}/pyadaq-quants-cpu.c)
+target_include_directories(ggml-cpu PRIVATE ${PYADAQ_SRC})
+
+# Build identification and llama-level entry points: libllama.
+target_sources(llama PRIVATE ${PYADAQ_SRC}/pyadaq-info.c)
+target_include_directories(llama PRIVATE ${PYADAQ_SRC})
+target_compile_definitions(llama PRIVATE
+    PYADAQ_VERSION="${PROJECT_VERSION}"
+    PYADAQ_PATCHSET="${PYADAQ_PATCHSET}"
+    PYADAQ_UPSTREAM="${PYADAQ_UPSTREAM_PACKAGE}==${PYADAQ_UPSTREAM_VERSION}")

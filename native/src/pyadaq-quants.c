@@ -1,0 +1,183 @@
+// Scalar reference of the pyadaq KV-cache types: this file is the specification.
+//
+// It is compiled with -ffp-contract=off (native/cmake/pyadaq_sources.cmake) so that every
+// float operation is the IEEE single-precision operation written here, in the order written
+// here; pyadaq/quants_ref.py repeats them and is bit-exact with this file.
+
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
+#include "ggml-impl.h"
+#include "ggml.h"
+
+#include "pyadaq-quants.h"
+
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+const int8_t pyadaq_levels_n2[4] = { -127, -38, 38, 127 };
+const int8_t pyadaq_levels_u2[4] = { -3, -1, 1, 3 };
+const int8_t pyadaq_levels_n3[8] = { -127, -79, -45, -14, 14, 45, 79, 127 };
+const int8_t pyadaq_levels_u3[8] = { -7, -5, -3, -1, 1, 3, 5, 7 };
+
+#define PYADAQ_CHECK_ID(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                   \
+    static_assert(GGML_TYPE_##UPPER == (id), "ggml.h patch and PYADAQ_TYPES disagree on " #lower); \
+    static_assert((QK) == 32 || (QK) == 64, "pyadaq blocks hold 32 or 64 values");                \
+    static_assert(sizeof(PYADAQ_BLOCK_TYPE(QK, BITS)) == PYADAQ_TYPE_SIZE(QK, BITS), "wrong " #lower " block size/padding");
+PYADAQ_TYPES(PYADAQ_CHECK_ID)
+static_assert(sizeof(ggml_half) == sizeof(uint16_t), "ggml_half is two bytes");
+
+// Index of the level nearest to v: the number of midpoints between levels that v exceeds.
+static inline int nearest_level(float v, const float * mids, int n_mids) {
+    int idx = 0;
+    for (int i = 0; i < n_mids; ++i) {
+        idx += v > mids[i];
+    }
+    return idx;
+}
+
+// Quantize one block of qk values. Non-finite inputs count as 0.
+static void quantize_block(const float * x, uint16_t * d_out, uint8_t * qs, uint8_t * qh,
+                           int qk, int bits, const int8_t * levels, int rule) {
+    const int n_levels = 1 << bits;
+    const float lmax = (float) levels[n_levels - 1];
+
+    float xs[64];
+    float amax = 0.0f;
+    for (int j = 0; j < qk; ++j) {
+        xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
+        const float a = fabsf(xs[j]);
+        if (a > amax) {
+            amax = a;
+        }
+    }
+
+    float mids[7];
+    for (int i = 0; i + 1 < n_levels; ++i) {
+        mids[i] = 0.5f * ((float) levels[i] + (float) levels[i + 1]);
+    }
+
+    uint8_t idx[64];
+    float d = 0.0f;
+    if (amax == 0.0f) {
+        for (int j = 0; j < qk; ++j) {
+            idx[j] = (uint8_t) (n_levels / 2);
+        }
+    } else if (rule == PYADAQ_SCALE_ABSMAX) {
+        const float inv = lmax / amax;
+        for (int j = 0; j < qk; ++j) {
+            idx[j] = (uint8_t) nearest_level(xs[j] * inv, mids, n_levels - 1);
+        }
+        d = amax / lmax;
+    } else {
+        // Least squares over a range of scales: for each trial inverse scale pick the nearest
+        // levels, then the d that fits those levels best; keep the trial with the least error,
+        // i.e. the largest sxl^2/sll.
+        const float base = lmax / amax;
+        float best_score = -1.0f;
+        float best_sxl = 0.0f;
+        float best_sll = 1.0f;
+        uint8_t trial[64];
+        for (int t = 0; t < PYADAQ_SEARCH_N; ++t) {
+            const float inv = base * (PYADAQ_SEARCH_LO + (float) t * PYADAQ_SEARCH_STEP);
+            float sxl = 0.0f;
+            float sll = 0.0f;
+            for (int j = 0; j < qk; ++j) {
+                const int i = nearest_level(xs[j] * inv, mids, n_levels - 1);
+                const float l = (float) levels[i];
+                trial[j] = (uint8_t) i;
+                sxl += xs[j] * l;
+                sll += l * l;
+            }
+            const float score = sxl * sxl / sll;
+            if (score > best_score) {
+                best_score = score;
+                best_sxl = sxl;
+                best_sll = sll;
+                memcpy(idx, trial, (size_t) qk);
+            }
+        }
+        d = best_sxl / best_sll;
+    }
+
+    *d_out = GGML_FP32_TO_FP16(d);
+    memset(qs, 0, (size_t) qk / 4);
+    if (bits == 3) {
+        memset(qh, 0, (size_t) qk / 8);
+    }
+    for (int j = 0; j < qk; ++j) {
+        const int g = j / 32;  // group of 32
+        const int jj = j % 32; // position in the group
+        qs[8 * g + jj % 8] |= (uint8_t) ((idx[j] & 3) << (2 * (jj / 8)));
+        if (bits == 3) {
+            qh[4 * g + jj / 8] |= (uint8_t) (((idx[j] >> 2) & 1) << (jj % 8));
+        }
+    }
+}
+
+static void dequantize_block(uint16_t d16, const uint8_t * qs, const uint8_t * qh, float * y,
+                             int qk, int bits, const int8_t * levels) {
+    const float d = GGML_FP16_TO_FP32(d16);
+    for (int j = 0; j < qk; ++j) {
+        const int g = j / 32;
+        const int jj = j % 32;
+        int i = (qs[8 * g + jj % 8] >> (2 * (jj / 8))) & 3;
+        if (bits == 3) {
+            i |= ((qh[4 * g + jj / 8] >> (jj % 8)) & 1) << 2;
+        }
+        y[j] = d * (float) levels[i];
+    }
+}
+
+#define QH_OF(BITS, blk) PYADAQ_QH_##BITS(blk)
+#define PYADAQ_QH_2(blk) NULL
+#define PYADAQ_QH_3(blk) (blk).qh
+
+#define PYADAQ_DEFINE_REF(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                  \
+    void quantize_row_##lower##_ref(const float * x, void * vy, int64_t k) {                         \
+        assert(k % (QK) == 0);                                                                       \
+        PYADAQ_BLOCK_TYPE(QK, BITS) * y = vy;                                                        \
+        for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
+            quantize_block(x + b * (QK), &y[b].d, y[b].qs, QH_OF(BITS, y[b]), QK, BITS, LEVELS, RULE); \
+        }                                                                                            \
+    }                                                                                                \
+    void dequantize_row_##lower(const void * vx, float * y, int64_t k) {                            \
+        assert(k % (QK) == 0);                                                                       \
+        const PYADAQ_BLOCK_TYPE(QK, BITS) * x = vx;                                                  \
+        for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
+            dequantize_block(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS);   \
+        }                                                                                            \
+    }                                                                                                \
+    size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,        \
+                            const float * imatrix) {                                                 \
+        (void) imatrix;                                                                              \
+        const size_t row_size = ggml_row_size(GGML_TYPE_##UPPER, n_per_row);                         \
+        for (int64_t r = 0; r < nrows; ++r) {                                                        \
+            quantize_row_##lower##_ref(src + r * n_per_row, (char *) dst + r * row_size, n_per_row); \
+        }                                                                                            \
+        return (size_t) nrows * row_size;                                                            \
+    }
+PYADAQ_TYPES(PYADAQ_DEFINE_REF)
+
+int pyadaq_is_pyadaq_type(int type) {
+#define PYADAQ_IS(UPPER, lower, id, QK, BITS, LEVELS, RULE) if (type == (id)) return 1;
+    PYADAQ_TYPES(PYADAQ_IS)
+#undef PYADAQ_IS
+    return 0;
+}
+
+int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k) {
+#define PYADAQ_Q(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
+    if (type == (id)) { if (k % (QK)) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
+    PYADAQ_TYPES(PYADAQ_Q)
+#undef PYADAQ_Q
+    return -1;
+}
+
+int pyadaq_dequantize(int type, const void * x, float * y, int64_t k) {
+#define PYADAQ_DQ(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
+    if (type == (id)) { if (k % (QK)) return -1; dequantize_row_##lower(x, y, k); return 0; }
+    PYADAQ_TYPES(PYADAQ_DQ)
+#undef PYADAQ_DQ
+    return -1;
+}

@@ -1,0 +1,137 @@
+// pyadaq KV-cache quantization types.
+//
+// Every pyadaq type has the same shape: blocks of QK values (32 or 64) that
+// share one fp16 scale `d`, and per value a 2- or 3-bit index into a small
+// signed int8 codebook (the "levels"). A value decodes as
+//
+//     x = d * levels[index]
+//
+// The int8 levels make the K.Q dot product an integer dot product against
+// q8_0, exactly like upstream's iq4_nl. Bits are laid out per group of 32
+// values (a 64-value block is two groups sharing `d`):
+//
+//     qs[8*g + i], bits 2k..2k+1 : low two index bits of value 32*g + i + 8*k
+//     qh[4*g + i/8], bit i%8    : third index bit of value 32*g + i (3-bit only)
+//
+// The scalar functions in pyadaq-quants.c are the specification; the numpy
+// twin in pyadaq/quants_ref.py and the CPU fast paths are checked against them.
+
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && !defined(__MINGW32__)
+#    define PYADAQ_API __declspec(dllexport) extern
+#else
+#    define PYADAQ_API __attribute__((visibility("default"))) extern
+#endif
+
+// How a type chooses its scale.
+enum pyadaq_scale_rule {
+    PYADAQ_SCALE_ABSMAX = 0, // d = max|x| / max|level| (the naive rule, kept as a baseline)
+    PYADAQ_SCALE_MSE    = 1, // search d for the least squared error of the block
+};
+
+// X-macro of every pyadaq type:
+//   X(UPPER, lower, id, block size, bits, levels table, scale rule)
+// The first two are the recommended types; the others are the candidates the
+// format was chosen from (docs/FORMATS.md), kept so the comparison can be rerun.
+// Ids sit far above upstream's (GGML_TYPE_Q2_0 = 42) so an upstream bump cannot collide.
+#define PYADAQ_TYPES(X)                                                              \
+    X(KVQ2,     kvq2,     100, 32, 2, pyadaq_levels_n2, PYADAQ_SCALE_MSE)            \
+    X(KVQ3,     kvq3,     101, 32, 3, pyadaq_levels_n3, PYADAQ_SCALE_MSE)            \
+    X(KVQ2_U32M, kvq2_u32m, 110, 32, 2, pyadaq_levels_u2, PYADAQ_SCALE_ABSMAX)       \
+    X(KVQ2_U32, kvq2_u32, 111, 32, 2, pyadaq_levels_u2, PYADAQ_SCALE_MSE)            \
+    X(KVQ2_N64, kvq2_n64, 112, 64, 2, pyadaq_levels_n2, PYADAQ_SCALE_MSE)            \
+    X(KVQ3_U32M, kvq3_u32m, 113, 32, 3, pyadaq_levels_u3, PYADAQ_SCALE_ABSMAX)       \
+    X(KVQ3_U32, kvq3_u32, 114, 32, 3, pyadaq_levels_u3, PYADAQ_SCALE_MSE)            \
+    X(KVQ3_N64, kvq3_n64, 115, 64, 3, pyadaq_levels_n3, PYADAQ_SCALE_MSE)
+
+// Codebooks, ascending. n2/n3: Lloyd-Max levels of a unit Gaussian (what values
+// look like after upstream's Hadamard rotation) scaled to int8; u2/u3: uniform.
+PYADAQ_API const int8_t pyadaq_levels_n2[4];
+PYADAQ_API const int8_t pyadaq_levels_u2[4];
+PYADAQ_API const int8_t pyadaq_levels_n3[8];
+PYADAQ_API const int8_t pyadaq_levels_u3[8];
+
+// Scale search of PYADAQ_SCALE_MSE: inverse scales (L/amax)*(SEARCH_LO + t*SEARCH_STEP), t = 0..SEARCH_N-1.
+#define PYADAQ_SEARCH_N    27
+#define PYADAQ_SEARCH_LO   0.70f
+#define PYADAQ_SEARCH_STEP 0.05f
+
+// Block layouts. `d` is a ggml_half, spelled uint16_t so this header stands alone.
+#define PYADAQ_BLOCK_2(QK) struct { uint16_t d; uint8_t qs[(QK)/4]; }
+#define PYADAQ_BLOCK_3(QK) struct { uint16_t d; uint8_t qs[(QK)/4]; uint8_t qh[(QK)/8]; }
+
+typedef PYADAQ_BLOCK_2(32) block_pyadaq_2x32;
+typedef PYADAQ_BLOCK_2(64) block_pyadaq_2x64;
+typedef PYADAQ_BLOCK_3(32) block_pyadaq_3x32;
+typedef PYADAQ_BLOCK_3(64) block_pyadaq_3x64;
+
+#ifndef __cplusplus
+_Static_assert(sizeof(block_pyadaq_2x32) == 2 + 32/4,          "wrong pyadaq 2-bit/32 block size/padding");
+_Static_assert(sizeof(block_pyadaq_2x64) == 2 + 64/4,          "wrong pyadaq 2-bit/64 block size/padding");
+_Static_assert(sizeof(block_pyadaq_3x32) == 2 + 32/4 + 32/8,   "wrong pyadaq 3-bit/32 block size/padding");
+_Static_assert(sizeof(block_pyadaq_3x64) == 2 + 64/4 + 64/8,   "wrong pyadaq 3-bit/64 block size/padding");
+#endif
+
+#define PYADAQ_BLOCK_TYPE(QK, BITS) block_pyadaq_##BITS##x##QK
+#define PYADAQ_TYPE_SIZE(QK, BITS) (2 + (QK)/4 + ((BITS) == 3 ? (QK)/8 : 0))
+
+// Per type: reference quantize (the spec), dequantize, and ggml_quantize_chunk's entry.
+#define PYADAQ_DECLARE_REF(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                          \
+    PYADAQ_API void   quantize_row_##lower##_ref(const float * x, void * y, int64_t k);                       \
+    PYADAQ_API void   dequantize_row_##lower(const void * x, float * y, int64_t k);                           \
+    PYADAQ_API size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,      \
+                                       const float * imatrix);
+PYADAQ_TYPES(PYADAQ_DECLARE_REF)
+
+// Per type, CPU backend (pyadaq-quants-cpu.c): fast quantize and the dot product with q8_0.
+#define PYADAQ_DECLARE_CPU(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                          \
+    void quantize_row_##lower(const float * x, void * y, int64_t k);                                          \
+    void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,                 \
+                                     const void * vy, size_t by, int nrc);
+PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
+
+// Registration rows spliced into upstream's tables by the patches in native/patches.
+#define PYADAQ_TRAITS_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)          \
+    [GGML_TYPE_##UPPER] = {                                                  \
+        .type_name      = #lower,                                            \
+        .blck_size      = QK,                                                \
+        .type_size      = PYADAQ_TYPE_SIZE(QK, BITS),                        \
+        .is_quantized   = true,                                              \
+        .to_float       = (ggml_to_float_t) dequantize_row_##lower,          \
+        .from_float_ref = (ggml_from_float_t) quantize_row_##lower##_ref,    \
+    },
+#define PYADAQ_GGML_TYPE_TRAITS PYADAQ_TYPES(PYADAQ_TRAITS_ROW)
+
+#define PYADAQ_TRAITS_CPU_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)      \
+    [GGML_TYPE_##UPPER] = {                                                  \
+        .from_float   = quantize_row_##lower,                                \
+        .vec_dot      = ggml_vec_dot_##lower##_q8_0,                         \
+        .vec_dot_type = GGML_TYPE_Q8_0,                                      \
+        .nrows        = 1,                                                   \
+    },
+#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW)
+
+#define PYADAQ_CASE_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) case GGML_TYPE_##UPPER:
+#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW)
+
+#define PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
+    case GGML_TYPE_##UPPER: result = quantize_##lower(src + start, (char *) dst + start_row * row_size, nrows, n_per_row, imatrix); break;
+#define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW)
+
+// Entry points for tests and tools, by ggml type id (bound with cffi in pyadaq/_native.py).
+// Each returns 0 on success and -1 if `type` is not a pyadaq type or `k` is not a multiple of its block.
+PYADAQ_API int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
+PYADAQ_API int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);
+PYADAQ_API int pyadaq_is_pyadaq_type(int type);
+
+#ifdef __cplusplus
+}
+#endif

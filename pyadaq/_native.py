@@ -1,0 +1,124 @@
+"""Find pyadaq's llama.cpp libraries, point llama_cpp at them, bind pyadaq's own C entry points.
+
+The libraries live in ``pyadaq/lib`` (installed by the build, RPATH ``$ORIGIN``). For work on
+the native code, ``PYADAQ_LIB_DIR`` may name another directory holding the same files.
+llama_cpp reads ``LLAMA_CPP_LIB_PATH`` once, when it is first imported, so this module must
+run before ``import llama_cpp``; ``pyadaq/__init__.py`` imports it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+import cffi
+
+
+class NativeLibraryError(ImportError):
+    """pyadaq's native libraries are missing, foreign, or another libllama is already loaded."""
+
+
+def lib_dir() -> Path:
+    override = os.environ.get("PYADAQ_LIB_DIR")
+    path = Path(override) if override else Path(str(files("pyadaq").joinpath("lib")))
+    if not (path / "libllama.so").exists() and not (path / "libllama.dylib").exists():
+        raise NativeLibraryError(
+            f"pyadaq's native libraries are not in {path}. Reinstall pyadaq with "
+            "`pip install .` (it builds them), or set PYADAQ_LIB_DIR to a directory holding "
+            "libllama and libggml* built from this source."
+        )
+    return path
+
+
+def _lib(name: str) -> Path:
+    d = lib_dir()
+    for suffix in (".so", ".dylib"):
+        p = d / f"lib{name}{suffix}"
+        if p.exists():
+            return p
+    raise NativeLibraryError(f"lib{name} is missing from {d}")
+
+
+def _load_llama_cpp():
+    path = str(lib_dir())
+    loaded = sys.modules.get("llama_cpp.llama_cpp")
+    if loaded is not None:
+        base = os.path.realpath(str(getattr(loaded, "_base_path", "")))
+        if base != os.path.realpath(path):
+            raise NativeLibraryError(
+                f"llama_cpp was imported before pyadaq and loaded its library from {base}, "
+                f"not pyadaq's ({path}). A process can hold only one libllama: import pyadaq "
+                "before llama_cpp (or start a new Python process)."
+            )
+    os.environ["LLAMA_CPP_LIB_PATH"] = path
+    import llama_cpp  # noqa: F401  (loads libllama and libggml* from `path`)
+
+    return llama_cpp
+
+
+_CDEF = """
+const char * pyadaq_build_info(void);
+
+int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
+int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);
+int pyadaq_is_pyadaq_type(int type);
+
+size_t      ggml_type_size(int type);
+int64_t     ggml_blck_size(int type);
+const char *ggml_type_name(int type);
+bool        ggml_is_quantized(int type);
+size_t      ggml_row_size(int type, int64_t ne);
+
+int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int impl, float * out);
+int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k);
+int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k);
+const char * pyadaq_cpu_simd(void);
+"""
+
+
+class Native:
+    """cffi handles on libllama, libggml-base and libggml-cpu (the same files llama_cpp loaded)."""
+
+    def __init__(self) -> None:
+        self.llama_cpp = _load_llama_cpp()
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(_CDEF)
+        self.llama = self.ffi.dlopen(str(_lib("llama")))
+        self.base = self.ffi.dlopen(str(_lib("ggml-base")))
+        self.cpu = self.ffi.dlopen(str(_lib("ggml-cpu")))
+        self.build_info = self._check_build()
+
+    def _check_build(self) -> dict:
+        try:
+            info = self.ffi.string(self.llama.pyadaq_build_info()).decode()
+        except AttributeError as e:
+            raise NativeLibraryError(
+                f"{_lib('llama')} is not pyadaq's libllama (it has no pyadaq_build_info)"
+            ) from e
+        meta_path = lib_dir() / "_build_info.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        expected = f"patchset {meta.get('patchset')}"
+        if meta and expected not in info:
+            raise NativeLibraryError(
+                f"libllama reports '{info}' but {meta_path} expects {expected}: the library and "
+                "the package come from different builds; reinstall pyadaq."
+            )
+        upstream = f"llama-cpp-python=={self.llama_cpp.__version__}"
+        if upstream not in info:
+            raise NativeLibraryError(
+                f"libllama was built from '{info}' but the installed Python layer is {upstream}"
+            )
+        return {"info": info, **meta}
+
+    def type_name(self, type_id: int) -> str | None:
+        p = self.base.ggml_type_name(type_id)
+        return None if p == self.ffi.NULL else self.ffi.string(p).decode()
+
+
+@lru_cache(maxsize=1)
+def native() -> Native:
+    return Native()

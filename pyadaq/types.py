@@ -1,0 +1,92 @@
+"""The KV-cache types pyadaq offers: upstream's and pyadaq's own, read from the native library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ._native import native
+
+# Upstream types that llama.cpp's CPU flash attention runs as K or V cache.
+UPSTREAM_CACHE_TYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
+    "iq4_nl": 20, "bf16": 30, "q2_0": 42,
+}
+# pyadaq's types (native/src/pyadaq-quants.h). The recommended two come first; the
+# research candidates are the formats they were chosen from (docs/FORMATS.md).
+PYADAQ_CACHE_TYPES = {"kvq2": 100, "kvq3": 101}
+PYADAQ_RESEARCH_TYPES = {
+    "kvq2_u32m": 110, "kvq2_u32": 111, "kvq2_n64": 112,
+    "kvq3_u32m": 113, "kvq3_u32": 114, "kvq3_n64": 115,
+}
+
+
+@dataclass(frozen=True)
+class CacheType:
+    name: str
+    id: int
+    block_size: int
+    type_size: int  # bytes per block, scales included
+    quantized: bool
+    origin: str  # "upstream" or "pyadaq"
+    research: bool = False
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def row_bytes(self, n: int) -> int:
+        return n // self.block_size * self.type_size
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, CacheType]:
+    n = native()
+    out: dict[str, CacheType] = {}
+    groups = (
+        (UPSTREAM_CACHE_TYPES, "upstream", False),
+        (PYADAQ_CACHE_TYPES, "pyadaq", False),
+        (PYADAQ_RESEARCH_TYPES, "pyadaq", True),
+    )
+    for names, origin, research in groups:
+        for name, tid in names.items():
+            native_name = n.type_name(tid)
+            if native_name != name:
+                raise RuntimeError(f"native type {tid} is '{native_name}', expected '{name}'")
+            out[name] = CacheType(
+                name=name,
+                id=tid,
+                block_size=int(n.base.ggml_blck_size(tid)),
+                type_size=int(n.base.ggml_type_size(tid)),
+                quantized=bool(n.base.ggml_is_quantized(tid)),
+                origin=origin,
+                research=research,
+            )
+    return out
+
+
+def cache_types(research: bool = False) -> list[CacheType]:
+    """Every supported KV-cache type; with ``research=True`` also the format candidates."""
+    return [t for t in _table().values() if research or not t.research]
+
+
+def cache_type(spec: str | int | CacheType) -> CacheType:
+    """A cache type by name (case-insensitive), ggml id, or CacheType."""
+    if isinstance(spec, CacheType):
+        return spec
+    table = _table()
+    if isinstance(spec, bool) or not isinstance(spec, (str, int)):
+        raise TypeError(f"a cache type is a name or a ggml type id, not {type(spec).__name__}")
+    if isinstance(spec, int):
+        for t in table.values():
+            if t.id == spec:
+                return t
+        raise ValueError(f"ggml type id {spec} is not a supported KV-cache type; "
+                         f"supported: {', '.join(f'{t.name}={t.id}' for t in table.values())}")
+    key = spec.strip().lower()
+    if key not in table:
+        raise ValueError(f"unknown KV-cache type '{spec}'; supported: {', '.join(table)}")
+    return table[key]
