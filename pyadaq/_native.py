@@ -62,6 +62,7 @@ def _load_llama_cpp():
 
 _CDEF = """
 const char * pyadaq_build_info(void);
+int64_t pyadaq_kv_cache_bytes(void * ctx);
 
 int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
 int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);

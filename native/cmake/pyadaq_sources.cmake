@@ -14,7 +14,7 @@ target_sources(ggml-cpu PRIVATE ${PYADAQ_SRC}/pyadaq-quants-cpu.c)
 target_include_directories(ggml-cpu PRIVATE ${PYADAQ_SRC})
 
 # Build identification and llama-level entry points: libllama.
-target_sources(llama PRIVATE ${PYADAQ_SRC}/pyadaq-info.c)
+target_sources(llama PRIVATE ${PYADAQ_SRC}/pyadaq-info.c ${PYADAQ_SRC}/pyadaq-llama.cpp)
 target_include_directories(llama PRIVATE ${PYADAQ_SRC})
 target_compile_definitions(llama PRIVATE
     PYADAQ_VERSION="${PROJECT_VERSION}"

@@ -4,6 +4,7 @@
 
 #define GGML_COMMON_IMPL_C
 #include "ggml-common.h"
+#include "ggml-cpu.h"
 #include "ggml-cpu-impl.h"
 #include "ggml-impl.h"
 #include "quants.h"
@@ -145,7 +146,10 @@ PYADAQ_API int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k);
 PYADAQ_API int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k);
 PYADAQ_API const char * pyadaq_cpu_simd(void);
 
+// The fp16 tables that GGML_CPU_FP16_TO_FP32 reads are filled by ggml_cpu_init(), which a CPU
+// backend calls when it is created; these entry points may run before any backend exists.
 int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int impl, float * out) {
+    ggml_cpu_init();
 #define PYADAQ_VD(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                         \
     if (type == (id)) {                                                                          \
         if (n % (QK)) return -1;                                                                 \
@@ -162,12 +166,14 @@ int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int
 }
 
 int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k) {
+    ggml_cpu_init();
     if (k % QK8_0) return -1;
     quantize_row_q8_0(x, y, k);
     return 0;
 }
 
 int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k) {
+    ggml_cpu_init();
 #define PYADAQ_CQ(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
     if (type == (id)) { if (k % (QK)) return -1; quantize_row_##lower(x, y, k); return 0; }
     PYADAQ_TYPES(PYADAQ_CQ)

@@ -118,14 +118,19 @@ static void quantize_block(const float * x, uint16_t * d_out, uint8_t * qs, uint
 static void dequantize_block(uint16_t d16, const uint8_t * qs, const uint8_t * qh, float * y,
                              int qk, int bits, const int8_t * levels) {
     const float d = GGML_FP16_TO_FP32(d16);
-    for (int j = 0; j < qk; ++j) {
-        const int g = j / 32;
-        const int jj = j % 32;
-        int i = (qs[8 * g + jj % 8] >> (2 * (jj / 8))) & 3;
-        if (bits == 3) {
-            i |= ((qh[4 * g + jj / 8] >> (jj % 8)) & 1) << 2;
+    float dl[8];
+    for (int i = 0; i < (1 << bits); ++i) {
+        dl[i] = d * (float) levels[i];
+    }
+    for (int g = 0; g < qk / 32; ++g) {
+        // value 32*g + 8*k + i: bits 2k..2k+1 of qs[8*g + i], bit i of qh[4*g + k]
+        for (int k = 0; k < 4; ++k) {
+            const uint8_t h = bits == 3 ? qh[4 * g + k] : 0;
+            for (int i = 0; i < 8; ++i) {
+                const int idx = ((qs[8 * g + i] >> (2 * k)) & 3) | (((h >> i) & 1) << 2);
+                y[32 * g + 8 * k + i] = dl[idx];
+            }
         }
-        y[j] = d * (float) levels[i];
     }
 }
 

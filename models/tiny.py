@@ -1,0 +1,855 @@
+"""Tiny random-weight GGUF models for tests.
+
+The files written here are complete GGUF models that the llama.cpp loader
+(the copy vendored in llama-cpp-python 0.3.36) accepts: every tensor that
+``load_arch_tensors`` creates as required for the architecture is present with
+the right shape, no extra tensors are present (the loader rejects files with
+unused tensors), and all hyper-parameter keys have the GGUF types the loader
+expects.  Only the ``gguf`` Python package and numpy are needed.
+
+Two architectures are supported:
+
+``llama``
+    Standard pre-norm llama: ``token_embd``, ``output_norm``, ``output``, and
+    per layer ``attn_norm``, ``attn_q/k/v/output``, ``ffn_norm``,
+    ``ffn_gate/up/down``.  Full causal attention, rope type NORM.
+
+``gemma3``
+    Gemma 3: adds per-layer ``attn_q_norm``, ``attn_k_norm`` (size head_dim),
+    ``post_attention_norm`` and ``post_ffw_norm``; GELU FFN; embeddings scaled
+    by sqrt(n_embd); rope type NEOX.  With ``sliding_window > 0`` llama.cpp
+    builds an interleaved sliding-window (iSWA) KV cache: a layer ``il`` is a
+    sliding-window layer iff ``il % swa_pattern < swa_pattern - 1`` (so the
+    last layer of every period of ``swa_pattern`` layers uses full attention).
+    In a sliding-window layer a query at position p sees keys at positions
+    ``p - sliding_window < k <= p``.
+
+Vocabulary: a self-contained SentencePiece-style ("llama") vocabulary:
+``<unk>``=0, ``<s>``=1 (BOS), ``</s>``=2 (EOS), the 256 byte tokens
+``<0x00>``..``<0xFF>`` (ids 3..258), the single characters ``▁`` and printable
+ASCII, then word pieces learnt by a small deterministic BPE over an embedded
+English text, so ordinary English text tokenizes into word-ish pieces.  If
+``n_vocab`` is larger than what the corpus yields, the rest is filled with
+``[tokN]`` filler pieces.
+
+Weights are random normal, deterministic from ``seed``, with scales chosen so
+that RMS-normed activations are O(1), attention is content/position dependent,
+and next-token distributions have an entropy of a few nats (neither uniform nor
+one-hot).  A constant "bias channel" (embedding dimension 0; no layer writes to
+it) lets the output matrix push the logits of ``<unk>``/``<s>``/``</s>`` and of
+non-printable / non-ASCII byte tokens down by ~10-20 (their total probability
+is < 1e-4 per step at temperature 1), so sampled generations practically never
+stop on EOS and always detokenize to valid UTF-8 (disable with
+``suppress_special=False``).
+
+``reference_logits`` is an independent float64 numpy forward pass that reads a
+file written here and returns the logits llama.cpp should produce for a token
+sequence (up to f16 rounding of activations in llama.cpp's matmuls).
+
+CLI::
+
+    python -m models.tiny OUT.gguf [--arch gemma3] [--head-dim 128] ...
+    python -m models.tiny OUT.gguf --corrupt-dir DIR   # also write bad copies
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "ARCHS",
+    "TinyConfig",
+    "make_tiny_model",
+    "build_config",
+    "build_vocab",
+    "read_config",
+    "read_metadata",
+    "simple_tokenize",
+    "reference_logits",
+    "expected_tensors",
+    "corrupt_copies",
+    "main",
+]
+
+ARCHS = ("llama", "gemma3")
+
+# llama.cpp token types (LLAMA_TOKEN_TYPE_*; gguf.TokenType)
+TT_NORMAL = 1
+TT_UNKNOWN = 2
+TT_CONTROL = 3
+TT_USER_DEFINED = 4
+TT_UNUSED = 5
+TT_BYTE = 6
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+BYTE0_ID = 3  # id of <0x00>
+N_FIXED = 3 + 256
+SPACE = "\u2581"  # '▁', SentencePiece whitespace marker
+
+# GGUF file types (llama_ftype): 0 = all f32, 1 = mostly f16, 32 = mostly bf16
+_FTYPE = {"f32": 0, "f16": 1, "bf16": 32}
+
+# ---------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A small model with random weights
+does not know any language, but the tokenizer still needs to split plain
+English text into pieces. This is a short story about a cache that stores keys
+and values for every token in a long context. When the context grows, the cache
+grows with it, and memory becomes the main limit on how many tokens we can keep.
+One way to save memory is to store each number with fewer bits. Another way is
+to forget the oldest tokens and only remember a sliding window of recent ones.
+In the morning the people of the town went to the market to buy bread, fruit,
+fish and milk. The children played in the park while their parents talked about
+the weather, the news and the price of things. It was a warm day in the middle
+of summer, and the sun was shining over the hills and the river.
+Once upon a time there was a little girl who lived in a house near the forest.
+She liked to read books and to write letters to her friends. Every evening she
+would sit by the window and look at the stars in the sky. Her father worked as a
+teacher at the school, and her mother was a doctor at the hospital in the city.
+What is the capital of France? Paris is the capital and the largest city of
+France. How many days are there in a week? There are seven days in a week.
+Please answer the question and explain your reasoning step by step.
+Hello, world! This is a test of the system. We are testing the model, the
+tokenizer and the quantized key value cache with several different settings.
+Numbers like 1, 2, 3, 10, 42, 100 and 2024 also appear in text from time to
+time, as do words such as first, second, third, before, after, during, because.
+The results were good, the error was small, and the output was the same as the
+reference within the expected tolerance. We should measure the speed, the size
+and the quality of the results for each configuration before we decide.
+""".strip()
+
+_BASE_CHARS = (
+    [SPACE]
+    + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    + [chr(c) for c in range(ord("0"), ord("9") + 1)]
+    + list("""!"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~""")
+)
+
+
+def _bpe_merges(words: Dict[Tuple[str, ...], int], alphabet: set, limit: int) -> List[str]:
+    """Deterministic BPE: return up to ``limit`` new pieces (in merge order)."""
+    vocab = set(alphabet)
+    words = dict(words)
+    pieces: List[str] = []
+    while len(pieces) < limit:
+        counts: Dict[Tuple[str, str], int] = {}
+        for w, f in words.items():
+            for a, b in zip(w, w[1:]):
+                if a in vocab and b in vocab:
+                    counts[(a, b)] = counts.get((a, b), 0) + f
+        if not counts:
+            break
+        (a, b), _ = min(counts.items(), key=lambda kv: (-kv[1], kv[0][0] + kv[0][1], kv[0]))
+        new = a + b
+        if new not in vocab:
+            vocab.add(new)
+            pieces.append(new)
+        merged: Dict[Tuple[str, ...], int] = {}
+        for w, f in words.items():
+            out: List[str] = []
+            i = 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            t = tuple(out)
+            merged[t] = merged.get(t, 0) + f
+        words = merged
+    return pieces
+
+
+def build_vocab(n_vocab: int) -> Tuple[List[str], List[float], List[int]]:
+    """Return ``(tokens, scores, token_types)`` of length exactly ``n_vocab``."""
+    if n_vocab < N_FIXED:
+        raise ValueError(f"n_vocab must be >= {N_FIXED} (3 special + 256 byte tokens), got {n_vocab}")
+    tokens: List[str] = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types: List[int] = [TT_UNKNOWN, TT_CONTROL, TT_CONTROL] + [TT_BYTE] * 256
+    budget = n_vocab - N_FIXED
+    base = _BASE_CHARS[: min(budget, len(_BASE_CHARS))]
+    budget -= len(base)
+
+    freqs: Dict[Tuple[str, ...], int] = {}
+    for w in _CORPUS.split():
+        t = tuple(SPACE + w)
+        freqs[t] = freqs.get(t, 0) + 1
+    merges = _bpe_merges(freqs, set(base), budget) if budget > 0 else []
+    budget -= len(merges)
+
+    n_pieces = len(base) + len(merges)
+    # SentencePiece merges higher-scoring pieces first: earlier BPE merges get
+    # higher scores; single characters score below every merge.
+    merge_scores = [-float(i) for i in range(len(merges))]
+    base_scores = [-float(len(merges) + i) for i in range(len(base))]
+    fill = [f"[tok{i}]" for i in range(budget)]
+
+    tokens += merges + base + fill
+    types += [TT_NORMAL] * (n_pieces + len(fill))
+    scores = [0.0] * N_FIXED + merge_scores + base_scores + [-1.0e9] * len(fill)
+    assert len(tokens) == len(scores) == len(types) == n_vocab
+    assert len(set(tokens)) == n_vocab
+    return tokens, scores, types
+
+
+def _suppressed_ids(n_vocab: int) -> List[int]:
+    """Token ids whose logits are pushed down when ``suppress_special``."""
+    ids = [UNK_ID, BOS_ID, EOS_ID]
+    for b in range(256):
+        printable = (0x20 <= b < 0x7F) or b in (0x09, 0x0A)
+        if not printable:
+            ids.append(BYTE0_ID + b)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_freq_base: float
+    rope_freq_base_swa: Optional[float]
+    sliding_window: int  # 0 = no sliding window
+    swa_pattern: int  # 0 = not written (llama)
+    dtype: str
+    seed: int
+    suppress_special: bool = True
+    swa_layers: Tuple[bool, ...] = field(default=())
+
+    @property
+    def n_embd_q(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["swa_layers"] = list(self.swa_layers)
+        return d
+
+
+def build_config(
+    *,
+    arch: str = "llama",
+    head_dim: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_layer: int = 2,
+    n_embd: Optional[int] = None,
+    n_ff: Optional[int] = None,
+    n_vocab: int = 512,
+    n_ctx_train: int = 4096,
+    sliding_window: Optional[int] = None,
+    seed: int = 0,
+    dtype: str = "f16",
+    swa_pattern: Optional[int] = None,
+    suppress_special: bool = True,
+) -> TinyConfig:
+    """Validate arguments and fill in defaults (see ``make_tiny_model``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if dtype not in _FTYPE:
+        raise ValueError(f"dtype must be one of {tuple(_FTYPE)}, got {dtype!r}")
+    for name, v in (("head_dim", head_dim), ("n_head", n_head), ("n_head_kv", n_head_kv),
+                    ("n_layer", n_layer), ("n_ctx_train", n_ctx_train)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (rope), got {head_dim}")
+    if n_head % n_head_kv:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
+    if n_layer > 512:
+        raise ValueError("n_layer must be <= 512 (LLAMA_MAX_LAYERS)")
+    if n_embd is None:
+        n_embd = n_head * head_dim
+    if n_embd < 2:
+        raise ValueError(f"n_embd must be >= 2, got {n_embd}")
+    if n_ff is None:
+        n_ff = 2 * n_embd
+    if n_ff < 1:
+        raise ValueError(f"n_ff must be >= 1, got {n_ff}")
+    if n_vocab < N_FIXED:
+        raise ValueError(f"n_vocab must be >= {N_FIXED}, got {n_vocab}")
+
+    if arch == "llama":
+        if sliding_window not in (None, 0):
+            raise ValueError("sliding_window is only supported for arch='gemma3' "
+                             "(llama.cpp's llama arch has no sliding-window attention)")
+        if swa_pattern is not None:
+            raise ValueError("swa_pattern is only supported for arch='gemma3'")
+        return TinyConfig(
+            arch=arch, n_vocab=int(n_vocab), n_embd=int(n_embd), n_ff=int(n_ff), n_layer=int(n_layer),
+            n_head=int(n_head), n_head_kv=int(n_head_kv), head_dim=int(head_dim),
+            n_ctx_train=int(n_ctx_train), rms_eps=1e-5, rope_freq_base=10000.0,
+            rope_freq_base_swa=None, sliding_window=0, swa_pattern=0, dtype=dtype, seed=int(seed),
+            suppress_special=bool(suppress_special), swa_layers=tuple([False] * n_layer),
+        )
+
+    # gemma3
+    if sliding_window is None:
+        sliding_window = 64
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0, got {sliding_window}")
+    if swa_pattern is None:
+        swa_pattern = min(6, n_layer)  # Gemma 3 uses 5 local : 1 global
+    if swa_pattern < 1:
+        raise ValueError(f"swa_pattern must be >= 1, got {swa_pattern}")
+    if sliding_window > 0:
+        swa_layers = tuple(il % swa_pattern < swa_pattern - 1 for il in range(n_layer))
+    else:
+        swa_layers = tuple([False] * n_layer)
+    return TinyConfig(
+        arch=arch, n_vocab=int(n_vocab), n_embd=int(n_embd), n_ff=int(n_ff), n_layer=int(n_layer),
+        n_head=int(n_head), n_head_kv=int(n_head_kv), head_dim=int(head_dim),
+        n_ctx_train=int(n_ctx_train), rms_eps=1e-6, rope_freq_base=1_000_000.0,
+        rope_freq_base_swa=10000.0, sliding_window=int(sliding_window), swa_pattern=int(swa_pattern),
+        dtype=dtype, seed=int(seed), suppress_special=bool(suppress_special), swa_layers=swa_layers,
+    )
+
+
+def expected_tensors(cfg: TinyConfig) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name -> ggml shape (ne0, ne1, ...) that llama.cpp requires for ``cfg``.
+
+    Shapes are in ggml order (fastest dimension first), i.e. the reverse of the
+    numpy shape; this is what ``GGUFReader`` reports in ``ReaderTensor.shape``.
+    """
+    E, V, F = cfg.n_embd, cfg.n_vocab, cfg.n_ff
+    Q, KV, D = cfg.n_embd_q, cfg.n_embd_kv, cfg.head_dim
+    t: Dict[str, Tuple[int, ...]] = {
+        "token_embd.weight": (E, V),
+        "output_norm.weight": (E,),
+        "output.weight": (E, V),
+    }
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = (E,)
+        t[p + "attn_q.weight"] = (E, Q)
+        t[p + "attn_k.weight"] = (E, KV)
+        t[p + "attn_v.weight"] = (E, KV)
+        t[p + "attn_output.weight"] = (Q, E)
+        if cfg.arch == "gemma3":
+            t[p + "post_attention_norm.weight"] = (E,)
+            t[p + "attn_k_norm.weight"] = (D,)
+            t[p + "attn_q_norm.weight"] = (D,)
+        t[p + "ffn_norm.weight"] = (E,)
+        t[p + "ffn_gate.weight"] = (E, F)
+        t[p + "ffn_up.weight"] = (E, F)
+        t[p + "ffn_down.weight"] = (F, E)
+        if cfg.arch == "gemma3":
+            t[p + "post_ffw_norm.weight"] = (E,)
+    return t
+
+
+# ---------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------
+
+# Gains (multiples of 1/sqrt(fan_in)).  Tuned with reference_logits so that the
+# next-token entropy is ~3-4.5 nats over a 512-token vocabulary, attention is
+# neither uniform nor one-hot, and the context visibly changes the logits.
+_OUT_GAIN = 2.5        # logit std ~ _OUT_GAIN (the final RMS norm makes |h|_rms ~ 1)
+_QK_GAIN_LLAMA = 1.5   # llama: attention scores std ~ gain^2
+_O_GAIN_LLAMA = 2.0    # llama: attention output scale relative to the embeddings
+_BIAS_CHANNEL = 3.0    # value of the constant residual channel 0 (after gemma's sqrt(n_embd) scaling)
+_SUPPRESS = -10.0      # output weight on the bias channel for suppressed tokens
+
+
+def _make_weights(cfg: TinyConfig) -> Dict[str, np.ndarray]:
+    """Return tensor name -> float32 numpy array (numpy shape = reversed ggml shape)."""
+    rng = np.random.default_rng(cfg.seed)
+    E, V, F = cfg.n_embd, cfg.n_vocab, cfg.n_ff
+    Q, KV, D = cfg.n_embd_q, cfg.n_embd_kv, cfg.head_dim
+    gemma = cfg.arch == "gemma3"
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    def ones(n):
+        return np.ones((n,), dtype=np.float32)
+
+    w: Dict[str, np.ndarray] = {}
+    # Gemma multiplies the embeddings by sqrt(n_embd) in the graph.
+    emb_std = 1.0 / math.sqrt(E) if gemma else 1.0
+    tok = normal((V, E), emb_std)
+    out = normal((V, E), _OUT_GAIN / math.sqrt(E))
+    if cfg.suppress_special:
+        # channel 0 is a constant "bias" unit: same value for every token and
+        # no layer writes to it (rows of attn_output/ffn_down, or the post-norm
+        # weights, are zero there), so after the final RMS norm h[0] > 0 always.
+        tok[:, 0] = _BIAS_CHANNEL / math.sqrt(E) if gemma else _BIAS_CHANNEL
+        out[:, 0] = 0.0
+        out[_suppressed_ids(V), 0] = _SUPPRESS
+    w["token_embd.weight"] = tok
+    w["output_norm.weight"] = ones(E)
+    w["output.weight"] = out
+
+    qk_gain = 1.0 if gemma else _QK_GAIN_LLAMA  # gemma normalizes q and k itself
+    o_gain = 1.0 if gemma else _O_GAIN_LLAMA    # gemma post-norms the attention output
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        w[p + "attn_norm.weight"] = ones(E)
+        w[p + "attn_q.weight"] = normal((Q, E), qk_gain / math.sqrt(E))
+        w[p + "attn_k.weight"] = normal((KV, E), qk_gain / math.sqrt(E))
+        w[p + "attn_v.weight"] = normal((KV, E), 1.0 / math.sqrt(E))
+        wo = normal((E, Q), o_gain / math.sqrt(Q))
+        if gemma:
+            post_attn = ones(E)
+            if cfg.suppress_special:
+                post_attn[0] = 0.0
+            w[p + "post_attention_norm.weight"] = post_attn
+            w[p + "attn_k_norm.weight"] = ones(D)
+            w[p + "attn_q_norm.weight"] = ones(D)
+        elif cfg.suppress_special:
+            wo[0, :] = 0.0
+        w[p + "attn_output.weight"] = wo
+        w[p + "ffn_norm.weight"] = ones(E)
+        w[p + "ffn_gate.weight"] = normal((F, E), 1.0 / math.sqrt(E))
+        w[p + "ffn_up.weight"] = normal((F, E), 1.0 / math.sqrt(E))
+        down = normal((E, F), 1.0 / math.sqrt(F))
+        if gemma:
+            post_ffw = ones(E)
+            if cfg.suppress_special:
+                post_ffw[0] = 0.0
+            w[p + "post_ffw_norm.weight"] = post_ffw
+        elif cfg.suppress_special:
+            down[0, :] = 0.0
+        w[p + "ffn_down.weight"] = down
+    return w
+
+
+def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: Dict[str, np.ndarray]) -> None:
+    import gguf
+
+    a = cfg.arch
+    writer = gguf.GGUFWriter(str(path), a)  # also writes general.architecture
+    writer.add_string("general.name", f"tiny-{a}-hd{cfg.head_dim}-seed{cfg.seed}")
+    writer.add_uint32("general.file_type", _FTYPE[cfg.dtype])
+    writer.add_uint32(f"{a}.vocab_size", cfg.n_vocab)
+    writer.add_uint32(f"{a}.context_length", cfg.n_ctx_train)
+    writer.add_uint32(f"{a}.embedding_length", cfg.n_embd)
+    writer.add_uint32(f"{a}.block_count", cfg.n_layer)
+    writer.add_uint32(f"{a}.feed_forward_length", cfg.n_ff)
+    writer.add_uint32(f"{a}.attention.head_count", cfg.n_head)
+    writer.add_uint32(f"{a}.attention.head_count_kv", cfg.n_head_kv)
+    writer.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
+    writer.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
+    writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
+    writer.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)
+    writer.add_float32(f"{a}.rope.freq_base", cfg.rope_freq_base)
+    if a == "gemma3":
+        if cfg.sliding_window > 0:
+            writer.add_uint32(f"{a}.attention.sliding_window", cfg.sliding_window)
+            writer.add_uint32(f"{a}.attention.sliding_window_pattern", cfg.swa_pattern)
+            writer.add_float32(f"{a}.rope.freq_base_swa", float(cfg.rope_freq_base_swa))
+
+    tokens, scores, types = build_vocab(cfg.n_vocab)
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.add_string("tokenizer.ggml.pre", "default")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", [float(s) for s in scores])
+    writer.add_array("tokenizer.ggml.token_type", [int(t) for t in types])
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", UNK_ID)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", BOS_ID)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", EOS_ID)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_bool("tokenizer.ggml.add_eos_token", False)
+    writer.add_bool("tokenizer.ggml.add_space_prefix", True)
+
+    qtype = {"f32": gguf.GGMLQuantizationType.F32,
+             "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16}[cfg.dtype]
+    for name, arr in weights.items():
+        if arr.ndim == 1 or cfg.dtype == "f32":
+            writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif cfg.dtype == "f16":
+            writer.add_tensor(name, np.ascontiguousarray(arr.astype(np.float16)))
+        else:
+            q = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+            writer.add_tensor(name, q, raw_dtype=qtype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def make_tiny_model(
+    path,
+    *,
+    arch: str = "llama",
+    head_dim: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_layer: int = 2,
+    n_embd: Optional[int] = None,
+    n_ff: Optional[int] = None,
+    n_vocab: int = 512,
+    n_ctx_train: int = 4096,
+    sliding_window: Optional[int] = None,
+    seed: int = 0,
+    dtype: str = "f16",
+    swa_pattern: Optional[int] = None,
+    suppress_special: bool = True,
+) -> pathlib.Path:
+    """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
+
+    ``n_embd`` defaults to ``n_head * head_dim`` and ``n_ff`` to ``2 * n_embd``.
+    ``head_dim`` may differ from ``n_embd / n_head``: ``attention.key_length``,
+    ``attention.value_length`` and ``rope.dimension_count`` are always written
+    as ``head_dim``.
+
+    ``sliding_window`` / ``swa_pattern`` are gemma3-only (ValueError for llama).
+    For gemma3 ``sliding_window`` defaults to 64 (0 disables SWA, giving a plain
+    KV cache) and ``swa_pattern`` to ``min(6, n_layer)``, so the default 2-layer
+    model has layer 0 = sliding window, layer 1 = full attention.
+
+    ``dtype`` is the storage type of the 2-D weights: "f16" (default), "f32" or
+    "bf16"; 1-D norm weights are always f32.  The output is a deterministic
+    function of the arguments (same arguments -> byte-identical file).
+    """
+    cfg = build_config(
+        arch=arch, head_dim=head_dim, n_head=n_head, n_head_kv=n_head_kv, n_layer=n_layer,
+        n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train,
+        sliding_window=sliding_window, seed=seed, dtype=dtype, swa_pattern=swa_pattern,
+        suppress_special=suppress_special,
+    )
+    path = pathlib.Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    weights = _make_weights(cfg)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        _write_gguf(tmp, cfg, weights)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Reading back + numpy reference forward pass
+# ---------------------------------------------------------------------------
+
+
+def _field_value(field):
+    """Scalar / string / list value of a GGUFReader field (gguf >= 0.17)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    import gguf  # pragma: no cover - very old gguf
+
+    t = field.types[0]
+    if t == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if t == gguf.GGUFValueType.ARRAY:
+        if field.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def read_metadata(path) -> Dict[str, object]:
+    """All key/value pairs of a GGUF file as python values."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    return {name: _field_value(f) for name, f in r.fields.items()}
+
+
+def read_config(path) -> TinyConfig:
+    """Reconstruct the ``TinyConfig`` of a file written by ``make_tiny_model``."""
+    md = read_metadata(path)
+    a = md["general.architecture"]
+    if a not in ARCHS:
+        raise ValueError(f"not a tiny model architecture: {a!r}")
+    n_layer = int(md[f"{a}.block_count"])
+    sw = int(md.get(f"{a}.attention.sliding_window", 0) or 0)
+    pat = int(md.get(f"{a}.attention.sliding_window_pattern", 0) or 0)
+    if a == "gemma3" and sw > 0:
+        pat_eff = pat if pat else 6
+        swa_layers = tuple(il % pat_eff < pat_eff - 1 for il in range(n_layer))
+    else:
+        swa_layers = tuple([False] * n_layer)
+    inv_ftype = {v: k for k, v in _FTYPE.items()}
+    name = str(md.get("general.name", ""))
+    seed = int(name.rsplit("seed", 1)[1]) if "seed" in name else -1
+    return TinyConfig(
+        arch=a,
+        n_vocab=len(md["tokenizer.ggml.tokens"]),
+        n_embd=int(md[f"{a}.embedding_length"]),
+        n_ff=int(md[f"{a}.feed_forward_length"]),
+        n_layer=n_layer,
+        n_head=int(md[f"{a}.attention.head_count"]),
+        n_head_kv=int(md[f"{a}.attention.head_count_kv"]),
+        head_dim=int(md[f"{a}.attention.key_length"]),
+        n_ctx_train=int(md[f"{a}.context_length"]),
+        rms_eps=float(f"{float(md[f'{a}.attention.layer_norm_rms_epsilon']):.7g}"),
+        rope_freq_base=float(md.get(f"{a}.rope.freq_base", 10000.0)),
+        rope_freq_base_swa=(float(md.get(f"{a}.rope.freq_base_swa", 10000.0)) if a == "gemma3" else None),
+        sliding_window=sw,
+        swa_pattern=pat,
+        dtype=inv_ftype.get(int(md.get("general.file_type", 1)), "f16"),
+        seed=seed,
+        swa_layers=swa_layers,
+    )
+
+
+def _read_tensors(path) -> Dict[str, np.ndarray]:
+    """Tensor name -> float64 array with numpy shape (reversed ggml shape)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    out: Dict[str, np.ndarray] = {}
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(list(t.shape)))
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            a = np.asarray(t.data)
+        else:
+            a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        out[t.name] = np.asarray(a, dtype=np.float64).reshape(shape)
+    return out
+
+
+def _rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, base, mode):
+    """x: (T, H, D).  mode 'norm' rotates adjacent pairs, 'neox' the two halves."""
+    T, H, D = x.shape
+    half = D // 2
+    inv = base ** (-2.0 * np.arange(half) / D)
+    ang = pos[:, None].astype(np.float64) * inv[None, :]  # (T, half)
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    if mode == "norm":
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x0 * cos - x1 * sin
+        out[..., 1::2] = x0 * sin + x1 * cos
+        return out
+    x0, x1 = x[..., :half], x[..., half:]
+    return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def reference_logits(path, tokens: Sequence[int], *, n_swa: Optional[int] = None) -> np.ndarray:
+    """Float64 numpy forward pass of a tiny model over ``tokens`` (one sequence,
+    positions 0..T-1, causal; sliding window on gemma3 SWA layers).
+
+    Returns float32 logits of shape (T, n_vocab); row t predicts token t+1.
+    This mirrors llama.cpp's graphs for these archs (models/llama.cpp,
+    models/gemma3.cpp) and so can be compared with ``llama_get_logits_ith``.
+    ``n_swa`` overrides the sliding window (e.g. 0 to disable it).
+    """
+    cfg = read_config(path)
+    W = _read_tensors(path)
+    toks = np.asarray(list(tokens), dtype=np.int64)
+    if toks.ndim != 1 or len(toks) == 0:
+        raise ValueError("tokens must be a non-empty 1-D sequence")
+    if toks.min() < 0 or toks.max() >= cfg.n_vocab:
+        raise ValueError("token id out of range")
+    T, E, D = len(toks), cfg.n_embd, cfg.head_dim
+    H, HKV = cfg.n_head, cfg.n_head_kv
+    gemma = cfg.arch == "gemma3"
+    eps = cfg.rms_eps
+    sw = cfg.sliding_window if n_swa is None else n_swa
+    pos = np.arange(T)
+
+    x = W["token_embd.weight"][toks]
+    if gemma:
+        x = x * math.sqrt(E)
+    causal = pos[None, :] <= pos[:, None]  # [q, k]
+    for il in range(cfg.n_layer):
+        p = f"blk.{il}."
+        h = _rms_norm(x, W[p + "attn_norm.weight"], eps)
+        q = (h @ W[p + "attn_q.weight"].T).reshape(T, H, D)
+        k = (h @ W[p + "attn_k.weight"].T).reshape(T, HKV, D)
+        v = (h @ W[p + "attn_v.weight"].T).reshape(T, HKV, D)
+        is_swa = gemma and sw > 0 and cfg.swa_layers[il]
+        if gemma:
+            q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
+            k = _rms_norm(k, W[p + "attn_k_norm.weight"], eps)
+            base = cfg.rope_freq_base_swa if is_swa else cfg.rope_freq_base
+            q = _rope(q, pos, base, "neox")
+            k = _rope(k, pos, base, "neox")
+            q = q / math.sqrt(D)  # f_attention_scale (model type is never 27B here)
+            scale = 1.0
+        else:
+            q = _rope(q, pos, cfg.rope_freq_base, "norm")
+            k = _rope(k, pos, cfg.rope_freq_base, "norm")
+            scale = 1.0 / math.sqrt(D)
+        mask = causal.copy()
+        if is_swa:
+            mask &= (pos[:, None] - pos[None, :]) < sw
+        g = H // HKV
+        heads = []
+        for hh in range(H):
+            kh, vh = k[:, hh // g, :], v[:, hh // g, :]
+            s = (q[:, hh, :] @ kh.T) * scale
+            s = np.where(mask, s, -np.inf)
+            s = s - s.max(axis=1, keepdims=True)
+            pr = np.exp(s)
+            pr /= pr.sum(axis=1, keepdims=True)
+            heads.append(pr @ vh)
+        o = np.concatenate(heads, axis=1) @ W[p + "attn_output.weight"].T
+        if gemma:
+            o = _rms_norm(o, W[p + "post_attention_norm.weight"], eps)
+        x = x + o
+        h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
+        gate = h @ W[p + "ffn_gate.weight"].T
+        up = h @ W[p + "ffn_up.weight"].T
+        act = _gelu_tanh(gate) if gemma else gate / (1.0 + np.exp(-gate))
+        f = (act * up) @ W[p + "ffn_down.weight"].T
+        if gemma:
+            f = _rms_norm(f, W[p + "post_ffw_norm.weight"], eps)
+        x = x + f
+    h = _rms_norm(x, W["output_norm.weight"], eps)
+    return (h @ W["output.weight"].T).astype(np.float32)
+
+
+def simple_tokenize(text: str, n_vocab: int = 512, *, add_bos: bool = True) -> List[int]:
+    """Pure-python approximation of llama.cpp's SPM tokenizer for these vocabs
+    (prefix space, '▁' for spaces, score-ordered merges, byte fallback)."""
+    tokens, scores, _ = build_vocab(n_vocab)
+    tid = {t: i for i, t in enumerate(tokens)}
+    sym = list(SPACE + text.replace(" ", SPACE))
+    while True:
+        best = None
+        for i in range(len(sym) - 1):
+            j = tid.get(sym[i] + sym[i + 1])
+            if j is not None and (best is None or scores[j] > best[0]):
+                best = (scores[j], i)
+        if best is None:
+            break
+        i = best[1]
+        sym[i:i + 2] = [sym[i] + sym[i + 1]]
+    out = [BOS_ID] if add_bos else []
+    for s in sym:
+        if s in tid:
+            out.append(tid[s])
+        else:
+            out.extend(BYTE0_ID + b for b in s.encode("utf-8"))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------
+
+
+def corrupt_copies(path, outdir) -> Dict[str, pathlib.Path]:
+    """Write broken variants of the GGUF file ``path`` into ``outdir``.
+
+    Keys of the returned dict:
+      ``truncated``        the file cut to half its size (header and metadata
+                           intact, tensor data missing)
+      ``truncated_header`` only the first 64 bytes (cut inside the metadata)
+      ``bad_magic``        the whole file with the 'GGUF' magic overwritten
+      ``random_bytes``     4096 deterministic random bytes (not GGUF)
+      ``text``             a small text file (not GGUF)
+      ``empty``            a zero-byte file
+    """
+    src = pathlib.Path(path)
+    out = pathlib.Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = src.read_bytes()
+    stem = src.stem
+    res: Dict[str, pathlib.Path] = {}
+
+    def put(key: str, name: str, payload: bytes) -> None:
+        p = out / name
+        p.write_bytes(payload)
+        res[key] = p
+
+    put("truncated", f"{stem}.truncated.gguf", data[: len(data) // 2])
+    put("truncated_header", f"{stem}.truncated_header.gguf", data[:64])
+    put("bad_magic", f"{stem}.bad_magic.gguf", b"XXXX" + data[4:])
+    rnd = np.random.default_rng(12345).integers(0, 256, size=4096, dtype=np.uint8).tobytes()
+    if rnd[:4] == b"GGUF":  # pragma: no cover - astronomically unlikely
+        rnd = b"\x00" + rnd[1:]
+    put("random_bytes", f"{stem}.random.gguf", rnd)
+    put("text", f"{stem}.text.gguf", b"This is not a GGUF model file.\nJust some text.\n")
+    put("empty", f"{stem}.empty.gguf", b"")
+    return res
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.tiny",
+                                 description="Write a tiny random-weight GGUF model.")
+    ap.add_argument("out", help="output .gguf path")
+    ap.add_argument("--arch", choices=ARCHS, default="llama")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--n-head-kv", type=int, default=2)
+    ap.add_argument("--n-layer", type=int, default=2)
+    ap.add_argument("--n-embd", type=int, default=None)
+    ap.add_argument("--n-ff", type=int, default=None)
+    ap.add_argument("--n-vocab", type=int, default=512)
+    ap.add_argument("--n-ctx-train", type=int, default=4096)
+    ap.add_argument("--sliding-window", type=int, default=None,
+                    help="gemma3 only (default 64; 0 disables SWA)")
+    ap.add_argument("--swa-pattern", type=int, default=None, help="gemma3 only (default min(6, n_layer))")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=tuple(_FTYPE), default="f16")
+    ap.add_argument("--no-suppress-special", action="store_true",
+                    help="do not push down the logits of special/non-printable byte tokens")
+    ap.add_argument("--corrupt-dir", default=None, help="also write corrupt copies into this folder")
+    args = ap.parse_args(argv)
+    try:
+        p = make_tiny_model(
+            args.out, arch=args.arch, head_dim=args.head_dim, n_head=args.n_head,
+            n_head_kv=args.n_head_kv, n_layer=args.n_layer, n_embd=args.n_embd, n_ff=args.n_ff,
+            n_vocab=args.n_vocab, n_ctx_train=args.n_ctx_train, sliding_window=args.sliding_window,
+            seed=args.seed, dtype=args.dtype, swa_pattern=args.swa_pattern,
+            suppress_special=not args.no_suppress_special,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = read_config(p)
+    print(f"wrote {p} ({p.stat().st_size} bytes)")
+    for k, v in cfg.as_dict().items():
+        print(f"  {k} = {v}")
+    if args.corrupt_dir:
+        for k, v in corrupt_copies(p, args.corrupt_dir).items():
+            print(f"  corrupt[{k}] = {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

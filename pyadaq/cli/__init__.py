@@ -1,0 +1,25 @@
+"""pyadaq's command line: `pyadaq <command> --help`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyadaq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import demo, formats, types_cmd
+
+    for mod in (demo, formats, types_cmd):
+        mod.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"pyadaq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

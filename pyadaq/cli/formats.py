@@ -1,0 +1,89 @@
+"""`pyadaq formats`: the measurement that chose pyadaq's KV-cache formats (docs/FORMATS.md).
+
+Every candidate runs as the V cache (K = q8_0) and the chosen ones also as the K cache
+(V = q8_0), on the embedded model, scored against an f16 cache like llama.cpp's perplexity
+tool (chunks of --ctx tokens, second half of each chunk scored).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+CANDIDATES_V = ["q8_0", "q4_0", "q2_0", "kvq3", "kvq3_u32", "kvq3_u32m", "kvq3_n64",
+                "kvq2", "kvq2_u32", "kvq2_u32m", "kvq2_n64"]
+EXTRA = [("kvq3", "q8_0"), ("kvq2", "q8_0"), ("q4_0", "kvq2"), ("q4_0", "q4_0")]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("formats", help="compare the KV-cache format candidates by KL divergence")
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=20)
+    p.add_argument("--no-rot", action="store_true", help="disable upstream's attention rotation")
+    p.add_argument("--json", default="docs/formats.json")
+    p.add_argument("--table", default="docs/formats-table.md", help="markdown table output")
+    p.set_defaults(func=run)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} threads, {platform.system()}"
+
+
+def run(args) -> int:
+    from ..kl import compare
+    from ..types import cache_type
+
+    if args.model:
+        model = args.model
+    else:
+        from ..embedded import embedded_model_path
+
+        model = str(embedded_model_path())
+    configs = [("q8_0", v) for v in CANDIDATES_V] + EXTRA
+    t0 = time.time()
+    res = compare(model, configs, n_ctx=args.ctx, n_chunks=args.chunks, attn_rot=not args.no_rot)
+    res["machine"] = machine()
+    res["seconds"] = time.time() - t0
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    rows = ["| K | V | V bits/value | V format | KL mean ± se | KL p99 | top-1 | PPL | KV bytes (ctx) |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in res["results"]:
+        v = cache_type(r["v"])
+        rows.append(f"| {r['k']} | {r['v']} | {v.bits_per_value:.2f} | {describe(v.name)} | "
+                    f"{r['kl_mean']:.4f} ± {r['kl_stderr']:.4f} | {r['kl_p99']:.3f} | {100 * r['top1']:.1f} % | "
+                    f"{r['ppl']:.3f} | {r['kv_bytes']:,} |")
+    table = "\n".join(rows)
+    Path(args.table).write_text(
+        f"Model `{Path(model).name}`, {res['chunks']} chunks of {res['n_ctx']} tokens of pydoc_data.topics, "
+        f"attention rotation {'on' if res['attn_rot'] else 'off'}; machine: {res['machine']}; "
+        f"{res['seconds']:.0f} s.\n\n{table}\n")
+    print(table)
+    return 0
+
+
+def describe(name: str) -> str:
+    return {
+        "kvq2": "Lloyd-Max levels, block 32, MSE-fitted scale",
+        "kvq3": "Lloyd-Max levels, block 32, MSE-fitted scale",
+        "kvq2_u32": "uniform levels, block 32, MSE-fitted scale",
+        "kvq3_u32": "uniform levels, block 32, MSE-fitted scale",
+        "kvq2_u32m": "uniform levels, block 32, scale from max",
+        "kvq3_u32m": "uniform levels, block 32, scale from max",
+        "kvq2_n64": "Lloyd-Max levels, block 64, MSE-fitted scale",
+        "kvq3_n64": "Lloyd-Max levels, block 64, MSE-fitted scale",
+        "q2_0": "upstream 2-bit weight type",
+    }.get(name, "upstream")

@@ -1,0 +1,136 @@
+"""Evaluate token chunks under a given KV-cache configuration and return logits.
+
+One model is loaded once; each K/V configuration gets its own llama.cpp context, so many
+configurations can be compared chunk by chunk without storing reference logits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from ._native import native
+from .types import CacheType, cache_type
+
+_llama_cpp = native().llama_cpp
+
+
+@contextmanager
+def _env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@_llama_cpp.llama_log_callback
+def _quiet_log(level, text, user_data):  # noqa: ARG001
+    pass
+
+
+def quiet_native_logs() -> None:
+    _llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+
+
+class Model:
+    def __init__(self, path: str, n_gpu_layers: int = 0):
+        params = _llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.path = str(path)
+        self.ptr = _llama_cpp.llama_model_load_from_file(self.path.encode(), params)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not load {path}")
+        self.vocab = _llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = _llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> np.ndarray:
+        data = text.encode()
+        n_max = len(data) + 16
+        buf = (_llama_cpp.llama_token * n_max)()
+        n = _llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        if n < 0:
+            raise RuntimeError("tokenization failed")
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32).copy()
+
+    def close(self) -> None:
+        if self.ptr:
+            _llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Context:
+    """A llama.cpp context with the given K/V cache types that scores chunks."""
+
+    def __init__(self, model: Model, cache_type_k: str | int | CacheType, cache_type_v: str | int | CacheType,
+                 n_ctx: int, n_threads: int | None = None, attn_rot: bool = True, flash_attn: bool = True):
+        self.model = model
+        self.k = cache_type(cache_type_k)
+        self.v = cache_type(cache_type_v)
+        p = _llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_ctx
+        p.n_ubatch = min(n_ctx, 512)
+        p.n_seq_max = 1
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        p.n_threads = threads
+        p.n_threads_batch = threads
+        p.type_k = self.k.id
+        p.type_v = self.v.id
+        p.flash_attn_type = (_llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                             else _llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"):
+            self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not create a context with K={self.k} V={self.v}")
+        self.n_ctx = n_ctx
+        self.batch = _llama_cpp.llama_batch_init(n_ctx, 0, 1)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(native().llama.pyadaq_kv_cache_bytes(native().ffi.cast("void *", self.ptr)))
+
+    def logits(self, tokens: np.ndarray, first_scored: int) -> np.ndarray:
+        """Evaluate `tokens` from an empty cache; logits of positions first_scored..len-1."""
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ValueError(f"{n} tokens do not fit a context of {self.n_ctx}")
+        _llama_cpp.llama_memory_clear(_llama_cpp.llama_get_memory(self.ptr), True)
+        b = self.batch
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i] = int(tokens[i])
+            b.pos[i] = i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= first_scored
+        rc = _llama_cpp.llama_decode(self.ptr, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        out = np.empty((n - first_scored, self.model.n_vocab), dtype=np.float32)
+        for row, i in enumerate(range(first_scored, n)):
+            ptr = _llama_cpp.llama_get_logits_ith(self.ptr, i)
+            out[row] = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+        return out
+
+    def close(self) -> None:
+        if self.ptr:
+            _llama_cpp.llama_batch_free(self.batch)
+            _llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()

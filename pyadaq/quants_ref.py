@@ -1,0 +1,235 @@
+"""A numpy twin of pyadaq's KV-cache quantization types, bit-exact with the C reference.
+
+The specification is the scalar C code in ``native/src/pyadaq-quants.c`` (compiled with
+``-ffp-contract=off``). This module repeats its float32 operations in the same order, so
+:func:`quantize` returns the very bytes ``quantize_row_<type>_ref`` writes and :func:`dequantize`
+the very floats ``dequantize_row_<type>`` writes. It is vectorized across blocks; inside a
+block it follows the C loops. It needs numpy only (no native library).
+
+Format
+------
+A row of ``n`` values is ``n / QK`` blocks of ``QK`` values (QK = 32 or 64), stored one after
+another. A block is::
+
+    offset 0            d   : fp16 scale, little-endian (ggml_half)
+    offset 2            qs  : QK/4 bytes, the low two bits of each value's level index
+    offset 2 + QK/4     qh  : QK/8 bytes, the third index bit (3-bit types only)
+
+Each value has an index ``i`` into a small ascending int8 codebook ``levels`` (4 entries for
+2 bits, 8 for 3 bits) and decodes as ``d * levels[i]`` (float32 product). Bits are laid out per
+group of 32 values; a 64-value block is two groups sharing ``d``. For value ``32*g + 8*k + m``
+(``k`` = 0..3, ``m`` = 0..7) the low bits are bits ``2k, 2k+1`` of ``qs[8*g + m]``; for value
+``32*g + 8*b + m`` the high bit is bit ``m`` of ``qh[4*g + b]``.
+
+Quantization of one block (non-finite inputs count as 0):
+
+* ``amax = max |x|``. If ``amax == 0``: ``d = 0`` and every index is ``n_levels / 2``.
+* ``ABSMAX`` rule: ``inv = lmax / amax``; index = nearest level of ``x * inv``;
+  ``d = amax / lmax`` (``lmax`` = the largest level).
+* ``MSE`` rule: for ``t = 0..SEARCH_N-1`` the trial inverse scale is
+  ``(lmax / amax) * (SEARCH_LO + t * SEARCH_STEP)``; each value takes the nearest level ``l`` of
+  ``x * inv``, and ``sxl = sum x*l``, ``sll = sum l*l`` are accumulated in float32 in value
+  order. The trial with the largest ``sxl*sxl / sll`` wins (the first one on ties), and
+  ``d = sxl / sll`` is its least-squares scale.
+* "Nearest level" is the number of midpoints ``(levels[i] + levels[i+1]) / 2`` that the value
+  strictly exceeds (a NaN exceeds none).
+* ``d`` is stored as fp16, rounded to nearest even (ggml's ``GGML_FP32_TO_FP16``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TYPES", "SEARCH_N", "SEARCH_LO", "SEARCH_STEP", "ABSMAX", "MSE",
+    "TypeSpec", "spec", "quantize", "dequantize", "indices",
+]
+
+# Scale rules (enum pyadaq_scale_rule).
+ABSMAX = "absmax"
+MSE = "mse"
+
+# Scale search of the MSE rule (PYADAQ_SEARCH_* in pyadaq-quants.h), as the float32 values C uses.
+SEARCH_N = 27
+SEARCH_LO = np.float32(0.70)
+SEARCH_STEP = np.float32(0.05)
+
+# Codebooks (pyadaq_levels_* in pyadaq-quants.c).
+LEVELS_N2 = (-127, -38, 38, 127)
+LEVELS_U2 = (-3, -1, 1, 3)
+LEVELS_N3 = (-127, -79, -45, -14, 14, 45, 79, 127)
+LEVELS_U3 = (-7, -5, -3, -1, 1, 3, 5, 7)
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    name: str
+    id: int  # ggml type id
+    block_size: int  # QK: values per block
+    bits: int  # index bits per value
+    levels: tuple  # ascending int8 codebook, 2**bits entries
+    rule: str  # ABSMAX or MSE
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block: fp16 d, QK/4 bytes of low bits, QK/8 bytes of high bits if 3-bit."""
+        return 2 + self.block_size // 4 + (self.block_size // 8 if self.bits == 3 else 0)
+
+
+# The X-macro PYADAQ_TYPES of pyadaq-quants.h, row for row.
+TYPES: dict[str, TypeSpec] = {
+    t.name: t
+    for t in (
+        TypeSpec("kvq2", 100, 32, 2, LEVELS_N2, MSE),
+        TypeSpec("kvq3", 101, 32, 3, LEVELS_N3, MSE),
+        TypeSpec("kvq2_u32m", 110, 32, 2, LEVELS_U2, ABSMAX),
+        TypeSpec("kvq2_u32", 111, 32, 2, LEVELS_U2, MSE),
+        TypeSpec("kvq2_n64", 112, 64, 2, LEVELS_N2, MSE),
+        TypeSpec("kvq3_u32m", 113, 32, 3, LEVELS_U3, ABSMAX),
+        TypeSpec("kvq3_u32", 114, 32, 3, LEVELS_U3, MSE),
+        TypeSpec("kvq3_n64", 115, 64, 3, LEVELS_N3, MSE),
+    )
+}
+
+
+def spec(type_: Any) -> TypeSpec:
+    """The TypeSpec of a pyadaq type given by name, ggml id, TypeSpec or CacheType."""
+    if isinstance(type_, TypeSpec):
+        return type_
+    if not isinstance(type_, (str, int)) and hasattr(type_, "name"):  # pyadaq.CacheType
+        type_ = type_.name
+    if isinstance(type_, bool) or not isinstance(type_, (str, int)):
+        raise TypeError(f"a pyadaq type is a name or a ggml type id, not {type(type_).__name__}")
+    if isinstance(type_, int):
+        for t in TYPES.values():
+            if t.id == type_:
+                return t
+        raise ValueError(f"ggml type id {type_} is not a pyadaq type")
+    key = type_.strip().lower()
+    if key not in TYPES:
+        raise ValueError(f"'{type_}' is not a pyadaq type; pyadaq types: {', '.join(TYPES)}")
+    return TYPES[key]
+
+
+def _nearest_level(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
+    """Per element, the number of midpoints that v strictly exceeds (C's nearest_level)."""
+    idx = np.zeros(v.shape, dtype=np.uint8)
+    for m in mids:
+        idx += v > m
+    return idx
+
+
+def _block_indices(xs: np.ndarray, t: TypeSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Level indices (nb, QK) and float32 scales (nb,) of blocks xs (nb, QK), finite float32."""
+    nb, qk = xs.shape
+    n_levels = 1 << t.bits
+    levels = np.asarray(t.levels, dtype=np.float32)
+    lmax = levels[-1]
+    mids = np.float32(0.5) * (levels[:-1] + levels[1:])
+
+    amax = np.abs(xs).max(axis=1) if qk else np.zeros(nb, np.float32)
+    zero = amax == 0
+    safe_amax = np.where(zero, np.float32(1), amax)  # blocks of zeros are overwritten below
+
+    if t.rule == ABSMAX:
+        inv = lmax / safe_amax
+        idx = _nearest_level(xs * inv[:, None], mids)
+        d = amax / lmax
+    else:
+        base = lmax / safe_amax
+        best_score = np.full(nb, -1, dtype=np.float32)
+        best_sxl = np.zeros(nb, dtype=np.float32)
+        best_sll = np.ones(nb, dtype=np.float32)
+        idx = np.zeros((nb, qk), dtype=np.uint8)
+        for step in range(SEARCH_N):
+            inv = base * (SEARCH_LO + np.float32(step) * SEARCH_STEP)
+            trial = _nearest_level(xs * inv[:, None], mids)
+            lv = levels[trial]
+            xl = xs * lv
+            ll = lv * lv
+            # Sequential float32 sums over j, as in C (np.sum would sum pairwise).
+            sxl = np.zeros(nb, dtype=np.float32)
+            sll = np.zeros(nb, dtype=np.float32)
+            for j in range(qk):
+                sxl += xl[:, j]
+                sll += ll[:, j]
+            score = sxl * sxl / sll
+            better = score > best_score
+            best_score = np.where(better, score, best_score)
+            best_sxl = np.where(better, sxl, best_sxl)
+            best_sll = np.where(better, sll, best_sll)
+            idx[better] = trial[better]
+        d = best_sxl / best_sll
+
+    idx[zero] = n_levels // 2
+    d = np.where(zero, np.float32(0), d).astype(np.float32)
+    return idx, d
+
+
+def _as_blocks(x: Any, t: TypeSpec) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"expected a 1-D array, got shape {x.shape}")
+    if x.size % t.block_size:
+        raise ValueError(f"length {x.size} is not a multiple of {t.name}'s block size {t.block_size}")
+    return x.astype(np.float32, copy=False).reshape(-1, t.block_size)
+
+
+def quantize(type_: Any, x: Any) -> np.ndarray:
+    """Quantize a 1-D float32 array (length a multiple of the block size) to the raw block bytes.
+
+    Returns a uint8 array of ``len(x) / QK * type_size`` bytes, identical to what the C
+    reference ``pyadaq_quantize_ref`` writes. Non-finite inputs count as 0. Other float dtypes
+    are first converted to float32.
+    """
+    t = spec(type_)
+    xb = _as_blocks(x, t)
+    nb, qk = xb.shape
+    with np.errstate(all="ignore"):  # overflow/inf/NaN behave as in C; no warnings
+        xs = np.where(np.isfinite(xb), xb, np.float32(0)).astype(np.float32)
+        idx, d = _block_indices(xs, t)
+        d16 = d.astype("<f2")
+
+    out = np.zeros((nb, t.type_size), dtype=np.uint8)
+    out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
+    # value 32*g + 8*k + m -> (g, k, m)
+    grouped = idx.reshape(nb, qk // 32, 4, 8)
+    low = (grouped & 3) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    out[:, 2:2 + qk // 4] = np.bitwise_or.reduce(low, axis=2).reshape(nb, qk // 4)
+    if t.bits == 3:
+        high = ((grouped >> 2) & 1) << np.arange(8, dtype=np.uint8)[None, None, None, :]
+        out[:, 2 + qk // 4:] = np.bitwise_or.reduce(high, axis=3).reshape(nb, qk // 8)
+    return out.reshape(-1)
+
+
+def indices(type_: Any, data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode n values' level indices (nb, QK) and fp16 scales (nb,) from raw block bytes."""
+    t = spec(type_)
+    if n < 0 or n % t.block_size:
+        raise ValueError(f"n = {n} is not a multiple of {t.name}'s block size {t.block_size}")
+    nb, qk = n // t.block_size, t.block_size
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
+        else np.asarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size < nb * t.type_size:
+        raise ValueError(f"{n} {t.name} values need {nb * t.type_size} bytes, got {raw.size}")
+    blocks = raw[: nb * t.type_size].reshape(nb, t.type_size)
+    d16 = np.ascontiguousarray(blocks[:, 0:2]).view("<f2").reshape(nb)
+    qs = blocks[:, 2:2 + qk // 4].reshape(nb, qk // 32, 1, 8)
+    idx = (qs >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3  # (nb, g, k, m)
+    if t.bits == 3:
+        qh = blocks[:, 2 + qk // 4:].reshape(nb, qk // 32, 4, 1)
+        idx = idx | (((qh >> np.arange(8, dtype=np.uint8)[None, None, None, :]) & 1) << 2)
+    return idx.reshape(nb, qk), d16
+
+
+def dequantize(type_: Any, data: Any, n: int) -> np.ndarray:
+    """Decode n values from raw block bytes: float32, identical to C's ``pyadaq_dequantize``."""
+    t = spec(type_)
+    idx, d16 = indices(t, data, n)
+    levels = np.asarray(t.levels, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        y = d16.astype(np.float32)[:, None] * levels[idx]
+    return y.astype(np.float32, copy=False).reshape(-1)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny generated GGUF models and the embedded Gemma 3 270M.
+
+Tests run against the installed pyadaq (its libraries in pyadaq/lib). The repository root is
+deliberately not put on sys.path, so that the source tree's pyadaq/ (which has no built
+libraries) cannot shadow the installed package; the model generator is imported from models/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+
+import tiny  # noqa: E402  (models/tiny.py)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """make(arch="llama", head_dim=64, ...) -> path of a generated tiny GGUF, cached per session."""
+    made: dict = {}
+
+    def make(**kw) -> Path:
+        key = tuple(sorted(kw.items()))
+        if key not in made:
+            name = "-".join(f"{k}{v}" for k, v in key) or "default"
+            made[key] = tiny.make_tiny_model(tiny_dir / f"{name}.gguf", **kw)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    from pyadaq.embedded import embedded_model_path
+
+    return embedded_model_path()
