@@ -2,7 +2,12 @@
 # native/patches/*.patch idempotently: a patch that is already applied is skipped, one that
 # does not apply stops the build.
 
-set(PYADAQ_PATCHED_DIR "${CMAKE_BINARY_DIR}/llama.cpp")
+# In a configure step the patched tree is <build>/llama.cpp; as a script (cmake -P, used by the
+# tests) the caller names PYADAQ_UPSTREAM_SOURCE_DIR, PYADAQ_UPSTREAM_ID and PYADAQ_PATCHED_DIR.
+if(NOT DEFINED PYADAQ_PATCHED_DIR)
+    set(PYADAQ_PATCHED_DIR "${CMAKE_BINARY_DIR}/llama.cpp")
+endif()
+include(${CMAKE_CURRENT_LIST_DIR}/../UPSTREAM.cmake)
 file(GLOB PYADAQ_PATCHES "${CMAKE_CURRENT_LIST_DIR}/../patches/*.patch")
 list(SORT PYADAQ_PATCHES)
 

@@ -13,6 +13,7 @@
 #include "pyadaq-quants.h"
 
 #include <assert.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX2__)
@@ -119,9 +120,113 @@ static float pyadaq_vec_dot_avx2(int n, const uint8_t * x, int qk, int bits, con
 }
 #endif
 
+#if defined(__AVX2__)
+// Quantize one block exactly as quantize_block() in pyadaq-quants.c does, but with eight
+// trial scales per AVX2 vector: every lane repeats the reference's float operations for its
+// trial in the reference's order (multiplies and adds kept separate, no FMA), so the bytes are
+// identical to the reference's; only the blocks with an MSE search take this path.
+static void pyadaq_quantize_block_mse_avx2(const float * x, uint8_t * blk, int qk, int bits, const int8_t * levels) {
+    const int n_levels = 1 << bits;
+    const float lmax = (float) levels[n_levels - 1];
+    float xs[64];
+    float amax = 0.0f;
+    for (int j = 0; j < qk; ++j) {
+        xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
+        const float a = fabsf(xs[j]);
+        if (a > amax) {
+            amax = a;
+        }
+    }
+    float mids[7];
+    float lv[8] = { 0 };
+    for (int i = 0; i < n_levels; ++i) {
+        lv[i] = (float) levels[i];
+    }
+    for (int i = 0; i + 1 < n_levels; ++i) {
+        mids[i] = 0.5f * (lv[i] + lv[i + 1]);
+    }
+    uint8_t idx[64];
+    float d = 0.0f;
+    if (amax == 0.0f) {
+        memset(idx, n_levels / 2, (size_t) qk);
+    } else {
+        const float base = lmax / amax;
+        const __m256 lv8 = _mm256_loadu_ps(lv);
+        float score[32], sxl[32], sll[32];
+        for (int t0 = 0; t0 < PYADAQ_SEARCH_N; t0 += 8) {
+            const __m256 tt = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(t0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+            const __m256 f = _mm256_add_ps(_mm256_set1_ps(PYADAQ_SEARCH_LO), _mm256_mul_ps(tt, _mm256_set1_ps(PYADAQ_SEARCH_STEP)));
+            const __m256 inv = _mm256_mul_ps(_mm256_set1_ps(base), f);
+            __m256 vsxl = _mm256_setzero_ps();
+            __m256 vsll = _mm256_setzero_ps();
+            for (int j = 0; j < qk; ++j) {
+                const __m256 xv = _mm256_set1_ps(xs[j]);
+                const __m256 v = _mm256_mul_ps(xv, inv);
+                __m256i k = _mm256_setzero_si256();
+                for (int i = 0; i + 1 < n_levels; ++i) {
+                    // the mask is all ones (-1) where v > mid: subtracting it counts
+                    k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(mids[i]), _CMP_GT_OQ)));
+                }
+                const __m256 l = _mm256_permutevar8x32_ps(lv8, k);
+                vsxl = _mm256_add_ps(vsxl, _mm256_mul_ps(xv, l));
+                vsll = _mm256_add_ps(vsll, _mm256_mul_ps(l, l));
+            }
+            _mm256_storeu_ps(sxl + t0, vsxl);
+            _mm256_storeu_ps(sll + t0, vsll);
+            _mm256_storeu_ps(score + t0, _mm256_div_ps(_mm256_mul_ps(vsxl, vsxl), vsll));
+        }
+        int best = 0;
+        float best_score = -1.0f;
+        for (int t = 0; t < PYADAQ_SEARCH_N; ++t) {
+            if (score[t] > best_score) {
+                best_score = score[t];
+                best = t;
+            }
+        }
+        const float inv = base * (PYADAQ_SEARCH_LO + (float) best * PYADAQ_SEARCH_STEP);
+        for (int j = 0; j < qk; ++j) {
+            const float v = xs[j] * inv;
+            int i = 0;
+            for (int m = 0; m + 1 < n_levels; ++m) {
+                i += v > mids[m];
+            }
+            idx[j] = (uint8_t) i;
+        }
+        d = sxl[best] / sll[best];
+    }
+    const ggml_fp16_t d16 = GGML_CPU_FP32_TO_FP16(d);
+    memcpy(blk, &d16, sizeof(d16));
+    uint8_t * qs = blk + 2;
+    uint8_t * qh = qs + qk / 4;
+    memset(qs, 0, (size_t) (bits == 3 ? qk / 4 + qk / 8 : qk / 4));
+    for (int j = 0; j < qk; ++j) {
+        const int g = j / 32;
+        const int jj = j % 32;
+        qs[8 * g + jj % 8] |= (uint8_t) ((idx[j] & 3) << (2 * (jj / 8)));
+        if (bits == 3) {
+            qh[4 * g + jj / 8] |= (uint8_t) (((idx[j] >> 2) & 1) << (jj % 8));
+        }
+    }
+}
+
+#define PYADAQ_QUANTIZE_ROW(lower, QK, BITS, LEVELS, RULE, x, y, k)                                    \
+    do {                                                                                               \
+        if ((RULE) != PYADAQ_SCALE_MSE) {                                                              \
+            quantize_row_##lower##_ref(x, y, k);                                                       \
+            break;                                                                                     \
+        }                                                                                              \
+        for (int64_t b = 0; b < (k) / (QK); ++b) {                                                     \
+            pyadaq_quantize_block_mse_avx2((x) + b * (QK), (uint8_t *) (y) + b * PYADAQ_TYPE_SIZE(QK, BITS), QK, BITS, LEVELS); \
+        }                                                                                              \
+    } while (0)
+#else
+#define PYADAQ_QUANTIZE_ROW(lower, QK, BITS, LEVELS, RULE, x, y, k) quantize_row_##lower##_ref(x, y, k)
+#endif
+
 #define PYADAQ_DEFINE_CPU(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                  \
     void quantize_row_##lower(const float * x, void * y, int64_t k) {                                \
-        quantize_row_##lower##_ref(x, y, k);                                                         \
+        assert(k % (QK) == 0);                                                                       \
+        PYADAQ_QUANTIZE_ROW(lower, QK, BITS, LEVELS, RULE, x, y, k);                                 \
     }                                                                                                \
     void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,        \
                                      const void * vy, size_t by, int nrc) {                          \

@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=20)
+    p.add_argument("--configs", help="K:V pairs to run instead of the candidate list, e.g. q8_0:kvq2,q8_0:kvq3")
     p.add_argument("--no-rot", action="store_true", help="disable upstream's attention rotation")
     p.add_argument("--json", default="docs/formats.json")
     p.add_argument("--table", default="docs/formats-table.md", help="markdown table output")
@@ -52,7 +53,9 @@ def run(args) -> int:
         from ..embedded import embedded_model_path
 
         model = str(embedded_model_path())
-    configs = [("q8_0", v) for v in CANDIDATES_V] + EXTRA
+    from ..kl import parse_configs
+
+    configs = parse_configs(args.configs) if args.configs else [("q8_0", v) for v in CANDIDATES_V] + EXTRA
     t0 = time.time()
     res = compare(model, configs, n_ctx=args.ctx, n_chunks=args.chunks, attn_rot=not args.no_rot)
     res["machine"] = machine()

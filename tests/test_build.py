@@ -1,0 +1,82 @@
+"""The patch step of the build: idempotent, and loud when a patch no longer applies."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCH_SCRIPT = ROOT / "native" / "cmake" / "patch_upstream.cmake"
+PATCHES = sorted((ROOT / "native" / "patches").glob("*.patch"))
+
+
+def _touched_files() -> list[str]:
+    files = []
+    for p in PATCHES:
+        for line in p.read_text().splitlines():
+            if line.startswith("+++ b/"):
+                files.append(line[len("+++ b/"):])
+    return sorted(set(files))
+
+
+def _pinned_sdist() -> Path:
+    text = (ROOT / "native" / "UPSTREAM.cmake").read_text()
+    name = text.split('PYADAQ_UPSTREAM_SDIST')[1].split('"')[1]
+    for d in (Path.home() / ".cache" / "pyadaq",):
+        if (d / name).exists():
+            return d / name
+    pytest.fail(f"the pinned sdist {name} is not in ~/.cache/pyadaq; the build puts it there")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """The files the patches touch, straight from the pinned sdist."""
+    out = tmp_path_factory.mktemp("pristine")
+    with tarfile.open(_pinned_sdist()) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        prefix = f"{top}/vendor/llama.cpp/"
+        for rel in _touched_files():
+            member = tar.getmember(prefix + rel)
+            data = tar.extractfile(member).read()
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+    return out
+
+
+def run_patch(src: Path, dst: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["cmake", f"-DPYADAQ_UPSTREAM_SOURCE_DIR={src}", "-DPYADAQ_UPSTREAM_ID=test",
+         f"-DPYADAQ_PATCHED_DIR={dst}", "-P", str(PATCH_SCRIPT)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_patches_apply_once_then_skip(pristine, tmp_path):
+    dst = tmp_path / "llama.cpp"
+    first = run_patch(pristine, dst)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("applied ") + first.stderr.count("applied ") == len(PATCHES)
+    header = (dst / "ggml" / "include" / "ggml.h").read_text()
+    assert "GGML_TYPE_KVQ2      = 100" in header
+    before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    again = run_patch(pristine, dst)
+    assert again.returncode == 0, again.stderr
+    assert "applied " not in again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
+    # the source tree is never modified
+    assert "KVQ2" not in (pristine / "ggml" / "include" / "ggml.h").read_text()
+
+
+def test_patch_that_does_not_apply_stops_the_build(pristine, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(pristine, src)
+    header = src / "ggml" / "include" / "ggml.h"
+    header.write_text(header.read_text().replace("GGML_TYPE_Q2_0    = 42,", "GGML_TYPE_Q2_0    = 42, // moved"))
+    res = run_patch(src, tmp_path / "llama.cpp")
+    assert res.returncode != 0
+    assert "does not apply" in res.stderr
+    assert "Regenerate the patch against the pinned version" in res.stderr

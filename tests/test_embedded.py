@@ -1,0 +1,28 @@
+"""End to end on the embedded Gemma 3 270M (Q4_K_M): quality of a 2-bit V cache, and its size."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyadaq.kl import compare
+
+pytestmark = pytest.mark.embedded
+
+
+def test_q8_0_keys_with_kvq2_values_kl_bound(embedded_model):
+    # Measured with `pyadaq formats` (docs/FORMATS.md): q8_0/kvq2 ~0.09 and q8_0/q8_0 ~0.008 mean
+    # KL over 20 chunks. Two chunks vary more; the bounds leave room for that but would catch a
+    # broken kernel (upstream's 2-bit q2_0 measures 0.6 the same way).
+    res = compare(str(embedded_model), [("q8_0", "q8_0"), ("q8_0", "kvq2")], n_ctx=512, n_chunks=2,
+                  n_threads=2, progress=False)
+    by = {(r["k"], r["v"]): r for r in res["results"]}
+    q8, kvq2 = by[("q8_0", "q8_0")], by[("q8_0", "kvq2")]
+    assert kvq2["tokens"] == 2 * 255
+    assert q8["kl_mean"] < 0.02
+    assert 0.02 < kvq2["kl_mean"] < 0.15
+    assert kvq2["top1"] > 0.78
+    # keys stay at q8_0 and values go from 8.5 to 2.5 bits: the cache shrinks by that much
+    k_bytes = res["f16_kv_bytes"] / 2 * 8.5 / 16
+    v_bytes_q8, v_bytes_kvq2 = k_bytes, res["f16_kv_bytes"] / 2 * 2.5 / 16
+    assert q8["kv_bytes"] == pytest.approx(k_bytes + v_bytes_q8, rel=1e-9)
+    assert kvq2["kv_bytes"] == pytest.approx(k_bytes + v_bytes_kvq2, rel=1e-9)
