@@ -138,6 +138,61 @@ static void dequantize_block(uint16_t d16, const uint8_t * qs, const uint8_t * q
 #define PYADAQ_QH_2(blk) NULL
 #define PYADAQ_QH_3(blk) (blk).qh
 
+// Dequantization is on the flash-attention path (every V row, once per query head), and
+// ggml-base is built for the baseline ISA, so the AVX2 version is chosen at run time. It only
+// looks values up in the same table of products d*level, so it gives the same floats.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define PYADAQ_HAVE_AVX2_DEQUANT 1
+
+__attribute__((target("avx2")))
+static void dequantize_block_avx2(uint16_t d16, const uint8_t * qs, const uint8_t * qh, float * y,
+                                  int qk, int bits, const int8_t * levels) {
+    const float d = GGML_FP16_TO_FP32(d16);
+    float dl[8] = { 0 };
+    for (int i = 0; i < (1 << bits); ++i) {
+        dl[i] = d * (float) levels[i];
+    }
+    const __m256 table = _mm256_loadu_ps(dl);
+    const __m256i three = _mm256_set1_epi32(3);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int g = 0; g < qk / 32; ++g) {
+        // the 8 bytes qs[8g .. 8g+7], one per lane
+        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (qs + 8 * g)));
+        for (int k = 0; k < 4; ++k) {
+            __m256i idx = _mm256_and_si256(_mm256_srli_epi32(q, 2 * k), three);
+            if (bits == 3) {
+                const __m256i h = _mm256_set1_epi32(qh[4 * g + k]);
+                idx = _mm256_or_si256(idx, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(h, lane), one), 2));
+            }
+            _mm256_storeu_ps(y + 32 * g + 8 * k, _mm256_permutevar8x32_ps(table, idx));
+        }
+    }
+}
+
+static int pyadaq_cpu_has_avx2(void) {
+    static int has = -1;
+    if (has < 0) {
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return has;
+}
+#endif
+
+#ifdef PYADAQ_HAVE_AVX2_DEQUANT
+#define PYADAQ_DEQUANT_FAST(QK, BITS, LEVELS)                                                          \
+    if (pyadaq_cpu_has_avx2()) {                                                                       \
+        for (int64_t b = 0; b < k / (QK); ++b) {                                                       \
+            dequantize_block_avx2(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS); \
+        }                                                                                              \
+        return;                                                                                        \
+    }
+#else
+#define PYADAQ_DEQUANT_FAST(QK, BITS, LEVELS)
+#endif
+
 #define PYADAQ_DEFINE_REF(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                  \
     void quantize_row_##lower##_ref(const float * x, void * vy, int64_t k) {                         \
         assert(k % (QK) == 0);                                                                       \
@@ -149,6 +204,7 @@ static void dequantize_block(uint16_t d16, const uint8_t * qs, const uint8_t * q
     void dequantize_row_##lower(const void * vx, float * y, int64_t k) {                            \
         assert(k % (QK) == 0);                                                                       \
         const PYADAQ_BLOCK_TYPE(QK, BITS) * x = vx;                                                  \
+        PYADAQ_DEQUANT_FAST(QK, BITS, LEVELS);                                                       \
         for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
             dequantize_block(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS);   \
         }                                                                                            \
