@@ -55,8 +55,17 @@ def _load_llama_cpp():
                 "before llama_cpp (or start a new Python process)."
             )
     os.environ["LLAMA_CPP_LIB_PATH"] = path
-    import llama_cpp  # noqa: F401  (loads libllama and libggml* from `path`)
+    import logging
 
+    import llama_cpp  # noqa: F401  (loads libllama and libggml* from `path`)
+    import llama_cpp._logger as _logger
+
+    # llama_cpp 0.3.36 maps ggml's log levels by an older numbering, so warnings of this
+    # llama.cpp pass for errors and print even with verbose=False. This is ggml.h's numbering.
+    _logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL.update({
+        0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR,
+        5: logging.DEBUG,
+    })
     return llama_cpp
 
 
