@@ -48,11 +48,13 @@ def pristine(tmp_path_factory) -> Path:
 
 
 def run_patch(src: Path, dst: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    res = subprocess.run(
         ["cmake", f"-DPYADAQ_UPSTREAM_SOURCE_DIR={src}", "-DPYADAQ_UPSTREAM_ID=test",
          f"-DPYADAQ_PATCHED_DIR={dst}", "-P", str(PATCH_SCRIPT)],
         capture_output=True, text=True, timeout=120,
     )
+    res.stderr = " ".join(res.stderr.split())  # CMake wraps long messages
+    return res
 
 
 def test_patches_apply_once_then_skip(pristine, tmp_path):
@@ -80,3 +82,43 @@ def test_patch_that_does_not_apply_stops_the_build(pristine, tmp_path):
     assert res.returncode != 0
     assert "does not apply" in res.stderr
     assert "Regenerate the patch against the pinned version" in res.stderr
+
+
+FETCH_SCRIPT = ROOT / "native" / "cmake" / "fetch_upstream.cmake"
+
+
+def run_fetch(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("PYADAQ_", "PIP_"))}
+    full.update({"PYADAQ_CACHE_DIR": str(tmp_path / "cache"), "PIP_CONFIG_FILE": os.devnull, **env})
+    res = subprocess.run(
+        ["cmake", f"-DPYADAQ_WORK_DIR={tmp_path / 'work'}", f"-DPython_EXECUTABLE={sys.executable}",
+         "-P", str(FETCH_SCRIPT)],
+        capture_output=True, text=True, timeout=300, env=full,
+    )
+    res.stderr = " ".join(res.stderr.split())  # CMake wraps long messages
+    return res
+
+
+def test_offline_without_source_says_what_to_do(tmp_path):
+    # no index and nothing cached: pip cannot get the sdist
+    res = run_fetch(tmp_path, PIP_NO_INDEX="1")
+    assert res.returncode != 0
+    for hint in ("PYADAQ_LLAMA_CPP_DIR", "PYADAQ_SDIST", "pip download", "sha256"):
+        assert hint in res.stderr, res.stderr
+
+
+def test_sdist_with_wrong_checksum_is_refused(tmp_path):
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the pinned sdist")
+    res = run_fetch(tmp_path, PYADAQ_SDIST=str(fake))
+    assert res.returncode != 0
+    assert "not the pinned one" in res.stderr
+
+
+def test_source_dir_that_is_not_llama_cpp_is_refused(tmp_path):
+    res = run_fetch(tmp_path, PYADAQ_LLAMA_CPP_DIR=str(tmp_path))
+    assert res.returncode != 0
+    assert "is not a llama.cpp source tree" in res.stderr
