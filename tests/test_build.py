@@ -26,10 +26,19 @@ def _touched_files() -> list[str]:
 def _pinned_sdist() -> Path:
     text = (ROOT / "native" / "UPSTREAM.cmake").read_text()
     name = text.split('PYADAQ_UPSTREAM_SDIST')[1].split('"')[1]
-    for d in (Path.home() / ".cache" / "pyadaq",):
+    import os
+
+    # where native/cmake/fetch_upstream.cmake caches it
+    if os.environ.get("PYADAQ_CACHE_DIR"):
+        dirs = [Path(os.environ["PYADAQ_CACHE_DIR"])]
+    elif os.environ.get("XDG_CACHE_HOME"):
+        dirs = [Path(os.environ["XDG_CACHE_HOME"]) / "pyadaq"]
+    else:
+        dirs = [Path.home() / ".cache" / "pyadaq"]
+    for d in dirs:
         if (d / name).exists():
             return d / name
-    pytest.fail(f"the pinned sdist {name} is not in ~/.cache/pyadaq; the build puts it there")
+    pytest.fail(f"the pinned sdist {name} is not in {dirs[0]}; the build puts it there")
 
 
 @pytest.fixture(scope="module")
