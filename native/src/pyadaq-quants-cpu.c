@@ -129,21 +129,11 @@ static void pyadaq_quantize_block_mse_avx2(const float * x, uint8_t * blk, int q
     const int n_levels = 1 << bits;
     const float lmax = (float) levels[n_levels - 1];
     float xs[64];
-    float amax = 0.0f;
-    for (int j = 0; j < qk; ++j) {
-        xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
-        const float a = fabsf(xs[j]);
-        if (a > amax) {
-            amax = a;
-        }
-    }
     float mids[7];
+    const float amax = pyadaq_block_prepare(x, qk, bits, levels, xs, mids);
     float lv[8] = { 0 };
     for (int i = 0; i < n_levels; ++i) {
         lv[i] = (float) levels[i];
-    }
-    for (int i = 0; i + 1 < n_levels; ++i) {
-        mids[i] = 0.5f * (lv[i] + lv[i + 1]);
     }
     uint8_t idx[64];
     float d = 0.0f;
@@ -196,17 +186,7 @@ static void pyadaq_quantize_block_mse_avx2(const float * x, uint8_t * blk, int q
     }
     const ggml_fp16_t d16 = GGML_CPU_FP32_TO_FP16(d);
     memcpy(blk, &d16, sizeof(d16));
-    uint8_t * qs = blk + 2;
-    uint8_t * qh = qs + qk / 4;
-    memset(qs, 0, (size_t) (bits == 3 ? qk / 4 + qk / 8 : qk / 4));
-    for (int j = 0; j < qk; ++j) {
-        const int g = j / 32;
-        const int jj = j % 32;
-        qs[8 * g + jj % 8] |= (uint8_t) ((idx[j] & 3) << (2 * (jj / 8)));
-        if (bits == 3) {
-            qh[4 * g + jj / 8] |= (uint8_t) (((idx[j] >> 2) & 1) << (jj % 8));
-        }
-    }
+    pyadaq_block_pack(idx, qk, bits, blk + 2, blk + 2 + qk / 4);
 }
 
 #define PYADAQ_QUANTIZE_ROW(lower, QK, BITS, LEVELS, RULE, x, y, k)                                    \

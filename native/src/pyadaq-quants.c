@@ -36,13 +36,8 @@ static inline int nearest_level(float v, const float * mids, int n_mids) {
     return idx;
 }
 
-// Quantize one block of qk values. Non-finite inputs count as 0.
-static void quantize_block(const float * x, uint16_t * d_out, uint8_t * qs, uint8_t * qh,
-                           int qk, int bits, const int8_t * levels, int rule) {
+float pyadaq_block_prepare(const float * x, int qk, int bits, const int8_t * levels, float * xs, float * mids) {
     const int n_levels = 1 << bits;
-    const float lmax = (float) levels[n_levels - 1];
-
-    float xs[64];
     float amax = 0.0f;
     for (int j = 0; j < qk; ++j) {
         xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
@@ -51,11 +46,36 @@ static void quantize_block(const float * x, uint16_t * d_out, uint8_t * qs, uint
             amax = a;
         }
     }
-
-    float mids[7];
     for (int i = 0; i + 1 < n_levels; ++i) {
         mids[i] = 0.5f * ((float) levels[i] + (float) levels[i + 1]);
     }
+    return amax;
+}
+
+void pyadaq_block_pack(const uint8_t * idx, int qk, int bits, uint8_t * qs, uint8_t * qh) {
+    memset(qs, 0, (size_t) qk / 4);
+    if (bits == 3) {
+        memset(qh, 0, (size_t) qk / 8);
+    }
+    for (int j = 0; j < qk; ++j) {
+        const int g = j / 32;  // group of 32
+        const int jj = j % 32; // position in the group
+        qs[8 * g + jj % 8] |= (uint8_t) ((idx[j] & 3) << (2 * (jj / 8)));
+        if (bits == 3) {
+            qh[4 * g + jj / 8] |= (uint8_t) (((idx[j] >> 2) & 1) << (jj % 8));
+        }
+    }
+}
+
+// Quantize one block of qk values. Non-finite inputs count as 0.
+static void quantize_block(const float * x, uint16_t * d_out, uint8_t * qs, uint8_t * qh,
+                           int qk, int bits, const int8_t * levels, int rule) {
+    const int n_levels = 1 << bits;
+    const float lmax = (float) levels[n_levels - 1];
+
+    float xs[64];
+    float mids[7];
+    const float amax = pyadaq_block_prepare(x, qk, bits, levels, xs, mids);
 
     uint8_t idx[64];
     float d = 0.0f;
@@ -101,18 +121,7 @@ static void quantize_block(const float * x, uint16_t * d_out, uint8_t * qs, uint
     }
 
     *d_out = GGML_FP32_TO_FP16(d);
-    memset(qs, 0, (size_t) qk / 4);
-    if (bits == 3) {
-        memset(qh, 0, (size_t) qk / 8);
-    }
-    for (int j = 0; j < qk; ++j) {
-        const int g = j / 32;  // group of 32
-        const int jj = j % 32; // position in the group
-        qs[8 * g + jj % 8] |= (uint8_t) ((idx[j] & 3) << (2 * (jj / 8)));
-        if (bits == 3) {
-            qh[4 * g + jj / 8] |= (uint8_t) (((idx[j] >> 2) & 1) << (jj % 8));
-        }
-    }
+    pyadaq_block_pack(idx, qk, bits, qs, qh);
 }
 
 static void dequantize_block(uint16_t d16, const uint8_t * qs, const uint8_t * qh, float * y,

@@ -126,6 +126,12 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
     case GGML_TYPE_##UPPER: result = quantize_##lower(src + start, (char *) dst + start_row * row_size, nrows, n_per_row, imatrix); break;
 #define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW)
 
+// Steps of the reference quantizer shared with the CPU fast path (pyadaq-quants.c):
+// non-finite inputs become 0 in xs, the midpoints between levels go to mids, returns max|xs|;
+// and the packing of level indices into qs/qh.
+PYADAQ_API float pyadaq_block_prepare(const float * x, int qk, int bits, const int8_t * levels, float * xs, float * mids);
+PYADAQ_API void  pyadaq_block_pack(const uint8_t * idx, int qk, int bits, uint8_t * qs, uint8_t * qh);
+
 // Entry points for tests and tools, by ggml type id (bound with cffi in pyadaq/_native.py).
 // Each returns 0 on success and -1 if `type` is not a pyadaq type or `k` is not a multiple of its block.
 PYADAQ_API int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
