@@ -22,7 +22,8 @@ def run(args) -> int:
     print(f"model: {model}\n")
     base = None
     for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("q8_0", "kvq3"), ("q4_0", "kvq2")):
-        llm = Llama(model, cache_type_k=k, cache_type_v=v, n_ctx=args.ctx, seed=0)
+        # swa_full=False: Gemma 3's sliding-window layers keep only their window, as llama.cpp can
+        llm = Llama(model, cache_type_k=k, cache_type_v=v, n_ctx=args.ctx, seed=0, swa_full=False)
         t0 = time.perf_counter()
         out = llm(args.prompt, max_tokens=args.tokens, temperature=0.0)
         dt = time.perf_counter() - t0

@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-rot", action="store_true", help="disable upstream's attention rotation")
     p.add_argument("--json", default="docs/formats.json")
     p.add_argument("--table", default="docs/formats-table.md", help="markdown table output")
+    p.add_argument("--plot", default="docs/formats.png", help="PNG plot of KL divergence against bits")
     p.set_defaults(func=run)
 
 
@@ -75,7 +76,38 @@ def run(args) -> int:
         f"attention rotation {'on' if res['attn_rot'] else 'off'}; machine: {res['machine']}; "
         f"{res['seconds']:.0f} s.\n\n{table}\n")
     print(table)
+    plot(res, args.plot)
+    print(f"wrote {args.json}, {args.table}, {args.plot}")
     return 0
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(res["results"], key=lambda r: r["kl_mean"])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
+    labels, values, colors = [], [], []
+    for r in rows:
+        ours = r["v"].startswith("kvq") or r["k"].startswith("kvq")
+        bits = (r["bits_k"] + r["bits_v"]) / 2
+        labels.append(f"K={r['k']}  V={r['v']}  ({bits:.2f} b/v)")
+        values.append(r["kl_mean"])
+        colors.append("tab:red" if ours else "tab:blue")
+    y = range(len(rows))
+    ax.barh(y, values, color=colors, xerr=[r["kl_stderr"] for r in rows])
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("mean KL divergence against an f16 cache (nats, log scale)")
+    ax.set_title(f"{Path(res['model']).name}, {res['chunks']} chunks of {res['n_ctx']} tokens "
+                 "(red: pyadaq, blue: upstream)", fontsize=8)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def describe(name: str) -> str:
