@@ -6,7 +6,6 @@ configurations can be compared chunk by chunk without storing reference logits.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from contextlib import contextmanager
 
@@ -34,13 +33,11 @@ def _env(name: str, value: str | None):
             os.environ[name] = old
 
 
-@_llama_cpp.llama_log_callback
-def _quiet_log(level, text, user_data):  # noqa: ARG001
-    pass
-
-
 def quiet_native_logs() -> None:
-    _llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+    """Only llama.cpp's errors reach stderr (as with Llama(verbose=False))."""
+    import llama_cpp._logger
+
+    llama_cpp._logger.set_verbose(False)
 
 
 class Model:
