@@ -5,8 +5,7 @@ llama_cpp.
 """
 
 from ._native import NativeLibraryError, native
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 native()  # load and check the libraries now, before anyone imports llama_cpp on their own
 

@@ -109,6 +109,12 @@ class Native:
             raise NativeLibraryError(
                 f"{_lib('llama')} is not pyadaq's libllama (it has no pyadaq_build_info)"
             ) from e
+        from ._version import __version__
+
+        if not info.startswith(f"pyadaq {__version__};"):
+            raise NativeLibraryError(
+                f"libllama reports '{info}', but this is pyadaq {__version__}: reinstall pyadaq"
+            )
         meta_path = lib_dir() / "_build_info.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         expected = f"patchset {meta.get('patchset')}"
