@@ -200,8 +200,8 @@ def run_passkey(model_path: str, configs: list[tuple[str, str]], lengths=DEFAULT
     """Passkey accuracy for each K/V config and prompt length, over depths x seeds.
 
     Seeds are 0..seeds-1; the prompt for (length, depth, seed) is the same for every config.
-    Results: {"model", "lengths", "depths", "seeds", "results": [{"k", "v", "length", "n_ctx",
-    "accuracy", "n", "hits": [[depth, seed, answer, generated text, hit], ...]}]}.
+    Results (JSON-able): {"model", "lengths", "depths", "seeds", "n_gen", "results": [{"k", "v",
+    "length", "n_ctx", "accuracy", "n", "hits": [{"depth", "seed", "answer", "generated", "hit"}]}]}.
     """
     quiet_native_logs()
     lengths = [int(x) for x in lengths]

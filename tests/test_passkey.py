@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from pyadaq.logits import Model, quiet_native_logs
-from pyadaq.passkey import (NEEDLE, answer_matches, context_size, leading_number, make_key, make_prompt,
-                            prompt_text, run_passkey)
+from pyadaq.logits import Context, Model, quiet_native_logs
+from pyadaq.passkey import (NEEDLE, answer_matches, context_size, detokenize, generate, leading_number,
+                            make_key, make_prompt, prompt_text, run_passkey, score)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,26 @@ def test_context_size():
     assert context_size(1024) == 1280
     assert context_size(1000, n_gen=8) == 1024
     assert context_size(4096, n_gen=0) == 4096
+
+
+@pytest.mark.embedded
+def test_score_and_generate_on_short_prompt(model):
+    toks, key = make_prompt(model, 400, 0.5, seed=5)
+    ctx = Context(model, "f16", "f16", context_size(400), n_threads=2)
+    try:
+        assert score(ctx, toks, key)
+        assert not score(ctx, toks, "00000")  # a wrong answer never matches
+        # every call starts from an empty cache: the same prompt gives the same continuation
+        full = generate(ctx, toks, n_gen=6, stop_when_settled=False)
+        assert generate(ctx, toks, n_gen=6, stop_when_settled=False) == full
+        assert len(full) == 6
+        assert detokenize(model.vocab, full).strip().startswith(key)
+        short = generate(ctx, toks, n_gen=6)  # stops once the number is complete
+        assert short == full[:len(short)] and len(short) <= 6
+        with pytest.raises(ValueError):
+            generate(ctx, np.concatenate([toks, toks]), n_gen=8)  # does not fit n_ctx
+    finally:
+        ctx.close()
 
 
 @pytest.mark.embedded
