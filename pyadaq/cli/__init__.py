@@ -9,14 +9,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyadaq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo, formats, types_cmd
+    from . import demo, eval_cmd, formats, types_cmd
 
-    for mod in (demo, formats, types_cmd):
+    for mod in (demo, eval_cmd, formats, types_cmd):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"pyadaq {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,184 @@
+"""`pyadaq eval`: perplexity, KL divergence against f16, top-1 agreement and pass-key accuracy
+for a list of K/V cache configurations."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+DEFAULT_CONFIGS = "f16:f16,q8_0:q8_0,q8_0:q4_0,q4_0:q4_0,q8_0:kvq3,q8_0:kvq2,q4_0:kvq2"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="quality of K/V cache configurations against an f16 cache",
+                       description=__doc__)
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--text", help="UTF-8 text file to score (default: the prose of pydoc_data.topics)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=20, help="number of chunks (default 20)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"K:V pairs (default {DEFAULT_CONFIGS})")
+    p.add_argument("--passkey", action="store_true", help="also measure pass-key retrieval accuracy")
+    p.add_argument("--passkey-lengths", default="1024,2048,4096,8192")
+    p.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--passkey-seeds", type=int, default=1)
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--no-rot", action="store_true", help="disable llama.cpp's attention rotation")
+    p.add_argument("--no-cache", action="store_true", help="do not store or reuse the f16 reference")
+    p.add_argument("--json", help="write every figure and the run's settings here")
+    p.add_argument("--plot", help="write a PNG plot here")
+    p.set_defaults(func=run)
+
+
+def _ints(spec: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, not '{spec}'") from None
+
+
+def _floats(spec: str, what: str) -> list[float]:
+    try:
+        out = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, not '{spec}'") from None
+    if any(not 0.0 <= d <= 1.0 for d in out):
+        raise ValueError(f"{what} must lie between 0 and 1")
+    return out
+
+
+def check_inputs(args):
+    """Everything that can be checked before native code runs; returns (model, text, text_name, configs)."""
+    from ..gguf_info import read_model_info
+    from ..kl import default_text, parse_configs
+    from ..llama import validate_cache_types
+
+    if args.model:
+        model = args.model
+    else:
+        from ..embedded import embedded_model_path
+
+        model = str(embedded_model_path())
+    info = read_model_info(model)
+    configs = parse_configs(args.configs)
+    for k, v in configs:
+        validate_cache_types(info, k, v, flash_attn=True)
+    if args.ctx < 16:
+        raise ValueError(f"--ctx {args.ctx} is too small (at least 16 tokens)")
+    if args.chunks < 1:
+        raise ValueError("--chunks must be at least 1")
+    lengths = _ints(args.passkey_lengths, "--passkey-lengths") if args.passkey else []
+    for n in [args.ctx, *lengths]:
+        if info.n_ctx_train and n > info.n_ctx_train:
+            raise ValueError(f"a context of {n} tokens is larger than the model's training context "
+                             f"({info.n_ctx_train}) for {Path(model).name}")
+    if args.text:
+        path = Path(args.text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+        text_name = str(path)
+    else:
+        text, text_name = default_text(), "pydoc_data.topics"
+    return model, info, text, text_name, configs
+
+
+def machine() -> str:
+    from .formats import machine as m
+
+    return m()
+
+
+def run(args) -> int:
+    from .. import __version__
+    from .._native import native
+    from ..kl import compare
+
+    model, info, text, text_name, configs = check_inputs(args)
+    t0 = time.time()
+    res = compare(model, configs, text=text, n_ctx=args.ctx, n_chunks=args.chunks, attn_rot=not args.no_rot,
+                  n_threads=args.threads, store=not args.no_cache)
+    quality_s = time.time() - t0
+    passkey = None
+    if args.passkey:
+        from ..passkey import run_passkey
+
+        t1 = time.time()
+        passkey = run_passkey(model, configs, lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
+                              depths=_floats(args.passkey_depths, "--passkey-depths"),
+                              seeds=args.passkey_seeds, n_threads=args.threads, attn_rot=not args.no_rot)
+        passkey["seconds"] = time.time() - t1
+        for r in res["results"]:
+            rows = [p for p in passkey["results"] if p["k"] == r["k"] and p["v"] == r["v"]]
+            r["passkey"] = {str(p["length"]): p["accuracy"] for p in rows}
+            r["passkey_mean"] = sum(p["accuracy"] for p in rows) / len(rows)
+    out = {
+        "settings": {
+            "model": model, "model_sha256": info.sha256, "text": text_name,
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "ctx": args.ctx, "chunks": res["chunks"],
+            "attn_rot": not args.no_rot, "pyadaq": __version__, "native": native().build_info["info"],
+            "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "seconds_quality": quality_s,
+        },
+        **res,
+        "passkey": passkey,
+    }
+    print_table(out)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(out, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def print_table(out: dict) -> None:
+    s = out["settings"]
+    print(f"\n{Path(s['model']).name}: {out['chunks']} chunks of {s['ctx']} tokens of {s['text']}, "
+          f"second half scored; KL and top-1 against an f16/f16 cache")
+    has_pk = out.get("passkey") is not None
+    head = f"{'K:V':<14} {'bits/val':>8} {'KV MiB':>8} {'PPL':>9} {'KL mean':>9} {'± se':>7} {'top-1':>7} {'RMS dp':>7}"
+    print(head + ("  passkey" if has_pk else ""))
+    for r in out["results"]:
+        line = (f"{r['k'] + ':' + r['v']:<14} {r['bits_per_value']:>8.2f} {r['kv_bytes'] / 2**20:>8.2f} "
+                f"{r['ppl']:>9.4f} {r['kl_mean']:>9.5f} {r['kl_stderr']:>7.5f} {100 * r['top1']:>6.2f}% "
+                f"{100 * r['rms_dp']:>6.2f}%")
+        if has_pk:
+            line += f"  {100 * r['passkey_mean']:5.1f}%"
+        print(line)
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_pk = out.get("passkey") is not None
+    fig, axes = plt.subplots(1, 2 if has_pk else 1, figsize=(12 if has_pk else 7, 5), squeeze=False)
+    for ax, key, label, log in [(axes[0][0], "kl_mean", "mean KL divergence vs f16 (nats)", True)] + (
+            [(axes[0][1], "passkey_mean", "pass-key accuracy", False)] if has_pk else []):
+        for r in out["results"]:
+            ours = r["k"].startswith("kvq") or r["v"].startswith("kvq")
+            y = r[key]
+            ax.scatter(r["bits_per_value"], max(y, 1e-6) if log else y, marker="^" if ours else "o",
+                       color="tab:red" if ours else "tab:blue", s=40, zorder=3)
+            ax.annotate(f"{r['k']}/{r['v']}", (r["bits_per_value"], max(y, 1e-6) if log else y),
+                        textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per cached value (K and V averaged, scales included)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    s = out["settings"]
+    fig.suptitle(f"{Path(s['model']).name}, {out['chunks']}x{s['ctx']} tokens "
+                 "(triangles: pyadaq types, circles: upstream)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
