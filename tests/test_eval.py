@@ -133,3 +133,20 @@ def test_eval_bad_input(tiny_model, tmp_path, capsys, extra, message):
 def test_eval_missing_model(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "none.gguf")])
     assert rc == 2 and "none.gguf" in capsys.readouterr().err
+
+
+def test_results_render_states_the_winner():
+    from pyadaq.cli.results import MATRIX, render
+
+    def row(k, v, kl):
+        return {"k": k, "v": v, "kl_mean": kl, "ppl": 10 + kl, "top1": 1 - kl, "bits_per_value": 3.5}
+
+    results = [row(k, v, 0.01 * (i + 1)) for i, (k, v) in enumerate((k, v) for k in MATRIX for v in MATRIX)]
+    by = {(r["k"], r["v"]): r for r in results}
+    by[("q4_0", "kvq2")]["kl_mean"], by[("kvq2", "q4_0")]["kl_mean"] = 0.1, 0.5
+    settings = {"model": "m.gguf", "model_sha256": "0" * 64, "ctx": 512, "text": "t", "attn_rot": True,
+                "machine": "x", "native": "n", "date": "d", "seconds_quality": 1.0}
+    md = render({"settings": settings, "chunks": 2, "results": results, "passkey": None}, "r.json")
+    assert "K=q4_0 with V=kvq2 against K=kvq2 with V=q4_0" in md
+    assert "More bits for keys wins: 5.0 times less KL divergence." in md
+    assert md.count("| **kvq2** |") == 4  # one row in each of the four grids
