@@ -88,17 +88,26 @@ class ReferenceStore:
     def _paths(self, i: int) -> tuple[Path, Path]:
         return self.dir / f"chunk{i:04d}-lp.npy", self.dir / f"chunk{i:04d}-top1.npy"
 
-    def get(self, i: int):
+    def load(self, i: int):
+        """(log-probs, top-1) of chunk i, or None if it is not stored (or damaged)."""
         lp, top1 = self._paths(i)
-        if lp.exists() and top1.exists():
-            try:
-                out = decode_logprobs(np.load(lp, mmap_mode="r")), np.load(top1)
-                self.hits += 1
-                return out
-            except (OSError, ValueError):
-                pass  # a damaged entry is recomputed
-        self.misses += 1
-        return None
+        try:
+            return decode_logprobs(np.load(lp, mmap_mode="r")), np.load(top1)
+        except (OSError, ValueError):
+            return None  # missing or damaged: computed again
+
+    def contains(self, i: int) -> bool:
+        """Whether chunk i is stored, counted as a hit or a miss."""
+        lp, top1 = self._paths(i)
+        try:
+            ok = np.load(lp, mmap_mode="r").ndim == 2 and np.load(top1).ndim == 1
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            self.hits += 1
+        else:
+            self.misses += 1
+        return ok
 
     def put(self, i: int, logits: np.ndarray):
         """Store the reference of chunk i from its logits; return (log-probs, top-1) as stored."""
@@ -120,67 +129,66 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
             progress: bool = True, store: ReferenceStore | None | bool = None) -> dict:
     """Score each K/V config against an f16/f16 cache on the same chunks.
 
-    store: a ReferenceStore, True for the default one (keyed by model, text and n_ctx), or
-    None/False to compute the reference in memory only.
+    The f16 reference of every chunk is computed first (or found in `store`), then one
+    configuration at a time gets a context and runs all chunks, so only two contexts are alive
+    at once. store: a ReferenceStore, True for the default one on disk (keyed by model, text
+    and n_ctx), or None/False for a temporary one deleted afterwards.
     """
+    import tempfile
+
     quiet_native_logs()
     text = text if text is not None else default_text()
     model = Model(model_path)
     toks = model.tokenize(text, add_bos=True)
-    bos = int(toks[0])
-    parts = chunks(toks, n_ctx, n_chunks, bos)
+    parts = chunks(toks, n_ctx, n_chunks, int(toks[0]))
     first = n_ctx // 2
+    tmp = None
+    text_sha = hashlib.sha256(text.encode()).hexdigest()
     if store is True:
         from .gguf_info import read_model_info
 
         store = ReferenceStore(cache_root(), model_sha256=read_model_info(model_path).sha256,
-                               text_sha256=hashlib.sha256(text.encode()).hexdigest(), n_ctx=n_ctx)
-    ref: Context | None = None
-    ctxs = {cfg: Context(model, cfg[0], cfg[1], n_ctx, n_threads, attn_rot=attn_rot) for cfg in configs}
-    acc = {cfg: Accumulator() for cfg in configs}
-    secs = {cfg: 0.0 for cfg in configs}
+                               text_sha256=text_sha, n_ctx=n_ctx)
+    elif not store:
+        tmp = tempfile.TemporaryDirectory(prefix="pyadaq-ref-")
+        store = ReferenceStore(Path(tmp.name), model_sha256="-", text_sha256=text_sha, n_ctx=n_ctx)
     bar = tqdm(total=len(parts) * (len(configs) + 1), desc="chunks x configs", disable=not progress)
-    for i, ch in enumerate(parts):
-        got = store.get(i) if store else None
-        if got is None:
-            if ref is None:
-                ref = Context(model, "f16", "f16", n_ctx, n_threads, attn_rot=attn_rot)
-            ref_logits = ref.logits(ch, first)[:-1]
-            if store:
-                got = store.put(i, ref_logits)
-            else:
-                lp = log_softmax(ref_logits)
-                got = lp, lp.argmax(-1)
-        lp_ref, top1 = got
-        bar.update()
-        nxt = ch[first + 1:]
-        for cfg, ctx in ctxs.items():
-            t0 = time.perf_counter()
-            lg = ctx.logits(ch, first)[:-1]
-            secs[cfg] += time.perf_counter() - t0
-            acc[cfg].add_logprobs(lp_ref, top1, lg, nxt)
+    try:
+        ref = Context(model, "f16", "f16", n_ctx, n_threads, attn_rot=attn_rot)
+        f16_bytes = ref.kv_cache_bytes
+        for i, ch in enumerate(parts):
+            if not store.contains(i):
+                store.put(i, ref.logits(ch, first)[:-1])
             bar.update()
-    bar.close()
-    results = []
-    for cfg in configs:
-        k, v = cache_type(cfg[0]), cache_type(cfg[1])
-        results.append({
-            "k": k.name, "v": v.name,
-            "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
-            "bits_per_value": (k.bits_per_value + v.bits_per_value) / 2,
-            "kv_bytes": ctxs[cfg].kv_cache_bytes,
-            "seconds": secs[cfg],
-            **acc[cfg].summary(),
-        })
-    if ref is None:  # the reference came from the store: size an f16 cache all the same
-        ref = Context(model, "f16", "f16", n_ctx, n_threads)
-    f16_bytes = ref.kv_cache_bytes
-    out = {
+        ref.close()
+        results = []
+        for cfg in configs:
+            k, v = cache_type(cfg[0]), cache_type(cfg[1])
+            ctx = Context(model, k, v, n_ctx, n_threads, attn_rot=attn_rot)
+            acc, secs = Accumulator(), 0.0
+            for i, ch in enumerate(parts):
+                lp_ref, top1 = store.load(i)
+                t0 = time.perf_counter()
+                lg = ctx.logits(ch, first)[:-1]
+                secs += time.perf_counter() - t0
+                acc.add_logprobs(lp_ref, top1, lg, ch[first + 1:])
+                bar.update()
+            results.append({
+                "k": k.name, "v": v.name,
+                "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
+                "bits_per_value": (k.bits_per_value + v.bits_per_value) / 2,
+                "kv_bytes": ctx.kv_cache_bytes,
+                "seconds": secs,
+                **acc.summary(),
+            })
+            ctx.close()
+    finally:
+        bar.close()
+        model.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return {
         "model": str(model_path), "n_ctx": n_ctx, "chunks": len(parts), "attn_rot": attn_rot,
         "f16_kv_bytes": f16_bytes, "results": results,
-        "reference": ({"dir": str(store.dir), "hits": store.hits, "misses": store.misses} if store else None),
+        "reference": None if tmp is not None else {"dir": str(store.dir), "hits": store.hits, "misses": store.misses},
     }
-    for c in [*ctxs.values(), ref]:
-        c.close()
-    model.close()
-    return out

@@ -1,7 +1,6 @@
 """Evaluate token chunks under a given KV-cache configuration and return logits.
 
-One model is loaded once; each K/V configuration gets its own llama.cpp context, so many
-configurations can be compared chunk by chunk without storing reference logits.
+One model is loaded once; each K/V configuration gets its own llama.cpp context on it.
 """
 
 from __future__ import annotations
