@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="docs/RESULTS.md")
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--passkey", action="store_true", help="also measure pass-key accuracy (long)")
+    p.add_argument("--passkey-from", help="merge pass-key figures from another `pyadaq eval --passkey --json` file")
     p.set_defaults(func=run)
 
 
@@ -38,9 +39,21 @@ def run(args) -> int:
     else:
         src = args.from_json
     res = json.loads(Path(src).read_text())
+    if args.passkey_from:
+        merge_passkey(res, json.loads(Path(args.passkey_from).read_text()))
     Path(args.out).write_text(render(res, src))
     print(f"wrote {args.out}")
     return 0
+
+
+def merge_passkey(res: dict, other: dict) -> None:
+    """Copy pass-key results of `other` (an eval run with --passkey) into `res`, by K:V pair."""
+    pk = {(r["k"], r["v"]): r for r in other["results"] if "passkey" in r}
+    for r in res["results"]:
+        if (r["k"], r["v"]) in pk:
+            r["passkey"] = pk[(r["k"], r["v"])]["passkey"]
+            r["passkey_mean"] = pk[(r["k"], r["v"])]["passkey_mean"]
+    res["passkey"] = other["passkey"]
 
 
 def _grid(by: dict, key: str, fmt: str) -> list[str]:
@@ -79,7 +92,19 @@ def render(res: dict, src: str) -> str:
         "", *_grid(by, "bits_per_value", "{:.2f}"), "",
     ]
     if res.get("passkey"):
-        out += ["## Pass-key accuracy (mean over lengths and depths)", "", *_grid(by, "passkey_mean", "{:.0%}"), ""]
+        pk = res["passkey"]
+        out += ["## Pass-key accuracy", "",
+                f"A 5-digit key hidden at depths {', '.join(map(str, pk['depths']))} of prompts of "
+                f"{', '.join(map(str, pk['lengths']))} tokens, {pk['seeds']} seed(s), greedy answer "
+                f"({pk.get('seconds', 0):.0f} s). Mean over lengths and depths (– : not measured):", "",
+                *_grid(by, "passkey_mean", "{:.0%}"), "", "By prompt length:", "",
+                "| K:V | " + " | ".join(map(str, pk["lengths"])) + " |",
+                "|---|" + "---:|" * len(pk["lengths"])]
+        for r in res["results"]:
+            if "passkey" in r:
+                out.append(f"| {r['k']}:{r['v']} | " + " | ".join(
+                    f"{r['passkey'].get(str(n), float('nan')):.0%}" for n in pk["lengths"]) + " |")
+        out.append("")
     else:
         out += ["## Pass-key accuracy", "", "Not measured in this run (`pyadaq results --passkey`).", ""]
     out += ["## The paper's comparison at equal budget", ""]
