@@ -165,8 +165,12 @@ def plot(out: dict, path: str) -> None:
     for ax, key, label, log in [(axes[0][0], "kl_mean", "mean KL divergence vs f16 (nats)", True)] + (
             [(axes[0][1], "passkey_mean", "pass-key accuracy", False)] if has_pk else []):
         for r in out["results"]:
+            if log and r["k"] == r["v"] == "f16":
+                continue  # the reference itself: KL ~0
             ours = r["k"].startswith("kvq") or r["v"].startswith("kvq")
-            y = r[key]
+            y = r.get(key)
+            if y is None:
+                continue
             ax.scatter(r["bits_per_value"], max(y, 1e-6) if log else y, marker="^" if ours else "o",
                        color="tab:red" if ours else "tab:blue", s=40, zorder=3)
             ax.annotate(f"{r['k']}/{r['v']}", (r["bits_per_value"], max(y, 1e-6) if log else y),

@@ -41,6 +41,10 @@ def run(args) -> int:
     res = json.loads(Path(src).read_text())
     if args.passkey_from:
         merge_passkey(res, json.loads(Path(args.passkey_from).read_text()))
+    if args.from_json:
+        from .eval_cmd import plot
+
+        plot(res, args.plot)
     Path(args.out).write_text(render(res, src))
     print(f"wrote {args.out}")
     return 0
