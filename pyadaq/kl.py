@@ -140,7 +140,8 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
     text = text if text is not None else default_text()
     model = Model(model_path)
     toks = model.tokenize(text, add_bos=True)
-    parts = chunks(toks, n_ctx, n_chunks, int(toks[0]))
+    # like llama-perplexity: each chunk starts with BOS if the model adds one
+    parts = chunks(toks, n_ctx, n_chunks, int(toks[0]) if model.adds_bos else None)
     first = n_ctx // 2
     tmp = None
     text_sha = hashlib.sha256(text.encode()).hexdigest()

@@ -49,6 +49,7 @@ class Model:
             raise ValueError(f"llama.cpp could not load {path}")
         self.vocab = _llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = _llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.adds_bos = bool(_llama_cpp.llama_vocab_get_add_bos(self.vocab))
 
     def tokenize(self, text: str, add_bos: bool = True) -> np.ndarray:
         data = text.encode()
