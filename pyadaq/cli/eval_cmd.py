@@ -87,16 +87,11 @@ def check_inputs(args):
     return model, info, text, text_name, configs
 
 
-def machine() -> str:
-    from .formats import machine as m
-
-    return m()
-
-
 def run(args) -> int:
     from .. import __version__
     from .._native import native
     from ..kl import compare
+    from .formats import machine
 
     model, info, text, text_name, configs = check_inputs(args)
     t0 = time.time()
