@@ -72,6 +72,20 @@ def _load_llama_cpp():
 _CDEF = """
 const char * pyadaq_build_info(void);
 int64_t pyadaq_kv_cache_bytes(void * ctx);
+int32_t pyadaq_set_layer_cache_types(void * model, int32_t n_layer, const int32_t * types_k,
+                                     const int32_t * types_v, char * err, size_t err_size);
+int32_t pyadaq_has_layer_cache_types(void * model);
+int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
+
+void *  pyadaq_kv_capture_new(void * model);
+void    pyadaq_kv_capture_free(void * cap);
+bool    pyadaq_kv_capture_eval_cb(void * t, bool ask, void * user_data);
+void    pyadaq_kv_capture_flush(void * cap);
+int64_t pyadaq_kv_capture_rows(void * cap, int32_t is_v, int32_t il);
+int32_t pyadaq_kv_capture_head_size(void * cap, int32_t is_v, int32_t il);
+int32_t pyadaq_kv_capture_n_head(void * cap, int32_t is_v, int32_t il);
+int32_t pyadaq_kv_capture_gram(void * cap, int32_t is_v, int32_t il, int32_t head, double * out, int64_t n);
+int64_t pyadaq_kv_capture_skipped(void * cap);
 
 int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
 int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);

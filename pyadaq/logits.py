@@ -5,12 +5,14 @@ One model is loaded once; each K/V configuration gets its own llama.cpp context 
 
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import contextmanager
 
 import numpy as np
 
 from ._native import native
+from .layer_types import pending_layer_types
 from .types import CacheType, cache_type
 
 _llama_cpp = native().llama_cpp
@@ -73,7 +75,12 @@ class Context:
     """A llama.cpp context with the given K/V cache types that scores chunks."""
 
     def __init__(self, model: Model, cache_type_k: str | int | CacheType, cache_type_v: str | int | CacheType,
-                 n_ctx: int, n_threads: int | None = None, attn_rot: bool = True, flash_attn: bool = True):
+                 n_ctx: int, n_threads: int | None = None, attn_rot: bool = True, flash_attn: bool = True,
+                 layer_types: tuple | None = None, cb_eval=None):
+        """layer_types: optional (types_k, types_v), one cache type per layer, used instead of
+        cache_type_k/cache_type_v for the layers' tensors (pyadaq.layer_types). cb_eval: an
+        optional (callback, user_data) pair of C pointers for llama.cpp's evaluation callback."""
+        self.ptr = None
         self.model = model
         self.k = cache_type(cache_type_k)
         self.v = cache_type(cache_type_v)
@@ -89,10 +96,16 @@ class Context:
         p.type_v = self.v.id
         p.flash_attn_type = (_llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                              else _llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"):
+        if cb_eval is not None:
+            p.cb_eval = ctypes.cast(int(cb_eval[0]), _llama_cpp.ggml_backend_sched_eval_callback)
+            p.cb_eval_user_data = ctypes.c_void_p(int(cb_eval[1]))
+        types_k, types_v = layer_types if layer_types is not None else (None, None)
+        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"), \
+                pending_layer_types(model.ptr, types_k, types_v):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
         if not self.ptr:
-            raise ValueError(f"llama.cpp could not create a context with K={self.k} V={self.v}")
+            what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"
+            raise ValueError(f"llama.cpp could not create a context with {what}")
         self.n_ctx = n_ctx
         self.batch = _llama_cpp.llama_batch_init(n_ctx, 0, 1)
 

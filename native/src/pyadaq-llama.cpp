@@ -1,18 +1,76 @@
-// llama-level entry points of pyadaq, exported from libllama. They use only llama.cpp's
-// public C API and the public methods of its memory interface; no struct layout changes.
+// llama-level code of pyadaq, compiled into libllama: exported C entry points (KV-cache
+// bytes, per-layer KV-cache types, K/V activation capture) and the hooks that upstream's
+// sources call (pyadaq-llama.h, native/patches/0005). No public struct layout changes.
 
 #include "llama.h"
+#include "llama-impl.h"
 #include "llama-memory.h"
+#include "llama-model.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 
+#include "ggml-backend.h"
+#include "pyadaq-llama.h"
 #include "pyadaq-quants.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
 
 extern "C" {
 
 // Bytes of the buffers that hold the context's KV cache (all layers, K and V, every
 // device), as llama.cpp allocated them; -1 if the context has no memory module.
 PYADAQ_API int64_t pyadaq_kv_cache_bytes(const struct llama_context * ctx);
+
+// Per-layer KV-cache types for the next context created from `model`: types_k[il] and
+// types_v[il] are ggml type ids for layers 0..n_layer-1 (n_layer must be the model's layer
+// count). The next llama_init_from_model() for this model uses them instead of the
+// context's type_k/type_v and consumes them, whether it succeeds or not. n_layer == 0
+// clears a pending list. Returns 0, or -1 with a message in err (may be NULL) and nothing
+// stored, for a wrong layer count, a type that is not a KV-cache type or whose block size
+// does not divide the layer's head size, or different K and V types on an MLA model.
+PYADAQ_API int32_t pyadaq_set_layer_cache_types(const struct llama_model * model, int32_t n_layer,
+                                               const int32_t * types_k, const int32_t * types_v,
+                                               char * err, size_t err_size);
+
+// Whether per-layer types are pending for `model` (1) or not (0).
+PYADAQ_API int32_t pyadaq_has_layer_cache_types(const struct llama_model * model);
+
+// The ggml types of the K and V cache tensors of each layer of the context's KV cache (the
+// iSWA cache's two parts included): fills types_k/types_v[0..min(n_max, n_layer)) with a type
+// id, or -1 for a layer without its own cache tensors; returns the model's layer count, or
+// -1 when the context has no KV cache pyadaq can read.
+PYADAQ_API int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32_t n_max,
+                                        int32_t * types_k, int32_t * types_v);
+
+// K/V activation capture. An evaluation callback (llama_context_params.cb_eval, user data:
+// the capture) that observes the tensors named "Kcur-<il>" and "Vcur-<il>" (the keys and
+// values of layer il as the model computes them, before they enter the cache; the last such
+// node of each layer in the graph) and accumulates, per layer and KV head, the Gram matrix
+// X^T X of the rows (one row per token, head_size wide) in double precision.
+struct pyadaq_kv_capture;
+PYADAQ_API struct pyadaq_kv_capture * pyadaq_kv_capture_new(const struct llama_model * model);
+PYADAQ_API void pyadaq_kv_capture_free(struct pyadaq_kv_capture * cap);
+PYADAQ_API bool pyadaq_kv_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data);
+// Adds what the last llama_decode() computed (call after each decode).
+PYADAQ_API void pyadaq_kv_capture_flush(struct pyadaq_kv_capture * cap);
+// Rows (tokens) accumulated for layer il's K (is_v = 0) or V (is_v = 1); -1 for a bad layer.
+PYADAQ_API int64_t pyadaq_kv_capture_rows(const struct pyadaq_kv_capture * cap, int32_t is_v, int32_t il);
+// Head size and KV head count of layer il's K or V; 0 for a bad layer.
+PYADAQ_API int32_t pyadaq_kv_capture_head_size(const struct pyadaq_kv_capture * cap, int32_t is_v, int32_t il);
+PYADAQ_API int32_t pyadaq_kv_capture_n_head(const struct pyadaq_kv_capture * cap, int32_t is_v, int32_t il);
+// Copies the Gram matrix (head_size x head_size, row-major) of one head into out (n doubles);
+// returns head_size, or -1 for a bad layer/head or a too small out.
+PYADAQ_API int32_t pyadaq_kv_capture_gram(const struct pyadaq_kv_capture * cap, int32_t is_v, int32_t il,
+                                         int32_t head, double * out, int64_t n);
+// Nodes whose layout the capture could not read (not F32/F16/BF16); 0 in a normal run.
+PYADAQ_API int64_t pyadaq_kv_capture_skipped(const struct pyadaq_kv_capture * cap);
 
 }
 
@@ -30,4 +88,374 @@ int64_t pyadaq_kv_cache_bytes(const struct llama_context * ctx) {
         total += (int64_t) size;
     }
     return total;
+}
+
+// --- per-layer KV-cache types ---------------------------------------------------------------
+
+namespace {
+
+struct layer_types {
+    std::vector<ggml_type> k;
+    std::vector<ggml_type> v;
+};
+
+std::mutex g_pending_mutex;
+std::map<const llama_model *, layer_types> g_pending;
+
+// the list taken by the llama_init_from_model() call running on this thread
+thread_local layer_types * t_active = nullptr;
+
+void set_err(char * err, size_t err_size, const std::string & msg) {
+    if (err != nullptr && err_size > 0) {
+        snprintf(err, err_size, "%s", msg.c_str());
+    }
+}
+
+// float types and block-quantized types (removed type ids have no block size)
+bool is_cache_type(int32_t t) {
+    if (t < 0 || t >= GGML_TYPE_COUNT) {
+        return false;
+    }
+    if (t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16) {
+        return true;
+    }
+    const auto * traits = ggml_get_type_traits((ggml_type) t);
+    return traits->is_quantized && traits->blck_size > 0 && traits->type_size > 0;
+}
+
+} // namespace
+
+int32_t pyadaq_set_layer_cache_types(const struct llama_model * model, int32_t n_layer,
+                                     const int32_t * types_k, const int32_t * types_v,
+                                     char * err, size_t err_size) {
+    if (model == nullptr) {
+        set_err(err, err_size, "model is NULL");
+        return -1;
+    }
+    if (n_layer == 0) {
+        std::lock_guard<std::mutex> lock(g_pending_mutex);
+        g_pending.erase(model);
+        return 0;
+    }
+    const auto & hp = model->hparams;
+    if (n_layer < 0 || (uint32_t) n_layer != hp.n_layer() || types_k == nullptr || types_v == nullptr) {
+        set_err(err, err_size, "per-layer cache types for " + std::to_string(n_layer) + " layers, the model has " +
+                               std::to_string(hp.n_layer()));
+        return -1;
+    }
+    layer_types lt;
+    for (int32_t il = 0; il < n_layer; ++il) {
+        for (int is_v = 0; is_v < 2; ++is_v) {
+            const int32_t t = is_v ? types_v[il] : types_k[il];
+            const char * which = is_v ? "V" : "K";
+            if (!is_cache_type(t)) {
+                set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + which + ": " +
+                                       std::to_string(t) + " is not a ggml type a KV cache can hold");
+                return -1;
+            }
+            const uint32_t head = is_v ? hp.n_embd_head_v(il) : hp.n_embd_head_k(il);
+            const int64_t blck = ggml_blck_size((ggml_type) t);
+            if (head % blck != 0) {
+                set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + which + ": type " +
+                                       ggml_type_name((ggml_type) t) + " has block size " + std::to_string(blck) +
+                                       ", which does not divide the head size " + std::to_string(head));
+                return -1;
+            }
+        }
+        if (hp.is_mla() && types_k[il] != types_v[il]) {
+            set_err(err, err_size, "this model (MLA attention) needs the same K and V cache type in every layer");
+            return -1;
+        }
+        lt.k.push_back((ggml_type) types_k[il]);
+        lt.v.push_back((ggml_type) types_v[il]);
+    }
+    std::lock_guard<std::mutex> lock(g_pending_mutex);
+    g_pending[model] = std::move(lt);
+    return 0;
+}
+
+int32_t pyadaq_has_layer_cache_types(const struct llama_model * model) {
+    std::lock_guard<std::mutex> lock(g_pending_mutex);
+    return g_pending.count(model) ? 1 : 0;
+}
+
+pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
+    std::lock_guard<std::mutex> lock(g_pending_mutex);
+    auto it = g_pending.find(model);
+    if (it != g_pending.end()) {
+        t_active = new layer_types(std::move(it->second));
+        g_pending.erase(it);
+    }
+}
+
+pyadaq_layer_types_scope::~pyadaq_layer_types_scope() {
+    delete t_active;
+    t_active = nullptr;
+}
+
+bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params) {
+    if (t_active == nullptr) {
+        return true;
+    }
+    const bool any_v_quantized = pyadaq_kv_any_quantized(true, params.type_v);
+    if (any_v_quantized && params.flash_attn_type != LLAMA_FLASH_ATTN_TYPE_ENABLED) {
+        if (params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+            LLAMA_LOG_ERROR("%s: the per-layer V cache types include a quantized type, which requires flash_attn\n",
+                            __func__);
+            return false;
+        }
+        LLAMA_LOG_INFO("%s: enabling flash_attn since the per-layer V cache types include a quantized type\n",
+                       __func__);
+        params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    }
+    std::string desc;
+    for (size_t il = 0; il < t_active->k.size(); ++il) {
+        desc += std::string(il ? " " : "") + ggml_type_name(t_active->k[il]) + "/" + ggml_type_name(t_active->v[il]);
+    }
+    LLAMA_LOG_INFO("%s: %s: per-layer K/V cache types: %s\n", __func__, model.name.c_str(), desc.c_str());
+    return true;
+}
+
+ggml_type pyadaq_kv_layer_type(uint32_t il, bool is_v, ggml_type uniform) {
+    if (t_active == nullptr) {
+        return uniform;
+    }
+    const auto & types = is_v ? t_active->v : t_active->k;
+    return il < types.size() ? types[il] : uniform;  // layers past the list (MTP): uniform
+}
+
+bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform) {
+    if (ggml_is_quantized(uniform)) {
+        return true;
+    }
+    if (t_active == nullptr) {
+        return false;
+    }
+    const auto & types = is_v ? t_active->v : t_active->k;
+    return std::any_of(types.begin(), types.end(), [](ggml_type t) { return ggml_is_quantized(t); });
+}
+
+static void read_kv_types(const llama_kv_cache * kv, int32_t n_max, int32_t * types_k, int32_t * types_v) {
+    ggml_init_params params = { /*.mem_size =*/ 4 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
+                                /*.no_alloc =*/ true };
+    ggml_context * ctx = ggml_init(params);
+    llama_kv_cache::slot_info sinfo;
+    sinfo.s0 = 0;
+    sinfo.s1 = 0;
+    for (uint32_t il : kv->get_layer_ids()) {
+        if ((int32_t) il >= n_max) {
+            continue;
+        }
+        types_k[il] = (int32_t) kv->get_k_storage((int32_t) il)->type;
+        ggml_tensor * v = kv->get_v(ctx, (int32_t) il, 1, sinfo);
+        types_v[il] = v != nullptr ? (int32_t) v->type : -1;
+        ggml_reset(ctx);
+    }
+    ggml_free(ctx);
+}
+
+int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32_t n_max, int32_t * types_k,
+                              int32_t * types_v) {
+    if (ctx == nullptr || (n_max > 0 && (types_k == nullptr || types_v == nullptr))) {
+        return -1;
+    }
+    llama_memory_i * mem = llama_get_memory(ctx);
+    const int32_t n_layer = (int32_t) llama_model_n_layer(llama_get_model(ctx));
+    for (int32_t il = 0; il < n_max; ++il) {
+        types_k[il] = -1;
+        types_v[il] = -1;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        read_kv_types(iswa->get_base(), n_max, types_k, types_v);
+        read_kv_types(iswa->get_swa(), n_max, types_k, types_v);
+        return n_layer;
+    }
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        read_kv_types(kv, n_max, types_k, types_v);
+        return n_layer;
+    }
+    return -1;
+}
+
+// --- K/V activation capture -----------------------------------------------------------------
+
+struct pyadaq_kv_capture {
+    struct part {
+        int32_t head_size = 0;
+        int32_t n_head = 0;
+        int64_t rows = 0;
+        std::vector<double> gram;      // n_head * head_size * head_size (upper triangle filled)
+        std::vector<float> staged;     // the last node of this layer in the current graph
+        int64_t staged_rows = 0;
+    };
+    std::vector<part> parts[2];        // [is_v][il]
+    std::vector<uint8_t> scratch;
+    int64_t skipped = 0;
+};
+
+pyadaq_kv_capture * pyadaq_kv_capture_new(const llama_model * model) {
+    if (model == nullptr) {
+        return nullptr;
+    }
+    const auto & hp = model->hparams;
+    auto * cap = new pyadaq_kv_capture();
+    for (int is_v = 0; is_v < 2; ++is_v) {
+        cap->parts[is_v].resize(hp.n_layer());
+        for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+            auto & p = cap->parts[is_v][il];
+            p.head_size = (int32_t) (is_v ? hp.n_embd_head_v(il) : hp.n_embd_head_k(il));
+            p.n_head = (int32_t) hp.n_head_kv(il);
+            p.gram.assign((size_t) p.n_head * p.head_size * p.head_size, 0.0);
+        }
+    }
+    return cap;
+}
+
+void pyadaq_kv_capture_free(pyadaq_kv_capture * cap) {
+    delete cap;
+}
+
+static bool parse_name(const char * name, int & is_v, int & il) {
+    if (strncmp(name, "Kcur-", 5) == 0) {
+        is_v = 0;
+    } else if (strncmp(name, "Vcur-", 5) == 0) {
+        is_v = 1;
+    } else {
+        return false;
+    }
+    char * end = nullptr;
+    const long v = strtol(name + 5, &end, 10);
+    if (end == name + 5 || *end != '\0' || v < 0) {
+        return false;
+    }
+    il = (int) v;
+    return true;
+}
+
+bool pyadaq_kv_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * cap = static_cast<pyadaq_kv_capture *>(user_data);
+    int is_v = 0;
+    int il = 0;
+    if (cap == nullptr || !parse_name(t->name, is_v, il) || il >= (int) cap->parts[is_v].size()) {
+        return ask ? false : true;
+    }
+    if (ask) {
+        return true;
+    }
+    auto & p = cap->parts[is_v][il];
+    const int64_t width = (int64_t) p.head_size * p.n_head;
+    const int64_t n = ggml_nelements(t);
+    if (width == 0 || n % width != 0 ||
+        (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16)) {
+        cap->skipped++;
+        return true;
+    }
+    // bring the bytes the tensor spans to the host (views of device buffers included)
+    const size_t nbytes = ggml_nbytes(t);
+    const uint8_t * base;
+    if (t->buffer != nullptr && !ggml_backend_buffer_is_host(t->buffer)) {
+        cap->scratch.resize(nbytes);
+        ggml_backend_tensor_get(t, cap->scratch.data(), 0, nbytes);
+        base = cap->scratch.data();
+    } else {
+        base = (const uint8_t *) t->data;
+    }
+    p.staged.resize((size_t) n);
+    size_t j = 0;
+    for (int64_t i3 = 0; i3 < t->ne[3]; ++i3) {
+        for (int64_t i2 = 0; i2 < t->ne[2]; ++i2) {
+            for (int64_t i1 = 0; i1 < t->ne[1]; ++i1) {
+                const uint8_t * row = base + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3];
+                for (int64_t i0 = 0; i0 < t->ne[0]; ++i0) {
+                    const uint8_t * e = row + i0 * t->nb[0];
+                    float x;
+                    if (t->type == GGML_TYPE_F32) {
+                        memcpy(&x, e, sizeof(x));
+                    } else if (t->type == GGML_TYPE_F16) {
+                        ggml_fp16_t h;
+                        memcpy(&h, e, sizeof(h));
+                        x = ggml_fp16_to_fp32(h);
+                    } else {
+                        ggml_bf16_t h;
+                        memcpy(&h, e, sizeof(h));
+                        x = ggml_bf16_to_fp32(h);
+                    }
+                    p.staged[j++] = x;
+                }
+            }
+        }
+    }
+    p.staged_rows = n / width;
+    return true;
+}
+
+void pyadaq_kv_capture_flush(pyadaq_kv_capture * cap) {
+    if (cap == nullptr) {
+        return;
+    }
+    for (auto & parts : cap->parts) {
+        for (auto & p : parts) {
+            const int64_t d = p.head_size;
+            for (int64_t r = 0; r < p.staged_rows; ++r) {
+                for (int64_t h = 0; h < p.n_head; ++h) {
+                    const float * x = p.staged.data() + (r * p.n_head + h) * d;
+                    double * g = p.gram.data() + h * d * d;
+                    for (int64_t a = 0; a < d; ++a) {
+                        const double xa = x[a];
+                        double * ga = g + a * d;
+                        for (int64_t b = a; b < d; ++b) {
+                            ga[b] += xa * (double) x[b];
+                        }
+                    }
+                }
+            }
+            p.rows += p.staged_rows;
+            p.staged_rows = 0;
+        }
+    }
+}
+
+static const pyadaq_kv_capture::part * capture_part(const pyadaq_kv_capture * cap, int32_t is_v, int32_t il) {
+    if (cap == nullptr || (is_v != 0 && is_v != 1) || il < 0 || il >= (int32_t) cap->parts[is_v].size()) {
+        return nullptr;
+    }
+    return &cap->parts[is_v][il];
+}
+
+int64_t pyadaq_kv_capture_rows(const pyadaq_kv_capture * cap, int32_t is_v, int32_t il) {
+    const auto * p = capture_part(cap, is_v, il);
+    return p ? p->rows : -1;
+}
+
+int32_t pyadaq_kv_capture_head_size(const pyadaq_kv_capture * cap, int32_t is_v, int32_t il) {
+    const auto * p = capture_part(cap, is_v, il);
+    return p ? p->head_size : 0;
+}
+
+int32_t pyadaq_kv_capture_n_head(const pyadaq_kv_capture * cap, int32_t is_v, int32_t il) {
+    const auto * p = capture_part(cap, is_v, il);
+    return p ? p->n_head : 0;
+}
+
+int32_t pyadaq_kv_capture_gram(const pyadaq_kv_capture * cap, int32_t is_v, int32_t il, int32_t head,
+                               double * out, int64_t n) {
+    const auto * p = capture_part(cap, is_v, il);
+    if (p == nullptr || head < 0 || head >= p->n_head || out == nullptr) {
+        return -1;
+    }
+    const int64_t d = p->head_size;
+    if (n < d * d) {
+        return -1;
+    }
+    const double * g = p->gram.data() + head * d * d;
+    for (int64_t a = 0; a < d; ++a) {
+        for (int64_t b = 0; b < d; ++b) {
+            out[a * d + b] = a <= b ? g[a * d + b] : g[b * d + a];
+        }
+    }
+    return (int32_t) d;
+}
+
+int64_t pyadaq_kv_capture_skipped(const pyadaq_kv_capture * cap) {
+    return cap ? cap->skipped : -1;
 }

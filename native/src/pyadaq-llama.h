@@ -1,0 +1,39 @@
+// pyadaq hooks called from upstream llama.cpp sources (native/patches/0005). Internal to
+// libllama: the exported C entry points are declared in pyadaq-llama.cpp.
+//
+// Per-layer KV-cache types: pyadaq_set_layer_cache_types() stores a pending list of K and V
+// types per layer for a model. The next llama_init_from_model() call for that model takes it
+// (a pyadaq_layer_types_scope at the top of the function), checks it against the context
+// parameters (pyadaq_layer_types_check), and while the context is built the KV cache asks
+// pyadaq_kv_layer_type() for the type of each layer's tensors. Outside such a call, or with
+// no pending list, every hook returns the uniform type it is given, so upstream behaviour is
+// unchanged.
+#pragma once
+
+#include "ggml.h"
+#include "llama.h"
+
+#include <cstdint>
+
+struct llama_model;
+
+// Takes the model's pending per-layer types for this thread for the lifetime of the object
+// (one llama_init_from_model call); they are consumed whether the call succeeds or not.
+struct pyadaq_layer_types_scope {
+    explicit pyadaq_layer_types_scope(const llama_model * model);
+    ~pyadaq_layer_types_scope();
+    pyadaq_layer_types_scope(const pyadaq_layer_types_scope &) = delete;
+    pyadaq_layer_types_scope & operator=(const pyadaq_layer_types_scope &) = delete;
+};
+
+// Checks the active per-layer types against the final context parameters: a quantized V
+// layer needs flash attention (AUTO is switched to ENABLED, DISABLED is an error). Logs the
+// reason and returns false when the context must not be created.
+bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params);
+
+// The type of layer il's K (is_v = false) or V (is_v = true) cache tensor.
+ggml_type pyadaq_kv_layer_type(uint32_t il, bool is_v, ggml_type uniform);
+
+// Whether the uniform type or any active per-layer K (V) type is quantized: the KV cache then
+// stores K (V) with attention rotation (for every layer, so that all of them agree).
+bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform);
