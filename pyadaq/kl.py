@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +31,118 @@ def default_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def parse_configs(spec: str) -> list[tuple[str, str]]:
-    """'q8_0:kvq2,f16:f16' -> [('q8_0', 'kvq2'), ('f16', 'f16')]; names are checked."""
-    out = []
+@dataclass(frozen=True)
+class LayerSpec:
+    """A per-layer config as written in --configs, before the model is known:
+    kind "plan" (arg: a plan file) or "budget" (arg: bits per value, optional ":kl"/":norms")."""
+    kind: str
+    arg: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A per-layer config ready to run: one K and one V type name per layer."""
+    label: str
+    types_k: tuple
+    types_v: tuple
+    bits_per_value: float
+
+    @property
+    def k(self) -> str:
+        return max(set(self.types_k), key=self.types_k.count)
+
+    @property
+    def v(self) -> str:
+        return max(set(self.types_v), key=self.types_v.count)
+
+
+def parse_configs(spec: str) -> list:
+    """'q8_0:kvq2,f16:f16,plan:p.json,budget:3.0' -> [('q8_0', 'kvq2'), ('f16', 'f16'),
+    LayerSpec('plan', 'p.json'), LayerSpec('budget', '3.0')]; type names are checked."""
+    out: list = []
     for item in spec.split(","):
         item = item.strip()
         if not item:
             continue
+        head, _, rest = item.partition(":")
+        if head in ("plan", "budget"):
+            if not rest:
+                raise ValueError(f"config '{item}' needs an argument: plan:FILE or budget:BITS[:kl|:norms]")
+            if head == "budget":
+                bits, _, source = rest.partition(":")
+                try:
+                    float(bits)
+                except ValueError:
+                    raise ValueError(f"config '{item}': '{bits}' is not a number of bits per value") from None
+                if source and source not in ("kl", "norms"):
+                    raise ValueError(f"config '{item}': the sensitivity source is kl or norms, not '{source}'")
+            out.append(LayerSpec(head, rest))
+            continue
         if item.count(":") != 1:
-            raise ValueError(f"config '{item}' is not K:V (for example q8_0:kvq2)")
+            raise ValueError(f"config '{item}' is not K:V (for example q8_0:kvq2), plan:FILE or budget:BITS")
         k, v = item.split(":")
         out.append((cache_type(k).name, cache_type(v).name))
     if not out:
         raise ValueError("no configs given")
     return out
+
+
+def resolve_configs(configs: list, model_path: str, progress: bool = True) -> list:
+    """Turn LayerSpec entries into LayerConfig for this model (plans are loaded and checked,
+    budgets planned); uniform (k, v) pairs pass through."""
+    from .gguf_info import read_model_info
+    from .planner import KVPlan, check_plan
+
+    info = read_model_info(model_path)
+    out = []
+    for c in configs:
+        if not isinstance(c, LayerSpec):
+            out.append(c)
+            continue
+        if c.kind == "plan":
+            plan = KVPlan.load(c.arg)
+            check_plan(plan, info, info.sha256)
+        else:
+            from .adaptive import plan_for_budget
+
+            bits, _, source = c.arg.partition(":")
+            plan = plan_for_budget(model_path, float(bits), source=source or "kl", progress=progress)
+        out.append(LayerConfig(c.label, tuple(plan.types_k), tuple(plan.types_v), float(plan.bits_per_value)))
+    return out
+
+
+def config_label(cfg) -> str:
+    return cfg.label if isinstance(cfg, LayerConfig) else f"{cfg[0]}:{cfg[1]}"
+
+
+def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True):
+    """A Context for a uniform (k, v) pair or a LayerConfig."""
+    if isinstance(cfg, LayerConfig):
+        return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot,
+                       layer_types=(list(cfg.types_k), list(cfg.types_v)))
+    return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot)
+
+
+def config_row(cfg) -> dict:
+    """The identifying fields of a result row."""
+    if isinstance(cfg, LayerConfig):
+        from .types import cache_type as ct
+
+        def mean_bits(ts):
+            return sum(ct(t).bits_per_value for t in ts) / len(ts)
+
+        return {"config": cfg.label, "k": cfg.k, "v": cfg.v, "per_layer": True,
+                "types_k": list(cfg.types_k), "types_v": list(cfg.types_v),
+                "bits_k": mean_bits(cfg.types_k), "bits_v": mean_bits(cfg.types_v),
+                "bits_per_value": cfg.bits_per_value}
+    k, v = cache_type(cfg[0]), cache_type(cfg[1])
+    return {"config": f"{k.name}:{v.name}", "k": k.name, "v": v.name,
+            "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
+            "bits_per_value": (k.bits_per_value + v.bits_per_value) / 2}
 
 
 def chunks(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None) -> list[np.ndarray]:
@@ -164,8 +263,7 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
         ref.close()
         results = []
         for cfg in configs:
-            k, v = cache_type(cfg[0]), cache_type(cfg[1])
-            ctx = Context(model, k, v, n_ctx, n_threads, attn_rot=attn_rot)
+            ctx = open_context(model, cfg, n_ctx, n_threads, attn_rot)
             acc, secs = Accumulator(), 0.0
             for i, ch in enumerate(parts):
                 lp_ref, top1 = store.load(i)
@@ -175,9 +273,7 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
                 acc.add_logprobs(lp_ref, top1, lg, ch[first + 1:])
                 bar.update()
             results.append({
-                "k": k.name, "v": v.name,
-                "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
-                "bits_per_value": (k.bits_per_value + v.bits_per_value) / 2,
+                **config_row(cfg),
                 "kv_bytes": ctx.kv_cache_bytes,
                 "seconds": secs,
                 **acc.summary(),

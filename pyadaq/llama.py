@@ -18,6 +18,12 @@ exception that says what is wrong:
   only for flash attention). With a quantized K or V and no ``flash_attn`` argument, flash
   attention is switched on.
 
+Per-layer types (adaptive KV-AdaQuant): ``kv_plan="plan.json"`` (a plan from ``pyadaq plan``,
+or a :class:`pyadaq.planner.KVPlan`) or ``kv_budget=3.0`` (average bits per cached value; the
+plan is made on the fly by :func:`pyadaq.adaptive.plan_for_budget` and cached). A plan made
+for another model (layer count or head sizes), a budget outside what the types reach, or a
+type that does not fit a layer's head size raises before any context is created.
+
 llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``TypeError``: use
 ``cache_type_k`` / ``cache_type_v``, which take a name (case-insensitive), a ggml id or a
 :class:`pyadaq.CacheType`.
@@ -26,7 +32,8 @@ llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``Type
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Union
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._native import native
 from .gguf_info import ModelInfo, read_model_info
@@ -34,6 +41,7 @@ from .types import CacheType, cache_type, cache_types
 
 import llama_cpp  # noqa: E402,I001  (after ._native, which points llama_cpp at pyadaq's libllama)
 import llama_cpp.llama_cpp as _lib  # noqa: E402
+import llama_cpp._internals as _internals  # noqa: E402
 
 __all__ = ["Llama", "estimate_kv_cache_bytes", "validate_cache_types"]
 
@@ -91,9 +99,15 @@ def validate_cache_types(
     return tk, tv
 
 
-def _kv_bytes(info: ModelInfo, tk: CacheType, tv: CacheType, *, n_ctx_seq: int, n_seq_max: int,
+def _per_layer(t, n: int) -> List[CacheType]:
+    return [cache_type(x) for x in t] if isinstance(t, (list, tuple)) else [cache_type(t)] * n
+
+
+def _kv_bytes(info: ModelInfo, tk, tv, *, n_ctx_seq: int, n_seq_max: int,
               n_ubatch: int, kv_unified: bool, swa_full: bool, v_trans: bool) -> int:
-    """llama_kv_cache / llama_kv_cache_iswa tensor bytes for the given context numbers."""
+    """llama_kv_cache / llama_kv_cache_iswa tensor bytes for the given context numbers.
+    tk / tv: one CacheType for all layers or a list with one per layer."""
+    tks, tvs = _per_layer(tk, info.n_layer), _per_layer(tv, info.n_layer)
     n_stream = 1 if kv_unified else n_seq_max
     size_swa = n_ctx_seq
     if info.has_swa and not swa_full:
@@ -105,8 +119,8 @@ def _kv_bytes(info: ModelInfo, tk: CacheType, tv: CacheType, *, n_ctx_seq: int, 
     for il in info.cache_layers():
         cells = size_swa if info.is_swa(il) else n_ctx_seq
         n_kv = info.n_head_kv_layer(il)
-        k_row = tk.row_bytes(n_kv * info.head_size_k_layer(il))
-        v_row = tv.row_bytes(n_embd_v_gqa_max if v_trans else n_kv * info.head_size_v_layer(il))
+        k_row = tks[il].row_bytes(n_kv * info.head_size_k_layer(il))
+        v_row = tvs[il].row_bytes(n_embd_v_gqa_max if v_trans else n_kv * info.head_size_v_layer(il))
         total += (k_row + v_row) * cells * n_stream
     return total
 
@@ -146,18 +160,46 @@ def estimate_kv_cache_bytes(
                      kv_unified=kv_unified, swa_full=swa_full, v_trans=not flash_attn)
 
 
+_context_lock = threading.RLock()
+
+
+def _resolve_plan(info: ModelInfo, model_path, kv_plan, kv_budget, kv_budget_source: str):
+    """(types_k, types_v, plan) for kv_plan / kv_budget, checked against the model; (None, None,
+    None) when neither is given."""
+    from .planner import KVPlan, check_plan
+
+    if kv_plan is not None and kv_budget is not None:
+        raise ValueError("pass kv_plan or kv_budget, not both")
+    if kv_plan is None and kv_budget is None:
+        return None, None, None
+    if kv_plan is not None:
+        plan = kv_plan if isinstance(kv_plan, KVPlan) else KVPlan.load(kv_plan)
+    else:
+        from .adaptive import plan_for_budget
+
+        if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
+            raise TypeError(f"kv_budget is a number of bits per value, not {type(kv_budget).__name__}")
+        plan = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source)
+    check_plan(plan, info, info.sha256 if kv_plan is not None else None)
+    return [cache_type(t) for t in plan.types_k], [cache_type(t) for t in plan.types_v], plan
+
+
 class Llama(llama_cpp.Llama):
     """llama_cpp.Llama with ``cache_type_k`` / ``cache_type_v`` and up-front validation.
 
     ``cache_type_k`` / ``cache_type_v``: a cache type name (case-insensitive, e.g. "q4_0",
-    "KVQ2"), a ggml type id, or a :class:`pyadaq.CacheType`; default "f16". All other keyword
-    arguments go to ``llama_cpp.Llama`` unchanged, except that ``verbose`` defaults to False
-    and ``flash_attn`` defaults to True when K or V is quantized (``flash_attn=None`` also
-    means "choose").
+    "KVQ2"), a ggml type id, or a :class:`pyadaq.CacheType`; default "f16". ``kv_plan``
+    (a plan file or KVPlan) or ``kv_budget`` (bits per value; ``kv_budget_source`` "kl" or
+    "norms") give each layer its own K and V type instead. All other keyword arguments go to
+    ``llama_cpp.Llama`` unchanged, except that ``verbose`` defaults to False and
+    ``flash_attn`` defaults to True when any K or V type is quantized (``flash_attn=None``
+    also means "choose").
 
-    After construction: ``cache_type_k``, ``cache_type_v`` (CacheType), ``model_info``
-    (:class:`pyadaq.gguf_info.ModelInfo`), ``kv_cache_bytes`` (allocated by llama.cpp) and
-    ``kv_cache_bytes_expected`` (the sizing formula applied to this context).
+    After construction: ``cache_type_k``, ``cache_type_v`` (CacheType; for a plan, its most
+    common types), ``layer_types_k`` / ``layer_types_v`` (per layer), ``kv_plan`` (the KVPlan
+    or None), ``model_info`` (:class:`pyadaq.gguf_info.ModelInfo`), ``kv_cache_bytes``
+    (allocated by llama.cpp) and ``kv_cache_bytes_expected`` (the sizing formula applied to
+    this context).
     """
 
     def __init__(
@@ -166,6 +208,9 @@ class Llama(llama_cpp.Llama):
         *,
         cache_type_k: CacheTypeSpec = "f16",
         cache_type_v: CacheTypeSpec = "f16",
+        kv_plan: Any = None,
+        kv_budget: Optional[float] = None,
+        kv_budget_source: str = "kl",
         **kwargs: Any,
     ) -> None:
         for raw, ours in (("type_k", "cache_type_k"), ("type_v", "cache_type_v")):
@@ -178,17 +223,40 @@ class Llama(llama_cpp.Llama):
         tv = cache_type(cache_type_v)
         info = read_model_info(model_path)
         flash_attn = kwargs.get("flash_attn")
+        layers_k, layers_v, plan = _resolve_plan(info, model_path, kv_plan, kv_budget, kv_budget_source)
+        if plan is not None:
+            tk = max(set(layers_k), key=layers_k.count)
+            tv = max(set(layers_v), key=layers_v.count)
+            if any(t.quantized for t in layers_v) and flash_attn is not None and not flash_attn:
+                raise ValueError(
+                    "the plan stores some layers' V cache in a quantized type, which llama.cpp keeps only "
+                    "with flash attention, but flash_attn=False was passed"
+                )
         validate_cache_types(info, tk, tv, flash_attn=flash_attn)
         if flash_attn is None:
             kwargs.pop("flash_attn", None)
-            if tk.quantized or tv.quantized:
+            if any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
                 kwargs["flash_attn"] = True
         kwargs.setdefault("verbose", False)
 
         self.cache_type_k: CacheType = tk
         self.cache_type_v: CacheType = tv
+        self.layer_types_k: List[CacheType] = layers_k or [tk] * info.n_layer
+        self.layer_types_v: List[CacheType] = layers_v or [tv] * info.n_layer
+        self.kv_plan = plan
         self.model_info: ModelInfo = info
-        super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
+        if plan is None:
+            super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
+            return
+        # llama_cpp.Llama loads the model and creates the context in one call: the per-layer
+        # types are set on the loaded model just before its context is created
+        with _context_lock:
+            original = _internals.LlamaContext
+            _internals.LlamaContext = _planned_context(layers_k, layers_v, original)
+            try:
+                super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
+            finally:
+                _internals.LlamaContext = original
 
     # --- KV cache size ------------------------------------------------------------------
     def _ctx_ptr(self) -> int:
@@ -219,7 +287,7 @@ class Llama(llama_cpp.Llama):
         ctx = self._ctx_ptr()
         cp = self.context_params
         return _kv_bytes(
-            self.model_info, self.cache_type_k, self.cache_type_v,
+            self.model_info, self.layer_types_k, self.layer_types_v,
             n_ctx_seq=int(_lib.llama_n_ctx_seq(ctx)),
             n_seq_max=int(_lib.llama_n_seq_max(ctx)),
             n_ubatch=int(_lib.llama_n_ubatch(ctx)),
@@ -234,15 +302,35 @@ class Llama(llama_cpp.Llama):
         if hasattr(self, "_stack"):
             super().close()
 
+    def context_layer_types(self) -> tuple:
+        """The cache types of each layer's K and V tensors as llama.cpp allocated them."""
+        from .layer_types import context_layer_types
+
+        return context_layer_types(self._ctx_ptr(), self.model_info.n_layer)
+
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state.pop("type_k", None)
         state.pop("type_v", None)
         state["cache_type_k"] = self.cache_type_k.name
         state["cache_type_v"] = self.cache_type_v.name
+        if self.kv_plan is not None:
+            state["kv_plan"] = self.kv_plan
         return state
 
     def __repr__(self) -> str:
         path = getattr(self, "model_path", None)
         return (f"{type(self).__name__}({str(path)!r}, cache_type_k='{getattr(self, 'cache_type_k', None)}', "
                 f"cache_type_v='{getattr(self, 'cache_type_v', None)}')")
+
+
+def _planned_context(types_k: Sequence[CacheType], types_v: Sequence[CacheType], base):
+    """A llama_cpp._internals.LlamaContext subclass that sets per-layer types first."""
+    from .layer_types import pending_layer_types
+
+    class PlannedLlamaContext(base):
+        def __init__(self, *, model, params, verbose: bool = True):
+            with pending_layer_types(model.model, types_k, types_v):
+                super().__init__(model=model, params=params, verbose=verbose)
+
+    return PlannedLlamaContext

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ._native import native
+from .kl import config_row, open_context
 from .logits import Context, Model, quiet_native_logs
 from .types import cache_type
 
@@ -212,11 +213,11 @@ def run_passkey(model_path: str, configs: list[tuple[str, str]], lengths=DEFAULT
     results = []
     bar = tqdm(total=len(configs) * len(prompts), desc="passkey prompts x configs", disable=not progress)
     try:
-        for k, v in configs:
-            k, v = cache_type(k).name, cache_type(v).name
+        for cfg in configs:
+            row = config_row(cfg)
             for length in lengths:
                 n_ctx = context_size(length, n_gen)
-                ctx = Context(model, k, v, n_ctx, n_threads, attn_rot=attn_rot)
+                ctx = open_context(model, cfg, n_ctx, n_threads, attn_rot)
                 try:
                     hits = []
                     for d in depths:
@@ -229,7 +230,7 @@ def run_passkey(model_path: str, configs: list[tuple[str, str]], lengths=DEFAULT
                 finally:
                     ctx.close()
                 n_hit = sum(h["hit"] for h in hits)
-                results.append({"k": k, "v": v, "length": length, "n_ctx": n_ctx,
+                results.append({"config": row["config"], "k": row["k"], "v": row["v"], "length": length, "n_ctx": n_ctx,
                                 "accuracy": n_hit / len(hits), "n": len(hits), "hits": hits})
     finally:
         bar.close()

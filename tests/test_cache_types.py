@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 import pyadaq
+from pyadaq.layer_types import pending_layer_types
 from pyadaq.logits import Context, Model, _env, quiet_native_logs
 from pyadaq.metrics import token_kl
 from pyadaq.types import cache_type
@@ -108,7 +109,7 @@ def tokens(n: int, seed: int = 0, n_vocab: int = 512) -> np.ndarray:
 class Ctx:
     def __init__(self, model: Model, k: str, v: str, n_ctx: int, *, n_seq_max: int = 1,
                  n_ubatch: int = 512, swa_full: bool = False, kv_unified: bool = False,
-                 attn_rot: bool = True, n_threads: int = THREADS):
+                 attn_rot: bool = True, n_threads: int = THREADS, layer_types: tuple | None = None):
         self.model = model
         self.k, self.v = cache_type(k), cache_type(v)
         p = L.llama_context_default_params()
@@ -121,7 +122,9 @@ class Ctx:
         p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.swa_full = swa_full
         p.kv_unified = kv_unified
-        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"):
+        types_k, types_v = layer_types or (None, None)
+        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"), \
+                pending_layer_types(model.ptr, types_k, types_v):
             self.ptr = L.llama_init_from_model(model.ptr, p)
         assert self.ptr, f"llama.cpp could not create a context with K={k} V={v}"
         self.mem = L.llama_get_memory(self.ptr)
@@ -603,10 +606,10 @@ def test_state_through_pyadaq_llama(tiny_model):
 N_FILL, N_DROP = 96, 48
 
 
-def _shifted(model, k, v, x, *, shift=True, attn_rot=True) -> np.ndarray:
+def _shifted(model, k, v, x, *, shift=True, attn_rot=True, layer_types=None) -> np.ndarray:
     """Fill N_FILL tokens, drop the first N_DROP, shift the rest down by N_DROP (K-shift: llama.cpp
     re-ropes K, re-quantizing a quantized K), decode the rest in chunks of 16."""
-    with Ctx(model, k, v, 256, attn_rot=attn_rot) as c:
+    with Ctx(model, k, v, 256, attn_rot=attn_rot, layer_types=layer_types) as c:
         c.run(x[:N_FILL])
         assert L.llama_memory_can_shift(c.mem)
         assert L.llama_memory_seq_rm(c.mem, 0, 0, N_DROP)

@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--text", help="UTF-8 text file to score (default: the prose of pydoc_data.topics)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=20, help="number of chunks (default 20)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"K:V pairs (default {DEFAULT_CONFIGS})")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help=f"K:V pairs, plan:FILE (a pyadaq plan) or budget:BITS[:kl|:norms] (planned on the fly), "
+                        f"comma-separated (default {DEFAULT_CONFIGS})")
     p.add_argument("--passkey", action="store_true", help="also measure pass-key retrieval accuracy")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8192")
     p.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
@@ -64,8 +66,13 @@ def check_inputs(args):
         model = str(embedded_model_path())
     info = read_model_info(model)
     configs = parse_configs(args.configs)
-    for k, v in configs:
-        validate_cache_types(info, k, v, flash_attn=True)
+    for c in configs:
+        if isinstance(c, tuple):
+            validate_cache_types(info, c[0], c[1], flash_attn=True)
+        elif c.kind == "plan":
+            from ..planner import KVPlan, check_plan
+
+            check_plan(KVPlan.load(c.arg), info, info.sha256)
     if args.ctx < 16:
         raise ValueError(f"--ctx {args.ctx} is too small (at least 16 tokens)")
     if args.chunks < 1:
@@ -93,7 +100,10 @@ def run(args) -> int:
     from ..kl import compare
     from .formats import machine
 
+    from ..kl import resolve_configs
+
     model, info, text, text_name, configs = check_inputs(args)
+    configs = resolve_configs(configs, model)
     t0 = time.time()
     res = compare(model, configs, text=text, n_ctx=args.ctx, n_chunks=args.chunks, attn_rot=not args.no_rot,
                   n_threads=args.threads, store=not args.no_cache)
@@ -108,7 +118,7 @@ def run(args) -> int:
                               seeds=args.passkey_seeds, n_threads=args.threads, attn_rot=not args.no_rot)
         passkey["seconds"] = time.time() - t1
         for r in res["results"]:
-            rows = [p for p in passkey["results"] if p["k"] == r["k"] and p["v"] == r["v"]]
+            rows = [p for p in passkey["results"] if p["config"] == r["config"]]
             r["passkey"] = {str(p["length"]): p["accuracy"] for p in rows}
             r["passkey_mean"] = sum(p["accuracy"] for p in rows) / len(rows)
     out = {
@@ -138,10 +148,10 @@ def print_table(out: dict) -> None:
     print(f"\n{Path(s['model']).name}: {out['chunks']} chunks of {s['ctx']} tokens of {s['text']}, "
           f"second half scored; KL and top-1 against an f16/f16 cache")
     has_pk = out.get("passkey") is not None
-    head = f"{'K:V':<14} {'bits/val':>8} {'KV MiB':>8} {'PPL':>9} {'KL mean':>9} {'± se':>7} {'top-1':>7} {'RMS dp':>7}"
+    head = f"{'K:V':<16} {'bits/val':>8} {'KV MiB':>8} {'PPL':>9} {'KL mean':>9} {'± se':>7} {'top-1':>7} {'RMS dp':>7}"
     print(head + ("  passkey" if has_pk else ""))
     for r in out["results"]:
-        line = (f"{r['k'] + ':' + r['v']:<14} {r['bits_per_value']:>8.2f} {r['kv_bytes'] / 2**20:>8.2f} "
+        line = (f"{r.get('config', r['k'] + ':' + r['v']):<16} {r['bits_per_value']:>8.2f} {r['kv_bytes'] / 2**20:>8.2f} "
                 f"{r['ppl']:>9.4f} {r['kl_mean']:>9.5f} {r['kl_stderr']:>7.5f} {100 * r['top1']:>6.2f}% "
                 f"{100 * r['rms_dp']:>6.2f}%")
         if has_pk:
@@ -162,13 +172,13 @@ def plot(out: dict, path: str) -> None:
         for r in out["results"]:
             if log and r["k"] == r["v"] == "f16":
                 continue  # the reference itself: KL ~0
-            ours = r["k"].startswith("kvq") or r["v"].startswith("kvq")
+            ours = r["k"].startswith("kvq") or r["v"].startswith("kvq") or r.get("per_layer", False)
             y = r.get(key)
             if y is None:
                 continue
             ax.scatter(r["bits_per_value"], max(y, 1e-6) if log else y, marker="^" if ours else "o",
                        color="tab:red" if ours else "tab:blue", s=40, zorder=3)
-            ax.annotate(f"{r['k']}/{r['v']}", (r["bits_per_value"], max(y, 1e-6) if log else y),
+            ax.annotate(r.get("config", f"{r['k']}:{r['v']}"), (r["bits_per_value"], max(y, 1e-6) if log else y),
                         textcoords="offset points", xytext=(4, 3), fontsize=7)
         if log:
             ax.set_yscale("log")

@@ -52,11 +52,14 @@ def run(args) -> int:
 
 def merge_passkey(res: dict, other: dict) -> None:
     """Copy pass-key results of `other` (an eval run with --passkey) into `res`, by K:V pair."""
-    pk = {(r["k"], r["v"]): r for r in other["results"] if "passkey" in r}
+    def key(r):
+        return r.get("config", f"{r['k']}:{r['v']}")
+
+    pk = {key(r): r for r in other["results"] if "passkey" in r}
     for r in res["results"]:
-        if (r["k"], r["v"]) in pk:
-            r["passkey"] = pk[(r["k"], r["v"])]["passkey"]
-            r["passkey_mean"] = pk[(r["k"], r["v"])]["passkey_mean"]
+        if key(r) in pk:
+            r["passkey"] = pk[key(r)]["passkey"]
+            r["passkey_mean"] = pk[key(r)]["passkey_mean"]
     res["passkey"] = other["passkey"]
 
 
@@ -73,7 +76,7 @@ def _grid(by: dict, key: str, fmt: str) -> list[str]:
 
 def render(res: dict, src: str) -> str:
     s = res["settings"]
-    by = {(r["k"], r["v"]): r for r in res["results"]}
+    by = {(r["k"], r["v"]): r for r in res["results"] if not r.get("per_layer")}
     out = [
         "# Results on the embedded model",
         "",

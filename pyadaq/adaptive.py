@@ -1,0 +1,227 @@
+"""Adaptive KV-AdaQuant: sensitivities of each layer's K and V, and plans for a bit budget.
+
+Two sources of sensitivity, as in the paper and its follow-up:
+
+* ``"kl"`` (default, "calibrated-kl"): a calibration pass (``calibrate``) stores one
+  layer's K (or V) at a time in each candidate type, every other layer in f16, and records
+  the mean KL divergence against an f16 cache on a few chunks of text. The planner adds these
+  per-item errors (small errors add up nearly linearly) and minimizes their sum.
+* ``"norms"`` ("activation-norm"): the per-token Frobenius norms of each layer's keys and
+  values from ``pyadaq.analyze.activation_stats``, turned into errors by the rate-distortion
+  model error = norm^2 * 2^(-2 * bits).
+
+``plan_for_budget`` runs (or finds in the cache directory) what the source needs and calls
+the planner (``pyadaq.planner.plan_budget``). Results are cached under
+``~/.cache/pyadaq/adaptive`` (``$PYADAQ_CACHE_DIR/adaptive``), keyed by the model's sha256,
+the text, the context size, the chunk count, the types and pyadaq's native build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .gguf_info import read_model_info
+from .types import cache_type
+
+__all__ = ["DEFAULT_TYPES", "SOURCES", "calibrate", "norm_sensitivities", "plan_for_budget", "cache_dir"]
+
+DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "kvq3", "kvq2")
+SOURCES = ("kl", "norms")
+CALIBRATION_VERSION = 1
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("PYADAQ_CACHE_DIR") or Path.home() / ".cache" / "pyadaq")
+    return root / "adaptive"
+
+
+def _key(*parts) -> str:
+    from ._native import native
+
+    h = hashlib.sha256(json.dumps([*parts, native().build_info["info"]], sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text: Optional[str] = None,
+              n_ctx: int = 512, n_chunks: int = 2, n_threads: Optional[int] = None, progress: bool = True,
+              use_cache: bool = True) -> dict:
+    """KL divergence added by storing one layer's K or V in each type (all else f16).
+
+    Returns {"settings", "types", "errors_k", "errors_v"}: errors_* are [n_layer][n_types]
+    lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
+    block size does not fit the layer). Cached on disk unless use_cache is False.
+    """
+    from .kl import chunks, default_text
+    from .logits import Context, Model, quiet_native_logs
+    from .metrics import Accumulator, log_softmax
+
+    info = read_model_info(model_path)
+    types = [cache_type(t).name for t in types]
+    text = text if text is not None else default_text()
+    text_sha = hashlib.sha256(text.encode()).hexdigest()
+    key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, types)
+    path = cache_dir() / f"calibration-{key}.json"
+    if use_cache and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # unreadable: measure again
+    quiet_native_logs()
+    t0 = time.time()
+    model = Model(str(model_path))
+    try:
+        toks = model.tokenize(text, add_bos=True)
+        parts = chunks(toks, n_ctx, n_chunks, int(toks[0]) if model.adds_bos else None)
+        first = n_ctx // 2
+        ref_ctx = Context(model, "f16", "f16", n_ctx, n_threads)
+        try:
+            refs = []
+            for ch in parts:
+                lp = log_softmax(ref_ctx.logits(ch, first)[:-1].astype(np.float64))
+                refs.append((lp, lp.argmax(-1)))
+        finally:
+            ref_ctx.close()
+        n_layer = info.n_layer
+        cache_layers = set(info.cache_layers())
+        lossy = [t for t in types if cache_type(t).name != "f16"]
+        errors = {"k": [[None] * len(types) for _ in range(n_layer)], "v": [[None] * len(types) for _ in range(n_layer)]}
+        jobs = []
+        for il in range(n_layer):
+            for kind in ("k", "v"):
+                head = info.head_size_k_layer(il) if kind == "k" else info.head_size_v_layer(il)
+                for j, t in enumerate(types):
+                    ct = cache_type(t)
+                    if head % ct.block_size:
+                        continue
+                    if ct.name == "f16" or il not in cache_layers:
+                        errors[kind][il][j] = 0.0
+                    else:
+                        jobs.append((il, kind, j, ct))
+        for il, kind, j, ct in tqdm(jobs, desc="calibrating layers x K/V x types", disable=not progress):
+            tk = ["f16"] * n_layer
+            tv = ["f16"] * n_layer
+            (tk if kind == "k" else tv)[il] = ct.name
+            ctx = Context(model, "f16", "f16", n_ctx, n_threads, layer_types=(tk, tv))
+            try:
+                acc = Accumulator()
+                for ch, (lp, top1) in zip(parts, refs):
+                    acc.add_logprobs(lp, top1, ctx.logits(ch, first)[:-1], ch[first + 1:])
+                errors[kind][il][j] = float(acc.summary()["kl_mean"])
+            finally:
+                ctx.close()
+    finally:
+        model.close()
+    from ._version import __version__
+    from .cli.formats import machine
+
+    res = {
+        "kind": "pyadaq-calibration", "version": CALIBRATION_VERSION,
+        "settings": {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha,
+                     "n_ctx": n_ctx, "chunks": len(parts), "pyadaq": __version__, "machine": machine(),
+                     "seconds": time.time() - t0, "runs": len(jobs)},
+        "types": types, "errors_k": errors["k"], "errors_v": errors["v"],
+    }
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res))
+        tmp.replace(path)
+    return res
+
+
+def norm_sensitivities(analysis: dict) -> tuple[list[float], list[float]]:
+    """Per-layer K and V sensitivities from an analysis (pyadaq.analyze): the per-token
+    Frobenius norm, averaged over KV heads."""
+    layers = analysis["activations"]["layers"]
+    sk = [float(np.mean(r["k"]["frobenius_per_token"])) for r in layers]
+    sv = [float(np.mean(r["v"]["frobenius_per_token"])) for r in layers]
+    return sk, sv
+
+
+def _analysis(model_path, text, n_ctx, n_chunks, n_threads, progress, use_cache) -> dict:
+    from .analyze import analyze
+
+    info = read_model_info(model_path)
+    text_sha = None if text is None else hashlib.sha256(text.encode()).hexdigest()
+    path = cache_dir() / f"analysis-{_key('analyze', info.sha256, text_sha, n_ctx, n_chunks)}.json"
+    if use_cache and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    res = analyze(model_path, text, n_ctx, n_chunks, n_threads, progress)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+    return res
+
+
+def errors_from(source_result: dict, types: Sequence[str]) -> tuple:
+    """(errors_k, errors_v) arrays [n_layer, len(types)] from a calibration result (columns
+    picked by type name; +inf where a type was not measured or does not fit), or None for an
+    analysis result (the planner then uses the norms)."""
+    if source_result.get("kind") != "pyadaq-calibration":
+        return None, None
+    cols = {t: i for i, t in enumerate(source_result["types"])}
+    missing = [t for t in types if t not in cols]
+    if missing:
+        raise ValueError(f"the calibration has no figures for {', '.join(missing)} "
+                         f"(it measured {', '.join(source_result['types'])}); calibrate with these types")
+
+    def pick(rows):
+        return np.array([[np.inf if r[cols[t]] is None else r[cols[t]] for t in types] for r in rows], dtype=float)
+
+    return pick(source_result["errors_k"]), pick(source_result["errors_v"])
+
+
+def plan_for_budget(model_path: str | Path, budget: float, *, types: Optional[Sequence[str]] = None,
+                    source: str = "kl", source_result: Optional[dict] = None, method: str = "dp",
+                    text: Optional[str] = None, n_ctx: int = 512, n_chunks: int = 2,
+                    n_threads: Optional[int] = None, progress: bool = True, use_cache: bool = True):
+    """A KVPlan for `budget` average bits per cached value (scales included).
+
+    source: "kl" (calibration, measured KL per layer, K/V and type) or "norms" (activation
+    norms, rate-distortion model); source_result: a calibration or analysis dict to use
+    instead of running/caching one (its kind decides the source).
+    """
+    from .planner import plan_budget
+
+    info = read_model_info(model_path)
+    types = [cache_type(t).name for t in (types or DEFAULT_TYPES)]
+    if source not in SOURCES:
+        raise ValueError(f"unknown sensitivity source '{source}': use one of {', '.join(SOURCES)}")
+    _check_budget_range(info, budget, types)
+    if source_result is None:
+        if source == "kl":
+            source_result = calibrate(model_path, types, text, n_ctx, n_chunks, n_threads, progress, use_cache)
+        else:
+            source_result = _analysis(model_path, text, n_ctx, max(n_chunks, 2), n_threads, progress, use_cache)
+    errors_k, errors_v = errors_from(source_result, types)
+    if errors_k is not None:
+        n = len(errors_k)
+        sk = sv = [1.0] * n
+        label = "calibrated-kl"
+    else:
+        sk, sv = norm_sensitivities(source_result)
+        label = "activation-norm"
+    if len(sk) != info.n_layer:
+        raise ValueError(f"the sensitivities cover {len(sk)} layers, the model has {info.n_layer}")
+    return plan_budget(info, info.sha256, sk, sv, budget, types=types, method=method,
+                       errors_k=errors_k, errors_v=errors_v, sensitivity_source=label)
+
+
+def _check_budget_range(info, budget: float, types: Sequence[str]) -> None:
+    """A budget outside what the types can reach: ValueError before anything is measured."""
+    bits = [cache_type(t).bits_per_value for t in types]
+    lo, hi = min(bits), max(bits)
+    if not (lo - 1e-9 <= float(budget) <= hi + 1e-9):
+        raise ValueError(f"budget {budget} bits per value is outside what the types {', '.join(types)} can "
+                         f"reach: {lo:g} to {hi:g} bits per value")

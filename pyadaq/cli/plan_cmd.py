@@ -1,0 +1,73 @@
+"""`pyadaq plan`: give each layer's K and V a cache type so that the average bits per cached
+value stay within a budget and the predicted error is least."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="per-layer K/V cache types for a bit budget", description=__doc__)
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--budget", type=float, required=True,
+                   help="average bits per cached value, scales included (q4_0/q4_0 is 4.5)")
+    p.add_argument("--from", dest="source_file",
+                   help="a `pyadaq analyze --json` file (norm-based sensitivities) or a calibration "
+                        "JSON (--save-calibration); default: measure (see --sensitivity)")
+    p.add_argument("--sensitivity", choices=("kl", "norms"), default="kl",
+                   help="kl: calibrate (quantize one layer's K or V at a time, measure KL vs f16; "
+                        "cached); norms: the activation norms of `pyadaq analyze` (default kl)")
+    p.add_argument("--types", default="f16,q8_0,q4_0,kvq3,kvq2", help="candidate cache types")
+    p.add_argument("--method", choices=("dp", "greedy"), default="dp",
+                   help="dp: exact optimum of the error model; greedy: the paper's greedy (default dp)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk")
+    p.add_argument("--chunks", type=int, default=2, help="calibration chunks")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--save-calibration", help="also write the sensitivities used (JSON)")
+    p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..adaptive import _check_budget_range, calibrate, plan_for_budget, _analysis
+    from ..types import cache_type
+    from .analyze_cmd import model_and_text
+
+    model, info, _ = model_and_text(args)
+    types = [cache_type(t.strip()).name for t in args.types.split(",") if t.strip()]
+    if not types:
+        raise ValueError("--types is empty")
+    _check_budget_range(info, args.budget, types)
+    source_result = None
+    if args.source_file:
+        try:
+            source_result = json.loads(Path(args.source_file).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {args.source_file}: {e}") from None
+        if not isinstance(source_result, dict) or not (
+                source_result.get("kind") == "pyadaq-calibration" or "activations" in source_result):
+            raise ValueError(f"{args.source_file} is neither a `pyadaq analyze --json` file nor a calibration")
+        sha = source_result.get("settings", {}).get("model_sha256")
+        if sha and sha != info.sha256:
+            raise ValueError(f"{args.source_file} was measured on another model file (sha256 {sha[:12]}…, "
+                             f"this one is {info.sha256[:12]}…)")
+    elif args.sensitivity == "kl":
+        source_result = calibrate(model, types, None, args.ctx, args.chunks, args.threads)
+    else:
+        source_result = _analysis(model, None, args.ctx, max(args.chunks, 2), args.threads, True, True)
+    plan = plan_for_budget(model, args.budget, types=types, source_result=source_result, method=args.method)
+    if args.save_calibration:
+        Path(args.save_calibration).write_text(json.dumps(source_result, indent=1))
+    plan.save(args.out)
+    print_plan(plan)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_plan(plan) -> None:
+    print(f"\nplan for {plan.model_name}: {plan.bits_per_value:.3f} bits per value (budget {plan.budget}), "
+          f"{plan.bytes_per_token} bytes per token, sensitivities: {plan.sensitivity}, method {plan.method}")
+    print(f"{'layer':>5}  {'K':<6} {'V':<6}")
+    for il, (k, v) in enumerate(zip(plan.types_k, plan.types_v)):
+        print(f"{il:>5}  {k:<6} {v:<6}")
