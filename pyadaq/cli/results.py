@@ -19,6 +19,13 @@ def add_parser(sub) -> None:
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--passkey", action="store_true", help="also measure pass-key accuracy (long)")
     p.add_argument("--passkey-from", help="merge pass-key figures from another `pyadaq eval --passkey --json` file")
+    p.add_argument("--passkey-lengths", default="1024,2048,4096", help="prompt lengths for --passkey")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also measure the adaptive section: norm analysis, calibration, planned allocations "
+                        "at --budgets against the uniform pairs (written to --adaptive-json)")
+    p.add_argument("--budgets", default="3.0,4.5,6.0", help="bits per value for --adaptive")
+    p.add_argument("--adaptive-json", default="docs/results-adaptive.json",
+                   help="adaptive figures: written by --adaptive, read when rendering if present")
     p.set_defaults(func=run)
 
 
@@ -32,7 +39,7 @@ def run(args) -> int:
 
         eval_args = argparse.Namespace(
             model=None, text=None, ctx=512, chunks=args.chunks, configs=configs(), passkey=args.passkey,
-            passkey_lengths="1024,2048,4096,8192", passkey_depths="0.1,0.3,0.5,0.7,0.9", passkey_seeds=1,
+            passkey_lengths=args.passkey_lengths, passkey_depths="0.1,0.3,0.5,0.7,0.9", passkey_seeds=1,
             threads=None, no_rot=False, no_cache=False, json=args.json, plot=args.plot)
         eval_cmd.run(eval_args)
         src = args.json
@@ -45,7 +52,20 @@ def run(args) -> int:
         from .eval_cmd import plot
 
         plot(res, args.plot)
-    Path(args.out).write_text(render(res, src))
+    adaptive = None
+    if args.adaptive:
+        from .adaptive_results import measure
+
+        adaptive = measure(res, [float(b) for b in args.budgets.split(",") if b.strip()], args.adaptive_json,
+                           Path(args.out).parent)
+    elif Path(args.adaptive_json).exists():
+        adaptive = json.loads(Path(args.adaptive_json).read_text())
+    text = render(res, src)
+    if adaptive is not None:
+        from .adaptive_results import render_adaptive
+
+        text += "\n" + render_adaptive(adaptive, res)
+    Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0
 
