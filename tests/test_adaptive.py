@@ -1,0 +1,178 @@
+"""Plans in use: calibration, pyadaq.Llama(kv_plan=, kv_budget=), `pyadaq plan` and
+`pyadaq eval --configs plan:...,budget:...` on tiny generated models, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pyadaq
+from pyadaq.adaptive import calibrate, plan_for_budget
+from pyadaq.cli import main
+from pyadaq.planner import KVPlan, PlanMismatchError
+
+TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river." for i in range(300))
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("PYADAQ_CACHE_DIR", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model4(tiny_model):
+    return tiny_model(head_dim=64, n_layer=4)
+
+
+def test_calibration_measures_each_layer(model4, cache):
+    cal = calibrate(model4, ["f16", "q8_0", "kvq2"], TEXT, n_ctx=64, n_chunks=2, n_threads=1, progress=False)
+    assert cal["types"] == ["f16", "q8_0", "kvq2"]
+    for rows in (cal["errors_k"], cal["errors_v"]):
+        assert len(rows) == 4
+        for f16, q8, q2 in rows:
+            assert f16 == 0.0
+            assert 0.0 < q8 < q2  # one layer in q8_0 costs something, in kvq2 much more
+    # cached: the second call reads the file (same figures, no new runs)
+    files = list((cache / "adaptive").glob("calibration-*.json"))
+    assert len(files) == 1
+    again = calibrate(model4, ["f16", "q8_0", "kvq2"], TEXT, n_ctx=64, n_chunks=2, n_threads=1, progress=False)
+    assert again == json.loads(files[0].read_text())
+
+
+def test_plan_from_calibration_respects_budget(model4, cache):
+    types = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
+    cal = calibrate(model4, types, TEXT, n_ctx=64, n_chunks=1, n_threads=1, progress=False)
+    for budget in (3.0, 4.5, 6.0):
+        plan = plan_for_budget(model4, budget, types=types, source_result=cal)
+        assert plan.bits_per_value <= budget + 1e-9
+        assert plan.n_layer == 4 and len(plan.types_k) == len(plan.types_v) == 4
+        assert plan.sensitivity == "calibrated-kl"
+
+
+def test_llama_with_plan_file(model4, tmp_path):
+    plan = KVPlan.uniform(pyadaq.read_model_info(model4), "q8_0", "kvq2", pyadaq.read_model_info(model4).sha256)
+    plan.types_k[1] = "kvq3"
+    plan.types_v[2] = "q4_0"
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    llm = pyadaq.Llama(str(model4), kv_plan=str(path), n_ctx=256, n_threads=1)
+    try:
+        k, v = llm.context_layer_types()
+        assert [t.name for t in k] == ["q8_0", "kvq3", "q8_0", "q8_0"]
+        assert [t.name for t in v] == ["kvq2", "kvq2", "q4_0", "kvq2"]
+        assert llm.kv_cache_bytes == llm.kv_cache_bytes_expected
+        out = llm("Line 1: the quick", max_tokens=4, temperature=0.0)
+        assert out["choices"][0]["text"] is not None
+    finally:
+        llm.close()
+    # a later plain Llama on the same file is uniform again
+    plain = pyadaq.Llama(str(model4), n_ctx=256, n_threads=1)
+    try:
+        k, v = plain.context_layer_types()
+        assert {t.name for t in k} == {"f16"} and {t.name for t in v} == {"f16"}
+    finally:
+        plain.close()
+
+
+def test_llama_with_budget(model4, cache):
+    llm = pyadaq.Llama(str(model4), kv_budget=4.0, kv_budget_source="norms", n_ctx=256, n_threads=1)
+    try:
+        assert llm.kv_plan is not None and llm.kv_plan.bits_per_value <= 4.0
+        k, v = llm.context_layer_types()
+        assert [t.name for t in k] == llm.kv_plan.types_k and [t.name for t in v] == llm.kv_plan.types_v
+    finally:
+        llm.close()
+
+
+def test_plan_for_another_model_is_refused(model4, tiny_model, tmp_path):
+    other = tiny_model(head_dim=64, n_layer=2)
+    info = pyadaq.read_model_info(other)
+    path = tmp_path / "plan2.json"
+    KVPlan.uniform(info, "q8_0", "kvq2", info.sha256).save(path)
+    with pytest.raises(PlanMismatchError, match="2 layers"):
+        pyadaq.Llama(str(model4), kv_plan=str(path))
+    info128 = pyadaq.read_model_info(tiny_model(head_dim=128, n_layer=4))
+    KVPlan.uniform(info128, "q8_0", "kvq2", info128.sha256).save(path)
+    with pytest.raises(PlanMismatchError):
+        pyadaq.Llama(str(model4), kv_plan=str(path))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"kv_budget": 1.0}, "outside what the types"),
+    ({"kv_budget": 20.0}, "outside what the types"),
+    ({"kv_budget": 3.0, "kv_plan": "x.json"}, "not both"),
+    ({"kv_plan": "/nonexistent/plan.json"}, "plan.json"),
+])
+def test_llama_bad_plan_arguments(model4, cache, kw, message):
+    with pytest.raises(ValueError, match=message):
+        pyadaq.Llama(str(model4), **kw)
+
+
+def test_quantized_v_plan_without_flash_attention(model4, tmp_path):
+    info = pyadaq.read_model_info(model4)
+    path = tmp_path / "p.json"
+    KVPlan.uniform(info, "f16", "kvq2", info.sha256).save(path)
+    with pytest.raises(ValueError, match="flash attention"):
+        pyadaq.Llama(str(model4), kv_plan=str(path), flash_attn=False)
+
+
+def test_plan_and_eval_cli(model4, cache, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    plan_path = tmp_path / "plan.json"
+    analysis = tmp_path / "a.json"
+    assert main(["analyze", "--model", str(model4), "--text", str(text), "--ctx", "64", "--chunks", "2",
+                 "--threads", "1", "--json", str(analysis)]) == 0
+    rc = main(["plan", "--model", str(model4), "--budget", "3.5", "--from", str(analysis), "--out", str(plan_path)])
+    assert rc == 0
+    plan = KVPlan.load(plan_path)
+    assert plan.bits_per_value <= 3.5 and plan.sensitivity == "activation-norm"
+    capsys.readouterr()
+    out_json = tmp_path / "e.json"
+    rc = main(["eval", "--model", str(model4), "--text", str(text), "--ctx", "64", "--chunks", "2",
+               "--threads", "1", "--configs", f"f16:f16,q8_0:kvq2,plan:{plan_path}", "--json", str(out_json)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"plan:{plan_path}"[:16] in printed
+    res = json.loads(out_json.read_text())
+    row = res["results"][2]
+    assert row["per_layer"] and row["types_k"] == plan.types_k and row["bits_per_value"] == plan.bits_per_value
+    assert row["kl_mean"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "1.0"], "outside what the types"),
+    (["--budget", "3.0", "--types", "q8_0,kvq9"], "kvq9"),
+    (["--budget", "3.0", "--from", "/nonexistent.json"], "cannot read"),
+])
+def test_plan_cli_bad_input(model4, capsys, args, message):
+    rc = main(["plan", "--model", str(model4), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_plan_cli_from_another_model(model4, tiny_model, tmp_path, capsys):
+    other = tiny_model(head_dim=64, n_layer=2)
+    a = tmp_path / "a.json"
+    assert main(["analyze", "--model", str(other), "--text", str(_write(tmp_path)), "--ctx", "64", "--chunks", "1",
+                 "--threads", "1", "--json", str(a)]) == 0
+    capsys.readouterr()
+    rc = main(["plan", "--model", str(model4), "--budget", "3.0", "--from", str(a)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another model" in err
+
+
+def test_eval_bad_plan_config(model4, tmp_path, capsys):
+    rc = main(["eval", "--model", str(model4), "--configs", "budget:abc"])
+    assert rc == 2 and "not a number" in capsys.readouterr().err
+    rc = main(["eval", "--model", str(model4), "--configs", f"plan:{tmp_path / 'none.json'}"])
+    assert rc == 2 and "none.json" in capsys.readouterr().err
+
+
+def _write(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT)
+    return p
