@@ -220,7 +220,7 @@ def plot_spectra(res: dict, path: str | Path) -> None:
     n = len(layers)
     cols = min(6, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows), squeeze=False)
     for i, r in enumerate(layers):
         ax = axes[i // cols][i % cols]
         for kind, color in (("k", "tab:red"), ("v", "tab:blue")):
@@ -229,6 +229,8 @@ def plot_spectra(res: dict, path: str | Path) -> None:
             ax.plot(idx, m, color=color, lw=1, label=kind.upper())
             ax.fill_between(idx, r[kind]["sv_min"], r[kind]["sv_max"], color=color, alpha=0.2)
         ax.set_yscale("log")
+        top = max(max(r["k"]["sv_max"]), max(r["v"]["sv_max"]))
+        ax.set_ylim(1e-3 * top, 2 * top)  # rank-deficient tails drop to ~0: cut at 1e-3 of the top
         ax.set_title(f"layer {r['layer']}", fontsize=8)
         ax.tick_params(labelsize=6)
         if i == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import pyadaq
@@ -176,3 +177,19 @@ def _write(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text(TEXT)
     return p
+
+
+def test_errors_from_calibration_subtract_the_floor():
+    from pyadaq.adaptive import calibration_floor, errors_from
+
+    cal = {"kind": "pyadaq-calibration", "types": ["f16", "q8_0", "kvq2"],
+           "errors_k": [[0.0, 0.007, 0.10], [0.0, 0.006, 0.50]],
+           "errors_v": [[0.0, 0.008, 0.02], [0.0, None, None]]}
+    assert calibration_floor(cal) == pytest.approx(0.007)  # median of 0.007, 0.006, 0.008
+    ek, ev = errors_from(cal, ["kvq2", "f16"])  # columns follow the requested order
+    assert np.allclose(ek, [[0.093, 0.0], [0.493, 0.0]])
+    assert ev[0].tolist() == pytest.approx([0.013, 0.0])
+    assert ev[1, 0] == float("inf")  # not measured (does not fit): forbidden
+    with pytest.raises(ValueError, match="q4_0"):
+        errors_from(cal, ["q4_0"])
+    assert errors_from({"activations": {}}, ["q8_0"]) == (None, None)
