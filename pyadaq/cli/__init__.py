@@ -9,9 +9,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyadaq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import analyze_cmd, demo, eval_cmd, formats, plan_cmd, results, types_cmd
+    from . import (analyze_cmd, bench_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd, results, serve_cmd,
+                   types_cmd)
 
-    for mod in (analyze_cmd, demo, eval_cmd, formats, plan_cmd, results, types_cmd):
+    for mod in (analyze_cmd, bench_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd, results, serve_cmd,
+                types_cmd):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
     try:

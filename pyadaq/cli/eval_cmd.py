@@ -52,20 +52,23 @@ def _floats(spec: str, what: str) -> list[float]:
     return out
 
 
-def check_inputs(args):
-    """Everything that can be checked before native code runs; returns (model, text, text_name, configs)."""
+def resolve_model(path):
+    """(model path, ModelInfo): the given GGUF or the embedded model, checked from its header."""
     from ..gguf_info import read_model_info
-    from ..kl import default_text, parse_configs
-    from ..llama import validate_cache_types
 
-    if args.model:
-        model = args.model
+    if path:
+        model = path
     else:
         from ..embedded import embedded_model_path
 
         model = str(embedded_model_path())
-    info = read_model_info(model)
-    configs = parse_configs(args.configs)
+    return model, read_model_info(model)
+
+
+def check_configs(configs, info) -> None:
+    """Uniform pairs against the model's head sizes; plan files against the model."""
+    from ..llama import validate_cache_types
+
     for c in configs:
         if isinstance(c, tuple):
             validate_cache_types(info, c[0], c[1], flash_attn=True)
@@ -73,6 +76,15 @@ def check_inputs(args):
             from ..planner import KVPlan, check_plan
 
             check_plan(KVPlan.load(c.arg), info, info.sha256)
+
+
+def check_inputs(args):
+    """Everything that can be checked before native code runs; returns (model, text, text_name, configs)."""
+    from ..kl import default_text, parse_configs
+
+    model, info = resolve_model(args.model)
+    configs = parse_configs(args.configs)
+    check_configs(configs, info)
     if args.ctx < 16:
         raise ValueError(f"--ctx {args.ctx} is too small (at least 16 tokens)")
     if args.chunks < 1:

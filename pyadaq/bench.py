@@ -1,0 +1,155 @@
+"""Prompt-processing and generation speed per K/V configuration and context depth.
+
+Measured the way llama.cpp's llama-bench measures "pp512 @ d4096" and "tg128 @ d4096": the
+cache is first filled with `depth` tokens (not timed), then `n_prompt` tokens are decoded in
+batches of n_batch (prompt processing) or `n_gen` tokens one at a time (generation), timed.
+Between repetitions the timed tokens are removed from the cache again (llama_memory_seq_rm),
+so every repetition starts at the same depth. Tokens are random ids (speed does not depend on
+which tokens they are).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from ._native import native
+from .kl import config_label, config_row, open_context
+from .logits import Model, quiet_native_logs
+
+_L = native().llama_cpp
+
+
+class _Runner:
+    def __init__(self, ctx, n_batch: int):
+        self.ctx = ctx
+        self.n_batch = n_batch
+        self.batch = _L.llama_batch_init(n_batch, 0, 1)
+        self.mem = _L.llama_get_memory(ctx.ptr)
+
+    def decode(self, toks: np.ndarray, pos0: int) -> None:
+        for s in range(0, len(toks), self.n_batch):
+            part = toks[s:s + self.n_batch]
+            b = self.batch
+            b.n_tokens = len(part)
+            for j, t in enumerate(part):
+                b.token[j] = int(t)
+                b.pos[j] = pos0 + s + j
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = 0
+                b.logits[j] = j == len(part) - 1
+            rc = _L.llama_decode(self.ctx.ptr, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def drop_from(self, pos: int) -> None:
+        if not _L.llama_memory_seq_rm(self.mem, 0, pos, -1):
+            raise RuntimeError("llama_memory_seq_rm failed")
+
+    def close(self) -> None:
+        _L.llama_batch_free(self.batch)
+
+
+def gpu_offload() -> bool:
+    return bool(_L.llama_supports_gpu_offload())
+
+
+def context_size(depth: int, n_prompt: int, n_gen: int) -> int:
+    need = depth + max(n_prompt, n_gen) + 1
+    return -(-need // 256) * 256
+
+
+def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: int = 512, n_gen: int = 64,
+              reps: int = 3, n_threads: Optional[int] = None, n_batch: int = 512, seed: int = 0,
+              progress: bool = True, n_gpu_layers: Optional[int] = None) -> dict:
+    """Speed of each config at each depth. Returns {"results": [{config fields, "depth",
+    "pp_tps": [per rep], "tg_tps": [...], "pp_mean", "pp_std", "tg_mean", "tg_std", "kv_bytes",
+    "n_ctx"}], ...}. n_prompt or n_gen may be 0 to skip that test."""
+    quiet_native_logs()
+    depths = [int(d) for d in depths]
+    if n_gpu_layers is None:  # everything on the GPU when the library has a GPU backend
+        n_gpu_layers = 999 if gpu_offload() else 0
+    model = Model(str(model_path), n_gpu_layers=n_gpu_layers)
+    rng = np.random.default_rng(seed)
+    n_vocab = model.n_vocab
+    results = []
+    bar = tqdm(total=len(configs) * len(depths) * reps, desc="bench configs x depths x reps", disable=not progress)
+    try:
+        for cfg in configs:
+            for depth in depths:
+                n_ctx = context_size(depth, n_prompt, n_gen)
+                ctx = open_context(model, cfg, n_ctx, n_threads)
+                run = _Runner(ctx, min(n_batch, n_ctx))
+                try:
+                    if depth:
+                        run.decode(rng.integers(0, n_vocab, depth), 0)
+                    pp, tg = [], []
+                    for _ in range(reps):
+                        if n_prompt:
+                            toks = rng.integers(0, n_vocab, n_prompt)
+                            t0 = time.perf_counter()
+                            run.decode(toks, depth)
+                            pp.append(n_prompt / (time.perf_counter() - t0))
+                            run.drop_from(depth)
+                        if n_gen:
+                            toks = rng.integers(0, n_vocab, n_gen)
+                            t0 = time.perf_counter()
+                            for i, t in enumerate(toks):
+                                run.decode(np.array([t]), depth + i)
+                            tg.append(n_gen / (time.perf_counter() - t0))
+                            run.drop_from(depth)
+                        bar.update()
+                    row = {**config_row(cfg), "depth": depth, "n_ctx": n_ctx, "kv_bytes": ctx.kv_cache_bytes,
+                           "pp_tps": pp, "tg_tps": tg}
+                    for key, vals in (("pp", pp), ("tg", tg)):
+                        row[f"{key}_mean"] = float(np.mean(vals)) if vals else None
+                        row[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None
+                    results.append(row)
+                finally:
+                    run.close()
+                    ctx.close()
+    finally:
+        bar.close()
+        model.close()
+    base = {r["depth"]: r for r in results if r["config"] == "f16:f16"}
+    for r in results:
+        b = base.get(r["depth"])
+        for key in ("pp", "tg"):
+            ok = b is not None and r[f"{key}_mean"] and b[f"{key}_mean"]
+            r[f"{key}_vs_f16"] = r[f"{key}_mean"] / b[f"{key}_mean"] if ok else None
+    return {"model": str(model_path), "backend": "GPU" if n_gpu_layers else "CPU", "n_gpu_layers": n_gpu_layers,
+            "depths": depths, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
+            "n_batch": n_batch, "configs": [config_label(c) for c in configs], "results": results}
+
+
+def plot_bench(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "tg", f"generation (tg{res['n_gen']})"),
+                           (axes[1], "pp", f"prompt processing (pp{res['n_prompt']})")):
+        for label in res["configs"]:
+            rows = sorted((r for r in res["results"] if r["config"] == label and r[f"{key}_mean"]),
+                          key=lambda r: r["depth"])
+            if not rows:
+                continue
+            ours = any(t.startswith("kvq") for t in (rows[0]["k"], rows[0]["v"])) or rows[0].get("per_layer")
+            ax.errorbar([r["depth"] for r in rows], [r[f"{key}_mean"] for r in rows],
+                        yerr=[r[f"{key}_std"] for r in rows], marker="^" if ours else "o",
+                        linestyle="-" if ours else "--", capsize=3, label=label)
+        ax.set_xlabel("context depth (tokens already in the cache)")
+        ax.set_ylabel("tokens per second")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    s = res.get("settings", {})
+    fig.suptitle(f"{s.get('model_name', '')} on {s.get('machine', '')} ({s.get('backend', '')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

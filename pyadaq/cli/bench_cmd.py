@@ -1,0 +1,106 @@
+"""`pyadaq bench`: prompt-processing and generation speed per K/V cache configuration and
+context depth, with the KV size and the ratio to f16/f16 measured in the same run."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+DEFAULT_CONFIGS = "f16:f16,q8_0:q8_0,q8_0:q4_0,q4_0:q4_0,q8_0:kvq3,q8_0:kvq2,q4_0:kvq2"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed per K/V cache configuration and context depth", description=__doc__)
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help=f"K:V pairs, plan:FILE or budget:BITS; f16:f16 is added as the baseline (default {DEFAULT_CONFIGS})")
+    p.add_argument("--depths", default="0,1024,4096", help="tokens already in the cache (default 0,1024,4096)")
+    p.add_argument("--n-prompt", type=int, default=512, help="prompt tokens per pp test (0: skip; default 512)")
+    p.add_argument("--n-gen", type=int, default=64, help="generated tokens per tg test (0: skip; default 64)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--batch", type=int, default=512, help="tokens per decode call for pp (default 512)")
+    p.add_argument("--gpu-layers", type=int, help="layers on the GPU (default: all when built with a GPU backend)")
+    p.add_argument("--json", help="write the figures and the run's settings here")
+    p.add_argument("--plot", help="write a PNG plot here (speed against depth per config)")
+    p.set_defaults(func=run)
+
+
+def _ints(spec: str, what: str) -> list:
+    try:
+        out = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, not '{spec}'") from None
+    if not out or any(x < 0 for x in out):
+        raise ValueError(f"{what} must be non-negative integers")
+    return out
+
+
+def check_inputs(args):
+    from ..kl import parse_configs
+    from .eval_cmd import check_configs, resolve_model
+
+    model, info = resolve_model(args.model)
+    configs = parse_configs(args.configs)
+    if ("f16", "f16") not in configs:
+        configs.insert(0, ("f16", "f16"))
+    check_configs(configs, info)
+    depths = _ints(args.depths, "--depths")
+    if args.reps < 1:
+        raise ValueError("--reps must be at least 1")
+    if args.n_prompt < 0 or args.n_gen < 0 or args.n_prompt + args.n_gen == 0:
+        raise ValueError("--n-prompt and --n-gen must be >= 0 and not both 0")
+    if args.batch < 1:
+        raise ValueError("--batch must be at least 1")
+    for d in depths:
+        need = d + max(args.n_prompt, args.n_gen)
+        if info.n_ctx_train and need > info.n_ctx_train:
+            raise ValueError(f"depth {d} + {max(args.n_prompt, args.n_gen)} tokens is beyond the model's context "
+                             f"({info.n_ctx_train}) for {Path(model).name}")
+    return model, info, configs, depths
+
+
+def run(args) -> int:
+    from .. import __version__
+    from .._native import native
+    from ..bench import plot_bench, run_bench
+    from ..kl import resolve_configs
+    from .formats import machine
+
+    model, info, configs, depths = check_inputs(args)
+    configs = resolve_configs(configs, model)
+    t0 = time.time()
+    res = run_bench(model, configs, depths, args.n_prompt, args.n_gen, args.reps, args.threads, args.batch,
+                    n_gpu_layers=args.gpu_layers)
+    res["settings"] = {
+        "model": model, "model_name": Path(model).name, "model_sha256": info.sha256, "pyadaq": __version__,
+        "native": native().build_info["info"], "machine": machine(), "backend": res["backend"],
+        "threads": args.threads, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": time.time() - t0,
+    }
+    print_table(res)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_bench(res, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _fmt(mean, std):
+    return f"{'-':>16}" if mean is None else f"{mean:9.1f} ± {std:5.1f}"
+
+
+def print_table(res: dict) -> None:
+    s = res["settings"]
+    print(f"\n{s['model_name']} on {s['machine']} ({res['backend']}); pp{res['n_prompt']} and tg{res['n_gen']}, "
+          f"{res['reps']} reps, tokens per second (mean ± sd), ratio to f16/f16 at the same depth")
+    print(f"{'config':<16} {'depth':>6} {'KV MiB':>8} {'pp t/s':>16} {'pp/f16':>6} {'tg t/s':>16} {'tg/f16':>6}")
+    for r in res["results"]:
+        ratio = {k: (f"{r[k + '_vs_f16']:6.2f}" if r[k + "_vs_f16"] is not None else f"{'-':>6}") for k in ("pp", "tg")}
+        print(f"{r['config']:<16} {r['depth']:>6} {r['kv_bytes'] / 2**20:8.2f} {_fmt(r['pp_mean'], r['pp_std'])} "
+              f"{ratio['pp']} {_fmt(r['tg_mean'], r['tg_std'])} {ratio['tg']}")

@@ -1,0 +1,194 @@
+"""`pyadaq chat`: talk to a local GGUF model with the KV-cache types of your choice.
+
+Answers stream as they come. Models with a chat template get it; base models without one
+(the embedded Gemma 3 270M is one) continue a plain "User: / Assistant:" transcript. The
+conversation stays in the KV cache between turns: each turn evaluates only the new tokens
+(llama-cpp-python reuses the cached prefix). Commands: /stats (cache types, KV size against
+f16, prompt and generation speed of the last answer), /reset (forget the conversation),
+/help. Ctrl-C stops the current answer, Ctrl-D (end of input) leaves.
+
+From a pipe, every line of standard input is one prompt and the answers go to standard
+output, one after another, nothing else (messages go to standard error).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a local model (streaming, KV cache kept between turns)",
+                       description=__doc__)
+    add_model_options(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def add_model_options(p) -> None:
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--cache-type-k", default="q8_0", help="K cache type (default q8_0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cache-type-v", help="V cache type (default kvq2)")
+    g.add_argument("--kv-budget", type=float, help="average bits per cached value: a per-layer plan")
+    g.add_argument("--kv-plan", help="per-layer plan file from `pyadaq plan`")
+    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's choice)")
+    p.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU when built with one (default all)")
+
+
+def load_llama(args, **extra):
+    """pyadaq.Llama from the model options, every check done before native code runs."""
+    from ..llama import Llama
+    from .eval_cmd import resolve_model
+
+    model, info = resolve_model(args.model)
+    if args.ctx < 64:
+        raise ValueError(f"--ctx {args.ctx} is too small (at least 64)")
+    if info.n_ctx_train and args.ctx > info.n_ctx_train:
+        raise ValueError(f"--ctx {args.ctx} is larger than the model's training context ({info.n_ctx_train})")
+    kw = dict(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, swa_full=False, **extra)
+    if args.threads:
+        kw["n_threads"] = args.threads
+    if args.kv_plan or args.kv_budget is not None:
+        kw.update(kv_plan=args.kv_plan, kv_budget=args.kv_budget)
+    else:
+        kw.update(cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v or "kvq2")
+    if args.kv_plan or args.kv_budget is not None:
+        # the plan decides K too; an explicit --cache-type-k is ignored (say so)
+        if args.cache_type_k != "q8_0":
+            print("pyadaq: --cache-type-k is ignored with a per-layer plan", file=sys.stderr)
+    return model, info, Llama(model, **kw)
+
+
+class Chat:
+    """One conversation with a model; turn() streams the answer to `out`."""
+
+    def __init__(self, llm, system: str | None = None, max_tokens: int = 512, temperature: float = 0.7,
+                 seed: int = 0):
+        self.llm = llm
+        self.system = system
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.template = bool((llm.metadata or {}).get("tokenizer.chat_template"))
+        self.messages: list = []
+        self.last: dict = {}
+
+    def reset(self) -> None:
+        self.messages = []
+        self.last = {}
+
+    def _prompt(self, user: str) -> str:
+        head = f"{self.system}\n\n" if self.system else ""
+        turns = "".join(f"User: {m['user']}\nAssistant: {m['assistant']}\n" for m in self.messages)
+        return f"{head}{turns}User: {user}\nAssistant:"
+
+    def turn(self, user: str, out) -> str:
+        from .._native import native
+
+        L = native().llama_cpp
+        ctx = self.llm._ctx.ctx
+        L.llama_perf_context_reset(ctx)
+        t0 = time.perf_counter()
+        if self.template:
+            msgs = ([{"role": "system", "content": self.system}] if self.system else [])
+            for m in self.messages:
+                msgs += [{"role": "user", "content": m["user"]}, {"role": "assistant", "content": m["assistant"]}]
+            msgs.append({"role": "user", "content": user})
+            stream = self.llm.create_chat_completion(msgs, max_tokens=self.max_tokens, temperature=self.temperature,
+                                                     seed=self.seed, stream=True)
+
+            def pieces():
+                for ch in stream:
+                    yield ch["choices"][0]["delta"].get("content") or ""
+        else:
+            stream = self.llm.create_completion(self._prompt(user), max_tokens=self.max_tokens,
+                                                temperature=self.temperature, seed=self.seed, stream=True,
+                                                stop=["\nUser:", "User:"])
+
+            def pieces():
+                for ch in stream:
+                    yield ch["choices"][0]["text"]
+        answer = []
+        interrupted = False
+        try:
+            for i, piece in enumerate(pieces()):
+                if i == 0 and not self.template:
+                    piece = piece.lstrip()
+                answer.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()
+        out.write("\n")
+        out.flush()
+        text = "".join(answer).strip()
+        self.messages.append({"user": user, "assistant": text})
+        perf = L.llama_perf_context(ctx)
+        self.last = {"prompt_tokens": int(perf.n_p_eval), "prompt_ms": float(perf.t_p_eval_ms),
+                     "gen_tokens": int(perf.n_eval), "gen_ms": float(perf.t_eval_ms),
+                     "seconds": time.perf_counter() - t0, "interrupted": interrupted}
+        return text
+
+    def stats(self) -> str:
+        from ..llama import estimate_kv_cache_bytes
+
+        llm = self.llm
+        f16 = estimate_kv_cache_bytes(llm.model_info, "f16", "f16", n_ctx=llm.n_ctx(), n_batch=llm.n_batch,
+                                      n_ubatch=llm.context_params.n_ubatch, swa_full=bool(llm.context_params.swa_full))
+        got = llm.kv_cache_bytes
+        if llm.kv_plan is not None:
+            types = f"per-layer plan, {llm.kv_plan.bits_per_value:.2f} bits per value"
+        else:
+            types = f"K {llm.cache_type_k.name}, V {llm.cache_type_v.name}"
+        lines = [f"KV cache: {types}; {got / 2**20:.2f} MiB against {f16 / 2**20:.2f} MiB with f16 "
+                 f"({got / f16:.0%}); {llm.n_tokens} of {llm.n_ctx()} tokens in use"]
+        s = self.last
+        if s:
+            pp = s["prompt_tokens"] / (s["prompt_ms"] / 1e3) if s["prompt_ms"] > 0 else float("nan")
+            tg = s["gen_tokens"] / (s["gen_ms"] / 1e3) if s["gen_ms"] > 0 else float("nan")
+            lines.append(f"last answer: {s['prompt_tokens']} new prompt tokens at {pp:.1f} t/s, "
+                         f"{s['gen_tokens']} generated at {tg:.1f} t/s")
+        return "\n".join(lines)
+
+
+def run(args) -> int:
+    model, info, llm = load_llama(args, seed=args.seed)
+    chat = Chat(llm, args.system, args.max_tokens, args.temperature, args.seed)
+    interactive = sys.stdin.isatty()
+    try:
+        if interactive:
+            print(f"{Path(model).name}: /stats, /reset, /help; Ctrl-C stops an answer, Ctrl-D leaves.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                continue
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd == "/stats":
+                print(chat.stats(), file=sys.stderr if not interactive else sys.stdout)
+                continue
+            if cmd == "/reset":
+                chat.reset()
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+            if cmd in ("/help", "/?"):
+                print(__doc__, file=sys.stderr)
+                continue
+            chat.turn(line, sys.stdout)
+    finally:
+        llm.close()
+    return 0

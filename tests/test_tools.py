@@ -1,0 +1,221 @@
+"""The daily tools on tiny generated models: `pyadaq chat` through a pipe, `pyadaq serve` over
+real HTTP on localhost, `pyadaq bench`, and their bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import pyadaq
+from pyadaq.cli import main
+
+import tiny  # noqa: E402  (models/tiny.py)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(pyadaq.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.dirname(tiny.__file__), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _pyadaq(*args, stdin: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyadaq", *args], input=stdin, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------
+# chat
+# ------------------------------------------------------------------------------------------
+
+
+def test_chat_through_a_pipe(tiny_model):
+    model = str(tiny_model())
+    proc = _pyadaq("chat", "--model", model, "--ctx", "512", "--threads", "1", "--max-tokens", "6",
+                   "--temperature", "0", stdin="hello there\n/stats\nand again\n/reset\nonce more\n")
+    assert proc.returncode == 0, proc.stderr
+    answers = proc.stdout.splitlines()
+    assert len(answers) == 3  # one line per prompt, nothing else on standard output
+    assert "Traceback" not in proc.stderr
+    # /stats goes to standard error in pipe mode: types, size against f16, speed of the last answer
+    assert "K q8_0, V kvq2" in proc.stderr and "MiB against" in proc.stderr and "t/s" in proc.stderr
+    assert "(conversation cleared)" in proc.stderr
+
+
+def test_chat_keeps_the_conversation_in_the_cache(tiny_model):
+    """The second turn evaluates only its new tokens: the first turn's are reused."""
+    import io
+
+    from pyadaq.cli.chat_cmd import Chat
+
+    llm = pyadaq.Llama(str(tiny_model()), cache_type_k="q8_0", cache_type_v="kvq2", n_ctx=512, n_threads=1,
+                       swa_full=False)
+    try:
+        chat = Chat(llm, max_tokens=5, temperature=0.0)
+        chat.turn("hello there", io.StringIO())
+        first = chat.last["prompt_tokens"]
+        in_cache = llm.n_tokens
+        out = io.StringIO()
+        chat.turn("and again", out)
+        assert chat.last["prompt_tokens"] < llm.n_tokens - in_cache + 5
+        assert chat.last["prompt_tokens"] < first + in_cache
+        assert len(chat.messages) == 2 and out.getvalue().endswith("\n")
+        chat.reset()
+        assert chat.messages == []
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache-type-v", "kvq9"], "unknown KV-cache type 'kvq9'"),
+    (["--ctx", "999999"], "larger than the model's training context"),
+    (["--kv-budget", "1.0"], "outside what the types"),
+])
+def test_chat_bad_input(tiny_model, capsys, args, message):
+    rc = main(["chat", "--model", str(tiny_model()), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_chat_missing_model(tmp_path, capsys):
+    rc = main(["chat", "--model", str(tmp_path / "none.gguf")])
+    assert rc == 2 and "none.gguf" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# serve
+# ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body=None, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    pytest.importorskip("uvicorn", reason="the server extra (pip install 'pyadaq[server]') is not installed")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyadaq", "serve", "--model", str(tiny_model()), "--port",
+                             str(port), "--ctx", "512", "--threads", "1"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"pyadaq serve exited: {proc.stderr.read()}")
+        try:
+            if _request(base + "/v1/models")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise AssertionError("pyadaq serve did not answer within 60 s")
+    yield base, port, proc
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_serve_models(server, tiny_model):
+    base, _, _ = server
+    status, text = _request(base + "/v1/models")
+    assert status == 200
+    assert json.loads(text)["data"][0]["id"] == Path(tiny_model()).name
+
+
+def test_serve_chat_completion(server):
+    base, _, _ = server
+    status, text = _request(base + "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0})
+    assert status == 200, text
+    res = json.loads(text)
+    assert res["object"] == "chat.completion"
+    assert res["usage"]["completion_tokens"] == 4 and res["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_serve_streamed_completion(server):
+    base, _, _ = server
+    status, text = _request(base + "/v1/completions", {"prompt": "hello", "max_tokens": 4, "stream": True})
+    assert status == 200, text
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 4 and all(c["object"] == "text_completion" for c in chunks)
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b'{"messages": 5}', 422),
+    (b"this is not json", 400),
+    (b'{"messages": [{"role": "nobody", "content": 1}]}', 422),
+])
+def test_serve_malformed_requests_are_4xx_and_it_stays_up(server, raw, code):
+    base, _, proc = server
+    status, _ = _request(base + "/v1/chat/completions", raw=raw)
+    assert status == code
+    assert proc.poll() is None
+    assert _request(base + "/v1/models")[0] == 200
+
+
+def test_serve_port_in_use(server, tiny_model, capsys):
+    _, port, _ = server
+    rc = main(["serve", "--model", str(tiny_model()), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in use" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------
+
+
+def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--model", str(tiny_model()), "--configs", "q8_0:kvq2,q4_0:kvq3", "--depths", "0,256",
+               "--n-prompt", "32", "--n-gen", "4", "--reps", "2", "--threads", "1", "--json", str(out_json),
+               "--plot", str(out_png)])
+    assert rc == 0
+    assert "tg/f16" in capsys.readouterr().out
+    res = json.loads(out_json.read_text())
+    rows = {(r["config"], r["depth"]): r for r in res["results"]}
+    assert set(rows) == {(c, d) for c in ("f16:f16", "q8_0:kvq2", "q4_0:kvq3") for d in (0, 256)}
+    for r in rows.values():
+        assert len(r["pp_tps"]) == 2 and len(r["tg_tps"]) == 2 and r["pp_mean"] > 0 and r["tg_mean"] > 0
+    assert rows[("f16:f16", 0)]["tg_vs_f16"] == 1.0
+    # the KV bytes are those of each config: 2 bits + 8 bits per value is well under f16's
+    assert rows[("q8_0:kvq2", 256)]["kv_bytes"] < 0.4 * rows[("f16:f16", 256)]["kv_bytes"]
+    assert res["settings"]["backend"] in ("CPU", "GPU") and res["settings"]["machine"]
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depths", "0,99999"], "beyond the model's context"),
+    (["--depths", "a,b"], "comma-separated integers"),
+    (["--configs", "q8_0:kvq9"], "kvq9"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--n-prompt", "0", "--n-gen", "0"], "not both 0"),
+])
+def test_bench_bad_input(tiny_model, capsys, args, message):
+    rc = main(["bench", "--model", str(tiny_model()), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
