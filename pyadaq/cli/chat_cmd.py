@@ -65,6 +65,11 @@ def load_llama(args, **extra):
     return model, info, Llama(model, **kw)
 
 
+# A base model continues the transcript; without a first line saying what the assistant does,
+# small base models tend to echo the question (Gemma 3 270M does). --system "" drops it.
+BASE_SYSTEM = "The assistant answers questions correctly and briefly."
+
+
 class Chat:
     """One conversation with a model; turn() streams the answer to `out`."""
 
@@ -84,7 +89,8 @@ class Chat:
         self.last = {}
 
     def _prompt(self, user: str) -> str:
-        head = f"{self.system}\n\n" if self.system else ""
+        system = self.system if self.system is not None else BASE_SYSTEM
+        head = f"{system}\n\n" if system else ""
         turns = "".join(f"User: {m['user']}\nAssistant: {m['assistant']}\n" for m in self.messages)
         return f"{head}{turns}User: {user}\nAssistant:"
 
@@ -109,7 +115,7 @@ class Chat:
         else:
             stream = self.llm.create_completion(self._prompt(user), max_tokens=self.max_tokens,
                                                 temperature=self.temperature, seed=self.seed, stream=True,
-                                                stop=["\nUser:", "User:"])
+                                                stop=["\nUser:", "User:", "\nAssistant:"])
 
             def pieces():
                 for ch in stream:

@@ -1,36 +1,45 @@
-"""`pyadaq demo`: generate with the embedded model at several KV-cache settings and show the sizes."""
+"""`pyadaq demo`: one chat answer from the embedded model with K=q8_0 and V=kvq2 (the 2-bit
+type), then the KV size and the KL divergence against an f16 cache of a few configurations."""
 
 from __future__ import annotations
 
-import time
+import argparse
+import sys
+
+CONFIGS = [("f16", "f16"), ("q8_0", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "kvq3"), ("q8_0", "kvq2"), ("q4_0", "kvq2")]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="a short demo on the embedded Gemma 3 270M")
+    p = sub.add_parser("demo", help="a short demo on the embedded Gemma 3 270M", description=__doc__)
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    p.add_argument("--prompt", default="The three primary colors are")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--prompt", default="What are the three primary colors?")
+    p.add_argument("--tokens", type=int, default=48, help="longest answer in tokens")
+    p.add_argument("--chunks", type=int, default=3, help="chunks of 512 tokens for the KL table (default 3)")
+    p.add_argument("--threads", type=int)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..embedded import embedded_model_path
-    from ..llama import Llama
+    from ..kl import compare
+    from .chat_cmd import Chat, load_llama
 
-    model = args.model or str(embedded_model_path())
-    print(f"model: {model}\n")
-    base = None
-    for k, v in (("f16", "f16"), ("q4_0", "q4_0"), ("q8_0", "kvq3"), ("q4_0", "kvq2")):
-        # swa_full=False: Gemma 3's sliding-window layers keep only their window, as llama.cpp can
-        llm = Llama(model, cache_type_k=k, cache_type_v=v, n_ctx=args.ctx, seed=0, swa_full=False)
-        t0 = time.perf_counter()
-        out = llm(args.prompt, max_tokens=args.tokens, temperature=0.0)
-        dt = time.perf_counter() - t0
-        size = llm.kv_cache_bytes
-        base = base or size
-        text = out["choices"][0]["text"].strip().replace("\n", " ")
-        print(f"K={k:<5} V={v:<5} KV cache {size / 2**20:7.2f} MiB ({size / base:5.1%} of f16)  {dt:5.1f} s")
-        print(f"    {args.prompt} {text}\n")
+    opts = argparse.Namespace(model=args.model, cache_type_k="q8_0", cache_type_v="kvq2", kv_budget=None,
+                              kv_plan=None, ctx=2048, threads=args.threads, gpu_layers=-1)
+    model, info, llm = load_llama(opts, seed=0)
+    print(f"model: {model}\nKV cache: K=q8_0, V=kvq2 (2.5 bits per value)\n")
+    print(f"> {args.prompt}")
+    try:
+        chat = Chat(llm, max_tokens=args.tokens, temperature=0.0)
+        chat.turn(args.prompt, sys.stdout)
+        print(chat.stats())
+    finally:
         llm.close()
+    print(f"\nKL divergence against an f16 cache, {args.chunks} chunks of 512 tokens of pydoc_data.topics "
+          "(`pyadaq eval` for more):")
+    res = compare(model, CONFIGS, n_ctx=512, n_chunks=args.chunks, n_threads=args.threads, store=True)
+    f16 = res["f16_kv_bytes"]
+    print(f"{'K:V':<11} {'bits/value':>10} {'KV MiB':>8} {'of f16':>7} {'KL mean':>9} {'top-1':>7}")
+    for r in res["results"]:
+        print(f"{r['config']:<11} {r['bits_per_value']:>10.2f} {r['kv_bytes'] / 2**20:>8.2f} "
+              f"{r['kv_bytes'] / f16:>7.0%} {r['kl_mean']:>9.4f} {r['top1']:>7.1%}")
     return 0
