@@ -154,15 +154,10 @@ static void dequantize_block(uint16_t d16, const uint8_t * qs, const uint8_t * q
 #include <immintrin.h>
 #define PYADAQ_HAVE_AVX2_DEQUANT 1
 
-__attribute__((target("avx2")))
-static void dequantize_block_avx2(uint16_t d16, const uint8_t * qs, const uint8_t * qh, float * y,
-                                  int qk, int bits, const int8_t * levels) {
-    const float d = GGML_FP16_TO_FP32(d16);
-    float dl[8] = { 0 };
-    for (int i = 0; i < (1 << bits); ++i) {
-        dl[i] = d * (float) levels[i];
-    }
-    const __m256 table = _mm256_loadu_ps(dl);
+// table: the products d*level as floats (lanes past the 2^bits levels unused)
+__attribute__((target("avx2"), always_inline))
+static inline void dequantize_block_avx2(__m256 table, const uint8_t * qs, const uint8_t * qh, float * y,
+                                         int qk, int bits) {
     const __m256i three = _mm256_set1_epi32(3);
     const __m256i one = _mm256_set1_epi32(1);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -180,6 +175,24 @@ static void dequantize_block_avx2(uint16_t d16, const uint8_t * qs, const uint8_
     }
 }
 
+// One row: the levels are converted once per row, each block costs one multiply for its table
+// (d * level, the same single-precision product as the reference's).
+#define PYADAQ_DEFINE_AVX2_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)                              \
+    __attribute__((target("avx2")))                                                                  \
+    static void dequantize_row_##lower##_avx2(const PYADAQ_BLOCK_TYPE(QK, BITS) * x, float * y,      \
+                                              int64_t k) {                                           \
+        float lf[8] = { 0 };                                                                         \
+        for (int i = 0; i < (1 << (BITS)); ++i) {                                                    \
+            lf[i] = (float) (LEVELS)[i];                                                             \
+        }                                                                                            \
+        const __m256 lev = _mm256_loadu_ps(lf);                                                      \
+        for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
+            const __m256 table = _mm256_mul_ps(_mm256_set1_ps(GGML_FP16_TO_FP32(x[b].d)), lev);      \
+            dequantize_block_avx2(table, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS);        \
+        }                                                                                            \
+    }
+PYADAQ_TYPES(PYADAQ_DEFINE_AVX2_ROW)
+
 static int pyadaq_cpu_has_avx2(void) {
     static int has = -1;
     if (has < 0) {
@@ -191,15 +204,13 @@ static int pyadaq_cpu_has_avx2(void) {
 #endif
 
 #ifdef PYADAQ_HAVE_AVX2_DEQUANT
-#define PYADAQ_DEQUANT_FAST(QK, BITS, LEVELS)                                                          \
+#define PYADAQ_DEQUANT_FAST(lower)                                                                     \
     if (pyadaq_cpu_has_avx2()) {                                                                       \
-        for (int64_t b = 0; b < k / (QK); ++b) {                                                       \
-            dequantize_block_avx2(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS); \
-        }                                                                                              \
+        dequantize_row_##lower##_avx2(x, y, k);                                                        \
         return;                                                                                        \
     }
 #else
-#define PYADAQ_DEQUANT_FAST(QK, BITS, LEVELS)
+#define PYADAQ_DEQUANT_FAST(lower)
 #endif
 
 #define PYADAQ_DEFINE_REF(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                  \
@@ -213,7 +224,7 @@ static int pyadaq_cpu_has_avx2(void) {
     void dequantize_row_##lower(const void * vx, float * y, int64_t k) {                            \
         assert(k % (QK) == 0);                                                                       \
         const PYADAQ_BLOCK_TYPE(QK, BITS) * x = vx;                                                  \
-        PYADAQ_DEQUANT_FAST(QK, BITS, LEVELS);                                                       \
+        PYADAQ_DEQUANT_FAST(lower);                                                       \
         for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
             dequantize_block(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS);   \
         }                                                                                            \
