@@ -153,3 +153,56 @@ def plot_bench(res: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def render_markdown(res: dict, command: str) -> str:
+    """docs/BENCHMARKS.md from a bench run: the table, the speed goals of issue 5 checked at
+    the deepest depth measured, and how to rerun."""
+    s = res["settings"]
+    rows = res["results"]
+    out = [
+        "# Speed of the KV-cache configurations",
+        "",
+        f"Model `{s['model_name']}`, {s['machine']}, backend {res['backend']}; {s['native']}; measured "
+        f"{s['date']} in {s['seconds']:.0f} s. pp{res['n_prompt']}: prompt processing of {res['n_prompt']} tokens "
+        f"in batches of {res['n_batch']}; tg{res['n_gen']}: {res['n_gen']} tokens generated one at a time; both "
+        f"with `depth` tokens already in the cache, {res['reps']} repetitions (mean ± sd), flash attention on. "
+        "The ratios are to f16/f16 at the same depth in the same run.",
+        "",
+        f"Rerun: `{command}`",
+        "",
+        "| config | depth | KV MiB | pp t/s | pp / f16 | tg t/s | tg / f16 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        def cell(key):
+            m, sd = r[f"{key}_mean"], r[f"{key}_std"]
+            return "–" if m is None else f"{m:.1f} ± {sd:.1f}"
+
+        def ratio(key):
+            v = r[f"{key}_vs_f16"]
+            return "–" if v is None else f"{v:.2f}"
+
+        out.append(f"| {r['config']} | {r['depth']} | {r['kv_bytes'] / 2**20:.2f} | {cell('pp')} | {ratio('pp')} | "
+                   f"{cell('tg')} | {ratio('tg')} |")
+    deepest = max(r["depth"] for r in rows)
+    at = {r["config"]: r for r in rows if r["depth"] == deepest}
+    out += ["", f"## Goals at depth {deepest}", ""]
+    target = at.get("q8_0:kvq2")
+    if target and target["tg_vs_f16"] is not None and target["pp_vs_f16"] is not None:
+        for key, goal, what in (("tg", 0.95, "generation"), ("pp", 0.8, "prompt processing")):
+            v = target[f"{key}_vs_f16"]
+            out.append(f"- K=q8_0, V=kvq2 {what}: {v:.2f}× f16/f16 (goal ≥ {goal}): "
+                       + ("**met**" if v >= goal else "**not met**"))
+    ref = at.get("q8_0:q4_0")
+    if ref:
+        for label, r in at.items():
+            if not any(t.startswith("kvq") for t in (r["k"], r["v"])):
+                continue
+            for key, what in (("tg", "generation"), ("pp", "prompt processing")):
+                a, b = r[f"{key}_mean"], ref[f"{key}_mean"]
+                if a and b:
+                    out.append(f"- {label} {what}: {a / b:.2f}× upstream's q8_0/q4_0 (goal ≥ 1): "
+                               + ("met" if a >= b else "**not met**"))
+    out.append("")
+    return "\n".join(out)

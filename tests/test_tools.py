@@ -193,9 +193,11 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     rc = main(["bench", "--model", str(tiny_model()), "--configs", "q8_0:kvq2,q4_0:kvq3", "--depths", "0,256",
                "--n-prompt", "32", "--n-gen", "4", "--reps", "2", "--threads", "1", "--json", str(out_json),
-               "--plot", str(out_png)])
+               "--plot", str(out_png), "--markdown", str(tmp_path / "B.md")])
     assert rc == 0
     assert "tg/f16" in capsys.readouterr().out
+    md = (tmp_path / "B.md").read_text()
+    assert "## Goals at depth 256" in md and "K=q8_0, V=kvq2 generation" in md and "| q4_0:kvq3 | 256 |" in md
     res = json.loads(out_json.read_text())
     rows = {(r["config"], r["depth"]): r for r in res["results"]}
     assert set(rows) == {(c, d) for c in ("f16:f16", "q8_0:kvq2", "q4_0:kvq3") for d in (0, 256)}

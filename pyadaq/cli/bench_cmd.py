@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu-layers", type=int, help="layers on the GPU (default: all when built with a GPU backend)")
     p.add_argument("--json", help="write the figures and the run's settings here")
     p.add_argument("--plot", help="write a PNG plot here (speed against depth per config)")
+    p.add_argument("--markdown", help="write a Markdown report here (docs/BENCHMARKS.md)")
     p.set_defaults(func=run)
 
 
@@ -88,6 +89,16 @@ def run(args) -> int:
     if args.plot:
         plot_bench(res, args.plot)
         print(f"wrote {args.plot}")
+    if args.markdown:
+        import shlex
+        import sys
+
+        from ..bench import render_markdown
+
+        command = "pyadaq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
+            else "pyadaq bench"
+        Path(args.markdown).write_text(render_markdown(res, command))
+        print(f"wrote {args.markdown}")
     return 0
 
 
