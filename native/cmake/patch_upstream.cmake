@@ -9,6 +9,8 @@ if(NOT DEFINED PYADAQ_PATCHED_DIR)
 endif()
 include(${CMAKE_CURRENT_LIST_DIR}/../UPSTREAM.cmake)
 file(GLOB PYADAQ_PATCHES "${CMAKE_CURRENT_LIST_DIR}/../patches/*.patch")
+# a changed patch re-runs the configure step (and so the patching) in an existing build tree
+set_property(DIRECTORY "${CMAKE_SOURCE_DIR}" APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${PYADAQ_PATCHES})
 list(SORT PYADAQ_PATCHES)
 
 # The patch set id: a hash of the patches, in order. It is compiled into libllama and
@@ -69,8 +71,24 @@ find_program(PYADAQ_GIT git)
 if(NOT PYADAQ_GIT)
     message(FATAL_ERROR "pyadaq: git is needed to apply native/patches (git apply); please install git")
 endif()
+# Every patch of this set is in already (the stamp is written only after all applied): nothing
+# to do. Checking each patch in reverse is not enough on its own, because patches that touch
+# neighbouring lines of a file do not reverse-apply one without the other.
+set(_all_in FALSE)
+if(EXISTS "${_stamp_patches}")
+    file(READ "${_stamp_patches}" _now)
+    string(REGEX MATCH "^[^\n]*" _now_id "${_now}")
+    if(_now_id STREQUAL PYADAQ_PATCHSET)
+        set(_all_in TRUE)
+    endif()
+endif()
+if(_all_in)
+    set(PYADAQ_PATCHES_TO_APPLY "")
+else()
+    set(PYADAQ_PATCHES_TO_APPLY ${PYADAQ_PATCHES})
+endif()
 get_filename_component(_ceiling "${PYADAQ_PATCHED_DIR}" DIRECTORY)
-foreach(_p IN LISTS PYADAQ_PATCHES)
+foreach(_p IN LISTS PYADAQ_PATCHES_TO_APPLY)
     get_filename_component(_name "${_p}" NAME)
     # GIT_CEILING_DIRECTORIES keeps git from taking an enclosing repository for this tree's.
     set(_git ${CMAKE_COMMAND} -E env "GIT_CEILING_DIRECTORIES=${_ceiling}" ${PYADAQ_GIT} apply)

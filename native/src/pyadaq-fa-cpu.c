@@ -1,0 +1,158 @@
+// CPU flash attention with pyadaq's cache types: K and V converted to f16 once per op.
+//
+// ggml-cpu's flash attention runs its fast paths (tiled for prompt processing, split-KV for
+// generation) only for f16/f32 K and V of the same type; any other type takes the per-row
+// path, which dequantizes every V row once per query row (and per query head of a GQA
+// group). When K or V is a pyadaq type, pyadaq_fa_convert_kv() dequantizes the K and V
+// views once into f16 scratch tensors, and the op then runs on those with upstream's f16
+// paths (native/patches/0006 adds the call). PYADAQ_FA_CONVERT=0 switches it off.
+
+#include "pyadaq-quants.h"
+
+#include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+// Scratch buffers, one per threadpool (graphs of different contexts may run at the same time).
+#define PYADAQ_FA_SLOTS 64
+
+static struct {
+    const void * owner;
+    void * data;
+    size_t size;
+} g_slots[PYADAQ_FA_SLOTS];
+static pthread_mutex_t g_slots_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+static void * scratch_for(const void * owner, size_t size) {
+    void * out = NULL;
+    pthread_mutex_lock(&g_slots_mutex);
+    int free_slot = -1;
+    for (int i = 0; i < PYADAQ_FA_SLOTS; ++i) {
+        if (g_slots[i].owner == owner) {
+            if (g_slots[i].size < size) {
+                void * p = realloc(g_slots[i].data, size);
+                if (p) {
+                    g_slots[i].data = p;
+                    g_slots[i].size = size;
+                }
+            }
+            out = g_slots[i].size >= size ? g_slots[i].data : NULL;
+            free_slot = -2;
+            break;
+        }
+        if (free_slot == -1 && g_slots[i].owner == NULL) {
+            free_slot = i;
+        }
+    }
+    if (free_slot >= 0) {
+        void * p = malloc(size);
+        if (p) {
+            g_slots[free_slot].owner = owner;
+            g_slots[free_slot].data = p;
+            g_slots[free_slot].size = size;
+            out = p;
+        }
+    }
+    pthread_mutex_unlock(&g_slots_mutex);
+    return out;
+}
+
+static int convert_enabled(void) {
+    static int enabled = -1;
+    if (enabled < 0) {
+        const char * e = getenv("PYADAQ_FA_CONVERT");
+        enabled = !(e && e[0] == '0');
+    }
+    return enabled;
+}
+
+// an f16 copy of the 4-D view t, contiguous, in `data`; rows [r0, r1) of ne1*ne2*ne3
+static void convert_rows(const struct ggml_tensor * t, ggml_fp16_t * data, int64_t r0, int64_t r1) {
+    const int64_t ne0 = t->ne[0];
+    const int64_t ne1 = t->ne[1];
+    const int64_t ne2 = t->ne[2];
+    ggml_to_float_t to_float = ggml_get_type_traits(t->type)->to_float;
+    float tmp[1024];
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i1 = r % ne1;
+        const int64_t i2 = (r / ne1) % ne2;
+        const int64_t i3 = r / (ne1 * ne2);
+        const char * src = (const char *) t->data + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3];
+        if (t->type == GGML_TYPE_F16) {
+            memcpy(data + r * ne0, src, ne0 * sizeof(ggml_fp16_t));
+        } else {
+            to_float(src, tmp, ne0);
+            ggml_cpu_fp32_to_fp16(tmp, data + r * ne0, ne0);
+        }
+    }
+}
+
+static void make_f16_view(struct ggml_tensor * out, const struct ggml_tensor * t, void * data) {
+    *out = *t;
+    out->type = GGML_TYPE_F16;
+    out->data = data;
+    out->view_src = NULL;
+    out->view_offs = 0;
+    out->nb[0] = sizeof(ggml_fp16_t);
+    out->nb[1] = out->nb[0] * t->ne[0];
+    out->nb[2] = out->nb[1] * t->ne[1];
+    out->nb[3] = out->nb[2] * t->ne[2];
+}
+
+// Called by every thread of the op (q_tile: upstream's ggml_fa_tile_config::Q). Returns 1 and fills *alias (a copy of dst whose K and V
+// sources are f16 scratch tensors in *k16 / *v16) when the op has a pyadaq K or V type.
+int pyadaq_fa_convert_kv(const struct ggml_compute_params * params, const struct ggml_tensor * dst, int q_tile,
+                         struct ggml_tensor * alias, struct ggml_tensor * k16, struct ggml_tensor * v16) {
+    const struct ggml_tensor * q = dst->src[0];
+    const struct ggml_tensor * k = dst->src[1];
+    const struct ggml_tensor * v = dst->src[2];
+    if (!convert_enabled() || !(pyadaq_is_pyadaq_type(k->type) || pyadaq_is_pyadaq_type(v->type))) {
+        return 0;
+    }
+    // only where f16 K/V then take upstream's tiled path (a tile of queries or more) or its
+    // split-KV path (one query, a long cache): its per-row path would accumulate V in f16
+    const int tiled = q->ne[1] >= q_tile;
+    const int split = q->ne[1] == 1 && q->ne[3] == 1 && k->ne[1] >= 512;
+    if (!tiled && !split) {
+        return 0;
+    }
+    if (k->ne[0] > 1024 || v->ne[0] > 1024 || dst->src[0]->type != GGML_TYPE_F32) {
+        return 0;
+    }
+    const int64_t rows_k = k->ne[1] * k->ne[2] * k->ne[3];
+    const int64_t rows_v = v->ne[1] * v->ne[2] * v->ne[3];
+    const size_t bytes_k = (size_t) (rows_k * k->ne[0]) * sizeof(ggml_fp16_t);
+    const size_t bytes_v = (size_t) (rows_v * v->ne[0]) * sizeof(ggml_fp16_t);
+    // every thread asks; the first grows the buffer, the others get the same pointer
+    char * buf = scratch_for(params->threadpool, bytes_k + bytes_v);
+    ggml_barrier(params->threadpool);  // all threads have the buffer (or all failed alike)
+    if (buf == NULL) {
+        return 0;
+    }
+    const int ith = params->ith;
+    const int nth = params->nth;
+    const int64_t rows = rows_k + rows_v;
+    const int64_t per = (rows + nth - 1) / nth;
+    const int64_t r0 = ith * per;
+    const int64_t r1 = r0 + per < rows ? r0 + per : rows;
+    ggml_fp16_t * kd = (ggml_fp16_t *) buf;
+    ggml_fp16_t * vd = (ggml_fp16_t *) (buf + bytes_k);
+    if (r0 < rows_k) {
+        convert_rows(k, kd, r0, r1 < rows_k ? r1 : rows_k);
+    }
+    if (r1 > rows_k) {
+        convert_rows(v, vd, (r0 > rows_k ? r0 : rows_k) - rows_k, r1 - rows_k);
+    }
+    make_f16_view(k16, k, kd);
+    make_f16_view(v16, v, vd);
+    *alias = *dst;
+    alias->src[1] = k16;
+    alias->src[2] = v16;
+    ggml_barrier(params->threadpool);  // the copies are complete before anyone reads them
+    return 1;
+}
