@@ -10,7 +10,9 @@ endif()
 include(${CMAKE_CURRENT_LIST_DIR}/../UPSTREAM.cmake)
 file(GLOB PYADAQ_PATCHES "${CMAKE_CURRENT_LIST_DIR}/../patches/*.patch")
 # a changed patch re-runs the configure step (and so the patching) in an existing build tree
-set_property(DIRECTORY "${CMAKE_SOURCE_DIR}" APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${PYADAQ_PATCHES})
+if(NOT CMAKE_SCRIPT_MODE_FILE)
+    set_property(DIRECTORY "${CMAKE_SOURCE_DIR}" APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${PYADAQ_PATCHES})
+endif()
 list(SORT PYADAQ_PATCHES)
 
 # The patch set id: a hash of the patches, in order. It is compiled into libllama and
