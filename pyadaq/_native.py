@@ -101,6 +101,7 @@ int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int
 int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k);
 int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k);
 const char * pyadaq_cpu_simd(void);
+int64_t pyadaq_cpu_fa_converted(void);
 """
 
 

@@ -62,6 +62,12 @@ static void * scratch_for(const void * owner, size_t size) {
     return out;
 }
 
+static int64_t g_converted;  // ops run on f16 copies (for the tests)
+
+int64_t pyadaq_cpu_fa_converted(void) {
+    return __atomic_load_n(&g_converted, __ATOMIC_RELAXED);
+}
+
 static int convert_enabled(void) {
     static int enabled = -1;
     if (enabled < 0) {
@@ -153,6 +159,9 @@ int pyadaq_fa_convert_kv(const struct ggml_compute_params * params, const struct
     *alias = *dst;
     alias->src[1] = k16;
     alias->src[2] = v16;
+    if (ith == 0) {
+        __atomic_add_fetch(&g_converted, 1, __ATOMIC_RELAXED);
+    }
     ggml_barrier(params->threadpool);  // the copies are complete before anyone reads them
     return 1;
 }

@@ -138,6 +138,9 @@ PYADAQ_API int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t 
 PYADAQ_API int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);
 PYADAQ_API int pyadaq_is_pyadaq_type(int type);
 
+// ggml-cpu: flash-attention ops that ran on f16 copies of pyadaq K/V (native/src/pyadaq-fa-cpu.c)
+PYADAQ_API int64_t pyadaq_cpu_fa_converted(void);
+
 #ifdef __cplusplus
 }
 #endif
