@@ -1,6 +1,6 @@
 """The CPU flash-attention path for pyadaq's types (native/src/pyadaq-fa-cpu.c, patch 0006):
-K and V converted to f16 once per op, then upstream's tiled (a batch of queries) or split-KV
-(one query, 512+ cells) path. Checked against the per-row path it replaces
+K and V converted to f16 once per op, then upstream's tiled path, for batches of at least a
+tile of queries (prompt processing). Checked against the per-row path it replaces
 (PYADAQ_FA_CONVERT=0, in a child process): the same logits up to f16 rounding, far below the
 quantization error itself; and the conversion really runs where it should, and only there."""
 
@@ -90,18 +90,23 @@ def test_no_conversion_for_upstream_types_or_short_batches(tiny_model):
         m.close()
 
 
-def test_generation_at_depth_uses_the_split_kv_path(tiny_model):
-    """One query against 512+ cells: converted too (upstream's split-KV path), every layer."""
+def test_generation_keeps_the_per_row_path(tiny_model):
+    """One query at a time (generation), even against 512+ cells: no conversion (converting
+    the whole cache for every token costs more than the per-row path)."""
     from pyadaq.passkey import generate
 
     m = Model(str(tiny_model(head_dim=64)))
     try:
         c = Context(m, "q8_0", "kvq2", 1024, 1)
-        c_before = converted()
-        out = generate(c, tokens(600, seed=4), n_gen=6, stop_when_settled=False)
+        prompt = tokens(600, seed=4)
+        generate(c, prompt[:560], n_gen=1, stop_when_settled=False)  # batches of 512 and 48
+        after_prompt = converted()
+        out = generate(c, prompt, n_gen=6, stop_when_settled=False)
         c.close()
         n_layer = 2
-        # the 600-token prompt in batches of 512 + 88 converts too; then one op per layer per token
-        assert converted() - c_before >= n_layer * (len(out) - 1 + 2)
+        # the second prompt converts in its two batches (512 and 88 tokens, both a tile or
+        # more: one op per layer each); the six generated tokens do not
+        assert len(out) == 6
+        assert converted() - after_prompt == 2 * n_layer
     finally:
         m.close()
