@@ -47,6 +47,12 @@ quiet_native_logs()
 THREADS = 1
 
 NEW = ("kvq2", "kvq3")
+# KL between the two CPU flash-attention paths a batch can take with a pyadaq type (tiled on
+# f16 copies for 64+ queries, per row below; Q rounded to f16 in one, to 8 bits for the K dot
+# product in the other): measured 2-4 % of the pair's quantization error on these models
+# (0.0025-0.0078 for whole sequences on either path); bounded at 5 % of the pair's KL budget.
+def fa_path_kl(k: str, v: str) -> float:
+    return 0.05 * kl_bound(k, v)
 PARTNERS = ("f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "iq4_nl", "kvq2", "kvq3")
 
 # Upper bounds on the mean KL(f16/f16 || config) over a 100-token sequence of the tiny llama
@@ -394,8 +400,11 @@ def test_deterministic(llama64, kv):
         steps = np.concatenate([c.run(x[:80]), c.run(x[80:], pos0=80, chunk=1)])
     assert np.isfinite(steps).all()
     # a different batch split quantizes the same rows: same cache, logits equal up to float
-    # summation order in the matmuls
-    assert token_kl(first, steps[1:]).mean() < 1e-6
+    # summation order in the matmuls; with a pyadaq type, the 100-token batch also takes the
+    # flash-attention path on f16 copies and the single tokens the per-row one (Q rounded to
+    # f16 there, to 8 bits here for the K dot product)
+    bound = fa_path_kl(k, v) if (k in NEW or v in NEW) else 1e-6
+    assert token_kl(first, steps[1:]).mean() < bound
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,7 +714,14 @@ def test_several_sequences(llama64, kv, unified):
         with Ctx(llama64, k, v, 256) as c:
             alone, alone_next = c.decode([(s, 0, 0)])[0], c.decode([(nx, len(s), 0)])[0]
         assert np.isfinite(together[i]).all()
-        if unified:
+        if unified and (k in NEW or v in NEW):
+            # one shared cache, and the 120 queries of the three sequences together take the
+            # flash-attention path on f16 copies (native/src/pyadaq-fa-cpu.c), which rounds Q to
+            # f16 for the K dot product where a sequence alone (40 queries) rounds it to 8 bits:
+            # see fa_path_kl
+            assert token_kl(alone, together[i]).mean() < fa_path_kl(k, v)
+            assert token_kl(alone_next, together_next[i]).mean() < fa_path_kl(k, v)
+        elif unified:
             # one shared cache: other sequences' cells are masked out; exact today, allow for
             # a different summation order
             tol = 1e-4 * np.abs(alone).max()

@@ -8,6 +8,7 @@
 // tensors, and the op then runs on those with upstream's tiled f16 path (native/patches/0006
 // adds the call). PYADAQ_FA_CONVERT=0 switches it off.
 
+#include "pyadaq-fa-cpu.h"
 #include "pyadaq-quants.h"
 
 #include "ggml-cpu-impl.h"
@@ -19,44 +20,60 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Scratch buffers, one per threadpool (graphs of different contexts may run at the same time).
+// The f16 copies live in a buffer of the thread that runs as thread 0 of the op (the thread that
+// called ggml_graph_compute), reused and grown from op to op. Thread 0 publishes it for the
+// other threads of its threadpool in a small table for the length of one op only, so that
+// nothing stays behind when contexts and threadpools come and go.
 #define PYADAQ_FA_SLOTS 64
 
+static _Thread_local void * t_buf;
+static _Thread_local size_t t_buf_size;
+
 static struct {
-    const void * owner;
+    const void * pool;
+    const void * op;
     void * data;
-    size_t size;
 } g_slots[PYADAQ_FA_SLOTS];
 static pthread_mutex_t g_slots_mutex = PTHREAD_MUTEX_INITIALIZER;
 
-static void * scratch_for(const void * owner, size_t size) {
-    void * out = NULL;
+static void * own_buffer(size_t size) {
+    if (t_buf_size < size) {
+        void * p = realloc(t_buf, size);
+        if (p == NULL) {
+            return NULL;
+        }
+        t_buf = p;
+        t_buf_size = size;
+    }
+    return t_buf;
+}
+
+static void publish(const void * pool, const void * op, void * data) {
     pthread_mutex_lock(&g_slots_mutex);
-    int free_slot = -1;
     for (int i = 0; i < PYADAQ_FA_SLOTS; ++i) {
-        if (g_slots[i].owner == owner) {
-            if (g_slots[i].size < size) {
-                void * p = realloc(g_slots[i].data, size);
-                if (p) {
-                    g_slots[i].data = p;
-                    g_slots[i].size = size;
-                }
-            }
-            out = g_slots[i].size >= size ? g_slots[i].data : NULL;
-            free_slot = -2;
+        if (g_slots[i].pool == NULL) {
+            g_slots[i].pool = pool;
+            g_slots[i].op = op;
+            g_slots[i].data = data;
             break;
         }
-        if (free_slot == -1 && g_slots[i].owner == NULL) {
-            free_slot = i;
-        }
     }
-    if (free_slot >= 0) {
-        void * p = malloc(size);
-        if (p) {
-            g_slots[free_slot].owner = owner;
-            g_slots[free_slot].data = p;
-            g_slots[free_slot].size = size;
-            out = p;
+    pthread_mutex_unlock(&g_slots_mutex);
+}
+
+// the published buffer of (pool, op), or NULL; remove: also take the entry out
+static void * lookup(const void * pool, const void * op, int remove) {
+    void * out = NULL;
+    pthread_mutex_lock(&g_slots_mutex);
+    for (int i = 0; i < PYADAQ_FA_SLOTS; ++i) {
+        if (g_slots[i].pool == pool && g_slots[i].op == op) {
+            out = g_slots[i].data;
+            if (remove) {
+                g_slots[i].pool = NULL;
+                g_slots[i].op = NULL;
+                g_slots[i].data = NULL;
+            }
+            break;
         }
     }
     pthread_mutex_unlock(&g_slots_mutex);
@@ -135,13 +152,19 @@ int pyadaq_fa_convert_kv(const struct ggml_compute_params * params, const struct
     const int64_t rows_v = v->ne[1] * v->ne[2] * v->ne[3];
     const size_t bytes_k = (size_t) (rows_k * k->ne[0]) * sizeof(ggml_fp16_t);
     const size_t bytes_v = (size_t) (rows_v * v->ne[0]) * sizeof(ggml_fp16_t);
-    // every thread asks; the first grows the buffer, the others get the same pointer
-    char * buf = scratch_for(params->threadpool, bytes_k + bytes_v);
-    ggml_barrier(params->threadpool);  // all threads have the buffer (or all failed alike)
+    const int ith = params->ith;
+    if (ith == 0) {
+        publish(params->threadpool, dst, own_buffer(bytes_k + bytes_v));
+    }
+    ggml_barrier(params->threadpool);  // published (a NULL or missing entry: nobody converts)
+    char * buf = lookup(params->threadpool, dst, 0);
+    ggml_barrier(params->threadpool);  // everyone has read the entry
+    if (ith == 0) {
+        lookup(params->threadpool, dst, 1);
+    }
     if (buf == NULL) {
         return 0;
     }
-    const int ith = params->ith;
     const int nth = params->nth;
     const int64_t rows = rows_k + rows_v;
     const int64_t per = (rows + nth - 1) / nth;
