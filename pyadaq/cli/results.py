@@ -123,7 +123,10 @@ def render(res: dict, src: str) -> str:
         out += ["## Pass-key accuracy", "",
                 f"A 5-digit key hidden at depths {', '.join(map(str, pk['depths']))} of prompts of "
                 f"{', '.join(map(str, pk['lengths']))} tokens, {pk['seeds']} seed(s), greedy answer "
-                f"({pk.get('seconds', 0):.0f} s). Mean over lengths and depths (– : not measured):", "",
+                f"({pk.get('seconds', 0):.0f} s of wall time, other jobs sharing the cores). Mean over lengths "
+                f"and depths, {len(pk['lengths']) * len(pk['depths']) * pk['seeds']} prompts per cell, so one "
+                f"prompt is {100 / (len(pk['lengths']) * len(pk['depths']) * pk['seeds']):.0f} points "
+                f"(– : not measured):", "",
                 *_grid(by, "passkey_mean", "{:.0%}"), "", "By prompt length:", "",
                 "| K:V | " + " | ".join(map(str, pk["lengths"])) + " |",
                 "|---|" + "---:|" * len(pk["lengths"])]
@@ -143,7 +146,9 @@ def render(res: dict, src: str) -> str:
         out.append(
             f"- K={hi} with V={lo} against K={lo} with V={hi} (both {a['bits_per_value']:.2f} bits per value): "
             f"KL {a['kl_mean']:.4f} against {b['kl_mean']:.4f}, perplexity {a['ppl']:.3f} against {b['ppl']:.3f}, "
-            f"top-1 {a['top1']:.1%} against {b['top1']:.1%}. "
+            f"top-1 {a['top1']:.1%} against {b['top1']:.1%}"
+            + (f", pass-key accuracy {a['passkey_mean']:.0%} against {b['passkey_mean']:.0%}. "
+               if a.get("passkey_mean") is not None and b.get("passkey_mean") is not None else ". ")
             + (f"More bits for keys wins: {ratio:.1f} times less KL divergence." if ratio > 1 else
                f"More bits for values wins here: {1 / ratio:.1f} times less KL divergence."))
     out += ["", f"![KL divergence against bits per value]({Path(res.get('plot', 'results-matrix.png')).name})", ""]
