@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from .gguf_info import read_model_info
 from .types import cache_type
@@ -39,8 +37,9 @@ CALIBRATION_VERSION = 1
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("PYADAQ_CACHE_DIR") or Path.home() / ".cache" / "pyadaq")
-    return root / "adaptive"
+    from .kl import cache_base
+
+    return cache_base() / "adaptive"
 
 
 def _key(*parts) -> str:
@@ -59,9 +58,7 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
     lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
     block size does not fit the layer). Cached on disk unless use_cache is False.
     """
-    from .kl import chunks, default_text
-    from .logits import Context, Model, quiet_native_logs
-    from .metrics import Accumulator, log_softmax
+    from .kl import LayerConfig, compare, default_text
 
     info = read_model_info(model_path)
     types = [cache_type(t).name for t in types]
@@ -74,58 +71,38 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass  # unreadable: measure again
-    quiet_native_logs()
     t0 = time.time()
-    model = Model(str(model_path))
-    try:
-        toks = model.tokenize(text, add_bos=True)
-        parts = chunks(toks, n_ctx, n_chunks, int(toks[0]) if model.adds_bos else None)
-        first = n_ctx // 2
-        ref_ctx = Context(model, "f16", "f16", n_ctx, n_threads)
-        try:
-            refs = []
-            for ch in parts:
-                lp = log_softmax(ref_ctx.logits(ch, first)[:-1].astype(np.float64))
-                refs.append((lp, lp.argmax(-1)))
-        finally:
-            ref_ctx.close()
-        n_layer = info.n_layer
-        cache_layers = set(info.cache_layers())
-        lossy = [t for t in types if cache_type(t).name != "f16"]
-        errors = {"k": [[None] * len(types) for _ in range(n_layer)], "v": [[None] * len(types) for _ in range(n_layer)]}
-        jobs = []
-        for il in range(n_layer):
-            for kind in ("k", "v"):
-                head = info.head_size_k_layer(il) if kind == "k" else info.head_size_v_layer(il)
-                for j, t in enumerate(types):
-                    ct = cache_type(t)
-                    if head % ct.block_size:
-                        continue
-                    if ct.name == "f16" or il not in cache_layers:
-                        errors[kind][il][j] = 0.0
-                    else:
-                        jobs.append((il, kind, j, ct))
-        for il, kind, j, ct in tqdm(jobs, desc="calibrating layers x K/V x types", disable=not progress):
-            tk = ["f16"] * n_layer
-            tv = ["f16"] * n_layer
-            (tk if kind == "k" else tv)[il] = ct.name
-            ctx = Context(model, "f16", "f16", n_ctx, n_threads, layer_types=(tk, tv))
-            try:
-                acc = Accumulator()
-                for ch, (lp, top1) in zip(parts, refs):
-                    acc.add_logprobs(lp, top1, ctx.logits(ch, first)[:-1], ch[first + 1:])
-                errors[kind][il][j] = float(acc.summary()["kl_mean"])
-            finally:
-                ctx.close()
-    finally:
-        model.close()
+    n_layer = info.n_layer
+    cache_layers = set(info.cache_layers())
+    errors = {"k": [[None] * len(types) for _ in range(n_layer)], "v": [[None] * len(types) for _ in range(n_layer)]}
+    jobs, configs = [], []
+    for il in range(n_layer):
+        for kind in ("k", "v"):
+            head = info.head_size_k_layer(il) if kind == "k" else info.head_size_v_layer(il)
+            for j, t in enumerate(types):
+                ct = cache_type(t)
+                if head % ct.block_size:
+                    continue
+                if ct.name == "f16" or il not in cache_layers:
+                    errors[kind][il][j] = 0.0
+                    continue
+                tk = ["f16"] * n_layer
+                tv = ["f16"] * n_layer
+                (tk if kind == "k" else tv)[il] = ct.name
+                jobs.append((il, kind, j))
+                configs.append(LayerConfig(f"{kind}{il}:{ct.name}", tuple(tk), tuple(tv)))
+    # the f16 reference once, then one context per configuration (kl.compare)
+    measured = compare(str(model_path), configs, text=text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads,
+                       progress=progress, store=use_cache)
+    for (il, kind, j), row in zip(jobs, measured["results"]):
+        errors[kind][il][j] = float(row["kl_mean"])
     from ._version import __version__
     from .cli.formats import machine
 
     res = {
         "kind": "pyadaq-calibration", "version": CALIBRATION_VERSION,
         "settings": {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha,
-                     "n_ctx": n_ctx, "chunks": len(parts), "pyadaq": __version__, "machine": machine(),
+                     "n_ctx": n_ctx, "chunks": measured["chunks"], "pyadaq": __version__, "machine": machine(),
                      "seconds": time.time() - t0, "runs": len(jobs)},
         "types": types, "errors_k": errors["k"], "errors_v": errors["v"],
     }
@@ -146,7 +123,8 @@ def norm_sensitivities(analysis: dict) -> tuple[list[float], list[float]]:
     return sk, sv
 
 
-def _analysis(model_path, text, n_ctx, n_chunks, n_threads, progress, use_cache) -> dict:
+def cached_analysis(model_path, text, n_ctx, n_chunks, n_threads, progress, use_cache) -> dict:
+    """pyadaq.analyze.analyze(), stored in the cache directory and reused."""
     from .analyze import analyze
 
     info = read_model_info(model_path)
@@ -218,12 +196,12 @@ def plan_for_budget(model_path: str | Path, budget: float, *, types: Optional[Se
     types = [cache_type(t).name for t in (types or DEFAULT_TYPES)]
     if source not in SOURCES:
         raise ValueError(f"unknown sensitivity source '{source}': use one of {', '.join(SOURCES)}")
-    _check_budget_range(info, budget, types)
+    check_budget_range(info, budget, types)
     if source_result is None:
         if source == "kl":
             source_result = calibrate(model_path, types, text, n_ctx, n_chunks, n_threads, progress, use_cache)
         else:
-            source_result = _analysis(model_path, text, n_ctx, max(n_chunks, 2), n_threads, progress, use_cache)
+            source_result = cached_analysis(model_path, text, n_ctx, max(n_chunks, 2), n_threads, progress, use_cache)
     errors_k, errors_v = errors_from(source_result, types)
     if errors_k is not None:
         n = len(errors_k)
@@ -238,7 +216,7 @@ def plan_for_budget(model_path: str | Path, budget: float, *, types: Optional[Se
                        errors_k=errors_k, errors_v=errors_v, sensitivity_source=label)
 
 
-def _check_budget_range(info, budget: float, types: Sequence[str]) -> None:
+def check_budget_range(info, budget: float, types: Sequence[str]) -> None:
     """A budget outside what the types can reach: ValueError before anything is measured."""
     bits = [cache_type(t).bits_per_value for t in types]
     lo, hi = min(bits), max(bits)

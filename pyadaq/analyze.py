@@ -152,12 +152,11 @@ def analyze(model_path: str | Path, text: Optional[str] = None, n_ctx: int = 512
 
     info = read_model_info(model_path)
     t0 = time.time()
-    text_used = text if text is not None else None
     res = {
         "settings": {
             "model": str(model_path), "model_sha256": info.sha256,
             "text": "pydoc_data.topics" if text is None else "file",
-            "text_sha256": None if text_used is None else hashlib.sha256(text_used.encode()).hexdigest(),
+            "text_sha256": None if text is None else hashlib.sha256(text.encode()).hexdigest(),
             "n_ctx": n_ctx, "chunks": n_chunks, "pyadaq": __version__, "native": native().build_info["info"],
             "machine": machine(),
         },

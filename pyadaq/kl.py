@@ -49,7 +49,7 @@ class LayerConfig:
     label: str
     types_k: tuple
     types_v: tuple
-    bits_per_value: float
+    bits_per_value: float | None = None  # a plan's own figure; None: the mean over K and V types
 
     @property
     def k(self) -> str:
@@ -130,15 +130,13 @@ def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True):
 def config_row(cfg) -> dict:
     """The identifying fields of a result row."""
     if isinstance(cfg, LayerConfig):
-        from .types import cache_type as ct
-
         def mean_bits(ts):
-            return sum(ct(t).bits_per_value for t in ts) / len(ts)
+            return sum(cache_type(t).bits_per_value for t in ts) / len(ts)
 
+        bits_k, bits_v = mean_bits(cfg.types_k), mean_bits(cfg.types_v)
         return {"config": cfg.label, "k": cfg.k, "v": cfg.v, "per_layer": True,
-                "types_k": list(cfg.types_k), "types_v": list(cfg.types_v),
-                "bits_k": mean_bits(cfg.types_k), "bits_v": mean_bits(cfg.types_v),
-                "bits_per_value": cfg.bits_per_value}
+                "types_k": list(cfg.types_k), "types_v": list(cfg.types_v), "bits_k": bits_k, "bits_v": bits_v,
+                "bits_per_value": cfg.bits_per_value if cfg.bits_per_value is not None else (bits_k + bits_v) / 2}
     k, v = cache_type(cfg[0]), cache_type(cfg[1])
     return {"config": f"{k.name}:{v.name}", "k": k.name, "v": v.name,
             "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
@@ -158,10 +156,15 @@ def chunks(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None) -> li
     return out
 
 
-def cache_root() -> Path:
+def cache_base() -> Path:
+    """pyadaq's cache directory: $PYADAQ_CACHE_DIR, else $XDG_CACHE_HOME/pyadaq or ~/.cache/pyadaq."""
     base = os.environ.get("PYADAQ_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyadaq")
-    return Path(base) / "eval-ref"
+    return Path(base)
+
+
+def cache_root() -> Path:
+    return cache_base() / "eval-ref"
 
 
 class ReferenceStore:

@@ -180,8 +180,8 @@ def _resolve_plan(info: ModelInfo, model_path, kv_plan, kv_budget, kv_budget_sou
         if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
             raise TypeError(f"kv_budget is a number of bits per value, not {type(kv_budget).__name__}")
         plan = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source)
-    check_plan(plan, info, info.sha256 if kv_plan is not None else None)
-    return [cache_type(t) for t in plan.types_k], [cache_type(t) for t in plan.types_v], plan
+    types_k, types_v = check_plan(plan, info, info.sha256 if kv_plan is not None else None)
+    return types_k, types_v, plan
 
 
 class Llama(llama_cpp.Llama):

@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from ._native import native
 from .kl import config_row, open_context
-from .logits import Context, Model, quiet_native_logs
-from .types import cache_type
+from .logits import Model, quiet_native_logs
 
 _llama_cpp = native().llama_cpp
 

@@ -43,3 +43,20 @@ def embedded_model() -> Path:
     from pyadaq.embedded import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def child_env():
+    """child_env(**extra) -> the environment for a child Python that imports the same pyadaq
+    and models/tiny.py as these tests (plus the extra variables)."""
+    import os
+
+    import pyadaq
+
+    def make(**extra) -> dict:
+        env = dict(os.environ, **extra)
+        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(pyadaq.__file__)),
+                                             os.path.dirname(tiny.__file__), env.get("PYTHONPATH", "")])
+        return env
+
+    return make

@@ -674,7 +674,7 @@ print("SHIFT-OK", flush=True)
 
 @pytest.mark.parametrize("case", [("kvq2", 64, False), ("kvq3", 96, True)],
                          ids=["kvq2-rotation-disabled", "kvq3-head_dim96"])
-def test_context_shift_without_rotation(tiny_model, case):
+def test_context_shift_without_rotation(tiny_model, child_env, case):
     """K-shift of a quantized K cache that is not Hadamard-rotated: rotation switched off
     (LLAMA_ATTN_ROT_DISABLE=1), or impossible because head_dim is not a multiple of 64.
 
@@ -686,10 +686,7 @@ def test_context_shift_without_rotation(tiny_model, case):
 
     k, hd, rot = case
     path = tiny_model(head_dim=hd)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(pyadaq.__file__)), os.path.dirname(tiny.__file__),
-         env.get("PYTHONPATH", "")])
+    env = child_env()
     args = [sys.executable, "-c", _SHIFT_CHILD, __file__, str(path), k, "f16", "1" if rot else "0"]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "SHIFT-OK" in proc.stdout, proc.stdout + proc.stderr

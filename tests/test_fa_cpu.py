@@ -6,7 +6,6 @@ quantization error itself; and the conversion really runs where it should, and o
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,6 @@ import pyadaq
 from pyadaq.logits import Context, Model, quiet_native_logs
 from pyadaq.metrics import token_kl
 
-import tiny  # noqa: E402
 
 quiet_native_logs()
 
@@ -42,7 +40,7 @@ def tokens(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kv", [("kvq2", "kvq2"), ("q8_0", "kvq2"), ("kvq3", "q4_0"), ("f16", "kvq3")])
-def test_converted_path_matches_per_row_path(tiny_model, tmp_path, kv):
+def test_converted_path_matches_per_row_path(tiny_model, tmp_path, child_env, kv):
     path = tiny_model(head_dim=64)
     x = tokens(200, seed=2)
     np.save(tmp_path / "x.npy", x)
@@ -58,9 +56,7 @@ def test_converted_path_matches_per_row_path(tiny_model, tmp_path, kv):
         assert converted() > before  # a 200-query batch: the conversion ran
     finally:
         m.close()
-    env = dict(os.environ, PYADAQ_FA_CONVERT="0")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(pyadaq.__file__)),
-                                         os.path.dirname(tiny.__file__), env.get("PYTHONPATH", "")])
+    env = child_env(PYADAQ_FA_CONVERT="0")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tmp_path / "x.npy"), kv[0], kv[1],
                            str(tmp_path / "slow.npy")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

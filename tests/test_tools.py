@@ -4,7 +4,6 @@ real HTTP on localhost, `pyadaq bench`, and their bad input."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,18 +17,10 @@ import pytest
 import pyadaq
 from pyadaq.cli import main
 
-import tiny  # noqa: E402  (models/tiny.py)
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(pyadaq.__file__))
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.dirname(tiny.__file__), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _pyadaq(*args, stdin: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyadaq", *args], input=stdin, env=_env(), capture_output=True,
+def _pyadaq(env: dict, *args, stdin: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyadaq", *args], input=stdin, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -38,9 +29,9 @@ def _pyadaq(*args, stdin: str = "", timeout: int = 120) -> subprocess.CompletedP
 # ------------------------------------------------------------------------------------------
 
 
-def test_chat_through_a_pipe(tiny_model):
+def test_chat_through_a_pipe(tiny_model, child_env):
     model = str(tiny_model())
-    proc = _pyadaq("chat", "--model", model, "--ctx", "512", "--threads", "1", "--max-tokens", "6",
+    proc = _pyadaq(child_env(), "chat", "--model", model, "--ctx", "512", "--threads", "1", "--max-tokens", "6",
                    "--temperature", "0", stdin="hello there\n/stats\nand again\n/reset\nonce more\n")
     assert proc.returncode == 0, proc.stderr
     answers = proc.stdout.splitlines()
@@ -113,11 +104,11 @@ def _request(url: str, body=None, raw: bytes | None = None):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
+def server(tiny_model, child_env):
     pytest.importorskip("uvicorn", reason="the server extra (pip install 'pyadaq[server]') is not installed")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyadaq", "serve", "--model", str(tiny_model()), "--port",
-                             str(port), "--ctx", "512", "--threads", "1"], env=_env(), stdout=subprocess.PIPE,
+                             str(port), "--ctx", "512", "--threads", "1"], env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

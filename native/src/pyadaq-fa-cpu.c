@@ -128,8 +128,9 @@ static void make_f16_view(struct ggml_tensor * out, const struct ggml_tensor * t
     out->nb[3] = out->nb[2] * t->ne[2];
 }
 
-// Called by every thread of the op (q_tile: upstream's ggml_fa_tile_config::Q). Returns 1 and fills *alias (a copy of dst whose K and V
-// sources are f16 scratch tensors in *k16 / *v16) when the op has a pyadaq K or V type.
+// Called by every thread of the op (q_tile: upstream's ggml_fa_tile_config::Q). Returns 1 and
+// fills *alias (a copy of dst whose K and V sources are f16 scratch tensors in *k16 / *v16)
+// when the op has a pyadaq K or V type and at least q_tile queries.
 int pyadaq_fa_convert_kv(const struct ggml_compute_params * params, const struct ggml_tensor * dst, int q_tile,
                          struct ggml_tensor * alias, struct ggml_tensor * k16, struct ggml_tensor * v16) {
     const struct ggml_tensor * q = dst->src[0];
@@ -145,7 +146,7 @@ int pyadaq_fa_convert_kv(const struct ggml_compute_params * params, const struct
     if (q->ne[1] < q_tile) {
         return 0;
     }
-    if (k->ne[0] > 1024 || v->ne[0] > 1024 || dst->src[0]->type != GGML_TYPE_F32) {
+    if (k->ne[0] > 1024 || v->ne[0] > 1024 || q->type != GGML_TYPE_F32) {
         return 0;
     }
     const int64_t rows_k = k->ne[1] * k->ne[2] * k->ne[3];

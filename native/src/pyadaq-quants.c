@@ -224,7 +224,7 @@ static int pyadaq_cpu_has_avx2(void) {
     void dequantize_row_##lower(const void * vx, float * y, int64_t k) {                            \
         assert(k % (QK) == 0);                                                                       \
         const PYADAQ_BLOCK_TYPE(QK, BITS) * x = vx;                                                  \
-        PYADAQ_DEQUANT_FAST(lower);                                                       \
+        PYADAQ_DEQUANT_FAST(lower);                                                                  \
         for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
             dequantize_block(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS);   \
         }                                                                                            \

@@ -3,7 +3,6 @@ paper's key-norm > value-norm check, JSON and PNG plots."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -21,28 +20,17 @@ def add_parser(sub) -> None:
 
 
 def model_and_text(args):
-    """(model path, text or None) after the checks that need no native code."""
-    from ..gguf_info import read_model_info
+    """(model path, ModelInfo, text or None) after the checks that need no native code."""
+    from .eval_cmd import read_text_file, resolve_model
 
-    if args.model:
-        model = args.model
-    else:
-        from ..embedded import embedded_model_path
-
-        model = str(embedded_model_path())
-    info = read_model_info(model)
-    text = None
-    if getattr(args, "text", None):
-        path = Path(args.text)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    model, info = resolve_model(args.model)
+    text = read_text_file(args.text) if getattr(args, "text", None) else None
     return model, info, text
 
 
 def run(args) -> int:
     from ..analyze import analyze, plot_norms, plot_spectra
+    from .eval_cmd import write_json
 
     model, info, text = model_and_text(args)
     if args.ctx < 16 or (info.n_ctx_train and args.ctx > info.n_ctx_train):
@@ -52,9 +40,7 @@ def run(args) -> int:
     res = analyze(model, text, args.ctx, args.chunks, args.threads)
     print_summary(res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
+        write_json(res, args.json)
     if args.plot:
         plot_norms(res, args.plot)
         spectra = str(Path(args.plot).with_name(Path(args.plot).stem + "-spectra.png"))

@@ -4,7 +4,6 @@ context depth, with the KV size and the ratio to f16/f16 measured in the same ru
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from pathlib import Path
 
@@ -68,6 +67,7 @@ def run(args) -> int:
     from .._native import native
     from ..bench import plot_bench, run_bench
     from ..kl import resolve_configs
+    from .eval_cmd import write_json
     from .formats import machine
 
     model, info, configs, depths = check_inputs(args)
@@ -83,9 +83,7 @@ def run(args) -> int:
     }
     print_table(res)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
+        write_json(res, args.json)
     if args.plot:
         plot_bench(res, args.plot)
         print(f"wrote {args.plot}")

@@ -56,12 +56,11 @@ def load_llama(args, **extra):
         kw["n_threads"] = args.threads
     if args.kv_plan or args.kv_budget is not None:
         kw.update(kv_plan=args.kv_plan, kv_budget=args.kv_budget)
-    else:
-        kw.update(cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v or "kvq2")
-    if args.kv_plan or args.kv_budget is not None:
         # the plan decides K too; an explicit --cache-type-k is ignored (say so)
         if args.cache_type_k != "q8_0":
             print("pyadaq: --cache-type-k is ignored with a per-layer plan", file=sys.stderr)
+    else:
+        kw.update(cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v or "kvq2")
     return model, info, Llama(model, **kw)
 
 

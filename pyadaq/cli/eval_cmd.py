@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -65,6 +64,21 @@ def resolve_model(path):
     return model, read_model_info(model)
 
 
+def read_text_file(path) -> str:
+    """A UTF-8 text file's contents; ValueError naming the file when it is not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def write_json(obj, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
+    print(f"wrote {path}")
+
+
 def check_configs(configs, info) -> None:
     """Uniform pairs against the model's head sizes; plan files against the model."""
     from ..llama import validate_cache_types
@@ -95,12 +109,7 @@ def check_inputs(args):
             raise ValueError(f"a context of {n} tokens is larger than the model's training context "
                              f"({info.n_ctx_train}) for {Path(model).name}")
     if args.text:
-        path = Path(args.text)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-        text_name = str(path)
+        text, text_name = read_text_file(args.text), str(Path(args.text))
     else:
         text, text_name = default_text(), "pydoc_data.topics"
     return model, info, text, text_name, configs
@@ -146,9 +155,7 @@ def run(args) -> int:
     }
     print_table(out)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        print(f"wrote {args.json}")
+        write_json(out, args.json)
     if args.plot:
         plot(out, args.plot)
         print(f"wrote {args.plot}")

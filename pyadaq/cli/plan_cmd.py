@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..adaptive import _check_budget_range, calibrate, plan_for_budget, _analysis
+    from ..adaptive import cached_analysis, calibrate, check_budget_range, plan_for_budget
     from ..types import cache_type
     from .analyze_cmd import model_and_text
 
@@ -38,7 +38,7 @@ def run(args) -> int:
     types = [cache_type(t.strip()).name for t in args.types.split(",") if t.strip()]
     if not types:
         raise ValueError("--types is empty")
-    _check_budget_range(info, args.budget, types)
+    check_budget_range(info, args.budget, types)
     source_result = None
     if args.source_file:
         try:
@@ -55,7 +55,7 @@ def run(args) -> int:
     elif args.sensitivity == "kl":
         source_result = calibrate(model, types, None, args.ctx, args.chunks, args.threads)
     else:
-        source_result = _analysis(model, None, args.ctx, max(args.chunks, 2), args.threads, True, True)
+        source_result = cached_analysis(model, None, args.ctx, max(args.chunks, 2), args.threads, True, True)
     plan = plan_for_budget(model, args.budget, types=types, source_result=source_result, method=args.method)
     if args.save_calibration:
         Path(args.save_calibration).write_text(json.dumps(source_result, indent=1))
