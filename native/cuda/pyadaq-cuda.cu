@@ -1,0 +1,112 @@
+// CPY between f32 and pyadaq's kvq types on CUDA: llama.cpp's K-shift (dequantize, rotate,
+// quantize again) and ggml_cpy/ggml_cast in general. One thread per block of 32 values; any
+// strides, like upstream's cpy kernels for q4_0 and friends.
+
+#include "pyadaq-cuda.cuh"
+
+#define PYADAQ_CPY_BLOCK_SIZE 64
+
+struct pyadaq_cpy_shape {
+    int64_t ne;                          // elements
+    int64_t ne00, ne01, ne02;            // source shape
+    int64_t nb00, nb01, nb02, nb03;      // source strides (bytes)
+    int64_t ne10, ne11, ne12;            // destination shape
+    int64_t nb10, nb11, nb12, nb13;      // destination strides (bytes)
+};
+
+// Element i of a tensor of shape (n0, n1, n2, .) in row-major order -> (i0, i1, i2, i3).
+static __device__ __forceinline__ void pyadaq_unravel(int64_t i, int64_t n0, int64_t n1, int64_t n2,
+                                                      int64_t & i0, int64_t & i1, int64_t & i2, int64_t & i3) {
+    i3 = i / (n0 * n1 * n2);
+    i -= i3 * n0 * n1 * n2;
+    i2 = i / (n0 * n1);
+    i -= i2 * n0 * n1;
+    i1 = i / n0;
+    i0 = i - i1 * n0;
+}
+
+template <int BITS>
+static __global__ void pyadaq_cpy_f32_kvq(const char * __restrict__ cx, char * __restrict__ cdst, const pyadaq_cpy_shape s) {
+    typedef typename pyadaq_kvq_block<BITS>::type block_t;
+    const int64_t i = ((int64_t) blockDim.x * blockIdx.x + threadIdx.x) * PYADAQ_KVQ_QK;
+    if (i >= s.ne) {
+        return;
+    }
+    int64_t i00, i01, i02, i03, i10, i11, i12, i13;
+    pyadaq_unravel(i, s.ne00, s.ne01, s.ne02, i00, i01, i02, i03);
+    pyadaq_unravel(i, s.ne10, s.ne11, s.ne12, i10, i11, i12, i13);
+
+    const char * src = cx + i00 * s.nb00 + i01 * s.nb01 + i02 * s.nb02 + i03 * s.nb03;
+    float x[PYADAQ_KVQ_QK];
+#pragma unroll
+    for (int j = 0; j < PYADAQ_KVQ_QK; ++j) {
+        x[j] = *(const float *) (src + j * s.nb00);
+    }
+    block_t * dst = (block_t *) (cdst + (i10 / PYADAQ_KVQ_QK) * s.nb10 + i11 * s.nb11 + i12 * s.nb12 + i13 * s.nb13);
+    pyadaq_kvq_quantize_block<BITS>(x, dst);
+}
+
+template <int BITS>
+static __global__ void pyadaq_cpy_kvq_f32(const char * __restrict__ cx, char * __restrict__ cdst, const pyadaq_cpy_shape s) {
+    typedef typename pyadaq_kvq_block<BITS>::type block_t;
+    const int64_t i = ((int64_t) blockDim.x * blockIdx.x + threadIdx.x) * PYADAQ_KVQ_QK;
+    if (i >= s.ne) {
+        return;
+    }
+    int64_t i00, i01, i02, i03, i10, i11, i12, i13;
+    pyadaq_unravel(i, s.ne00, s.ne01, s.ne02, i00, i01, i02, i03);
+    pyadaq_unravel(i, s.ne10, s.ne11, s.ne12, i10, i11, i12, i13);
+
+    const block_t * src = (const block_t *) (cx + (i00 / PYADAQ_KVQ_QK) * s.nb00 + i01 * s.nb01 + i02 * s.nb02 + i03 * s.nb03);
+    char * dst = cdst + i10 * s.nb10 + i11 * s.nb11 + i12 * s.nb12 + i13 * s.nb13;
+#pragma unroll
+    for (int j = 0; j < PYADAQ_KVQ_QK; j += 2) {
+        float v0, v1;
+        pyadaq_kvq_dequant2<BITS>(src, j, &v0, &v1);
+        *(float *) (dst + (j + 0) * s.nb10) = v0;
+        *(float *) (dst + (j + 1) * s.nb10) = v1;
+    }
+}
+
+bool pyadaq_cuda_cpy_supported(ggml_type src, ggml_type dst) {
+    return (src == GGML_TYPE_F32 && pyadaq_cuda_is_kvq(dst)) || (pyadaq_cuda_is_kvq(src) && dst == GGML_TYPE_F32);
+}
+
+bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t stream) {
+    if (!pyadaq_cuda_cpy_supported(src0->type, src1->type)) {
+        return false;
+    }
+    const int64_t ne = ggml_nelements(src0);
+    GGML_ASSERT(ne == ggml_nelements(src1));
+    // a block never straddles rows: both row lengths are multiples of the block
+    GGML_ASSERT(src0->ne[0] % PYADAQ_KVQ_QK == 0 && src1->ne[0] % PYADAQ_KVQ_QK == 0);
+
+    const pyadaq_cpy_shape s = {
+        ne,
+        src0->ne[0], src0->ne[1], src0->ne[2],
+        (int64_t) src0->nb[0], (int64_t) src0->nb[1], (int64_t) src0->nb[2], (int64_t) src0->nb[3],
+        src1->ne[0], src1->ne[1], src1->ne[2],
+        (int64_t) src1->nb[0], (int64_t) src1->nb[1], (int64_t) src1->nb[2], (int64_t) src1->nb[3],
+    };
+    const int64_t n_blocks = ne / PYADAQ_KVQ_QK;
+    const int64_t grid = (n_blocks + PYADAQ_CPY_BLOCK_SIZE - 1) / PYADAQ_CPY_BLOCK_SIZE;
+    GGML_ASSERT(grid <= INT_MAX);
+
+    const char * x = (const char *) src0->data;
+    char * y = (char *) src1->data;
+    if (src0->type == GGML_TYPE_F32) {
+        if (src1->type == GGML_TYPE_KVQ2) {
+            pyadaq_cpy_f32_kvq<2><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
+        } else {
+            pyadaq_cpy_f32_kvq<3><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
+        }
+    } else {
+        if (src0->type == GGML_TYPE_KVQ2) {
+            pyadaq_cpy_kvq_f32<2><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
+        } else {
+            pyadaq_cpy_kvq_f32<3><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
+        }
+    }
+    CUDA_CHECK(cudaGetLastError());
+    return true;
+}
