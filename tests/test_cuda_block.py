@@ -1,0 +1,75 @@
+"""The CUDA kernels' block arithmetic against the scalar reference, on any machine.
+
+native/cuda/pyadaq-kvq-block.h holds every computation the CUDA backend does on a kvq2/kvq3
+block: the quantizer of SET_ROWS and CPY, the two-value dequantization of GET_ROWS, CPY and
+the f16 conversion used by prompt-processing flash attention, and the packed int8 levels that
+the flash-attention vector kernel feeds to dp4a (K) and multiplies by the scale (V). The same
+header is compiled for the host (native/cuda/kvq-block-check.cpp); this test runs that build
+on the bit-exactness cases of test_kernels.py and requires the reference's exact bytes and
+floats. What it cannot check without a GPU (the kernels' indexing, the device intrinsics, the
+denormal flushing of -use_fast_math) is checked by scripts/gpu-check.sh with test-backend-ops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyadaq
+from pyadaq import quants_ref as qr
+from test_kernels import bitexact_cases, c_dequantize, c_quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "native" / "cuda"
+TYPES = [t for t in pyadaq.cache_types() if t.name in ("kvq2", "kvq3")]
+
+
+@pytest.fixture(scope="module")
+def checker(tmp_path_factory) -> Path:
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build native/cuda/kvq-block-check.cpp")
+    exe = tmp_path_factory.mktemp("kvq-block") / "kvq-block-check"
+    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Werror",
+           f"-I{CUDA_DIR}", f"-I{ROOT / 'native' / 'src'}", str(CUDA_DIR / "kvq-block-check.cpp"), "-o", str(exe)]
+    subprocess.run(cmd, check=True)
+    return exe
+
+
+def run_checker(exe: Path, bits: int, x: np.ndarray, tmp: Path) -> dict[str, np.ndarray]:
+    src = tmp / "in.f32"
+    np.ascontiguousarray(x, dtype=np.float32).tofile(src)
+    subprocess.run([str(exe), str(bits), str(src), str(tmp / "out")], check=True)
+    return {
+        "q": np.fromfile(tmp / "out.q", dtype=np.uint8),
+        "deq": np.fromfile(tmp / "out.deq", dtype=np.float32),
+        "lev": np.fromfile(tmp / "out.lev", dtype="<i4"),
+        "f16": np.fromfile(tmp / "out.f16", dtype="<u2"),
+    }
+
+
+@pytest.mark.parametrize("t", TYPES, ids=[t.name for t in TYPES])
+def test_cuda_block_arithmetic_matches_reference(t, checker, tmp_path):
+    spec = qr.spec(t.name)
+    for case, x in bitexact_cases(t).items():
+        out = run_checker(checker, spec.bits, x, tmp_path)
+        ref_q = c_quantize(t, x)
+        assert np.array_equal(out["q"], ref_q), f"{t.name}/{case}: blocks differ from the reference's"
+
+        ref_deq = c_dequantize(t, ref_q, len(x))
+        assert np.array_equal(out["deq"].view(np.uint32), ref_deq.view(np.uint32)), f"{t.name}/{case}: dequantized values"
+
+        idx, _ = qr.indices(t.name, ref_q, len(x))
+        levels = np.asarray(spec.levels, dtype=np.int8)[idx].reshape(-1, 4)
+        assert np.array_equal(out["lev"].view(np.int8).reshape(-1, 4), levels), f"{t.name}/{case}: packed levels"
+
+        with np.errstate(over="ignore"):
+            ref_h = x.astype(np.float16).view("<u2")
+        nan = np.isnan(x)
+        assert np.array_equal(out["f16"][~nan], ref_h[~nan]), f"{case}: fp32 -> fp16 rounding"
+        assert np.all((out["f16"][nan] & 0x7C00) == 0x7C00) and np.all(out["f16"][nan] & 0x3FF)
+
