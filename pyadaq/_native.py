@@ -76,6 +76,7 @@ int32_t pyadaq_set_layer_cache_types(void * model, int32_t n_layer, const int32_
                                      const int32_t * types_v, char * err, size_t err_size);
 int32_t pyadaq_has_layer_cache_types(void * model);
 int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
+int32_t pyadaq_kv_offload_check(void * ctx, char * err, size_t err_size);
 
 void *  pyadaq_kv_capture_new(void * model);
 void    pyadaq_kv_capture_free(void * cap);

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._native import native
 from .gguf_info import ModelInfo, read_model_info
+from .offload import KVOffloadError, check_offload
 from .types import CacheType, cache_type, cache_types
 
 import llama_cpp  # noqa: E402,I001  (after ._native, which points llama_cpp at pyadaq's libllama)
@@ -193,7 +194,9 @@ class Llama(llama_cpp.Llama):
     "norms") give each layer its own K and V type instead. All other keyword arguments go to
     ``llama_cpp.Llama`` unchanged, except that ``verbose`` defaults to False and
     ``flash_attn`` defaults to True when any K or V type is quantized (``flash_attn=None``
-    also means "choose").
+    also means "choose"). If a layer's cache ends up on a GPU that cannot run what its types
+    need, construction raises :class:`pyadaq.offload.KVOffloadError` (llama.cpp would run those
+    ops on the CPU without saying so); ``allow_cpu_fallback=True`` turns that into a warning.
 
     After construction: ``cache_type_k``, ``cache_type_v`` (CacheType; for a plan, its most
     common types), ``layer_types_k`` / ``layer_types_v`` (per layer), ``kv_plan`` (the KVPlan
@@ -211,6 +214,7 @@ class Llama(llama_cpp.Llama):
         kv_plan: Any = None,
         kv_budget: Optional[float] = None,
         kv_budget_source: str = "kl",
+        allow_cpu_fallback: bool = False,
         **kwargs: Any,
     ) -> None:
         for raw, ours in (("type_k", "cache_type_k"), ("type_v", "cache_type_v")):
@@ -247,16 +251,22 @@ class Llama(llama_cpp.Llama):
         self.model_info: ModelInfo = info
         if plan is None:
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
-            return
-        # llama_cpp.Llama loads the model and creates the context in one call: the per-layer
-        # types are set on the loaded model just before its context is created
-        with _context_lock:
-            original = _internals.LlamaContext
-            _internals.LlamaContext = _planned_context(layers_k, layers_v, original)
-            try:
-                super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
-            finally:
-                _internals.LlamaContext = original
+        else:
+            # llama_cpp.Llama loads the model and creates the context in one call: the per-layer
+            # types are set on the loaded model just before its context is created
+            with _context_lock:
+                original = _internals.LlamaContext
+                _internals.LlamaContext = _planned_context(layers_k, layers_v, original)
+                try:
+                    super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
+                finally:
+                    _internals.LlamaContext = original
+        # a GPU-resident cache whose ops its GPU cannot run: an error, not a silent CPU fallback
+        try:
+            check_offload(self._ctx_ptr(), allow_cpu_fallback=allow_cpu_fallback)
+        except KVOffloadError:
+            self.close()
+            raise
 
     # --- KV cache size ------------------------------------------------------------------
     def _ctx_ptr(self) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ._native import native
 from .layer_types import pending_layer_types
+from .offload import KVOffloadError, check_offload
 from .types import CacheType, cache_type
 
 _llama_cpp = native().llama_cpp
@@ -106,6 +107,12 @@ class Context:
         if not self.ptr:
             what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"
             raise ValueError(f"llama.cpp could not create a context with {what}")
+        try:
+            check_offload(self.ptr)  # a GPU-resident cache must run on its GPU
+        except KVOffloadError:
+            _llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+            raise
         self.n_ctx = n_ctx
         self.batch = _llama_cpp.llama_batch_init(n_ctx, 0, 1)
 

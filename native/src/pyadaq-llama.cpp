@@ -3,6 +3,7 @@
 // sources call (pyadaq-llama.h, native/patches/0005). No public struct layout changes.
 
 #include "llama.h"
+#include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-memory.h"
 #include "llama-model.h"
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -71,6 +73,17 @@ PYADAQ_API int32_t pyadaq_kv_capture_gram(const struct pyadaq_kv_capture * cap, 
                                          int32_t head, double * out, int64_t n);
 // Nodes whose layout the capture could not read (not F32/F16/BF16); 0 in a normal run.
 PYADAQ_API int64_t pyadaq_kv_capture_skipped(const struct pyadaq_kv_capture * cap);
+
+// Whether the KV cache of a context runs where it lives. For every layer whose K/V cache
+// tensors are in a GPU device's memory, asks that device whether it runs, with that layer's
+// types, the ops attention needs: writing K and V (SET_ROWS) and, with flash attention on,
+// FLASH_ATTN_EXT, or without it the two matrix products (MUL_MAT). An op the device cannot
+// run is scheduled on the CPU by ggml, silently, copying the layer's cache every token. On
+// CUDA it also reports a K/V pair that has no compiled flash-attention vector kernel (ggml
+// then converts K and V to f16 for each generated token). Returns the number of layers with
+// a problem (0: everything runs on its device) and describes them in err; -1 when the
+// context has no KV cache pyadaq can read.
+PYADAQ_API int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, char * err, size_t err_size);
 
 }
 
@@ -275,6 +288,157 @@ int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32_t n_max, i
         return n_layer;
     }
     return -1;
+}
+
+// --- does each layer's cache run where it lives? --------------------------------------------
+
+// The K/V pairs with a compiled CUDA flash-attention vector kernel ("k-v,k-v,..."), from
+// native/cmake/pyadaq_cuda.cmake; empty in a build without CUDA.
+#ifndef PYADAQ_CUDA_FA_PAIRS
+#    define PYADAQ_CUDA_FA_PAIRS ""
+#endif
+
+static bool cuda_fa_pair_compiled(ggml_type k, ggml_type v) {
+    const std::string pairs = std::string(",") + PYADAQ_CUDA_FA_PAIRS + ",";
+    const std::string pair = std::string(",") + ggml_type_name(k) + "-" + ggml_type_name(v) + ",";
+    return pairs.find(pair) != std::string::npos;
+}
+
+static ggml_backend_dev_t tensor_device(const ggml_tensor * t) {
+    const ggml_tensor * s = t->view_src != nullptr ? t->view_src : t;
+    if (s->buffer == nullptr) {
+        return nullptr;
+    }
+    return ggml_backend_buft_get_device(ggml_backend_buffer_get_type(s->buffer));
+}
+
+static void check_kv_offload(const llama_kv_cache * kv, const llama_model & model, bool flash_attn,
+                             std::map<uint32_t, std::string> & problems) {
+    // PYADAQ_OFFLOAD_CHECK_CPU (tests): "1" checks a CPU-resident cache against the CPU device
+    // too, which builds every op of the check on machines without a GPU; "list" also reports
+    // each checked layer, with what was asked, as if it were a problem
+    const char * env = getenv("PYADAQ_OFFLOAD_CHECK_CPU");
+    const bool list_all = env != nullptr && strcmp(env, "list") == 0;
+    const bool check_cpu = env != nullptr && (strcmp(env, "1") == 0 || list_all);
+    const uint32_t n_kv = 256; // a multiple of every backend's padding
+    ggml_init_params params = { /*.mem_size =*/ 32 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
+                                /*.no_alloc =*/ true };
+    ggml_context * ctx = ggml_init(params);
+    llama_kv_cache::slot_info sinfo;
+    sinfo.s0 = 0;
+    sinfo.s1 = 0;
+    for (uint32_t il : kv->get_layer_ids()) {
+        ggml_reset(ctx);
+        ggml_tensor * k_store = kv->get_k_storage((int32_t) il);
+        ggml_tensor * k = kv->get_k(ctx, (int32_t) il, n_kv, sinfo);
+        ggml_tensor * v = kv->get_v(ctx, (int32_t) il, n_kv, sinfo);
+        if (k_store == nullptr || k == nullptr) {
+            continue;
+        }
+        ggml_backend_dev_t dev = tensor_device(k_store);
+        if (dev == nullptr && check_cpu) {
+            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); // host buffers name no device
+        }
+        if (dev == nullptr || (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && !check_cpu)) {
+            continue;
+        }
+        const char * dev_name = ggml_backend_dev_name(dev);
+        std::vector<std::string> why;
+        std::vector<std::string> asked;
+
+        // writing the new tokens' K and V
+        for (ggml_tensor * store : { k_store, v != nullptr ? v->view_src : nullptr }) {
+            if (store == nullptr) {
+                continue;
+            }
+            ggml_tensor * rows = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, store->ne[0], 1, store->ne[2]);
+            ggml_tensor * idx = ggml_new_tensor_2d(ctx, GGML_TYPE_I64, 1, 1);
+            ggml_tensor * op = ggml_set_rows(ctx, store, rows, idx);
+            asked.push_back(std::string("set_rows ") + ggml_type_name(store->type));
+            if (!ggml_backend_dev_supports_op(dev, op)) {
+                why.push_back(std::string("writing ") + ggml_type_name(store->type) + " rows");
+            }
+        }
+
+        // attention for one token, the way llama's graph asks for it
+        const int64_t n_head = model.hparams.n_head(il);
+        const int64_t head_k = k->ne[0];
+        ggml_tensor * q = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, head_k, n_head, 1, k->ne[3]);
+        q = ggml_permute(ctx, q, 0, 2, 1, 3);
+        ggml_tensor * kp = ggml_permute(ctx, k, 0, 2, 1, 3);
+        if (flash_attn && v != nullptr) {
+            ggml_tensor * vp = ggml_permute(ctx, v, 0, 2, 1, 3);
+            ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, k->ne[3]);
+            ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, kp, vp, mask, 1.0f, 0.0f, 0.0f);
+            ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
+            asked.push_back(std::string("flash_attn ") + ggml_type_name(k->type) + "/" + ggml_type_name(v->type));
+            if (!ggml_backend_dev_supports_op(dev, fa)) {
+                why.push_back(std::string("flash attention with K ") + ggml_type_name(k->type) + " / V " +
+                              ggml_type_name(v->type) + " (head size " + std::to_string(head_k) + ")");
+            } else if (std::string(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))) == "CUDA" &&
+                       (head_k == 64 || head_k == 128 || head_k == 256) && v->ne[0] == head_k &&
+                       !cuda_fa_pair_compiled(k->type, v->type)) {
+                why.push_back(std::string("no compiled flash-attention vector kernel for K ") + ggml_type_name(k->type) +
+                              " / V " + ggml_type_name(v->type) + ": K and V are converted to f16 for every token");
+            }
+        } else {
+            ggml_tensor * kq = ggml_mul_mat(ctx, kp, q);
+            asked.push_back(std::string("mul_mat ") + ggml_type_name(k->type));
+            if (!ggml_backend_dev_supports_op(dev, kq)) {
+                why.push_back(std::string("the K.Q product with K ") + ggml_type_name(k->type) +
+                              " without flash attention (turn flash attention on)");
+            }
+        }
+        if (list_all) {
+            std::string a;
+            for (const auto & x : asked) {
+                a += (a.empty() ? "" : ", ") + x;
+            }
+            why.push_back("checked " + a);
+        }
+        if (!why.empty()) {
+            std::string msg = std::string("layer ") + std::to_string(il) + " (" + dev_name + "): ";
+            for (size_t i = 0; i < why.size(); ++i) {
+                msg += (i ? "; " : "") + why[i];
+            }
+            problems[il] = msg;
+        }
+    }
+    ggml_free(ctx);
+}
+
+int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, char * err, size_t err_size) {
+    if (ctx == nullptr) {
+        return -1;
+    }
+    llama_memory_i * mem = llama_get_memory(ctx);
+    const llama_model & model = *llama_get_model(ctx);
+    const bool flash_attn = ctx->get_cparams().flash_attn;
+    std::map<uint32_t, std::string> problems;
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        check_kv_offload(iswa->get_base(), model, flash_attn, problems);
+        check_kv_offload(iswa->get_swa(), model, flash_attn, problems);
+    } else if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        check_kv_offload(kv, model, flash_attn, problems);
+    } else {
+        set_err(err, err_size, "the context has no KV cache pyadaq can read");
+        return -1;
+    }
+    std::string msg;
+    for (const auto & p : problems) {
+        msg += (msg.empty() ? "" : "\n") + p.second;
+    }
+    set_err(err, err_size, msg);
+    return (int32_t) problems.size();
+}
+
+void pyadaq_kv_offload_warn(const llama_context * ctx) {
+    char buf[2048];
+    const int32_t n = pyadaq_kv_offload_check(ctx, buf, sizeof(buf));
+    if (n > 0) {
+        LLAMA_LOG_WARN("%s: %d layer(s) of the KV cache need ops their device cannot run; ggml will run them "
+                       "on the CPU, copying the cache every token:\n%s\n", __func__, n, buf);
+    }
 }
 
 // --- K/V activation capture -----------------------------------------------------------------

@@ -37,3 +37,9 @@ ggml_type pyadaq_kv_layer_type(uint32_t il, bool is_v, ggml_type uniform);
 // Whether the uniform type or any active per-layer K (V) type is quantized: the KV cache then
 // stores K (V) with attention rotation (for every layer, so that all of them agree).
 bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform);
+
+// Called by llama_init_from_model on the new context: logs a warning naming each layer whose
+// KV cache lives on a GPU that cannot run the ops the layer's K/V types need (ggml would run
+// them on the CPU, silently). pyadaq's Python layer raises an error instead
+// (pyadaq_kv_offload_check).
+void pyadaq_kv_offload_warn(const llama_context * ctx);
