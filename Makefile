@@ -13,7 +13,7 @@ LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 STAMP  := $(VENV)/.pyadaq-installed
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pyadaq -type f \( -name '*.py' -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cmake' -o -name '*.patch' -o -name '*.in' \) 2>/dev/null)
 
-.PHONY: install demo test formats clean
+.PHONY: install demo test formats cuda-check clean
 
 $(VENV)/.llama-cpp-python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: install
 
 formats: install
 	$(VENV)/bin/pyadaq formats
+
+# Compile pyadaq's CUDA sources and the upstream CUDA files it patches with nvcc for one
+# architecture (CUDA_ARCH, default 90): no GPU or cuBLAS library needed. See the script.
+CUDA_ARCH ?= 90
+cuda-check:
+	bash native/scripts/cuda-compile-check.sh $(CUDA_CHECK_FLAGS) $(CUDA_ARCH)
 
 clean:
 	rm -rf build $(VENV)

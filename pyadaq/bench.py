@@ -73,6 +73,7 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
     if n_gpu_layers is None:  # everything on the GPU when the library has a GPU backend
         n_gpu_layers = 999 if gpu_offload() else 0
     model = Model(str(model_path), n_gpu_layers=n_gpu_layers)
+    weight_bytes = int(_L.llama_model_size(model.ptr))
     rng = np.random.default_rng(seed)
     n_vocab = model.n_vocab
     results = []
@@ -102,8 +103,13 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
                             tg.append(n_gen / (time.perf_counter() - t0))
                             run.drop_from(depth)
                         bar.update()
+                    # What one generated token must read: every weight once, and the KV cache up to
+                    # the cells in use (llama.cpp reads them in steps of 256); iSWA caches are read
+                    # whole at depth, so scaling the allocated bytes is exact there and an
+                    # overestimate near depth 0. With the GPU's memory bandwidth this bounds tg.
+                    kv_read = ctx.kv_cache_bytes * min(1.0, (-(-(depth + n_gen) // 256) * 256) / n_ctx)
                     row = {**config_row(cfg), "depth": depth, "n_ctx": n_ctx, "kv_bytes": ctx.kv_cache_bytes,
-                           "pp_tps": pp, "tg_tps": tg}
+                           "tg_bytes_per_token": int(weight_bytes + kv_read), "pp_tps": pp, "tg_tps": tg}
                     for key, vals in (("pp", pp), ("tg", tg)):
                         row[f"{key}_mean"] = float(np.mean(vals)) if vals else None
                         row[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None
@@ -114,6 +120,8 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
     finally:
         bar.close()
         model.close()
+    for r in results:
+        r["tg_gbps"] = r["tg_mean"] * r["tg_bytes_per_token"] / 1e9 if r["tg_mean"] else None
     base = {r["depth"]: r for r in results if r["config"] == "f16:f16"}
     for r in results:
         b = base.get(r["depth"])
@@ -121,6 +129,7 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
             ok = b is not None and r[f"{key}_mean"] and b[f"{key}_mean"]
             r[f"{key}_vs_f16"] = r[f"{key}_mean"] / b[f"{key}_mean"] if ok else None
     return {"model": str(model_path), "backend": "GPU" if n_gpu_layers else "CPU", "n_gpu_layers": n_gpu_layers,
+            "weight_bytes": weight_bytes,
             "depths": depths, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
             "n_batch": n_batch, "configs": [config_label(c) for c in configs], "results": results}
 
@@ -155,9 +164,11 @@ def plot_bench(res: dict, path: str) -> None:
     plt.close(fig)
 
 
-def render_markdown(res: dict, command: str) -> str:
-    """docs/BENCHMARKS.md from a bench run: the table, the speed goals of issue 5 checked at
-    the deepest depth measured, and how to rerun."""
+def render_markdown(res: dict, command: str, mem_bandwidth_gbps: Optional[float] = None) -> str:
+    """docs/BENCHMARKS.md from a bench run: the table, the speed goals (issue 5's on the CPU,
+    issue 6's on a GPU) checked at the deepest depth measured, and how to rerun.
+    mem_bandwidth_gbps: the device's peak memory bandwidth, for the bound on tg (bytes read
+    per generated token / bandwidth)."""
     s = res["settings"]
     rows = res["results"]
     out = [
@@ -171,8 +182,9 @@ def render_markdown(res: dict, command: str) -> str:
         "",
         f"Rerun: `{command}`",
         "",
-        "| config | depth | KV MiB | pp t/s | pp / f16 | tg t/s | tg / f16 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| config | depth | KV MiB | pp t/s | pp / f16 | tg t/s | tg / f16 | MB read / token | tg GB/s |"
+        + (" tg / bound |" if mem_bandwidth_gbps else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem_bandwidth_gbps else ""),
     ]
     for r in rows:
         def cell(key):
@@ -183,11 +195,21 @@ def render_markdown(res: dict, command: str) -> str:
             v = r[f"{key}_vs_f16"]
             return "–" if v is None else f"{v:.2f}"
 
-        out.append(f"| {r['config']} | {r['depth']} | {r['kv_bytes'] / 2**20:.2f} | {cell('pp')} | {ratio('pp')} | "
-                   f"{cell('tg')} | {ratio('tg')} |")
+        bpt = r.get("tg_bytes_per_token")
+        gbps = r.get("tg_gbps")
+        line = (f"| {r['config']} | {r['depth']} | {r['kv_bytes'] / 2**20:.2f} | {cell('pp')} | {ratio('pp')} | "
+                f"{cell('tg')} | {ratio('tg')} | {'–' if bpt is None else f'{bpt / 1e6:.1f}'} | "
+                f"{'–' if gbps is None else f'{gbps:.1f}'} |")
+        if mem_bandwidth_gbps:
+            line += " – |" if gbps is None else f" {gbps / mem_bandwidth_gbps:.2f} |"
+        out.append(line)
     deepest = max(r["depth"] for r in rows)
     at = {r["config"]: r for r in rows if r["depth"] == deepest}
     out += ["", f"## Goals at depth {deepest}", ""]
+    if res["backend"] == "GPU":
+        out += _gpu_goals(at)
+        out.append("")
+        return "\n".join(out)
     target = at.get("q8_0:kvq2")
     if target and target["tg_vs_f16"] is not None and target["pp_vs_f16"] is not None:
         for key, goal, what in (("tg", 0.95, "generation"), ("pp", 0.8, "prompt processing")):
@@ -206,3 +228,21 @@ def render_markdown(res: dict, command: str) -> str:
                                + ("met" if a >= b else "**not met**"))
     out.append("")
     return "\n".join(out)
+
+
+def _gpu_goals(at: dict) -> list:
+    """Issue 6's speed goals (GPU): K=q4_0 with V=kvq2 generates at least as fast as f16/f16
+    and at least 0.9x q4_0/q4_0; its prompt processing is at least 0.9x f16/f16."""
+    out = []
+    r, f16, q4 = at.get("q4_0:kvq2"), at.get("f16:f16"), at.get("q4_0:q4_0")
+    if r is None or f16 is None:
+        return ["- q4_0:kvq2 and f16:f16 were not both measured at this depth: no goal checked"]
+    checks = [("tg", f16, 1.0, "generation, against f16/f16"), ("pp", f16, 0.9, "prompt processing, against f16/f16")]
+    if q4 is not None:
+        checks.insert(1, ("tg", q4, 0.9, "generation, against q4_0/q4_0"))
+    for key, ref, goal, what in checks:
+        a, b = r[f"{key}_mean"], ref[f"{key}_mean"]
+        if a and b:
+            out.append(f"- K=q4_0, V=kvq2 {what}: {a / b:.2f}× (goal ≥ {goal}): "
+                       + ("**met**" if a >= goal * b else "**not met**"))
+    return out

@@ -242,6 +242,10 @@ class Llama(llama_cpp.Llama):
             if any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
                 kwargs["flash_attn"] = True
         kwargs.setdefault("verbose", False)
+        if "n_gpu_layers" not in kwargs:
+            from .logits import default_gpu_layers
+
+            kwargs["n_gpu_layers"] = default_gpu_layers()  # 0 (llama_cpp's default) unless $PYADAQ_GPU_LAYERS
 
         self.cache_type_k: CacheType = tk
         self.cache_type_v: CacheType = tv

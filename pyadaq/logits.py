@@ -42,10 +42,21 @@ def quiet_native_logs() -> None:
     llama_cpp._logger.set_verbose(False)
 
 
+def default_gpu_layers() -> int:
+    """Layers to offload when a caller does not say: $PYADAQ_GPU_LAYERS, else 0 (CPU). The
+    GPU check script (scripts/gpu-check.sh) sets it so that the test suite and `pyadaq eval`
+    run on the GPU."""
+    raw = os.environ.get("PYADAQ_GPU_LAYERS", "").strip()
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        raise ValueError(f"PYADAQ_GPU_LAYERS must be a number of layers, not {raw!r}") from None
+
+
 class Model:
-    def __init__(self, path: str, n_gpu_layers: int = 0):
+    def __init__(self, path: str, n_gpu_layers: int | None = None):
         params = _llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.path = str(path)
         self.ptr = _llama_cpp.llama_model_load_from_file(self.path.encode(), params)
         if not self.ptr:

@@ -199,6 +199,31 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
     assert rows[("q8_0:kvq2", 256)]["kv_bytes"] < 0.4 * rows[("f16:f16", 256)]["kv_bytes"]
     assert res["settings"]["backend"] in ("CPU", "GPU") and res["settings"]["machine"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+    # bytes a generated token reads: the weights once, plus the KV cache in use
+    for (cfg, depth), r in rows.items():
+        assert r["tg_bytes_per_token"] >= res["weight_bytes"] > 0
+        assert r["tg_gbps"] == pytest.approx(r["tg_mean"] * r["tg_bytes_per_token"] / 1e9)
+    assert (rows[("f16:f16", 256)]["tg_bytes_per_token"] - res["weight_bytes"]
+            > rows[("q8_0:kvq2", 256)]["tg_bytes_per_token"] - res["weight_bytes"] > 0)
+
+
+def test_bench_report_with_a_bandwidth_and_gpu_goals():
+    """The report gives tg against the bandwidth bound, and checks issue 6's goals for a GPU run."""
+    from pyadaq.bench import render_markdown
+
+    def row(cfg, pp, tg):
+        k, v = cfg.split(":")
+        return {"config": cfg, "k": k, "v": v, "depth": 32768, "kv_bytes": 2**20, "pp_mean": pp, "pp_std": 0.0,
+                "tg_mean": tg, "tg_std": 0.0, "pp_vs_f16": pp / 1000, "tg_vs_f16": tg / 100,
+                "tg_bytes_per_token": 10**9, "tg_gbps": tg}
+    res = {"backend": "GPU", "n_prompt": 512, "n_gen": 64, "n_batch": 512, "reps": 3,
+           "settings": {"model_name": "m.gguf", "machine": "x; GPU: H100", "native": "n", "date": "d", "seconds": 1.0},
+           "results": [row("f16:f16", 1000, 100), row("q4_0:q4_0", 950, 120), row("q4_0:kvq2", 880, 110)]}
+    md = render_markdown(res, "pyadaq bench", mem_bandwidth_gbps=1000.0)
+    assert "| q4_0:kvq2 | 32768 | 1.00 | 880.0 ± 0.0 | 0.88 | 110.0 ± 0.0 | 1.10 | 1000.0 | 110.0 | 0.11 |" in md
+    assert "generation, against f16/f16: 1.10× (goal ≥ 1.0): **met**" in md
+    assert "generation, against q4_0/q4_0: 0.92× (goal ≥ 0.9): **met**" in md
+    assert "prompt processing, against f16/f16: 0.88× (goal ≥ 0.9): **not met**" in md
 
 
 @pytest.mark.parametrize("args, message", [

@@ -370,7 +370,7 @@ static void check_kv_offload(const llama_kv_cache * kv, const llama_model & mode
             ggml_tensor * vp = ggml_permute(ctx, v, 0, 2, 1, 3);
             ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, k->ne[3]);
             ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, kp, vp, mask, 1.0f, 0.0f, 0.0f);
-            ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
+            ggml_prec_set_acc(fa, GGML_PREC_F32);
             asked.push_back(std::string("flash_attn ") + ggml_type_name(k->type) + "/" + ggml_type_name(v->type));
             if (!ggml_backend_dev_supports_op(dev, fa)) {
                 why.push_back(std::string("flash attention with K ") + ggml_type_name(k->type) + " / V " +

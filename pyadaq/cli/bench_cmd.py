@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="write the figures and the run's settings here")
     p.add_argument("--plot", help="write a PNG plot here (speed against depth per config)")
     p.add_argument("--markdown", help="write a Markdown report here (docs/BENCHMARKS.md)")
+    p.add_argument("--mem-bandwidth", type=float, metavar="GB/S",
+                   help="the device's peak memory bandwidth: the report then gives tg against the bound "
+                        "bandwidth / bytes read per token (e.g. 3350 for an H100 SXM)")
     p.set_defaults(func=run)
 
 
@@ -95,7 +98,7 @@ def run(args) -> int:
 
         command = "pyadaq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
             else "pyadaq bench"
-        Path(args.markdown).write_text(render_markdown(res, command))
+        Path(args.markdown).write_text(render_markdown(res, command, args.mem_bandwidth))
         print(f"wrote {args.markdown}")
     return 0
 

@@ -41,7 +41,26 @@ def machine() -> str:
         pass
     import os
 
-    return f"{cpu}, {os.cpu_count()} threads, {platform.system()}"
+    gpu = gpu_names()
+    return f"{cpu}, {os.cpu_count()} threads, {platform.system()}" + (f"; GPU: {', '.join(gpu)}" if gpu else "")
+
+
+def gpu_names() -> list:
+    """The NVIDIA GPUs nvidia-smi lists (name, memory), when pyadaq's library has a GPU backend
+    and nvidia-smi is there; [] otherwise."""
+    import shutil
+    import subprocess
+
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload() or shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def run(args) -> int:
