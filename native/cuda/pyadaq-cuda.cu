@@ -68,18 +68,23 @@ static __global__ void pyadaq_cpy_kvq_f32(const char * __restrict__ cx, char * _
     }
 }
 
-bool pyadaq_cuda_cpy_supported(ggml_type src, ggml_type dst) {
-    return (src == GGML_TYPE_F32 && pyadaq_cuda_is_kvq(dst)) || (pyadaq_cuda_is_kvq(src) && dst == GGML_TYPE_F32);
+bool pyadaq_cuda_cpy_supported(const ggml_tensor * src0, const ggml_tensor * src1) {
+    const ggml_type a = src0->type;
+    const ggml_type b = src1->type;
+    if (!((a == GGML_TYPE_F32 && pyadaq_cuda_is_kvq(b)) || (pyadaq_cuda_is_kvq(a) && b == GGML_TYPE_F32))) {
+        return false;
+    }
+    // one thread per block: a block of 32 values never straddles a row on either side
+    return src0->ne[0] % PYADAQ_KVQ_QK == 0 && src1->ne[0] % PYADAQ_KVQ_QK == 0;
 }
 
 bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t stream) {
-    if (!pyadaq_cuda_cpy_supported(src0->type, src1->type)) {
+    if (!pyadaq_cuda_is_kvq(src0->type) && !pyadaq_cuda_is_kvq(src1->type)) {
         return false;
     }
+    GGML_ASSERT(pyadaq_cuda_cpy_supported(src0, src1)); // supports_op said so
     const int64_t ne = ggml_nelements(src0);
     GGML_ASSERT(ne == ggml_nelements(src1));
-    // a block never straddles rows: both row lengths are multiples of the block
-    GGML_ASSERT(src0->ne[0] % PYADAQ_KVQ_QK == 0 && src1->ne[0] % PYADAQ_KVQ_QK == 0);
 
     const pyadaq_cpy_shape s = {
         ne,

@@ -72,6 +72,7 @@ static __device__ __forceinline__ void pyadaq_cuda_dequantize_kvq3(const void * 
 
 // ---- CPY f32 <-> kvq (pyadaq-cuda.cu) -------------------------------------------------------
 
-bool pyadaq_cuda_cpy_supported(ggml_type src, ggml_type dst);
+// f32 -> kvq and kvq -> f32, whole blocks within rows on both sides.
+bool pyadaq_cuda_cpy_supported(const ggml_tensor * src0, const ggml_tensor * src1);
 // Runs the copy and returns true when it is one of pyadaq's, returns false otherwise.
 bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t stream);
