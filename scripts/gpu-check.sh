@@ -24,10 +24,13 @@
 #
 # Inputs, for a machine without network access (the device machines): the pinned sdist
 # (PYADAQ_SDIST=path or PYADAQ_LLAMA_CPP_DIR=an unpacked vendor/llama.cpp), the embedded model
-# (PYADAQ_MODEL=path to gemma-3-270m Q4_K_M GGUF, else the installed model package), and a
-# Python that has numpy, matplotlib, tqdm, pytest, cffi, gguf and llama-cpp-python's Python
-# layer (llama_cpp) installed, e.g. from wheels built elsewhere; $PYTHON names it (python3).
-# The repository's pyadaq/ is used in place (PYTHONPATH) with the libraries in build/gpu/bin.
+# (PYADAQ_EMBEDDED_MODEL=path to the gemma-3-270m Q4_K_M GGUF, else the installed model
+# package), and a Python ($PYTHON, default python3) with numpy, matplotlib, tqdm, pytest,
+# cffi, gguf and llama-cpp-python's Python layer (llama_cpp). scripts/device-bundle.sh packs
+# the source, the missing packages and the model into .device-bundle/, which this script
+# unpacks. The repository's pyadaq/ is used in place (PYTHONPATH) with the libraries in
+# build/gpu/bin. pytest leaves out the `pyadaq serve` tests when llama_cpp.server's
+# dependencies (FastAPI, uvicorn) are missing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,7 +49,29 @@ slug=$(tr '[:upper:]' '[:lower:]' <<<"$gpu" | tr -cs 'a-z0-9' '-' | sed 's/^-//;
 out=${GPU_CHECK_OUT:-docs/gpu/$slug}
 mkdir -p "$out"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYADAQ_LIB_DIR="$here/$build/bin" PYTHONUNBUFFERED=1
-model=${PYADAQ_MODEL:-}
+
+# A bundle from scripts/device-bundle.sh (machines without network access)
+bundle=${PYADAQ_DEVICE_BUNDLE:-$here/.device-bundle}
+if [[ -d $bundle ]]; then
+    if [[ -f $bundle/src.tar.xz && -z ${PYADAQ_LLAMA_CPP_DIR:-} ]]; then
+        export PYADAQ_LLAMA_CPP_DIR=/tmp/pyadaq-llama.cpp
+        if [[ ! -f $PYADAQ_LLAMA_CPP_DIR/CMakeLists.txt ]]; then
+            mkdir -p "$PYADAQ_LLAMA_CPP_DIR"
+            tar -C "$PYADAQ_LLAMA_CPP_DIR" -xJf "$bundle/src.tar.xz"
+        fi
+    fi
+    [[ -d $bundle/site ]] && export PYTHONPATH="$PYTHONPATH:$bundle/site"
+    if [[ -f $bundle/model.count && -z ${PYADAQ_EMBEDDED_MODEL:-} ]]; then
+        have=$(ls "$bundle"/model.[0-9]* 2>/dev/null | wc -l)
+        if [[ $have == "$(cat "$bundle/model.count")" ]]; then
+            [[ -f /tmp/pyadaq-embedded.gguf ]] || cat "$bundle"/model.[0-9]* >/tmp/pyadaq-embedded.gguf
+            export PYADAQ_EMBEDDED_MODEL=/tmp/pyadaq-embedded.gguf
+        else
+            echo "gpu-check: $have of $(cat "$bundle/model.count") model parts here; the embedded model is not usable yet"
+        fi
+    fi
+fi
+model=${PYADAQ_MODEL:-${PYADAQ_EMBEDDED_MODEL:-}}
 model_args=()
 [[ -n $model ]] && model_args=(--model "$model")
 
@@ -133,7 +158,9 @@ EOF
 }
 
 step_pytest() {
-    (cd tests && PYADAQ_GPU_LAYERS=999 "$PYTHON" -m pytest -q -p no:cacheprovider \
+    local deselect=()
+    "$PYTHON" -c "import llama_cpp.server.app" 2>/dev/null || deselect=(-k "not serve")
+    (cd tests && PYADAQ_GPU_LAYERS=999 "$PYTHON" -m pytest -q -p no:cacheprovider "${deselect[@]}" \
         --junitxml="$here/$out/pytest.xml" 2>&1 | tee "$here/$out/pytest.log" | tail -n 15) || failed=1
 }
 

