@@ -127,3 +127,13 @@ def test_llama_without_problems_is_silent(tiny_model, check_cpu):
         warnings.simplefilter("error")
         llm = pyadaq.Llama(str(tiny_model(head_dim=64, n_layer=3)), cache_type_k="kvq3", cache_type_v="kvq2", n_ctx=256)
     llm.close()
+
+
+def test_commands_report_a_refusal_without_a_traceback(tiny_model, monkeypatch, capsys):
+    from pyadaq.cli import main
+
+    monkeypatch.setattr(offload, "offload_problems", lambda ptr: [PROBLEM])
+    rc = main(["bench", "--model", str(tiny_model(head_dim=64, n_layer=3)), "--configs", "q4_0:kvq2",
+               "--depths", "0", "--n-prompt", "8", "--n-gen", "2", "--reps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "layer 1 (CUDA0)" in err and "Traceback" not in err

@@ -16,9 +16,11 @@ def main(argv: list[str] | None = None) -> int:
                 types_cmd):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
+    from ..offload import KVOffloadError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, KVOffloadError) as e:
         print(f"pyadaq {args.command}: error: {e}", file=sys.stderr)
         return 2
 
