@@ -248,7 +248,7 @@ bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform) {
     return std::any_of(types.begin(), types.end(), [](ggml_type t) { return ggml_is_quantized(t); });
 }
 
-static void read_kv_types(const llama_kv_cache * kv, int32_t n_max, int32_t * types_k, int32_t * types_v) {
+static void read_kv_types(const llama_kv_cache * kv, bool has_v, int32_t n_max, int32_t * types_k, int32_t * types_v) {
     ggml_init_params params = { /*.mem_size =*/ 4 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
                                 /*.no_alloc =*/ true };
     ggml_context * ctx = ggml_init(params);
@@ -260,7 +260,7 @@ static void read_kv_types(const llama_kv_cache * kv, int32_t n_max, int32_t * ty
             continue;
         }
         types_k[il] = (int32_t) kv->get_k_storage((int32_t) il)->type;
-        ggml_tensor * v = kv->get_v(ctx, (int32_t) il, 1, sinfo);
+        ggml_tensor * v = has_v ? kv->get_v(ctx, (int32_t) il, 1, sinfo) : nullptr; // MLA: V is a view of K
         types_v[il] = v != nullptr ? (int32_t) v->type : -1;
         ggml_reset(ctx);
     }
@@ -278,13 +278,14 @@ int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32_t n_max, i
         types_k[il] = -1;
         types_v[il] = -1;
     }
+    const bool has_v = !llama_get_model(ctx)->hparams.is_mla();
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        read_kv_types(iswa->get_base(), n_max, types_k, types_v);
-        read_kv_types(iswa->get_swa(), n_max, types_k, types_v);
+        read_kv_types(iswa->get_base(), has_v, n_max, types_k, types_v);
+        read_kv_types(iswa->get_swa(), has_v, n_max, types_k, types_v);
         return n_layer;
     }
     if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        read_kv_types(kv, n_max, types_k, types_v);
+        read_kv_types(kv, has_v, n_max, types_k, types_v);
         return n_layer;
     }
     return -1;
@@ -330,10 +331,16 @@ static void check_kv_offload(const llama_kv_cache * kv, const llama_model & mode
     for (uint32_t il : kv->get_layer_ids()) {
         ggml_reset(ctx);
         ggml_tensor * k_store = kv->get_k_storage((int32_t) il);
-        ggml_tensor * k = kv->get_k(ctx, (int32_t) il, n_kv, sinfo);
-        ggml_tensor * v = kv->get_v(ctx, (int32_t) il, n_kv, sinfo);
-        if (k_store == nullptr || k == nullptr) {
+        if (k_store == nullptr) {
             continue;
+        }
+        ggml_tensor * k = kv->get_k(ctx, (int32_t) il, n_kv, sinfo);
+        ggml_tensor * v = nullptr;
+        if (!model.hparams.is_mla()) {
+            v = kv->get_v(ctx, (int32_t) il, n_kv, sinfo);
+        } else { // MLA: V is the first n_embd_head_v values of each K row, as in llama's graph
+            v = ggml_view_4d(ctx, k, model.hparams.n_embd_head_v(il), k->ne[1], k->ne[2], k->ne[3],
+                             k->nb[1], k->nb[2], k->nb[3], 0);
         }
         ggml_backend_dev_t dev = tensor_device(k_store);
         if (dev == nullptr && check_cpu) {
@@ -347,7 +354,7 @@ static void check_kv_offload(const llama_kv_cache * kv, const llama_model & mode
         std::vector<std::string> asked;
 
         // writing the new tokens' K and V
-        for (ggml_tensor * store : { k_store, v != nullptr ? v->view_src : nullptr }) {
+        for (ggml_tensor * store : { k_store, v != nullptr && v->view_src != k_store ? v->view_src : nullptr }) {
             if (store == nullptr) {
                 continue;
             }
