@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.logits import Context, Model, quiet_native_logs
+from pyadaq.logits import Context, Model, default_gpu_layers, quiet_native_logs
 from pyadaq.metrics import token_kl
+
+# the CPU backend's flash attention; with the layers on a GPU (scripts/gpu-check.sh) it never runs
+pytestmark = pytest.mark.skipif(default_gpu_layers() > 0, reason="PYADAQ_GPU_LAYERS: attention runs on the GPU")
 
 
 quiet_native_logs()
