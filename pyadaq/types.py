@@ -19,6 +19,11 @@ PYADAQ_RESEARCH_TYPES = {
     "kvq2_u32m": 110, "kvq2_u32": 111, "kvq2_n64": 112,
     "kvq3_u32m": 113, "kvq3_u32": 114, "kvq3_n64": 115,
 }
+# Types whose cache writes and flash attention run on CUDA (f32 converts to f16 there); every
+# K/V pair among CUDA_FA_PAIR_TYPES has a compiled vector kernel, bf16 only with itself
+# (native/cmake/pyadaq_cuda.cmake, docs/CUDA.md).
+CUDA_CACHE_TYPES = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "kvq2", "kvq3"})
+CUDA_FA_PAIR_TYPES = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "kvq2", "kvq3")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class CacheType:
     @property
     def bits_per_value(self) -> float:
         return 8.0 * self.type_size / self.block_size
+
+    @property
+    def cuda(self) -> bool:
+        """Whether a cache of this type runs on CUDA (writes and flash attention)."""
+        return self.name in CUDA_CACHE_TYPES
 
     def row_bytes(self, n: int) -> int:
         return n // self.block_size * self.type_size

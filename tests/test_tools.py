@@ -237,3 +237,11 @@ def test_bench_bad_input(tiny_model, capsys, args, message):
     rc = main(["bench", "--model", str(tiny_model()), *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_types_lists_what_runs_on_cuda(capsys):
+    assert main(["types"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isalnum()}
+    assert rows["kvq2"][5] == "yes" and rows["q4_0"][5] == "yes" and rows["iq4_nl"][5] == "-"
+    assert "every K/V pair among f16, q8_0, q4_0, q4_1, q5_0, q5_1, kvq2, kvq3" in " ".join(
+        " ".join(r) for r in rows.values())
