@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._native import native
 from .gguf_info import ModelInfo, read_model_info
+from .logits import default_gpu_layers
 from .offload import KVOffloadError, check_offload
 from .types import CacheType, cache_type, cache_types
 
@@ -243,8 +244,6 @@ class Llama(llama_cpp.Llama):
                 kwargs["flash_attn"] = True
         kwargs.setdefault("verbose", False)
         if "n_gpu_layers" not in kwargs:
-            from .logits import default_gpu_layers
-
             kwargs["n_gpu_layers"] = default_gpu_layers()  # 0 (llama_cpp's default) unless $PYADAQ_GPU_LAYERS
 
         self.cache_type_k: CacheType = tk

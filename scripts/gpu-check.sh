@@ -8,8 +8,8 @@
 #   build   cmake + ninja: pyadaq's libraries with -DGGML_CUDA=ON for this machine's GPU
 #           (CMAKE_CUDA_ARCHITECTURES=native unless CUDA_ARCH is set), plus llama-perplexity and
 #           test-backend-ops (PYADAQ_BUILD_TOOLS=ON). Records the build time and the number of
-#           flash-attention vector-kernel instances (build.json). Resumable: a step cut off by a
-#           time limit continues where ninja stopped.
+#           flash-attention vector-kernel instances (build.json). A step cut off by a time limit
+#           continues where ninja stopped (build.json then has the last run's time only).
 #   ops     llama.cpp's test-backend-ops, CUDA0 against the CPU backend: SET_ROWS, GET_ROWS and
 #           CPY (all of their cases, kvq2/kvq3 included by patch 0009) and FLASH_ATTN_EXT for
 #           every case with a kvq type plus upstream's q8_0/q4_0 cases; logs and ops.json.
@@ -96,18 +96,9 @@ step_build() {
     local secs=$(( $(date +%s) - t0 ))
     local inst
     inst=$(grep -o "pyadaq: CUDA flash-attention vector kernels: .*" "$out/build-configure.log" || true)
-    "$PYTHON" - "$out/build.json" "$secs" "$arch" "$inst" "$(nproc)" <<'EOF'
-import json, sys
-path, secs, arch, inst, cores = sys.argv[1:]
-old = {}
-try:
-    old = json.load(open(path))
-except (OSError, ValueError):
-    pass
-# a resumed build adds to the seconds of the step that was cut off
-json.dump({"seconds": int(secs) + int(old.get("seconds", 0)) if old.get("resumed") else int(secs),
-           "cuda_architectures": arch, "instances": inst, "cores": int(cores)}, open(path, "w"), indent=1)
-EOF
+    "$PYTHON" -c 'import json, sys; p, s, a, i, c = sys.argv[1:]
+json.dump({"seconds": int(s), "cuda_architectures": a, "instances": i, "cores": int(c)}, open(p, "w"), indent=1)' \
+        "$out/build.json" "$secs" "$arch" "$inst" "$(nproc)"
     echo "gpu-check: build done in ${secs}s ($inst)"
 }
 

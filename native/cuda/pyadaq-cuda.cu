@@ -25,8 +25,10 @@ static __device__ __forceinline__ void pyadaq_unravel(int64_t i, int64_t n0, int
     i0 = i - i1 * n0;
 }
 
-template <int BITS>
-static __global__ void pyadaq_cpy_f32_kvq(const char * __restrict__ cx, char * __restrict__ cdst, const pyadaq_cpy_shape s) {
+// QUANTIZE: f32 -> kvq, else kvq -> f32. The kvq side is addressed by block (i0 / 32 times
+// the block's stride), the f32 side by value.
+template <int BITS, bool QUANTIZE>
+static __global__ void pyadaq_cpy_kvq(const char * __restrict__ cx, char * __restrict__ cdst, const pyadaq_cpy_shape s) {
     typedef typename pyadaq_kvq_block<BITS>::type block_t;
     const int64_t i = ((int64_t) blockDim.x * blockIdx.x + threadIdx.x) * PYADAQ_KVQ_QK;
     if (i >= s.ne) {
@@ -35,36 +37,24 @@ static __global__ void pyadaq_cpy_f32_kvq(const char * __restrict__ cx, char * _
     int64_t i00, i01, i02, i03, i10, i11, i12, i13;
     pyadaq_unravel(i, s.ne00, s.ne01, s.ne02, i00, i01, i02, i03);
     pyadaq_unravel(i, s.ne10, s.ne11, s.ne12, i10, i11, i12, i13);
+    const char * src = cx + (QUANTIZE ? i00 : i00 / PYADAQ_KVQ_QK) * s.nb00 + i01 * s.nb01 + i02 * s.nb02 + i03 * s.nb03;
+    char * dst = cdst + (QUANTIZE ? i10 / PYADAQ_KVQ_QK : i10) * s.nb10 + i11 * s.nb11 + i12 * s.nb12 + i13 * s.nb13;
 
-    const char * src = cx + i00 * s.nb00 + i01 * s.nb01 + i02 * s.nb02 + i03 * s.nb03;
-    float x[PYADAQ_KVQ_QK];
+    if constexpr (QUANTIZE) {
+        float x[PYADAQ_KVQ_QK];
 #pragma unroll
-    for (int j = 0; j < PYADAQ_KVQ_QK; ++j) {
-        x[j] = *(const float *) (src + j * s.nb00);
-    }
-    block_t * dst = (block_t *) (cdst + (i10 / PYADAQ_KVQ_QK) * s.nb10 + i11 * s.nb11 + i12 * s.nb12 + i13 * s.nb13);
-    pyadaq_kvq_quantize_block<BITS>(x, dst);
-}
-
-template <int BITS>
-static __global__ void pyadaq_cpy_kvq_f32(const char * __restrict__ cx, char * __restrict__ cdst, const pyadaq_cpy_shape s) {
-    typedef typename pyadaq_kvq_block<BITS>::type block_t;
-    const int64_t i = ((int64_t) blockDim.x * blockIdx.x + threadIdx.x) * PYADAQ_KVQ_QK;
-    if (i >= s.ne) {
-        return;
-    }
-    int64_t i00, i01, i02, i03, i10, i11, i12, i13;
-    pyadaq_unravel(i, s.ne00, s.ne01, s.ne02, i00, i01, i02, i03);
-    pyadaq_unravel(i, s.ne10, s.ne11, s.ne12, i10, i11, i12, i13);
-
-    const block_t * src = (const block_t *) (cx + (i00 / PYADAQ_KVQ_QK) * s.nb00 + i01 * s.nb01 + i02 * s.nb02 + i03 * s.nb03);
-    char * dst = cdst + i10 * s.nb10 + i11 * s.nb11 + i12 * s.nb12 + i13 * s.nb13;
+        for (int j = 0; j < PYADAQ_KVQ_QK; ++j) {
+            x[j] = *(const float *) (src + j * s.nb00);
+        }
+        pyadaq_kvq_quantize_block<BITS>(x, (block_t *) dst);
+    } else {
 #pragma unroll
-    for (int j = 0; j < PYADAQ_KVQ_QK; j += 2) {
-        float v0, v1;
-        pyadaq_kvq_dequant2<BITS>(src, j, &v0, &v1);
-        *(float *) (dst + (j + 0) * s.nb10) = v0;
-        *(float *) (dst + (j + 1) * s.nb10) = v1;
+        for (int j = 0; j < PYADAQ_KVQ_QK; j += 2) {
+            float v0, v1;
+            pyadaq_kvq_dequant2<BITS>((const block_t *) src, j, &v0, &v1);
+            *(float *) (dst + (j + 0) * s.nb10) = v0;
+            *(float *) (dst + (j + 1) * s.nb10) = v1;
+        }
     }
 }
 
@@ -99,19 +89,11 @@ bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t 
 
     const char * x = (const char *) src0->data;
     char * y = (char *) src1->data;
-    if (src0->type == GGML_TYPE_F32) {
-        if (src1->type == GGML_TYPE_KVQ2) {
-            pyadaq_cpy_f32_kvq<2><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
-        } else {
-            pyadaq_cpy_f32_kvq<3><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
-        }
-    } else {
-        if (src0->type == GGML_TYPE_KVQ2) {
-            pyadaq_cpy_kvq_f32<2><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
-        } else {
-            pyadaq_cpy_kvq_f32<3><<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
-        }
-    }
+    const bool quantize = src0->type == GGML_TYPE_F32;
+    const bool kvq2 = (quantize ? src1->type : src0->type) == GGML_TYPE_KVQ2;
+    auto kernel = quantize ? (kvq2 ? pyadaq_cpy_kvq<2, true> : pyadaq_cpy_kvq<3, true>)
+                           : (kvq2 ? pyadaq_cpy_kvq<2, false> : pyadaq_cpy_kvq<3, false>);
+    kernel<<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
     CUDA_CHECK(cudaGetLastError());
     return true;
 }

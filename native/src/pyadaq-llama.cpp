@@ -11,6 +11,7 @@
 #include "llama-kv-cache-iswa.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 #include "pyadaq-llama.h"
 #include "pyadaq-quants.h"
 
@@ -248,23 +249,43 @@ bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform) {
     return std::any_of(types.begin(), types.end(), [](ggml_type t) { return ggml_is_quantized(t); });
 }
 
-static void read_kv_types(const llama_kv_cache * kv, bool has_v, int32_t n_max, int32_t * types_k, int32_t * types_v) {
-    ggml_init_params params = { /*.mem_size =*/ 4 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
+// The KV caches of a context: one, or the two parts of an iSWA cache; none for other memory.
+static std::vector<const llama_kv_cache *> kv_caches(const llama_context * ctx) {
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return { iswa->get_base(), iswa->get_swa() };
+    }
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return { kv };
+    }
+    return {};
+}
+
+// A context for views of cache tensors (no data), and the slot of stream 0 to take them with.
+static ggml_context_ptr view_context(size_t n_tensors) {
+    ggml_init_params params = { /*.mem_size =*/ n_tensors * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
                                 /*.no_alloc =*/ true };
-    ggml_context * ctx = ggml_init(params);
+    return ggml_context_ptr(ggml_init(params));
+}
+
+static llama_kv_cache::slot_info stream0() {
     llama_kv_cache::slot_info sinfo;
     sinfo.s0 = 0;
     sinfo.s1 = 0;
+    return sinfo;
+}
+
+static void read_kv_types(const llama_kv_cache * kv, bool has_v, int32_t n_max, int32_t * types_k, int32_t * types_v) {
+    ggml_context_ptr ctx = view_context(4);
     for (uint32_t il : kv->get_layer_ids()) {
         if ((int32_t) il >= n_max) {
             continue;
         }
         types_k[il] = (int32_t) kv->get_k_storage((int32_t) il)->type;
-        ggml_tensor * v = has_v ? kv->get_v(ctx, (int32_t) il, 1, sinfo) : nullptr; // MLA: V is a view of K
+        ggml_tensor * v = has_v ? kv->get_v(ctx.get(), (int32_t) il, 1, stream0()) : nullptr; // MLA: V is a view of K
         types_v[il] = v != nullptr ? (int32_t) v->type : -1;
-        ggml_reset(ctx);
+        ggml_reset(ctx.get());
     }
-    ggml_free(ctx);
 }
 
 int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32_t n_max, int32_t * types_k,
@@ -272,23 +293,19 @@ int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32_t n_max, i
     if (ctx == nullptr || (n_max > 0 && (types_k == nullptr || types_v == nullptr))) {
         return -1;
     }
-    llama_memory_i * mem = llama_get_memory(ctx);
-    const int32_t n_layer = (int32_t) llama_model_n_layer(llama_get_model(ctx));
     for (int32_t il = 0; il < n_max; ++il) {
         types_k[il] = -1;
         types_v[il] = -1;
     }
-    const bool has_v = !llama_get_model(ctx)->hparams.is_mla();
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        read_kv_types(iswa->get_base(), has_v, n_max, types_k, types_v);
-        read_kv_types(iswa->get_swa(), has_v, n_max, types_k, types_v);
-        return n_layer;
+    const auto caches = kv_caches(ctx);
+    if (caches.empty()) {
+        return -1;
     }
-    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        read_kv_types(kv, has_v, n_max, types_k, types_v);
-        return n_layer;
+    const llama_model * model = llama_get_model(ctx);
+    for (const llama_kv_cache * kv : caches) {
+        read_kv_types(kv, !model->hparams.is_mla(), n_max, types_k, types_v);
     }
-    return -1;
+    return (int32_t) llama_model_n_layer(model);
 }
 
 // --- does each layer's cache run where it lives? --------------------------------------------
@@ -322,12 +339,9 @@ static void check_kv_offload(const llama_kv_cache * kv, const llama_model & mode
     const bool list_all = env != nullptr && strcmp(env, "list") == 0;
     const bool check_cpu = env != nullptr && (strcmp(env, "1") == 0 || list_all);
     const uint32_t n_kv = 256; // a multiple of every backend's padding
-    ggml_init_params params = { /*.mem_size =*/ 32 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
-                                /*.no_alloc =*/ true };
-    ggml_context * ctx = ggml_init(params);
-    llama_kv_cache::slot_info sinfo;
-    sinfo.s0 = 0;
-    sinfo.s1 = 0;
+    ggml_context_ptr ctx_ptr = view_context(32);
+    ggml_context * ctx = ctx_ptr.get();
+    const llama_kv_cache::slot_info sinfo = stream0();
     for (uint32_t il : kv->get_layer_ids()) {
         ggml_reset(ctx);
         ggml_tensor * k_store = kv->get_k_storage((int32_t) il);
@@ -411,25 +425,20 @@ static void check_kv_offload(const llama_kv_cache * kv, const llama_model & mode
             problems[il] = msg;
         }
     }
-    ggml_free(ctx);
 }
 
 int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, char * err, size_t err_size) {
     if (ctx == nullptr) {
         return -1;
     }
-    llama_memory_i * mem = llama_get_memory(ctx);
-    const llama_model & model = *llama_get_model(ctx);
-    const bool flash_attn = ctx->get_cparams().flash_attn;
-    std::map<uint32_t, std::string> problems;
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        check_kv_offload(iswa->get_base(), model, flash_attn, problems);
-        check_kv_offload(iswa->get_swa(), model, flash_attn, problems);
-    } else if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        check_kv_offload(kv, model, flash_attn, problems);
-    } else {
+    const auto caches = kv_caches(ctx);
+    if (caches.empty()) {
         set_err(err, err_size, "the context has no KV cache pyadaq can read");
         return -1;
+    }
+    std::map<uint32_t, std::string> problems;
+    for (const llama_kv_cache * kv : caches) {
+        check_kv_offload(kv, *llama_get_model(ctx), ctx->get_cparams().flash_attn, problems);
     }
     std::string msg;
     for (const auto & p : problems) {
