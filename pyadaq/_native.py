@@ -11,11 +11,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
 import cffi
+
+
+# llama.cpp's model loading and context creation, and llama_cpp.Llama's construction (which
+# redirects the process's stdout and stderr while it loads, with verbose=False), cannot run in
+# two threads at once: pyadaq runs them one at a time, under this lock.
+creation_lock = threading.RLock()
 
 
 class NativeLibraryError(ImportError):
@@ -72,9 +79,11 @@ def _load_llama_cpp():
 _CDEF = """
 const char * pyadaq_build_info(void);
 int64_t pyadaq_kv_cache_bytes(void * ctx);
-int32_t pyadaq_set_layer_cache_types(void * model, int32_t n_layer, const int32_t * types_k,
-                                     const int32_t * types_v, char * err, size_t err_size);
-int32_t pyadaq_has_layer_cache_types(void * model);
+int32_t pyadaq_next_context_layer_types(void * model, int32_t n_layer, const int32_t * types_k,
+                                        const int32_t * types_v, char * err, size_t err_size);
+void    pyadaq_next_context_attn_rot(int32_t mode);
+void    pyadaq_next_context_clear(void);
+int32_t pyadaq_next_context_pending(void);
 int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
 int32_t pyadaq_kv_offload_check(void * ctx, char * err, size_t err_size);
 
@@ -90,6 +99,8 @@ int64_t pyadaq_kv_capture_skipped(void * cap);
 
 int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
 int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);
+int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl);
+const char * pyadaq_dequant_impl_name(int impl);
 int pyadaq_is_pyadaq_type(int type);
 
 size_t      ggml_type_size(int type);
@@ -102,7 +113,7 @@ int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int
 int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k);
 int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k);
 const char * pyadaq_cpu_simd(void);
-int64_t pyadaq_cpu_fa_converted(void);
+int64_t pyadaq_cpu_fa_tiled(void);
 """
 
 

@@ -7,32 +7,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-from contextlib import contextmanager
 
 import numpy as np
 
-from ._native import native
-from .layer_types import pending_layer_types
+from ._native import creation_lock, native
+from .layer_types import next_context
 from .offload import KVOffloadError, check_offload
 from .types import CacheType, cache_type
 
 _llama_cpp = native().llama_cpp
-
-
-@contextmanager
-def _env(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def quiet_native_logs() -> None:
@@ -58,7 +41,8 @@ class Model:
         params = _llama_cpp.llama_model_default_params()
         params.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.path = str(path)
-        self.ptr = _llama_cpp.llama_model_load_from_file(self.path.encode(), params)
+        with creation_lock:
+            self.ptr = _llama_cpp.llama_model_load_from_file(self.path.encode(), params)
         if not self.ptr:
             raise ValueError(f"llama.cpp could not load {path}")
         self.vocab = _llama_cpp.llama_model_get_vocab(self.ptr)
@@ -112,8 +96,7 @@ class Context:
             p.cb_eval = ctypes.cast(int(cb_eval[0]), _llama_cpp.ggml_backend_sched_eval_callback)
             p.cb_eval_user_data = ctypes.c_void_p(int(cb_eval[1]))
         types_k, types_v = layer_types if layer_types is not None else (None, None)
-        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"), \
-                pending_layer_types(model.ptr, types_k, types_v):
+        with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"

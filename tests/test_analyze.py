@@ -14,7 +14,7 @@ from pyadaq.cli import main
 
 import tiny  # noqa: E402  (models/tiny.py)
 
-TEXT = " ".join(f"Sentence number {i} talks about the weather and the sea." for i in range(200))
+TEXT = " ".join(f"Sentence number {i} talks about the weather and the sea." for i in range(400))
 
 
 def layer0_kv(path, toks):
@@ -28,22 +28,28 @@ def layer0_kv(path, toks):
     return cfg, k, v
 
 
-def test_capture_matches_numpy(tiny_model):
+@pytest.mark.parametrize("n_ctx", [64, 1024], ids=["one-ubatch", "two-ubatches"])
+def test_capture_matches_numpy(tiny_model, n_ctx):
+    """With n_ctx 1024 each chunk runs as two ubatches of 512 tokens (two graphs in one
+    llama_decode): the capture holds every token of both."""
     from pyadaq.kl import chunks
     from pyadaq.logits import Model
 
     path = tiny_model(head_dim=64, n_head_kv=2)
-    res = activation_stats(path, TEXT, n_ctx=64, n_chunks=2, n_threads=1, progress=False)
+    res = activation_stats(path, TEXT, n_ctx=n_ctx, n_chunks=2, n_threads=1, progress=False)
     m = Model(str(path))
     try:
         toks = m.tokenize(TEXT, add_bos=True)
-        parts = chunks(toks, 64, 2, int(toks[0]) if m.adds_bos else None)
+        parts = chunks(toks, n_ctx, 2, int(toks[0]) if m.adds_bos else None)
     finally:
         m.close()
     allt = np.concatenate(parts)
+    assert len(allt) == 2 * n_ctx
     cfg, k, v = layer0_kv(path, allt)
     r0 = res["layers"][0]
-    assert res["tokens"] == 128 and r0["k"]["tokens"] == 128 and r0["v"]["tokens"] == 128
+    assert res["tokens"] == 2 * n_ctx
+    for r in res["layers"]:
+        assert r["k"]["tokens"] == 2 * n_ctx and r["v"]["tokens"] == 2 * n_ctx
     assert r0["v"]["n_head"] == 2 and r0["v"]["head_size"] == 64
     D = cfg.head_dim
     for h in range(2):
@@ -71,6 +77,29 @@ def test_weight_norms_match_numpy(tiny_model):
             w = W[f"blk.{r['layer']}.attn_{kind}.weight"]
             assert r[kind]["frobenius"] == pytest.approx(np.linalg.norm(w), rel=1e-6)
             assert r[kind]["spectral"] == pytest.approx(np.linalg.norm(w, 2), rel=1e-6)
+
+
+@pytest.mark.embedded
+def test_weight_norms_match_gguf_reader(embedded_model):
+    """The header reader + per-tensor read give what gguf.GGUFReader's tensor data gives, on
+    quantized weights (Gemma 3 270M: Q5_0 K, Q8_0 or Q5_0 V)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    got = weight_norms(embedded_model, progress=False)
+    by_name = {t.name: t for t in gguf.GGUFReader(str(embedded_model)).tensors}
+    assert len(got) == max(int(n.split(".")[1]) for n in by_name if n.startswith("blk.")) + 1
+    types = set()
+    for il in (0, 2, len(got) - 1):
+        for kind in ("k", "v"):
+            t = by_name[f"blk.{il}.attn_{kind}.weight"]
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1, int(t.shape[0]))
+            r = got[il][kind]
+            assert r["type"] == t.tensor_type.name and r["shape"] == list(w.shape)
+            assert r["frobenius"] == pytest.approx(np.linalg.norm(w), rel=1e-12)
+            assert r["spectral"] == pytest.approx(np.linalg.norm(w, 2), rel=1e-12)
+            types.add(r["type"])
+    assert {"Q5_0", "Q8_0"} <= types
 
 
 def test_verdict_counts_layers():

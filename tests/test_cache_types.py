@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.layer_types import pending_layer_types
-from pyadaq.logits import Context, Model, _env, quiet_native_logs
+from pyadaq.layer_types import next_context
+from pyadaq.logits import Context, Model, quiet_native_logs
 from pyadaq.metrics import token_kl
 from pyadaq.types import cache_type
 
@@ -129,8 +129,7 @@ class Ctx:
         p.swa_full = swa_full
         p.kv_unified = kv_unified
         types_k, types_v = layer_types or (None, None)
-        with _env("LLAMA_ATTN_ROT_DISABLE", None if attn_rot else "1"), \
-                pending_layer_types(model.ptr, types_k, types_v):
+        with next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot):
             self.ptr = L.llama_init_from_model(model.ptr, p)
         assert self.ptr, f"llama.cpp could not create a context with K={k} V={v}"
         self.mem = L.llama_get_memory(self.ptr)

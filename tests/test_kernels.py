@@ -53,10 +53,47 @@ def c_quantize(t, x: np.ndarray, entry: str = "ref") -> np.ndarray:
     return out
 
 
-def c_dequantize(t, data: np.ndarray, n: int) -> np.ndarray:
+# dequantization implementations (native/src/pyadaq-quants.h: enum pyadaq_impl)
+IMPL_SCALAR, IMPL_AVX2, IMPL_BEST = 0, 1, -1
+
+
+def c_dequantize(t, data: np.ndarray, n: int, impl: int = IMPL_SCALAR) -> np.ndarray:
+    """Floats from pyadaq_dequantize_impl: the scalar reference by default, IMPL_AVX2, or
+    IMPL_BEST (what the registered to_float runs on this CPU)."""
     y = np.zeros(n, dtype=np.float32)
-    assert NAT.base.pyadaq_dequantize(t.id, FFI.from_buffer(np.ascontiguousarray(data)), _fptr(y), n) == 0
+    rc = NAT.base.pyadaq_dequantize_impl(t.id, FFI.from_buffer(np.ascontiguousarray(data)), _fptr(y), n, impl)
+    assert rc == 0, f"pyadaq_dequantize_impl({t.name}, impl={impl}) returned {rc}"
     return y
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def expected_simd() -> str | None:
+    """The SIMD path pyadaq implements for this CPU (AVX2 on x86-64 with AVX2), or None."""
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64") and "avx2" in _cpu_flags():
+        return "avx2"
+    return None
+
+
+def require_simd() -> str:
+    """The SIMD path a comparison with the generic one needs. On a CPU pyadaq has a SIMD path
+    for, a build without it fails the test (comparing the generic path with itself would pass
+    and prove nothing); on another CPU the comparison has nothing to compare and is skipped."""
+    want = expected_simd()
+    if want is None:
+        pytest.skip("this CPU has no SIMD path that pyadaq implements (AVX2 on x86-64)")
+    return want
 
 
 def c_quantize_q8_0(y: np.ndarray) -> np.ndarray:
@@ -395,13 +432,48 @@ def test_cpu_quantize_equals_reference(t):
 
 
 def test_cpu_simd_reported():
-    assert FFI.string(NAT.cpu.pyadaq_cpu_simd()).decode() in ("avx2", "generic")
+    """The dot product and the dequantization report the SIMD path this CPU should run."""
+    want = require_simd()
+    assert FFI.string(NAT.cpu.pyadaq_cpu_simd()).decode() == want, "ggml-cpu was built without the SIMD path"
+    assert FFI.string(NAT.base.pyadaq_dequant_impl_name(IMPL_BEST)).decode() == want
+    assert FFI.string(NAT.base.pyadaq_dequant_impl_name(IMPL_SCALAR)).decode() == "scalar"
+
+
+@per_type
+def test_dequantize_scalar_simd_registered_and_twin_agree(t):
+    """The scalar reference, the AVX2 path, the registered to_float (pyadaq_dequantize) and the
+    numpy twin give the same floats, bit for bit, on arbitrary bytes and on quantized data."""
+    require_simd()
+    rng = np.random.default_rng(300 + t.id)
+    nb = 2048
+    data = rng.integers(0, 256, nb * t.type_size, dtype=np.uint8)
+    d = rng.integers(0, 1 << 16, nb, dtype=np.uint16)
+    d[(d & 0x7C00) == 0x7C00] &= 0xFC00
+    data.reshape(nb, t.type_size)[:, :2] = d.view(np.uint8).reshape(nb, 2)
+    n = nb * t.block_size
+    for blocks in (data, c_quantize(t, rng.standard_normal(n).astype(np.float32))):
+        ref = c_dequantize(t, blocks, n, IMPL_SCALAR)
+        assert bits_equal(c_dequantize(t, blocks, n, IMPL_AVX2), ref)
+        assert bits_equal(c_dequantize(t, blocks, n, IMPL_BEST), ref)
+        y = np.zeros(n, dtype=np.float32)
+        assert NAT.base.pyadaq_dequantize(t.id, FFI.from_buffer(blocks), _fptr(y), n) == 0
+        assert bits_equal(y, ref)
+        assert bits_equal(qr.dequantize(t.name, blocks, n), ref)
+
+
+def test_unknown_implementation_is_refused():
+    t = TYPES[0]
+    y = np.zeros(t.block_size, dtype=np.float32)
+    x = np.zeros(t.type_size, dtype=np.uint8)
+    assert NAT.base.pyadaq_dequantize_impl(t.id, FFI.from_buffer(x), _fptr(y), t.block_size, 7) == -2
+    assert NAT.base.pyadaq_dequant_impl_name(7) == FFI.NULL
 
 
 @per_type
 @pytest.mark.parametrize("n", [64, 128, 256])
 def test_vec_dot_q8_0(t, n):
-    """impl 1 (the backend's path) == impl 0 (generic C) == numpy, within float32 rounding."""
+    """impl 1 (the backend's SIMD path) == impl 0 (generic C) == numpy, within float32 rounding."""
+    require_simd()
     if n % t.block_size:
         pytest.skip("row shorter than a block")
     rng = np.random.default_rng(n + t.id)

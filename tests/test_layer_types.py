@@ -2,8 +2,9 @@
 generated models: each layer's tensors have the requested types; an all-equal list gives the
 logits of the uniform context bit for bit; mixed lists work with flash attention, rotation
 on and off, context shift, state save/load, several sequences and the iSWA cache; the KV
-bytes equal the per-layer sum; bad lists are refused without creating anything; a pending
-list never leaks into a later context.
+bytes equal the per-layer sum; bad lists are refused without creating anything; pending
+types never leak into a later context or another thread's; contexts created from several
+threads at once each get their own types.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.layer_types import clear_layer_types, context_layer_types, has_layer_types, set_layer_types
+from pyadaq.layer_types import context_layer_types, next_context, pending
 from pyadaq.llama import _kv_bytes
 from pyadaq.logits import Model, quiet_native_logs
 from pyadaq.metrics import token_kl
@@ -59,7 +60,7 @@ def test_each_layer_has_the_requested_types(llama4):
 def test_pending_types_are_consumed(llama4):
     with Ctx(llama4, "q8_0", "q8_0", 256, layer_types=(MIX_K, MIX_V)):
         pass
-    assert not has_layer_types(llama4.ptr)
+    assert not pending()
     with Ctx(llama4, "q8_0", "q4_0", 256) as c:  # the next context: uniform, as asked
         k, v = context_layer_types(c.ptr, N_LAYER)
         assert names(k) == ["q8_0"] * N_LAYER and names(v) == ["q4_0"] * N_LAYER
@@ -160,39 +161,72 @@ def test_iswa_mixed(gemma4):
 ])
 def test_bad_lists_are_refused(llama4, bad, msg):
     with pytest.raises(ValueError, match=msg):
-        set_layer_types(llama4.ptr, *bad)
-    assert not has_layer_types(llama4.ptr)
+        with next_context(*bad, model_ptr=llama4.ptr):
+            pass
+    assert not pending()
 
 
 def test_native_refuses_block_size_that_does_not_fit(tiny_model):
-    """Head size 48: q4_0 (block 32) cannot hold a head; libllama says so and stores nothing."""
+    """Head size 48: q4_0 (block 32) cannot hold a head; libllama says so and stores nothing,
+    and a list set without the model fails the context creation instead."""
     m = Model(str(tiny_model(head_dim=48)))
     try:
         n = pyadaq.native()
         err = n.ffi.new("char[]", 256)
         ids = n.ffi.new("int32_t[]", [cache_type("q4_0").id] * 2)
         f16 = n.ffi.new("int32_t[]", [cache_type("f16").id] * 2)
-        rc = n.llama.pyadaq_set_layer_cache_types(n.ffi.cast("void *", m.ptr), 2, ids, f16, err, 256)
+        rc = n.llama.pyadaq_next_context_layer_types(n.ffi.cast("void *", m.ptr), 2, ids, f16, err, 256)
         assert rc == -1
         assert "does not divide the head size 48" in n.ffi.string(err).decode()
-        assert not has_layer_types(m.ptr)
+        assert not pending()
+        assert n.llama.pyadaq_next_context_layer_types(n.ffi.NULL, 2, ids, f16, err, 256) == 0
+        assert pending() == 1
+        p = L.llama_context_default_params()
+        p.n_ctx = 256
+        assert not L.llama_init_from_model(m.ptr, p)
+        assert not pending()
     finally:
         m.close()
 
 
 def test_quantized_v_without_flash_attention_is_refused(llama4):
     """libllama refuses (no context, no crash) and consumes the list."""
-    set_layer_types(llama4.ptr, ["f16"] * 4, ["f16", "kvq2", "f16", "f16"])
     p = L.llama_context_default_params()
     p.n_ctx = 256
     p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = L.llama_init_from_model(llama4.ptr, p)
-    assert not ctx
-    assert not has_layer_types(llama4.ptr)
+    with next_context(["f16"] * 4, ["f16", "kvq2", "f16", "f16"], model_ptr=llama4.ptr):
+        assert pending() == 1
+        ctx = L.llama_init_from_model(llama4.ptr, p)
+        assert not ctx
+        assert not pending()
 
 
-def test_clear(llama4):
-    set_layer_types(llama4.ptr, MIX_K, MIX_V)
-    assert has_layer_types(llama4.ptr)
-    clear_layer_types(llama4.ptr)
-    assert not has_layer_types(llama4.ptr)
+def test_slot_is_emptied_and_thread_local(llama4):
+    import threading
+
+    seen = []
+    with next_context(MIX_K, MIX_V, model_ptr=llama4.ptr, attn_rot=False):
+        assert pending() == 3
+        t = threading.Thread(target=lambda: seen.append(pending()))
+        t.start()
+        t.join()
+    assert seen == [0]  # another thread never sees this thread's slot
+    assert not pending()
+
+
+def test_pending_types_do_not_reach_another_threads_context(llama4):
+    """Types set on one thread are not taken by a context another thread creates meanwhile."""
+    import threading
+
+    got = {}
+
+    def other():
+        with Ctx(llama4, "q8_0", "q8_0", 256) as c:
+            got["other"] = names(context_layer_types(c.ptr, N_LAYER)[0])
+
+    with next_context(MIX_K, MIX_V, model_ptr=llama4.ptr):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert pending() == 1  # still this thread's
+    assert got["other"] == ["q8_0"] * N_LAYER

@@ -1,18 +1,27 @@
-// pyadaq's hook in ggml-cpu's flash attention (native/src/pyadaq-fa-cpu.c, patch 0006).
+// pyadaq's hooks in ggml-cpu's tiled flash attention (native/src/pyadaq-fa-cpu.c, patch 0006).
 #pragma once
+
+#include "ggml.h"
+
+#include <stdbool.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 struct ggml_compute_params;
-struct ggml_tensor;
 
-// When K or V of the op is a pyadaq type and f16 K/V would take upstream's tiled path (at least
-// q_tile queries): every thread converts its share of the K and V views
-// to f16 scratch, and *alias becomes dst with those as sources; returns 1. Otherwise 0.
-int pyadaq_fa_convert_kv(const struct ggml_compute_params * params, const struct ggml_tensor * dst, int q_tile,
-                         struct ggml_tensor * alias, struct ggml_tensor * k16, struct ggml_tensor * v16);
+// Whether the op's K and V go to upstream's tiled path although they are not one f16/f32 type
+// (called by every thread of an op with a tile of queries or more; counts the op once).
+bool pyadaq_fa_tiled(const struct ggml_compute_params * params, const struct ggml_tensor * k,
+                     const struct ggml_tensor * v);
+// The same decision from the types alone (the tiled kernel's own check).
+bool pyadaq_fa_tiled_types(enum ggml_type k, enum ggml_type v);
+// Whether rows of this type are packed by pyadaq_fa_pack_row (a quantized type with to_float).
+bool pyadaq_fa_packs(enum ggml_type type);
+// Dequantizes one row of n values into dst[0], dst[stride], ..., dst[(n-1)*stride].
+void pyadaq_fa_pack_row(enum ggml_type type, const void * src, float * dst, int64_t stride, int64_t n);
 
 #ifdef __cplusplus
 }

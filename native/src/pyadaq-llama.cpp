@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -31,19 +30,29 @@ extern "C" {
 // device), as llama.cpp allocated them; -1 if the context has no memory module.
 PYADAQ_API int64_t pyadaq_kv_cache_bytes(const struct llama_context * ctx);
 
-// Per-layer KV-cache types for the next context created from `model`: types_k[il] and
-// types_v[il] are ggml type ids for layers 0..n_layer-1 (n_layer must be the model's layer
-// count). The next llama_init_from_model() for this model uses them instead of the
-// context's type_k/type_v and consumes them, whether it succeeds or not. n_layer == 0
-// clears a pending list. Returns 0, or -1 with a message in err (may be NULL) and nothing
-// stored, for a wrong layer count, a type that is not a KV-cache type or whose block size
-// does not divide the layer's head size, or different K and V types on an MLA model.
-PYADAQ_API int32_t pyadaq_set_layer_cache_types(const struct llama_model * model, int32_t n_layer,
-                                               const int32_t * types_k, const int32_t * types_v,
-                                               char * err, size_t err_size);
-
-// Whether per-layer types are pending for `model` (1) or not (0).
-PYADAQ_API int32_t pyadaq_has_layer_cache_types(const struct llama_model * model);
+// Settings for the next context created on the calling thread. Each call below fills one part
+// of a thread-local slot; the next llama_init_from_model() call on the same thread takes the
+// whole slot and empties it, whether it succeeds or not. Other threads, and contexts created
+// later, never see it.
+//
+// Per-layer KV-cache types: types_k[il] and types_v[il] are ggml type ids for layers
+// 0..n_layer-1, used instead of the context's type_k/type_v. With a model they are checked
+// against it now (layer count, head sizes, MLA); without one (NULL: the model is not loaded
+// yet) when the context is created, which then fails with the reason in llama.cpp's log.
+// n_layer == 0 drops pending types. Returns 0, or -1 with a message in err (may be NULL) and
+// nothing stored, for a wrong layer count, a type that is not a KV-cache type or whose block
+// size does not divide the layer's head size, or different K and V types on an MLA model.
+PYADAQ_API int32_t pyadaq_next_context_layer_types(const struct llama_model * model, int32_t n_layer,
+                                                   const int32_t * types_k, const int32_t * types_v,
+                                                   char * err, size_t err_size);
+// Attention rotation of a quantized cache (llama.cpp's Hadamard rotation of K and V):
+// 1 = upstream's choice (on where the head size allows), 0 = off, -1 = as the environment
+// says (LLAMA_ATTN_ROT_DISABLE; the default).
+PYADAQ_API void pyadaq_next_context_attn_rot(int32_t mode);
+// Empties the slot.
+PYADAQ_API void pyadaq_next_context_clear(void);
+// What the slot holds: bit 0 per-layer types, bit 1 an attention-rotation setting.
+PYADAQ_API int32_t pyadaq_next_context_pending(void);
 
 // The ggml types of the K and V cache tensors of each layer of the context's KV cache (the
 // iSWA cache's two parts included): fills types_k/types_v[0..min(n_max, n_layer)) with a type
@@ -104,7 +113,7 @@ int64_t pyadaq_kv_cache_bytes(const struct llama_context * ctx) {
     return total;
 }
 
-// --- per-layer KV-cache types ---------------------------------------------------------------
+// --- settings for the next context of a thread: per-layer KV-cache types, attention rotation -
 
 namespace {
 
@@ -113,11 +122,16 @@ struct layer_types {
     std::vector<ggml_type> v;
 };
 
-std::mutex g_pending_mutex;
-std::map<const llama_model *, layer_types> g_pending;
+struct context_settings {
+    bool has_types = false;
+    layer_types types;
+    int32_t attn_rot = -1;
+};
 
-// the list taken by the llama_init_from_model() call running on this thread
-thread_local layer_types * t_active = nullptr;
+// filled by pyadaq_next_context_*; taken by the next llama_init_from_model on this thread
+thread_local context_settings t_next;
+// the settings of the llama_init_from_model() call running on this thread
+thread_local context_settings * t_active = nullptr;
 
 void set_err(char * err, size_t err_size, const std::string & msg) {
     if (err != nullptr && err_size > 0) {
@@ -125,7 +139,7 @@ void set_err(char * err, size_t err_size, const std::string & msg) {
     }
 }
 
-// float types and block-quantized types (removed type ids have no block size)
+// float types and block-quantized types (unused and removed type ids have no block size)
 bool is_cache_type(int32_t t) {
     if (t < 0 || t >= GGML_TYPE_COUNT) {
         return false;
@@ -137,69 +151,88 @@ bool is_cache_type(int32_t t) {
     return traits->is_quantized && traits->blck_size > 0 && traits->type_size > 0;
 }
 
+// Checks per-layer types against a model; "" when they fit.
+std::string check_against_model(const layer_types & lt, const llama_model & model) {
+    const auto & hp = model.hparams;
+    if (lt.k.size() != hp.n_layer()) {
+        return "per-layer cache types for " + std::to_string(lt.k.size()) + " layers, the model has " +
+               std::to_string(hp.n_layer());
+    }
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        for (int is_v = 0; is_v < 2; ++is_v) {
+            const ggml_type t = is_v ? lt.v[il] : lt.k[il];
+            const uint32_t head = is_v ? hp.n_embd_head_v(il) : hp.n_embd_head_k(il);
+            const int64_t blck = ggml_blck_size(t);
+            if (head % blck != 0) {
+                return std::string("layer ") + std::to_string(il) + " " + (is_v ? "V" : "K") + ": type " +
+                       ggml_type_name(t) + " has block size " + std::to_string(blck) +
+                       ", which does not divide the head size " + std::to_string(head);
+            }
+        }
+        if (hp.is_mla() && lt.k[il] != lt.v[il]) {
+            return "this model (MLA attention) needs the same K and V cache type in every layer";
+        }
+    }
+    return "";
+}
+
 } // namespace
 
-int32_t pyadaq_set_layer_cache_types(const struct llama_model * model, int32_t n_layer,
-                                     const int32_t * types_k, const int32_t * types_v,
-                                     char * err, size_t err_size) {
-    if (model == nullptr) {
-        set_err(err, err_size, "model is NULL");
-        return -1;
-    }
+int32_t pyadaq_next_context_layer_types(const struct llama_model * model, int32_t n_layer,
+                                        const int32_t * types_k, const int32_t * types_v,
+                                        char * err, size_t err_size) {
     if (n_layer == 0) {
-        std::lock_guard<std::mutex> lock(g_pending_mutex);
-        g_pending.erase(model);
+        t_next.has_types = false;
+        t_next.types = {};
         return 0;
     }
-    const auto & hp = model->hparams;
-    if (n_layer < 0 || (uint32_t) n_layer != hp.n_layer() || types_k == nullptr || types_v == nullptr) {
-        set_err(err, err_size, "per-layer cache types for " + std::to_string(n_layer) + " layers, the model has " +
-                               std::to_string(hp.n_layer()));
+    if (n_layer < 0 || types_k == nullptr || types_v == nullptr) {
+        set_err(err, err_size, "per-layer cache types need n_layer > 0 and one K and one V type per layer");
         return -1;
     }
     layer_types lt;
     for (int32_t il = 0; il < n_layer; ++il) {
         for (int is_v = 0; is_v < 2; ++is_v) {
             const int32_t t = is_v ? types_v[il] : types_k[il];
-            const char * which = is_v ? "V" : "K";
             if (!is_cache_type(t)) {
-                set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + which + ": " +
+                set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + (is_v ? "V" : "K") + ": " +
                                        std::to_string(t) + " is not a ggml type a KV cache can hold");
                 return -1;
             }
-            const uint32_t head = is_v ? hp.n_embd_head_v(il) : hp.n_embd_head_k(il);
-            const int64_t blck = ggml_blck_size((ggml_type) t);
-            if (head % blck != 0) {
-                set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + which + ": type " +
-                                       ggml_type_name((ggml_type) t) + " has block size " + std::to_string(blck) +
-                                       ", which does not divide the head size " + std::to_string(head));
-                return -1;
-            }
-        }
-        if (hp.is_mla() && types_k[il] != types_v[il]) {
-            set_err(err, err_size, "this model (MLA attention) needs the same K and V cache type in every layer");
-            return -1;
         }
         lt.k.push_back((ggml_type) types_k[il]);
         lt.v.push_back((ggml_type) types_v[il]);
     }
-    std::lock_guard<std::mutex> lock(g_pending_mutex);
-    g_pending[model] = std::move(lt);
+    if (model != nullptr) {
+        const std::string why = check_against_model(lt, *model);
+        if (!why.empty()) {
+            set_err(err, err_size, why);
+            return -1;
+        }
+    }
+    t_next.has_types = true;
+    t_next.types = std::move(lt);
     return 0;
 }
 
-int32_t pyadaq_has_layer_cache_types(const struct llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_pending_mutex);
-    return g_pending.count(model) ? 1 : 0;
+void pyadaq_next_context_attn_rot(int32_t mode) {
+    t_next.attn_rot = mode < 0 ? -1 : (mode ? 1 : 0);
+}
+
+void pyadaq_next_context_clear(void) {
+    t_next = context_settings();
+}
+
+int32_t pyadaq_next_context_pending(void) {
+    return (t_next.has_types ? 1 : 0) | (t_next.attn_rot >= 0 ? 2 : 0);
 }
 
 pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_pending_mutex);
-    auto it = g_pending.find(model);
-    if (it != g_pending.end()) {
-        t_active = new layer_types(std::move(it->second));
-        g_pending.erase(it);
+    (void) model;
+    if (t_next.has_types || t_next.attn_rot >= 0) {
+        t_active = new context_settings(std::move(t_next));
     }
+    t_next = context_settings();
 }
 
 pyadaq_layer_types_scope::~pyadaq_layer_types_scope() {
@@ -207,9 +240,21 @@ pyadaq_layer_types_scope::~pyadaq_layer_types_scope() {
     t_active = nullptr;
 }
 
+bool pyadaq_attn_rot_disable(bool env_disable) {
+    if (t_active == nullptr || t_active->attn_rot < 0) {
+        return env_disable;
+    }
+    return t_active->attn_rot == 0;
+}
+
 bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params) {
-    if (t_active == nullptr) {
+    if (t_active == nullptr || !t_active->has_types) {
         return true;
+    }
+    const std::string why = check_against_model(t_active->types, model);
+    if (!why.empty()) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, why.c_str());
+        return false;
     }
     const bool any_v_quantized = pyadaq_kv_any_quantized(true, params.type_v);
     if (any_v_quantized && params.flash_attn_type != LLAMA_FLASH_ATTN_TYPE_ENABLED) {
@@ -223,18 +268,19 @@ bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & 
         params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
     }
     std::string desc;
-    for (size_t il = 0; il < t_active->k.size(); ++il) {
-        desc += std::string(il ? " " : "") + ggml_type_name(t_active->k[il]) + "/" + ggml_type_name(t_active->v[il]);
+    for (size_t il = 0; il < t_active->types.k.size(); ++il) {
+        desc += std::string(il ? " " : "") + ggml_type_name(t_active->types.k[il]) + "/" +
+                ggml_type_name(t_active->types.v[il]);
     }
     LLAMA_LOG_INFO("%s: %s: per-layer K/V cache types: %s\n", __func__, model.name.c_str(), desc.c_str());
     return true;
 }
 
 ggml_type pyadaq_kv_layer_type(uint32_t il, bool is_v, ggml_type uniform) {
-    if (t_active == nullptr) {
+    if (t_active == nullptr || !t_active->has_types) {
         return uniform;
     }
-    const auto & types = is_v ? t_active->v : t_active->k;
+    const auto & types = is_v ? t_active->types.v : t_active->types.k;
     return il < types.size() ? types[il] : uniform;  // layers past the list (MTP): uniform
 }
 
@@ -242,10 +288,10 @@ bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform) {
     if (ggml_is_quantized(uniform)) {
         return true;
     }
-    if (t_active == nullptr) {
+    if (t_active == nullptr || !t_active->has_types) {
         return false;
     }
-    const auto & types = is_v ? t_active->v : t_active->k;
+    const auto & types = is_v ? t_active->types.v : t_active->types.k;
     return std::any_of(types.begin(), types.end(), [](ggml_type t) { return ggml_is_quantized(t); });
 }
 
@@ -465,12 +511,13 @@ struct pyadaq_kv_capture {
         int32_t n_head = 0;
         int64_t rows = 0;
         std::vector<double> gram;      // n_head * head_size * head_size (upper triangle filled)
-        std::vector<float> staged;     // the last node of this layer in the current graph
+        std::vector<float> staged;     // the last node of this layer in the current graph (ubatch)
         int64_t staged_rows = 0;
     };
     std::vector<part> parts[2];        // [is_v][il]
     std::vector<uint8_t> scratch;
     int64_t skipped = 0;
+    int max_staged_layer = -1;         // highest layer with staged rows in the current graph
 };
 
 pyadaq_kv_capture * pyadaq_kv_capture_new(const llama_model * model) {
@@ -512,15 +559,55 @@ static bool parse_name(const char * name, int & is_v, int & il) {
     return true;
 }
 
+// Adds the staged rows of every layer to its Gram matrices (the end of one graph's K/V).
+static void capture_commit(pyadaq_kv_capture * cap) {
+    for (auto & parts : cap->parts) {
+        for (auto & p : parts) {
+            const int64_t d = p.head_size;
+            for (int64_t r = 0; r < p.staged_rows; ++r) {
+                for (int64_t h = 0; h < p.n_head; ++h) {
+                    const float * x = p.staged.data() + (r * p.n_head + h) * d;
+                    double * g = p.gram.data() + h * d * d;
+                    for (int64_t a = 0; a < d; ++a) {
+                        const double xa = x[a];
+                        double * ga = g + a * d;
+                        for (int64_t b = a; b < d; ++b) {
+                            ga[b] += xa * (double) x[b];
+                        }
+                    }
+                }
+            }
+            p.rows += p.staged_rows;
+            p.staged_rows = 0;
+        }
+    }
+    cap->max_staged_layer = -1;
+}
+
+// One llama_decode runs one graph per ubatch, and a layer's K (V) is named "Kcur-<il>" at
+// several steps of one graph (the last one is what enters the cache), so staged rows are
+// replaced within a graph and committed when the next graph starts: at a "result..." node
+// (the model's output, computed after every layer), or when a node of a layer below the highest
+// one staged arrives (a graph without such an output); pyadaq_kv_capture_flush commits the
+// last graph.
 bool pyadaq_kv_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
     auto * cap = static_cast<pyadaq_kv_capture *>(user_data);
+    if (cap == nullptr) {
+        return ask ? false : true;
+    }
     int is_v = 0;
     int il = 0;
-    if (cap == nullptr || !parse_name(t->name, is_v, il) || il >= (int) cap->parts[is_v].size()) {
+    if (!parse_name(t->name, is_v, il) || il >= (int) cap->parts[is_v].size()) {
+        if (ask && strncmp(t->name, "result", 6) == 0) {
+            capture_commit(cap);
+        }
         return ask ? false : true;
     }
     if (ask) {
         return true;
+    }
+    if (il < cap->max_staged_layer) {
+        capture_commit(cap); // a new graph (ubatch) has started
     }
     auto & p = cap->parts[is_v][il];
     const int64_t width = (int64_t) p.head_size * p.n_head;
@@ -566,32 +653,13 @@ bool pyadaq_kv_capture_eval_cb(struct ggml_tensor * t, bool ask, void * user_dat
         }
     }
     p.staged_rows = n / width;
+    cap->max_staged_layer = std::max(cap->max_staged_layer, il);
     return true;
 }
 
 void pyadaq_kv_capture_flush(pyadaq_kv_capture * cap) {
-    if (cap == nullptr) {
-        return;
-    }
-    for (auto & parts : cap->parts) {
-        for (auto & p : parts) {
-            const int64_t d = p.head_size;
-            for (int64_t r = 0; r < p.staged_rows; ++r) {
-                for (int64_t h = 0; h < p.n_head; ++h) {
-                    const float * x = p.staged.data() + (r * p.n_head + h) * d;
-                    double * g = p.gram.data() + h * d * d;
-                    for (int64_t a = 0; a < d; ++a) {
-                        const double xa = x[a];
-                        double * ga = g + a * d;
-                        for (int64_t b = a; b < d; ++b) {
-                            ga[b] += xa * (double) x[b];
-                        }
-                    }
-                }
-            }
-            p.rows += p.staged_rows;
-            p.staged_rows = 0;
-        }
+    if (cap != nullptr) {
+        capture_commit(cap);
     }
 }
 

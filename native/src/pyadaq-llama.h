@@ -1,13 +1,14 @@
 // pyadaq hooks called from upstream llama.cpp sources (native/patches/0005). Internal to
 // libllama: the exported C entry points are declared in pyadaq-llama.cpp.
 //
-// Per-layer KV-cache types: pyadaq_set_layer_cache_types() stores a pending list of K and V
-// types per layer for a model. The next llama_init_from_model() call for that model takes it
-// (a pyadaq_layer_types_scope at the top of the function), checks it against the context
-// parameters (pyadaq_layer_types_check), and while the context is built the KV cache asks
-// pyadaq_kv_layer_type() for the type of each layer's tensors. Outside such a call, or with
-// no pending list, every hook returns the uniform type it is given, so upstream behaviour is
-// unchanged.
+// Settings for the next context of a thread: pyadaq_next_context_layer_types() and
+// pyadaq_next_context_attn_rot() fill a thread-local slot (per-layer K and V types, attention
+// rotation). The next llama_init_from_model() call on that thread takes it (a
+// pyadaq_layer_types_scope at the top of the function), checks it against the model and the
+// context parameters (pyadaq_layer_types_check), and while the context is built the KV cache
+// asks pyadaq_kv_layer_type() for the type of each layer's tensors and
+// pyadaq_attn_rot_disable() whether to rotate. Outside such a call, or with an empty slot,
+// every hook returns what upstream would use, so upstream behaviour is unchanged.
 #pragma once
 
 #include "ggml.h"
@@ -17,8 +18,8 @@
 
 struct llama_model;
 
-// Takes the model's pending per-layer types for this thread for the lifetime of the object
-// (one llama_init_from_model call); they are consumed whether the call succeeds or not.
+// Takes this thread's pending settings for the lifetime of the object (one
+// llama_init_from_model call); they are consumed whether the call succeeds or not.
 struct pyadaq_layer_types_scope {
     explicit pyadaq_layer_types_scope(const llama_model * model);
     ~pyadaq_layer_types_scope();
@@ -26,7 +27,12 @@ struct pyadaq_layer_types_scope {
     pyadaq_layer_types_scope & operator=(const pyadaq_layer_types_scope &) = delete;
 };
 
-// Checks the active per-layer types against the final context parameters: a quantized V
+// Whether the KV cache being built turns attention rotation off: the active setting, or else
+// upstream's reading of LLAMA_ATTN_ROT_DISABLE (env_disable).
+bool pyadaq_attn_rot_disable(bool env_disable);
+
+// Checks the active per-layer types against the model (layer count, head sizes) and the
+// final context parameters: a quantized V
 // layer needs flash attention (AUTO is switched to ENABLED, DISABLED is an error). Logs the
 // reason and returns false when the context must not be created.
 bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params);

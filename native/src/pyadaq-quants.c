@@ -26,6 +26,9 @@ const int8_t pyadaq_levels_u3[8] = { -7, -5, -3, -1, 1, 3, 5, 7 };
     static_assert(sizeof(PYADAQ_BLOCK_TYPE(QK, BITS)) == PYADAQ_TYPE_SIZE(QK, BITS), "wrong " #lower " block size/padding");
 PYADAQ_TYPES(PYADAQ_CHECK_ID)
 static_assert(sizeof(ggml_half) == sizeof(uint16_t), "ggml_half is two bytes");
+// the unused ids start right after upstream's last type; an upstream bump must move them
+static_assert(GGML_TYPE_Q2_0 + 1 == PYADAQ_FIRST_UNUSED_TYPE_ID, "upstream added a type: update PYADAQ_UNUSED_TYPE_IDS");
+static_assert(GGML_TYPE_COUNT == 116, "GGML_TYPE_COUNT changed: update PYADAQ_UNUSED_TYPE_IDS");
 
 // Index of the level nearest to v: the number of midpoints between levels that v exceeds.
 static inline int nearest_level(float v, const float * mids, int n_mids) {
@@ -203,16 +206,6 @@ static int pyadaq_cpu_has_avx2(void) {
 }
 #endif
 
-#ifdef PYADAQ_HAVE_AVX2_DEQUANT
-#define PYADAQ_DEQUANT_FAST(lower)                                                                     \
-    if (pyadaq_cpu_has_avx2()) {                                                                       \
-        dequantize_row_##lower##_avx2(x, y, k);                                                        \
-        return;                                                                                        \
-    }
-#else
-#define PYADAQ_DEQUANT_FAST(lower)
-#endif
-
 #define PYADAQ_DEFINE_REF(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                  \
     void quantize_row_##lower##_ref(const float * x, void * vy, int64_t k) {                         \
         assert(k % (QK) == 0);                                                                       \
@@ -221,10 +214,9 @@ static int pyadaq_cpu_has_avx2(void) {
             quantize_block(x + b * (QK), &y[b].d, y[b].qs, QH_OF(BITS, y[b]), QK, BITS, LEVELS, RULE); \
         }                                                                                            \
     }                                                                                                \
-    void dequantize_row_##lower(const void * vx, float * y, int64_t k) {                            \
+    void dequantize_row_##lower##_ref(const void * vx, float * y, int64_t k) {                      \
         assert(k % (QK) == 0);                                                                       \
         const PYADAQ_BLOCK_TYPE(QK, BITS) * x = vx;                                                  \
-        PYADAQ_DEQUANT_FAST(lower);                                                                  \
         for (int64_t b = 0; b < k / (QK); ++b) {                                                     \
             dequantize_block(x[b].d, x[b].qs, QH_OF(BITS, x[b]), y + b * (QK), QK, BITS, LEVELS);   \
         }                                                                                            \
@@ -239,6 +231,38 @@ static int pyadaq_cpu_has_avx2(void) {
         return (size_t) nrows * row_size;                                                            \
     }
 PYADAQ_TYPES(PYADAQ_DEFINE_REF)
+
+// The implementation a dequantization runs: the scalar reference, or AVX2 when the CPU has it
+// (ggml-base is built for the baseline ISA, so the choice is made at run time, once).
+static int pyadaq_dequant_best(void) {
+#ifdef PYADAQ_HAVE_AVX2_DEQUANT
+    return pyadaq_cpu_has_avx2() ? PYADAQ_IMPL_AVX2 : PYADAQ_IMPL_SCALAR;
+#else
+    return PYADAQ_IMPL_SCALAR;
+#endif
+}
+
+// dequantize_row_<type>: the registered to_float (ggml's type traits, flash attention's V rows)
+// runs the best implementation; dequantize_row_<type>_ref is the specification.
+#ifdef PYADAQ_HAVE_AVX2_DEQUANT
+#define PYADAQ_DEQUANT_AVX2_CASE(lower) \
+    case PYADAQ_IMPL_AVX2: if (!pyadaq_cpu_has_avx2()) return -2; dequantize_row_##lower##_avx2(vx, y, k); return 0;
+#else
+#define PYADAQ_DEQUANT_AVX2_CASE(lower)
+#endif
+#define PYADAQ_DEFINE_DEQUANT(UPPER, lower, id, QK, BITS, LEVELS, RULE)                              \
+    static int dequantize_row_##lower##_impl(const void * vx, float * y, int64_t k, int impl) {     \
+        switch (impl) {                                                                              \
+            case PYADAQ_IMPL_SCALAR: dequantize_row_##lower##_ref(vx, y, k); return 0;               \
+            PYADAQ_DEQUANT_AVX2_CASE(lower)                                                          \
+            default: return -2;                                                                      \
+        }                                                                                            \
+    }                                                                                                \
+    void dequantize_row_##lower(const void * vx, float * y, int64_t k) {                            \
+        assert(k % (QK) == 0);                                                                       \
+        dequantize_row_##lower##_impl(vx, y, k, pyadaq_dequant_best());                              \
+    }
+PYADAQ_TYPES(PYADAQ_DEFINE_DEQUANT)
 
 int pyadaq_is_pyadaq_type(int type) {
 #define PYADAQ_IS(UPPER, lower, id, QK, BITS, LEVELS, RULE) if (type == (id)) return 1;
@@ -256,9 +280,29 @@ int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k) {
 }
 
 int pyadaq_dequantize(int type, const void * x, float * y, int64_t k) {
+    return pyadaq_dequantize_impl(type, x, y, k, PYADAQ_IMPL_BEST);
+}
+
+int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl) {
+    if (impl == PYADAQ_IMPL_BEST) {
+        impl = pyadaq_dequant_best();
+    }
 #define PYADAQ_DQ(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
-    if (type == (id)) { if (k % (QK)) return -1; dequantize_row_##lower(x, y, k); return 0; }
+    if (type == (id)) { if (k % (QK)) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
     PYADAQ_TYPES(PYADAQ_DQ)
 #undef PYADAQ_DQ
     return -1;
+}
+
+const char * pyadaq_dequant_impl_name(int impl) {
+    if (impl == PYADAQ_IMPL_BEST) {
+        impl = pyadaq_dequant_best();
+    }
+    switch (impl) {
+        case PYADAQ_IMPL_SCALAR: return "scalar";
+#ifdef PYADAQ_HAVE_AVX2_DEQUANT
+        case PYADAQ_IMPL_AVX2: return pyadaq_cpu_has_avx2() ? "avx2" : NULL;
+#endif
+        default: return NULL;
+    }
 }

@@ -86,6 +86,7 @@ _Static_assert(sizeof(block_pyadaq_3x64) == 2 + 64/4 + 64/8,   "wrong pyadaq 3-b
 // Per type: reference quantize (the spec), dequantize, and ggml_quantize_chunk's entry.
 #define PYADAQ_DECLARE_REF(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                          \
     PYADAQ_API void   quantize_row_##lower##_ref(const float * x, void * y, int64_t k);                       \
+    PYADAQ_API void   dequantize_row_##lower##_ref(const void * x, float * y, int64_t k);                     \
     PYADAQ_API void   dequantize_row_##lower(const void * x, float * y, int64_t k);                           \
     PYADAQ_API size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,      \
                                        const float * imatrix);
@@ -108,7 +109,26 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
         .to_float       = (ggml_to_float_t) dequantize_row_##lower,          \
         .from_float_ref = (ggml_from_float_t) quantize_row_##lower##_ref,    \
     },
-#define PYADAQ_GGML_TYPE_TRAITS PYADAQ_TYPES(PYADAQ_TRAITS_ROW)
+// The ids between upstream's last type (GGML_TYPE_Q2_0 = 42) and GGML_TYPE_COUNT that name no
+// type get a row the way upstream marks its retired ids (a name, block size 0): ggml_type_name
+// never returns NULL for an id below GGML_TYPE_COUNT, and gguf.cpp rejects a tensor of such a
+// type with a message that names it.
+#define PYADAQ_FIRST_UNUSED_TYPE_ID 43
+#define PYADAQ_UNUSED_TYPE_IDS(X) \
+    X(43) X(44) X(45) X(46) X(47) X(48) X(49) X(50) X(51) X(52) X(53) X(54) \
+    X(55) X(56) X(57) X(58) X(59) X(60) X(61) X(62) X(63) X(64) X(65) X(66) \
+    X(67) X(68) X(69) X(70) X(71) X(72) X(73) X(74) X(75) X(76) X(77) X(78) \
+    X(79) X(80) X(81) X(82) X(83) X(84) X(85) X(86) X(87) X(88) X(89) X(90) \
+    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99) X(102) X(103) X(104) \
+    X(105) X(106) X(107) X(108) X(109)
+#define PYADAQ_UNUSED_ROW(id)                                                \
+    [id] = {                                                                 \
+        .type_name      = "unused type id " #id " (reserved by pyadaq)",   \
+        .blck_size      = 0,                                                 \
+        .type_size      = 0,                                                 \
+        .is_quantized   = false,                                             \
+    },
+#define PYADAQ_GGML_TYPE_TRAITS PYADAQ_TYPES(PYADAQ_TRAITS_ROW) PYADAQ_UNUSED_TYPE_IDS(PYADAQ_UNUSED_ROW)
 
 #define PYADAQ_TRAITS_CPU_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)      \
     [GGML_TYPE_##UPPER] = {                                                  \
@@ -136,10 +156,19 @@ PYADAQ_API void  pyadaq_block_pack(const uint8_t * idx, int qk, int bits, uint8_
 // Each returns 0 on success and -1 if `type` is not a pyadaq type or `k` is not a multiple of its block.
 PYADAQ_API int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);
 PYADAQ_API int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);
+// Dequantization with an explicit implementation: PYADAQ_IMPL_SCALAR is the reference
+// (dequantize_row_<type>_ref), PYADAQ_IMPL_AVX2 the x86 path, PYADAQ_IMPL_BEST what the
+// registered to_float (dequantize_row_<type>) runs on this CPU. Returns -2 for an
+// implementation this build or CPU does not have; pyadaq_dequant_impl_name gives its name
+// ("scalar", "avx2") or NULL when it is not available.
+enum pyadaq_impl { PYADAQ_IMPL_SCALAR = 0, PYADAQ_IMPL_AVX2 = 1, PYADAQ_IMPL_BEST = -1 };
+PYADAQ_API int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl);
+PYADAQ_API const char * pyadaq_dequant_impl_name(int impl);
 PYADAQ_API int pyadaq_is_pyadaq_type(int type);
 
-// ggml-cpu: flash-attention ops that ran on f16 copies of pyadaq K/V (native/src/pyadaq-fa-cpu.c)
-PYADAQ_API int64_t pyadaq_cpu_fa_converted(void);
+// ggml-cpu: flash-attention ops with a quantized K or V that ran on the tiled path
+// (native/src/pyadaq-fa-cpu.c)
+PYADAQ_API int64_t pyadaq_cpu_fa_tiled(void);
 
 #ifdef __cplusplus
 }
