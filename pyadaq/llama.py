@@ -32,18 +32,17 @@ llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``Type
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ._native import native
+from ._native import creation_lock, native
 from .gguf_info import ModelInfo, read_model_info
 from .logits import default_gpu_layers
+from .layer_types import next_context
 from .offload import KVOffloadError, check_offload
 from .types import CacheType, cache_type, cache_types
 
 import llama_cpp  # noqa: E402,I001  (after ._native, which points llama_cpp at pyadaq's libllama)
 import llama_cpp.llama_cpp as _lib  # noqa: E402
-import llama_cpp._internals as _internals  # noqa: E402
 
 __all__ = ["Llama", "estimate_kv_cache_bytes", "validate_cache_types"]
 
@@ -162,7 +161,55 @@ def estimate_kv_cache_bytes(
                      kv_unified=kv_unified, swa_full=swa_full, v_trans=not flash_attn)
 
 
-_context_lock = threading.RLock()
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_context_size(info: ModelInfo, kwargs: Dict[str, Any], tk, tv, *, allow_long_context: bool = False) -> int:
+    """Check ``n_ctx`` and the batch sizes of Llama's keyword arguments before llama.cpp sees
+    them; return the context size. ``n_ctx`` must be an int >= 0 (0: the model's training
+    context), at most the training context unless ``allow_long_context``, and the KV cache it
+    implies must fit in the memory available now (``MemoryError`` naming the size otherwise).
+    ``n_batch``, ``n_ubatch`` and ``n_seq_max``, when given, must be ints > 0. tk / tv: one
+    CacheType or one per layer."""
+    n_ctx = kwargs.get("n_ctx", 512)
+    checks = [("n_ctx", n_ctx, 0)] + [(key, kwargs[key], 1) for key in ("n_batch", "n_ubatch", "n_seq_max")
+                                      if key in kwargs]
+    for key, value, least in checks:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key} must be an int, not {type(value).__name__} ({value!r})")
+        if value < least:
+            what = ">= 0 (0: the model's training context)" if key == "n_ctx" else "> 0"
+            raise ValueError(f"{key} must be {what}, not {value}")
+    n = n_ctx or info.n_ctx_train
+    if info.n_ctx_train and n > info.n_ctx_train and not allow_long_context:
+        raise ValueError(
+            f"n_ctx={n_ctx} is beyond {info.path.name}'s training context ({info.n_ctx_train} tokens), which the "
+            "model was not trained for; pass allow_long_context=True to use it anyway"
+        )
+    n_seq = kwargs.get("n_seq_max", 1)
+    unified = bool(kwargs.get("kv_unified", False))
+    nbytes = _kv_bytes(info, tk, tv, n_ctx_seq=_pad(n) if unified else _pad(_pad(n) // n_seq), n_seq_max=n_seq,
+                       n_ubatch=min(kwargs.get("n_ubatch", 512), n), kv_unified=unified,
+                       swa_full=bool(kwargs.get("swa_full", True)), v_trans=kwargs.get("flash_attn") is False)
+    avail = _available_memory()
+    if avail is not None and nbytes > avail:
+        raise MemoryError(
+            f"n_ctx={n} needs a KV cache of {nbytes / 2**30:.1f} GiB for {info.path.name} with these cache types, "
+            f"but only {avail / 2**30:.1f} GiB of memory is available now: use a smaller n_ctx or smaller cache types"
+        )
+    return n
 
 
 def _resolve_plan(info: ModelInfo, model_path, kv_plan, kv_budget, kv_budget_source: str):
@@ -198,6 +245,12 @@ class Llama(llama_cpp.Llama):
     also means "choose"). If a layer's cache ends up on a GPU that cannot run what its types
     need, construction raises :class:`pyadaq.offload.KVOffloadError` (llama.cpp would run those
     ops on the CPU without saying so); ``allow_cpu_fallback=True`` turns that into a warning.
+    ``kv_plan`` / ``kv_budget`` together with ``cache_type_k`` / ``cache_type_v`` is a
+    ``TypeError`` (a plan sets every layer's types).
+
+    ``n_ctx`` is checked first: an int >= 0 (``TypeError`` / ``ValueError``), at most the
+    model's training context unless ``allow_long_context=True``, and a KV cache that fits in
+    the memory available now (``MemoryError`` naming its size).
 
     After construction: ``cache_type_k``, ``cache_type_v`` (CacheType; for a plan, its most
     common types), ``layer_types_k`` / ``layer_types_v`` (per layer), ``kv_plan`` (the KVPlan
@@ -210,12 +263,13 @@ class Llama(llama_cpp.Llama):
         self,
         model_path: Union[str, os.PathLike],
         *,
-        cache_type_k: CacheTypeSpec = "f16",
-        cache_type_v: CacheTypeSpec = "f16",
+        cache_type_k: Optional[CacheTypeSpec] = None,
+        cache_type_v: Optional[CacheTypeSpec] = None,
         kv_plan: Any = None,
         kv_budget: Optional[float] = None,
         kv_budget_source: str = "kl",
         allow_cpu_fallback: bool = False,
+        allow_long_context: bool = False,
         **kwargs: Any,
     ) -> None:
         for raw, ours in (("type_k", "cache_type_k"), ("type_v", "cache_type_v")):
@@ -224,8 +278,13 @@ class Llama(llama_cpp.Llama):
                     f"pyadaq.Llama does not take llama_cpp's '{raw}' (a raw ggml type id); pass "
                     f"{ours}= with a cache type name such as 'q4_0' or 'kvq2' (or its ggml id)"
                 )
-        tk = cache_type(cache_type_k)
-        tv = cache_type(cache_type_v)
+        if (kv_plan is not None or kv_budget is not None) and (cache_type_k is not None or cache_type_v is not None):
+            raise TypeError(
+                "pass either cache_type_k/cache_type_v (one K and one V type for every layer) or "
+                "kv_plan/kv_budget (a type per layer), not both: a plan sets every layer's K and V type"
+            )
+        tk = cache_type("f16" if cache_type_k is None else cache_type_k)
+        tv = cache_type("f16" if cache_type_v is None else cache_type_v)
         info = read_model_info(model_path)
         flash_attn = kwargs.get("flash_attn")
         layers_k, layers_v, plan = _resolve_plan(info, model_path, kv_plan, kv_budget, kv_budget_source)
@@ -238,6 +297,7 @@ class Llama(llama_cpp.Llama):
                     "with flash attention, but flash_attn=False was passed"
                 )
         validate_cache_types(info, tk, tv, flash_attn=flash_attn)
+        check_context_size(info, kwargs, layers_k or tk, layers_v or tv, allow_long_context=allow_long_context)
         if flash_attn is None:
             kwargs.pop("flash_attn", None)
             if any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
@@ -252,18 +312,10 @@ class Llama(llama_cpp.Llama):
         self.layer_types_v: List[CacheType] = layers_v or [tv] * info.n_layer
         self.kv_plan = plan
         self.model_info: ModelInfo = info
-        if plan is None:
+        # the per-layer types go to the context llama_cpp.Llama creates on this thread (it loads the
+        # model, then creates one context); model loading and context creation run one at a time
+        with creation_lock, next_context(layers_k, layers_v):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
-        else:
-            # llama_cpp.Llama loads the model and creates the context in one call: the per-layer
-            # types are set on the loaded model just before its context is created
-            with _context_lock:
-                original = _internals.LlamaContext
-                _internals.LlamaContext = _planned_context(layers_k, layers_v, original)
-                try:
-                    super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
-                finally:
-                    _internals.LlamaContext = original
         # a GPU-resident cache whose ops its GPU cannot run: an error, not a silent CPU fallback
         try:
             check_offload(self._ctx_ptr(), allow_cpu_fallback=allow_cpu_fallback)
@@ -336,14 +388,3 @@ class Llama(llama_cpp.Llama):
         return (f"{type(self).__name__}({str(path)!r}, cache_type_k='{getattr(self, 'cache_type_k', None)}', "
                 f"cache_type_v='{getattr(self, 'cache_type_v', None)}')")
 
-
-def _planned_context(types_k: Sequence[CacheType], types_v: Sequence[CacheType], base):
-    """A llama_cpp._internals.LlamaContext subclass that sets per-layer types first."""
-    from .layer_types import pending_layer_types
-
-    class PlannedLlamaContext(base):
-        def __init__(self, *, model, params, verbose: bool = True):
-            with pending_layer_types(model.model, types_k, types_v):
-                super().__init__(model=model, params=params, verbose=verbose)
-
-    return PlannedLlamaContext

@@ -261,6 +261,38 @@ def test_quantized_v_without_flash_attn(no_native, tiny_model):
     assert "cache_type_v='kvq2'" in msg and "flash_attn=False" in msg and "flash attention" in msg
 
 
+@pytest.mark.parametrize("n_ctx, error, message", [
+    (512.5, TypeError, "n_ctx must be an int, not float (512.5)"),
+    ("512", TypeError, "n_ctx must be an int, not str ('512')"),
+    (True, TypeError, "n_ctx must be an int, not bool"),
+    (-5, ValueError, "n_ctx must be >= 0 (0: the model's training context), not -5"),
+    (10**9, ValueError, "beyond default.gguf's training context (4096 tokens)"),
+])
+def test_bad_n_ctx_is_refused_up_front(no_native, tiny_model, n_ctx, error, message):
+    with pytest.raises(error) as ei:
+        pyadaq.Llama(tiny_model(), n_ctx=n_ctx)
+    assert message in str(ei.value)
+
+
+def test_context_that_does_not_fit_in_memory(no_native, tiny_model):
+    """n_ctx=10**9 with the opt-in past the training context: the KV cache it implies (tens of
+    GiB) is compared with the memory available before llama.cpp allocates anything."""
+    with pytest.raises(MemoryError, match=r"n_ctx=1000000000 needs a KV cache of [0-9.]+ GiB"):
+        pyadaq.Llama(tiny_model(), n_ctx=10**9, allow_long_context=True)
+
+
+@pytest.mark.parametrize("kw", [{"n_batch": 0}, {"n_ubatch": -1}, {"n_seq_max": 1.5}])
+def test_bad_batch_sizes(no_native, tiny_model, kw):
+    with pytest.raises((TypeError, ValueError), match=next(iter(kw))):
+        pyadaq.Llama(tiny_model(), **kw)
+
+
+@pytest.mark.parametrize("kw", [{"cache_type_v": "q4_0"}, {"cache_type_k": "f16"}])
+def test_plan_with_explicit_cache_types_is_refused(no_native, tiny_model, kw):
+    with pytest.raises(TypeError, match="not both"):
+        pyadaq.Llama(tiny_model(), kv_budget=4.0, **kw)
+
+
 # --------------------------------------------------------------------------------------------
 # construction (tiny models, real llama.cpp)
 # --------------------------------------------------------------------------------------------
