@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="write the figures and the run's settings here")
     p.add_argument("--plot", help="write a PNG plot here (speed against depth per config)")
     p.add_argument("--markdown", help="write a Markdown report here (docs/BENCHMARKS.md)")
+    p.add_argument("--section", metavar="TITLE",
+                   help="with --markdown: write the report as the section '## TITLE' of that file, replacing a "
+                        "section of the same title or adding it at the end")
     p.add_argument("--mem-bandwidth", type=float, metavar="GB/S",
                    help="the device's peak memory bandwidth: the report then gives tg against the bound "
                         "bandwidth / bytes read per token (e.g. 3350 for an H100 SXM)")
@@ -57,6 +60,8 @@ def check_inputs(args):
         raise ValueError("--n-prompt and --n-gen must be >= 0 and not both 0")
     if args.batch < 1:
         raise ValueError("--batch must be at least 1")
+    if args.section and not args.markdown:
+        raise ValueError("--section names a section of the --markdown file: give --markdown too")
     for d in depths:
         need = d + max(args.n_prompt, args.n_gen)
         if info.n_ctx_train and need > info.n_ctx_train:
@@ -94,25 +99,42 @@ def run(args) -> int:
         import shlex
         import sys
 
-        from ..bench import render_markdown
+        from ..bench import render_markdown, upsert_section
 
         command = "pyadaq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
             else "pyadaq bench"
-        Path(args.markdown).write_text(render_markdown(res, command, args.mem_bandwidth))
+        md_path = Path(args.markdown)
+        if args.section:
+            section = render_markdown(res, command, args.mem_bandwidth, heading=f"## {args.section}")
+            old = md_path.read_text() if md_path.exists() else ""
+            md_path.write_text(upsert_section(old, section))
+        else:
+            md_path.write_text(render_markdown(res, command, args.mem_bandwidth))
         print(f"wrote {args.markdown}")
     return 0
 
 
 def _fmt(mean, std):
-    return f"{'-':>16}" if mean is None else f"{mean:9.1f} ± {std:5.1f}"
+    if mean is None:
+        return f"{'-':>16}"
+    return f"{mean:9.1f}{'':7}" if std is None else f"{mean:9.1f} ± {std:5.1f}"
 
 
 def print_table(res: dict) -> None:
     s = res["settings"]
+    reps = res["reps"]
+    spread = "mean ± sd" if reps > 1 else "1 repetition: no spread"
     print(f"\n{s['model_name']} on {s['machine']} ({res['backend']}); pp{res['n_prompt']} and tg{res['n_gen']}, "
-          f"{res['reps']} reps, tokens per second (mean ± sd), ratio to f16/f16 at the same depth")
-    print(f"{'config':<16} {'depth':>6} {'KV MiB':>8} {'pp t/s':>16} {'pp/f16':>6} {'tg t/s':>16} {'tg/f16':>6}")
+          f"{reps} repetition{'s' if reps != 1 else ''}, tokens per second ({spread}), ratio to f16/f16 at the same "
+          "depth; peak RSS growth over each context's life")
+    print(f"{'config':<16} {'depth':>6} {'KV MiB':>8} {'peak MiB':>8} {'pp t/s':>16} {'pp/f16':>6} {'tg t/s':>16} "
+          f"{'tg/f16':>6}")
     for r in res["results"]:
         ratio = {k: (f"{r[k + '_vs_f16']:6.2f}" if r[k + "_vs_f16"] is not None else f"{'-':>6}") for k in ("pp", "tg")}
-        print(f"{r['config']:<16} {r['depth']:>6} {r['kv_bytes'] / 2**20:8.2f} {_fmt(r['pp_mean'], r['pp_std'])} "
+        peak = r.get("peak_rss_growth_bytes")
+        print(f"{r['config']:<16} {r['depth']:>6} {r['kv_bytes'] / 2**20:8.2f} "
+              f"{'-' if peak is None else f'{peak / 2**20:.1f}':>8} {_fmt(r['pp_mean'], r['pp_std'])} "
               f"{ratio['pp']} {_fmt(r['tg_mean'], r['tg_std'])} {ratio['tg']}")
+    for n in res.get("noisy_baseline", []):
+        print(f"warning: at depth {n['depth']} f16/f16's {n['test']} varied by {100 * n['f16_relative_sd']:.0f} % "
+              f"against {100 * n['others_min']:.0f} % for the steadiest config: its ratios are mostly noise")
