@@ -37,7 +37,7 @@ test: install
 	cd tests && ../$(PY) -m pytest
 
 formats: install
-	$(VENV)/bin/pyadaq formats
+	$(VENV)/bin/pyadaq formats --out docs
 
 # Compile pyadaq's CUDA sources and the upstream CUDA files it patches with nvcc for one
 # architecture (CUDA_ARCH, default 90): no GPU or cuBLAS library needed. See the script.

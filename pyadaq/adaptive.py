@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ._atomic import atomic_write_text
 from .gguf_info import read_model_info
 from .types import cache_type
 
@@ -49,29 +50,23 @@ def _key(*parts) -> str:
     return h.hexdigest()[:24]
 
 
-def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text: Optional[str] = None,
-              n_ctx: int = 512, n_chunks: int = 2, n_threads: Optional[int] = None, progress: bool = True,
-              use_cache: bool = True) -> dict:
-    """KL divergence added by storing one layer's K or V in each type (all else f16).
+def calibration_path(info, types: Sequence[str] = DEFAULT_TYPES, text: Optional[str] = None, n_ctx: int = 512,
+                     n_chunks: int = 2) -> Path:
+    """Where calibrate() caches its result for the model of `info` (a ModelInfo) and these arguments."""
+    from .kl import default_text
 
-    Returns {"settings", "types", "errors_k", "errors_v"}: errors_* are [n_layer][n_types]
-    lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
-    block size does not fit the layer). Cached on disk unless use_cache is False.
-    """
-    from .kl import LayerConfig, compare, default_text
-
-    info = read_model_info(model_path)
     types = [cache_type(t).name for t in types]
-    text = text if text is not None else default_text()
-    text_sha = hashlib.sha256(text.encode()).hexdigest()
+    text_sha = hashlib.sha256((text if text is not None else default_text()).encode()).hexdigest()
     key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, types)
-    path = cache_dir() / f"calibration-{key}.json"
-    if use_cache and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass  # unreadable: measure again
-    t0 = time.time()
+    return cache_dir() / f"calibration-{key}.json"
+
+
+def calibration_items(info, types: Sequence[str]) -> tuple:
+    """(errors, jobs, configs) of a calibration: errors["k"|"v"][layer][type] prefilled with 0.0
+    (f16, or a layer without a cache) and None (the type does not fit); jobs the (layer, "k"|"v",
+    type column) measured, one LayerConfig each in configs."""
+    from .kl import LayerConfig
+
     n_layer = info.n_layer
     cache_layers = set(info.cache_layers())
     errors = {"k": [[None] * len(types) for _ in range(n_layer)], "v": [[None] * len(types) for _ in range(n_layer)]}
@@ -91,6 +86,32 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
                 (tk if kind == "k" else tv)[il] = ct.name
                 jobs.append((il, kind, j))
                 configs.append(LayerConfig(f"{kind}{il}:{ct.name}", tuple(tk), tuple(tv)))
+    return errors, jobs, configs
+
+
+def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text: Optional[str] = None,
+              n_ctx: int = 512, n_chunks: int = 2, n_threads: Optional[int] = None, progress: bool = True,
+              use_cache: bool = True) -> dict:
+    """KL divergence added by storing one layer's K or V in each type (all else f16).
+
+    Returns {"settings", "types", "errors_k", "errors_v"}: errors_* are [n_layer][n_types]
+    lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
+    block size does not fit the layer). Cached on disk unless use_cache is False.
+    """
+    from .kl import compare, default_text
+
+    info = read_model_info(model_path)
+    types = [cache_type(t).name for t in types]
+    text = text if text is not None else default_text()
+    text_sha = hashlib.sha256(text.encode()).hexdigest()
+    path = calibration_path(info, types, text, n_ctx, n_chunks)
+    if use_cache and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # unreadable: measure again
+    t0 = time.time()
+    errors, jobs, configs = calibration_items(info, types)
     # the f16 reference once, then one context per configuration (kl.compare)
     measured = compare(str(model_path), configs, text=text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads,
                        progress=progress, store=use_cache)
@@ -108,9 +129,7 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
     }
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(res))
     return res
 
 
@@ -138,7 +157,7 @@ def cached_analysis(model_path, text, n_ctx, n_chunks, n_threads, progress, use_
     res = analyze(model_path, text, n_ctx, n_chunks, n_threads, progress)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res))
+        atomic_write_text(path, json.dumps(res))
     return res
 
 

@@ -12,11 +12,13 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ._atomic import atomic_write, atomic_write_text
 from .logits import Context, Model, quiet_native_logs
 from .metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax
 from .types import cache_type
@@ -216,13 +218,11 @@ class ReferenceStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
-            meta.write_text(json.dumps(self.meta, indent=1))
+            atomic_write_text(meta, json.dumps(self.meta, indent=1))
         q = encode_logprobs(log_softmax(logits))
         top1 = np.asarray(logits).argmax(-1).astype(np.int32)
         for path, arr in zip(self._paths(i), (q, top1)):
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            atomic_write(path, partial(np.save, arr=arr))
         return decode_logprobs(q), top1
 
 

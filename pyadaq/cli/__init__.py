@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, KVOffloadError) as e:
         print(f"pyadaq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # cache entries are written whole or not at all (pyadaq._atomic): what is cached stays valid
+        print(f"pyadaq {args.command}: interrupted; what was already cached is kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The adaptive section of docs/RESULTS.md: norm analysis, calibration, and planned per-layer
-allocations at several budgets against the uniform K/V pairs of the matrix (same text,
-context and chunks, so the figures compare directly)."""
+"""The adaptive section of RESULTS.md (`pyadaq results --adaptive`): norm analysis, calibration,
+and planned per-layer allocations at several budgets against the uniform K/V pairs of the
+matrix (same text, context and chunks, so the figures compare directly)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,34 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
+from ._common import DEFAULT_OUT
+
 SOURCES = (("kl", "calibrated KL"), ("norms", "activation norms"))
+ANALYSIS_CHUNKS = 4
+CALIBRATION_CTX, CALIBRATION_CHUNKS = 512, 2
 
 
-def measure(res: dict, budgets: list, json_out: str, docs: Path) -> dict:
-    from ..adaptive import calibrate, plan_for_budget
+def work(info, budgets: list, n_chunks: int) -> tuple:
+    """(what measure() computes, its forward passes) for the announcement, the plans evaluated on
+    n_chunks chunks; the calibration counts only when it is not cached."""
+    from ..adaptive import DEFAULT_TYPES
+    from ._common import calibration_work, counted
+
+    runs, cal_passes = calibration_work(info, DEFAULT_TYPES, CALIBRATION_CTX, CALIBRATION_CHUNKS)
+    n_plans = len(SOURCES) * len(budgets)
+    what = (f"the adaptive section (norm analysis on {counted(ANALYSIS_CHUNKS, 'chunk')}"
+            + (f", calibration: {counted(runs, 'run')} on {counted(CALIBRATION_CHUNKS, 'chunk')}"
+               if runs else "")
+            + f", {counted(n_plans, 'planned allocation')} on {counted(n_chunks, 'chunk')})")
+    return what, ANALYSIS_CHUNKS + cal_passes + n_plans * n_chunks
+
+
+def measure(res: dict, budgets: list, json_out: Path, out_dir: Path) -> dict:
+    """Measure the adaptive section for the matrix run `res`; its figures go to json_out, the
+    analysis and its plots to out_dir."""
+    from ..adaptive import DEFAULT_TYPES, calibrate, plan_for_budget
     from ..analyze import analyze, plot_norms, plot_spectra
     from ..kl import LayerConfig, compare
     from .formats import machine
@@ -20,21 +43,21 @@ def measure(res: dict, budgets: list, json_out: str, docs: Path) -> dict:
     s = res["settings"]
     model = s["model"]
     t0 = time.time()
-    analysis = analyze(model, n_chunks=4)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "analysis.json").write_text(json.dumps(_rounded(analysis), separators=(",", ":")))
-    plot_norms(analysis, docs / "analysis-norms.png")
-    plot_spectra(analysis, docs / "analysis-spectra.png")
+    analysis = analyze(model, n_chunks=ANALYSIS_CHUNKS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "analysis.json").write_text(json.dumps(_rounded(analysis), separators=(",", ":")))
+    plot_norms(analysis, out_dir / "analysis-norms.png")
+    plot_spectra(analysis, out_dir / "analysis-spectra.png")
     t_analysis = time.time() - t0
     t1 = time.time()
-    calibration = calibrate(model)
+    calibration = calibrate(model, DEFAULT_TYPES, n_ctx=CALIBRATION_CTX, n_chunks=CALIBRATION_CHUNKS)
     t_cal = time.time() - t1
     plans, configs = [], []
     for b in budgets:
         for source, _ in SOURCES:
             src = calibration if source == "kl" else analysis
-            plan = plan_for_budget(model, b, source_result=src)
-            greedy = plan_for_budget(model, b, source_result=src, method="greedy")
+            plan = plan_for_budget(model, b, types=DEFAULT_TYPES, source_result=src)
+            greedy = plan_for_budget(model, b, types=DEFAULT_TYPES, source_result=src, method="greedy")
             label = f"budget:{b:g}:{source}"
             plans.append({"budget": b, "source": source, "label": label, "types_k": plan.types_k,
                           "types_v": plan.types_v, "bits_per_value": plan.bits_per_value,
@@ -51,8 +74,11 @@ def measure(res: dict, budgets: list, json_out: str, docs: Path) -> dict:
         "settings": {"model": model, "model_sha256": s["model_sha256"], "ctx": s["ctx"], "chunks": res["chunks"],
                      "machine": machine(), "seconds_analysis": t_analysis, "seconds_calibration": t_cal,
                      "calibration_cached": calibration["settings"].get("seconds", 0) > t_cal + 1,
-                     "seconds_eval": time.time() - t2, "calibration": calibration["settings"]},
+                     "seconds_eval": time.time() - t2, "calibration": calibration["settings"],
+                     "analysis": {k: analysis["settings"][k] for k in ("n_ctx", "chunks")},
+                     "types": list(DEFAULT_TYPES)},
         "verdict": analysis["verdict"],
+        "calibration": {k: calibration[k] for k in ("kind", "types", "errors_k", "errors_v")},
         "plans": plans,
     }
     Path(json_out).write_text(json.dumps(out, indent=1))
@@ -74,16 +100,70 @@ def _uniform(res: dict) -> list:
     return [r for r in res["results"] if not r.get("per_layer")]
 
 
-def render_adaptive(ad: dict, res: dict) -> str:
+def _in_sample(cal: dict, res: dict) -> str:
+    """How much of the evaluation text the calibration read, from both runs' settings."""
+    s = res["settings"]
+    if cal.get("text_sha256") != s.get("text_sha256"):
+        return "The calibration read another text, so none of the evaluation text is in-sample for it."
+    share = min(1.0, cal["chunks"] * cal["n_ctx"] / (res["chunks"] * s["ctx"]))
+    return (f"The calibration reads the first {cal['chunks']} chunks of {cal['n_ctx']} tokens of the same text, "
+            f"so {share:.0%} of the evaluation text is in-sample for it.")
+
+
+def _combination(ad: dict, res: dict) -> list:
+    """How the calibration's per-item errors add up, checked against the uniform pairs of the
+    matrix: markdown lines, every figure from this run's calibration and matrix."""
+    from ..adaptive import calibration_floor, errors_from
+    from .results import MATRIX, _grid
+
+    cal = ad.get("calibration")
+    if cal is None:
+        return ["(This run's figures do not include the calibration's per-item errors; "
+                "`pyadaq results --adaptive` records them.)", ""]
+    types = [t for t in MATRIX if t in cal["types"]]
+    floor = calibration_floor(cal)
+    ek, ev = errors_from(cal, types)
+    uni = {(r["k"], r["v"]): r for r in _uniform(res)}
+    by = {}
+    for (k, v), r in uni.items():
+        if k not in types or v not in types or k == v == "f16":
+            continue
+        predicted = floor + ek[:, types.index(k)].sum() + ev[:, types.index(v)].sum()
+        if np.isfinite(predicted) and r["kl_mean"] > 0:
+            by[(k, v)] = {"error": predicted / r["kl_mean"] - 1, "pair": f"{k}/{v}"}
+    lossy = [j for j, t in enumerate(cal["types"]) if t != "f16"]
+    n_items = sum(any(r[j] is not None for j in lossy) for r in cal["errors_k"] + cal["errors_v"])
+    text = (f"How the measured errors are combined: the planner minimizes the sum of the items' excesses over "
+            f"a floor, the median over the {n_items} items (one layer's K or V) of their least lossy error "
+            f"(`pyadaq.adaptive.calibration_floor`): {floor:.4f} nats in this calibration")
+    if ("q8_0", "q8_0") in uni:
+        text += f"; all {n_items} items in q8_0 (uniform q8_0/q8_0) cost {uni[('q8_0', 'q8_0')]['kl_mean']:.4f}"
+    lines = [text + ". Floor + summed excesses against the measured KL of the uniform pairs (relative error "
+                    "of the prediction; – : not predicted):"]
+    lines += ["", *_grid(by, "error", "{:+.0%}"), ""]
+    if by:
+        lo, hi = min(by.values(), key=lambda d: d["error"]), max(by.values(), key=lambda d: d["error"])
+        lines += [f"The prediction ranges from {lo['error']:+.0%} ({lo['pair']}) to {hi['error']:+.0%} "
+                  f"({hi['pair']}) of the measured KL.", ""]
+    return lines
+
+
+def render_adaptive(ad: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
+    """The adaptive section of RESULTS.md (written in out_dir) from measure()'s figures `ad` and the
+    matrix run `res`; every figure in the text comes from them."""
     s = ad["settings"]
     cal = s["calibration"]
+    analysis = s.get("analysis")
+    read = (f"while it reads {analysis['chunks']} chunks of {analysis['n_ctx']} tokens" if analysis else
+            "while it reads the text")
+    types = ", ".join(s["types"]) if s.get("types") else "the candidate types"
     out = [
         "## Adaptive allocation (KV-AdaQuant)",
         "",
         "### Norms of keys and values",
         "",
-        f"`pyadaq analyze` on the embedded model (keys and values captured before the cache while it reads "
-        f"4 chunks of 512 tokens): **{ad['verdict']['text']}.**",
+        f"`pyadaq analyze` on `{Path(s['model']).name}` (keys and values captured before the cache {read}): "
+        f"**{ad['verdict']['text']}.**",
         "",
         "![K and V norms per layer](analysis-norms.png)",
         "",
@@ -91,23 +171,16 @@ def render_adaptive(ad: dict, res: dict) -> str:
         "",
         "### Planned allocations against uniform pairs",
         "",
-        f"`pyadaq plan` gives each layer's K and V one of f16, q8_0, q4_0, kvq3, kvq2 so that the average bits "
+        f"`pyadaq plan` gives each layer's K and V one of {types} so that the average bits "
         f"per cached value (scales included) stay within the budget and the predicted error is least (exact "
-        f"dynamic programme over the error model; the paper's greedy reaches the same predicted error where the "
-        f"table says so). Sensitivities: *calibrated KL* quantizes one layer's K or V at a time "
-        f"({cal['runs']} runs on {cal['chunks']} chunks of {cal['n_ctx']} tokens, {cal['seconds']:.0f} s) and "
-        f"adds the measured KL divergences; *activation norms* use the per-token Frobenius norms above in the "
-        f"rate-distortion model error = norm² · 2^(−2·bits). Every row below is measured the same way as the "
-        f"matrix: {s['chunks']} chunks of {s['ctx']} tokens, KL against the f16 cache. The calibration reads "
-        f"the first {cal['chunks']} of these chunks, so a tenth of the evaluation text is in-sample for it.",
+        f"dynamic programme over the error model; the paper's greedy reaches the same predicted error unless "
+        f"a plan's line below says otherwise). Sensitivities: *calibrated KL* quantizes one layer's K or V at a "
+        f"time ({cal['runs']} runs on {cal['chunks']} chunks of {cal['n_ctx']} tokens, {cal['seconds']:.0f} s) "
+        f"and adds the measured KL divergences; *activation norms* use the per-token Frobenius norms above in "
+        f"the rate-distortion model error = norm² · 2^(−2·bits). Every row below is measured the same way as "
+        f"the matrix: {s['chunks']} chunks of {s['ctx']} tokens, KL against the f16 cache. {_in_sample(cal, res)}",
         "",
-        "How the measured errors are combined: storing a single layer's K or V in q8_0 (or bf16) already costs "
-        "~0.007 nats, whichever layer it is, and all 36 in q8_0 cost 0.008 — that first part does not add up over "
-        "layers, while the excess above it does: floor + summed excesses predict the uniform pairs' KL within "
-        "−10 %/+25 % from q4_0 to kvq3 (q8_0/q8_0: +52 %, all near the floor), and underestimate the large "
-        "errors (kvq3 keys −20 %, kvq2 keys −40 %: large errors compound). The planner therefore minimizes the sum of the excesses above that floor "
-        "(`pyadaq.adaptive.calibration_floor`, the median of the items' least lossy error).",
-        "",
+        *_combination(ad, res),
     ]
     uni = _uniform(res)
     for b in sorted({p["budget"] for p in ad["plans"]}):
@@ -155,7 +228,7 @@ def render_adaptive(ad: dict, res: dict) -> str:
                        f"V {' '.join(p['types_v'])}" + ("" if p["greedy_same"] else
                        f" (greedy: predicted error {p['greedy_predicted']:.4g} against {p['predicted']:.4g})"))
         out.append("")
-    out += [f"Rerun: `pyadaq results --adaptive` (analysis {s['seconds_analysis']:.0f} s, calibration "
-            f"{s['seconds_calibration']:.0f} s{' (cached)' if s.get('calibration_cached') else ''}, plans evaluated in "
-            f"{s['seconds_eval']:.0f} s on {s['machine']}, other jobs sharing the cores).", ""]
+    out += [f"Rerun: `pyadaq results --adaptive --out {out_dir}` (analysis {s['seconds_analysis']:.0f} s, "
+            f"calibration {s['seconds_calibration']:.0f} s{' (cached)' if s.get('calibration_cached') else ''}, "
+            f"plans evaluated in {s['seconds_eval']:.0f} s of wall time on {s['machine']}).", ""]
     return "\n".join(out)

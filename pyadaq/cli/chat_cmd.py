@@ -55,6 +55,15 @@ def load_llama(args, **extra):
     if args.threads:
         kw["n_threads"] = args.threads
     if args.kv_plan or args.kv_budget is not None:
+        if args.kv_budget is not None:
+            from ..adaptive import DEFAULT_TYPES, check_budget_range
+            from ._common import announce_calibration
+
+            check_budget_range(info, args.kv_budget, DEFAULT_TYPES)
+            # what Llama(kv_budget=...) calibrates: pyadaq.adaptive.plan_for_budget's defaults
+            announce_calibration(args.command, model, DEFAULT_TYPES, 512, 2,
+                                 faster=f"`pyadaq plan --budget {args.kv_budget:g} --sensitivity norms`, then "
+                                        f"`pyadaq {args.command} --kv-plan plan.json`", faster_passes=2)
         kw.update(kv_plan=args.kv_plan, kv_budget=args.kv_budget)
         # the plan decides K too; an explicit --cache-type-k is ignored (say so)
         if args.cache_type_k != "q8_0":

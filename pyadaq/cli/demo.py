@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..kl import compare
+    from ..kl import cache_root, compare
+    from ._common import announce, counted, missing_reference
     from .chat_cmd import Chat, load_llama
 
     opts = argparse.Namespace(model=args.model, cache_type_k="q8_0", cache_type_v="kvq2", kv_budget=None,
@@ -34,6 +35,12 @@ def run(args) -> int:
         print(chat.stats())
     finally:
         llm.close()
+    announce("demo", f"the KL table ({len(CONFIGS)} configurations on {counted(args.chunks, 'chunk')} of "
+             "512 tokens)",
+             len(CONFIGS) * args.chunks + missing_reference(info, 512, args.chunks), model, 512, args.threads,
+             kept=f"The f16 reference is cached in {cache_root()} (later runs skip it).",
+             faster="`pyadaq demo --chunks 1`" if args.chunks > 1 else None,
+             faster_passes=len(CONFIGS) + missing_reference(info, 512, 1))
     print(f"\nKL divergence against an f16 cache, {args.chunks} chunks of 512 tokens of pydoc_data.topics "
           "(`pyadaq eval` for more):")
     res = compare(model, CONFIGS, n_ctx=512, n_chunks=args.chunks, n_threads=args.threads, store=True)

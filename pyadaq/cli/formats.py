@@ -1,4 +1,5 @@
-"""`pyadaq formats`: the measurement that chose pyadaq's KV-cache formats (docs/FORMATS.md).
+"""`pyadaq formats`: the measurement that chose pyadaq's KV-cache formats (docs/FORMATS.md;
+`pyadaq formats --out docs` regenerates its table and figures).
 
 Every candidate runs as the V cache (K = q8_0) and the chosen ones also as the K cache
 (V = q8_0), on the embedded model, scored against an f16 cache like llama.cpp's perplexity
@@ -12,6 +13,8 @@ import platform
 import time
 from pathlib import Path
 
+from ._common import DEFAULT_OUT, announce, counted, out_dir
+
 CANDIDATES_V = ["q8_0", "q4_0", "q2_0", "kvq3", "kvq3_u32", "kvq3_u32m", "kvq3_n64",
                 "kvq2", "kvq2_u32", "kvq2_u32m", "kvq2_n64"]
 EXTRA = [("kvq3", "q8_0"), ("kvq2", "q8_0"), ("q4_0", "kvq2"), ("q4_0", "q4_0")]
@@ -24,9 +27,12 @@ def add_parser(sub) -> None:
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--configs", help="K:V pairs to run instead of the candidate list, e.g. q8_0:kvq2,q8_0:kvq3")
     p.add_argument("--no-rot", action="store_true", help="disable upstream's attention rotation")
-    p.add_argument("--json", default="docs/formats.json")
-    p.add_argument("--table", default="docs/formats-table.md", help="markdown table output")
-    p.add_argument("--plot", default="docs/formats.png", help="PNG plot of KL divergence against bits")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"directory for the files below (default ./{DEFAULT_OUT})")
+    p.add_argument("--json", default="formats.json", help="every figure, in --out (default %(default)s)")
+    p.add_argument("--table", default="formats-table.md", help="markdown table, in --out (default %(default)s)")
+    p.add_argument("--plot", default="formats.png",
+                   help="PNG plot of KL divergence against bits, in --out (default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -76,12 +82,18 @@ def run(args) -> int:
     from ..kl import parse_configs
 
     configs = parse_configs(args.configs) if args.configs else [("q8_0", v) for v in CANDIDATES_V] + EXTRA
+    out = out_dir(args.out)
+    json_path, table_path, plot_path = out / args.json, out / args.table, out / args.plot
+    announce("formats", f"KL divergence of {counted(len(configs), 'K/V pair')} on "
+             f"{counted(args.chunks, 'chunk')} of {args.ctx} tokens, with the f16 reference",
+             (len(configs) + 1) * args.chunks, model, args.ctx,
+             kept=f"Nothing is cached; the figures go to {json_path}, {table_path} and {plot_path}.",
+             faster="fewer pairs (`--configs`) or chunks (`--chunks`)")
     t0 = time.time()
     res = compare(model, configs, n_ctx=args.ctx, n_chunks=args.chunks, attn_rot=not args.no_rot)
     res["machine"] = machine()
     res["seconds"] = time.time() - t0
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1))
+    json_path.write_text(json.dumps(res, indent=1))
     rows = ["| K | V | V bits/value | V format | KL mean ± se | KL p99 | top-1 | PPL | KV bytes (ctx) |",
             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["results"]:
@@ -90,13 +102,13 @@ def run(args) -> int:
                     f"{r['kl_mean']:.4f} ± {r['kl_stderr']:.4f} | {r['kl_p99']:.3f} | {100 * r['top1']:.1f} % | "
                     f"{r['ppl']:.3f} | {r['kv_bytes']:,} |")
     table = "\n".join(rows)
-    Path(args.table).write_text(
+    table_path.write_text(
         f"Model `{Path(model).name}`, {res['chunks']} chunks of {res['n_ctx']} tokens of pydoc_data.topics, "
         f"attention rotation {'on' if res['attn_rot'] else 'off'}; machine: {res['machine']}; "
         f"{res['seconds']:.0f} s.\n\n{table}\n")
     print(table)
-    plot(res, args.plot)
-    print(f"wrote {args.json}, {args.table}, {args.plot}")
+    plot(res, plot_path)
+    print(f"wrote {json_path}, {table_path}, {plot_path}")
     return 0
 
 

@@ -53,6 +53,12 @@ def run(args) -> int:
             raise ValueError(f"{args.source_file} was measured on another model file (sha256 {sha[:12]}…, "
                              f"this one is {info.sha256[:12]}…)")
     elif args.sensitivity == "kl":
+        from ._common import announce_calibration
+
+        announce_calibration("plan", model, types, args.ctx, args.chunks, args.threads,
+                             faster=f"`pyadaq plan --budget {args.budget:g} --sensitivity norms` (sensitivities "
+                                    "from the activation norms, no calibration)",
+                             faster_passes=max(args.chunks, 2))
         source_result = calibrate(model, types, None, args.ctx, args.chunks, args.threads)
     else:
         source_result = cached_analysis(model, None, args.ctx, max(args.chunks, 2), args.threads, True, True)

@@ -1,21 +1,29 @@
-"""`pyadaq results`: docs/RESULTS.md, the K x V matrix on the embedded model and the paper's
-equal-budget comparison, from one `pyadaq eval` run (or from its saved JSON)."""
+"""`pyadaq results`: RESULTS.md (in --out, default ./pyadaq-results; `--out docs` regenerates
+docs/RESULTS.md), the K x V matrix on the embedded model and the paper's equal-budget
+comparison, from one `pyadaq eval` run (or from its saved JSON)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+from ._common import DEFAULT_OUT, announce, counted, missing_reference, out_dir
+
 MATRIX = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
+CTX = 512
+PASSKEY_DEPTHS = "0.1,0.3,0.5,0.7,0.9"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("results", help="measure the K x V matrix and write docs/RESULTS.md", description=__doc__)
+    p = sub.add_parser("results", help="measure the K x V matrix and write RESULTS.md", description=__doc__)
     p.add_argument("--from-json", help="render from a saved `pyadaq eval --json` file instead of measuring")
-    p.add_argument("--json", default="docs/results-matrix.json")
-    p.add_argument("--plot", default="docs/results-matrix.png")
-    p.add_argument("--out", default="docs/RESULTS.md")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"directory for RESULTS.md and the files below (default ./{DEFAULT_OUT})")
+    p.add_argument("--json", default="results-matrix.json",
+                   help="matrix figures, in --out (default %(default)s)")
+    p.add_argument("--plot", default="results-matrix.png", help="matrix plot, in --out (default %(default)s)")
     p.add_argument("--chunks", type=int, default=20)
     p.add_argument("--passkey", action="store_true", help="also measure pass-key accuracy (long)")
     p.add_argument("--passkey-from", help="merge pass-key figures from another `pyadaq eval --passkey --json` file")
@@ -24,8 +32,9 @@ def add_parser(sub) -> None:
                    help="also measure the adaptive section: norm analysis, calibration, planned allocations "
                         "at --budgets against the uniform pairs (written to --adaptive-json)")
     p.add_argument("--budgets", default="3.0,4.5,6.0", help="bits per value for --adaptive")
-    p.add_argument("--adaptive-json", default="docs/results-adaptive.json",
-                   help="adaptive figures: written by --adaptive, read when rendering if present")
+    p.add_argument("--adaptive-json", default="results-adaptive.json",
+                   help="adaptive figures, in --out: written by --adaptive, read when rendering if present "
+                        "(default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -34,40 +43,82 @@ def configs() -> str:
 
 
 def run(args) -> int:
+    out = out_dir(args.out)
+    json_path, plot_path, adaptive_path = out / args.json, out / args.plot, out / args.adaptive_json
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    if args.from_json:
+        src = args.from_json
+        res = json.loads(Path(src).read_text())
+        model = res["settings"]["model"]
+    else:
+        from ..embedded import embedded_model_path
+
+        model = str(embedded_model_path())
+    if not args.from_json or args.adaptive:
+        announce_work(args, model, res["chunks"] if args.from_json else args.chunks, budgets)
     if not args.from_json:
         from . import eval_cmd
 
         eval_args = argparse.Namespace(
-            model=None, text=None, ctx=512, chunks=args.chunks, configs=configs(), passkey=args.passkey,
-            passkey_lengths=args.passkey_lengths, passkey_depths="0.1,0.3,0.5,0.7,0.9", passkey_seeds=1,
-            threads=None, no_rot=False, no_cache=False, json=args.json, plot=args.plot)
+            model=model, text=None, ctx=CTX, chunks=args.chunks, configs=configs(), passkey=args.passkey,
+            passkey_lengths=args.passkey_lengths, passkey_depths=PASSKEY_DEPTHS, passkey_seeds=1,
+            threads=None, no_rot=False, no_cache=False, json=str(json_path), plot=str(plot_path))
         eval_cmd.run(eval_args)
-        src = args.json
-    else:
-        src = args.from_json
-    res = json.loads(Path(src).read_text())
+        src = str(json_path)
+        res = json.loads(json_path.read_text())
     if args.passkey_from:
         merge_passkey(res, json.loads(Path(args.passkey_from).read_text()))
     if args.from_json:
         from .eval_cmd import plot
 
-        plot(res, args.plot)
+        plot(res, plot_path)
     adaptive = None
     if args.adaptive:
         from .adaptive_results import measure
 
-        adaptive = measure(res, [float(b) for b in args.budgets.split(",") if b.strip()], args.adaptive_json,
-                           Path(args.out).parent)
-    elif Path(args.adaptive_json).exists():
-        adaptive = json.loads(Path(args.adaptive_json).read_text())
-    text = render(res, src)
+        adaptive = measure(res, budgets, adaptive_path, out)
+    elif adaptive_path.exists():
+        adaptive = json.loads(adaptive_path.read_text())
+    text = render(res, src, args.out, os.path.relpath(plot_path, out))
     if adaptive is not None:
         from .adaptive_results import render_adaptive
 
-        text += "\n" + render_adaptive(adaptive, res)
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
+        text += "\n" + render_adaptive(adaptive, res, args.out)
+    (out / "RESULTS.md").write_text(text)
+    print(f"wrote {out / 'RESULTS.md'}")
     return 0
+
+
+def announce_work(args, model: str, chunks: int, budgets: list) -> None:
+    """The notice before the measurement: the matrix (unless rendered from JSON), pass-key prompts
+    and the adaptive section, in forward passes of CTX tokens."""
+    from ..gguf_info import read_model_info
+    from ..kl import cache_base
+    from .eval_cmd import _ints
+
+    info = read_model_info(model)
+    work, passes = [], 0
+    if not args.from_json:
+        n = len(MATRIX) ** 2
+        work.append(f"the K x V matrix ({n} configurations on {counted(args.chunks, 'chunk')} of "
+                    f"{CTX} tokens)")
+        passes += n * args.chunks + missing_reference(info, CTX, args.chunks)
+        if args.passkey:
+            lengths, depths = _ints(args.passkey_lengths, "--passkey-lengths"), PASSKEY_DEPTHS.split(",")
+            work.append(f"pass-key accuracy ({n * len(lengths) * len(depths)} prompts of "
+                        f"{', '.join(map(str, lengths))} tokens, counted as passes of {CTX})")
+            passes += n * len(depths) * -(-sum(lengths) // CTX)
+    if args.adaptive:
+        from .adaptive_results import work as adaptive_work
+
+        what, more = adaptive_work(info, budgets, chunks)
+        work.append(what)
+        passes += more
+    cached = "f16 reference and the calibration" if args.adaptive else "f16 reference"
+    announce("results", "; ".join(work), passes, model, CTX,
+             kept=f"The {cached} stay cached in {cache_base()} for later runs; the figures go to {args.out}/.",
+             faster=None if args.from_json else f"`pyadaq results --from-json {Path(args.out) / args.json}` "
+             "renders the figures of an earlier run without measuring")
 
 
 def merge_passkey(res: dict, other: dict) -> None:
@@ -94,20 +145,25 @@ def _grid(by: dict, key: str, fmt: str) -> list[str]:
     return rows
 
 
-def render(res: dict, src: str) -> str:
+def render(res: dict, src: str, out_dir: str = DEFAULT_OUT, plot: str = "results-matrix.png") -> str:
+    """RESULTS.md from an eval run `res` (read from `src`), to be written in out_dir; `plot`: the
+    matrix plot, relative to out_dir. Every figure in the text comes from `res`."""
+    from ..embedded import EMBEDDED_SHA256
+
     s = res["settings"]
     by = {(r["k"], r["v"]): r for r in res["results"] if not r.get("per_layer")}
+    name = Path(s["model"]).name
     out = [
-        "# Results on the embedded model",
+        "# Results on the embedded model" if s["model_sha256"] == EMBEDDED_SHA256 else f"# Results on {name}",
         "",
-        f"Model `{Path(s['model']).name}` (sha256 `{s['model_sha256'][:16]}…`), {res['chunks']} chunks of "
+        f"Model `{name}` (sha256 `{s['model_sha256'][:16]}…`), {res['chunks']} chunks of "
         f"{s['ctx']} tokens of {s['text']}, second half of each chunk scored, against an f16/f16 cache; "
         f"attention rotation {'on' if s['attn_rot'] else 'off'}. Machine: {s['machine']}; "
-        f"{s['native']}; measured {s['date']}, {s['seconds_quality']:.0f} s for the quality figures "
-        f"(other jobs shared the two cores, so this is not a speed figure).",
+        f"{s['native']}; measured {s['date']}, {s['seconds_quality']:.0f} s of wall time for the quality "
+        f"figures (not a speed figure: `pyadaq bench` measures speed).",
         "",
-        f"Rerun: `pyadaq results` (measures, then writes this file; `--passkey` adds pass-key "
-        f"accuracy) or `pyadaq results --from-json {src}` to render saved figures.",
+        f"Rerun: `pyadaq results --out {out_dir}` (measures, then writes this file; `--passkey` adds pass-key "
+        f"accuracy) or `pyadaq results --from-json {src} --out {out_dir}` to render saved figures.",
         "",
         "## Mean KL divergence against f16 (nats; lower is better)",
         "", *_grid(by, "kl_mean", "{:.4f}"), "",
@@ -123,7 +179,7 @@ def render(res: dict, src: str) -> str:
         out += ["## Pass-key accuracy", "",
                 f"A 5-digit key hidden at depths {', '.join(map(str, pk['depths']))} of prompts of "
                 f"{', '.join(map(str, pk['lengths']))} tokens, {pk['seeds']} seed(s), greedy answer "
-                f"({pk.get('seconds', 0):.0f} s of wall time, other jobs sharing the cores). Mean over lengths "
+                f"({pk.get('seconds', 0):.0f} s of wall time). Mean over lengths "
                 f"and depths, {len(pk['lengths']) * len(pk['depths']) * pk['seeds']} prompts per cell, so one "
                 f"prompt is {100 / (len(pk['lengths']) * len(pk['depths']) * pk['seeds']):.0f} points "
                 f"(– : not measured):", "",
@@ -136,7 +192,8 @@ def render(res: dict, src: str) -> str:
                     f"{r['passkey'].get(str(n), float('nan')):.0%}" for n in pk["lengths"]) + " |")
         out.append("")
     else:
-        out += ["## Pass-key accuracy", "", "Not measured in this run (`pyadaq results --passkey`).", ""]
+        out += ["## Pass-key accuracy", "", f"Not measured in this run (`pyadaq results --passkey --out {out_dir}`).",
+                ""]
     out += ["## The paper's comparison at equal budget", ""]
     for hi, lo in (("q4_0", "kvq2"), ("q8_0", "q4_0")):
         a, b = by.get((hi, lo)), by.get((lo, hi))
@@ -151,5 +208,5 @@ def render(res: dict, src: str) -> str:
                if a.get("passkey_mean") is not None and b.get("passkey_mean") is not None else ". ")
             + (f"More bits for keys wins: {ratio:.1f} times less KL divergence." if ratio > 1 else
                f"More bits for values wins here: {1 / ratio:.1f} times less KL divergence."))
-    out += ["", f"![KL divergence against bits per value]({Path(res.get('plot', 'results-matrix.png')).name})", ""]
+    out += ["", f"![KL divergence against bits per value]({plot})", ""]
     return "\n".join(out)
