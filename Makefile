@@ -13,7 +13,7 @@ LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 STAMP  := $(VENV)/.pyadaq-installed
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pyadaq -type f \( -name '*.py' -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cmake' -o -name '*.patch' -o -name '*.in' \) 2>/dev/null)
 
-.PHONY: install demo test formats cuda-check clean
+.PHONY: install demo test lint formats cuda-check clean
 
 $(VENV)/.llama-cpp-python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: install
 # the installed package.
 test: install
 	cd tests && ../$(PY) -m pytest
+
+# ruff with the rule set in pyproject.toml (installed by the test extra)
+lint: install
+	$(VENV)/bin/ruff check pyadaq tests scripts models
 
 formats: install
 	$(VENV)/bin/pyadaq formats --out docs

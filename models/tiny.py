@@ -59,24 +59,24 @@ import math
 import os
 import pathlib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "ARCHS",
     "TinyConfig",
-    "make_tiny_model",
     "build_config",
     "build_vocab",
+    "corrupt_copies",
+    "expected_tensors",
+    "main",
+    "make_tiny_model",
     "read_config",
     "read_metadata",
-    "simple_tokenize",
     "reference_logits",
-    "expected_tensors",
-    "corrupt_copies",
-    "main",
+    "simple_tokenize",
 ]
 
 ARCHS = ("llama", "gemma3")
@@ -138,13 +138,13 @@ _BASE_CHARS = (
 )
 
 
-def _bpe_merges(words: Dict[Tuple[str, ...], int], alphabet: set, limit: int) -> List[str]:
+def _bpe_merges(words: dict[tuple[str, ...], int], alphabet: set, limit: int) -> list[str]:
     """Deterministic BPE: return up to ``limit`` new pieces (in merge order)."""
     vocab = set(alphabet)
     words = dict(words)
-    pieces: List[str] = []
+    pieces: list[str] = []
     while len(pieces) < limit:
-        counts: Dict[Tuple[str, str], int] = {}
+        counts: dict[tuple[str, str], int] = {}
         for w, f in words.items():
             for a, b in zip(w, w[1:]):
                 if a in vocab and b in vocab:
@@ -156,9 +156,9 @@ def _bpe_merges(words: Dict[Tuple[str, ...], int], alphabet: set, limit: int) ->
         if new not in vocab:
             vocab.add(new)
             pieces.append(new)
-        merged: Dict[Tuple[str, ...], int] = {}
+        merged: dict[tuple[str, ...], int] = {}
         for w, f in words.items():
-            out: List[str] = []
+            out: list[str] = []
             i = 0
             while i < len(w):
                 if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
@@ -173,17 +173,17 @@ def _bpe_merges(words: Dict[Tuple[str, ...], int], alphabet: set, limit: int) ->
     return pieces
 
 
-def build_vocab(n_vocab: int) -> Tuple[List[str], List[float], List[int]]:
+def build_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     """Return ``(tokens, scores, token_types)`` of length exactly ``n_vocab``."""
     if n_vocab < N_FIXED:
         raise ValueError(f"n_vocab must be >= {N_FIXED} (3 special + 256 byte tokens), got {n_vocab}")
-    tokens: List[str] = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types: List[int] = [TT_UNKNOWN, TT_CONTROL, TT_CONTROL] + [TT_BYTE] * 256
+    tokens: list[str] = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types: list[int] = [TT_UNKNOWN, TT_CONTROL, TT_CONTROL] + [TT_BYTE] * 256
     budget = n_vocab - N_FIXED
     base = _BASE_CHARS[: min(budget, len(_BASE_CHARS))]
     budget -= len(base)
 
-    freqs: Dict[Tuple[str, ...], int] = {}
+    freqs: dict[tuple[str, ...], int] = {}
     for w in _CORPUS.split():
         t = tuple(SPACE + w)
         freqs[t] = freqs.get(t, 0) + 1
@@ -205,7 +205,7 @@ def build_vocab(n_vocab: int) -> Tuple[List[str], List[float], List[int]]:
     return tokens, scores, types
 
 
-def _suppressed_ids(n_vocab: int) -> List[int]:
+def _suppressed_ids(n_vocab: int) -> list[int]:
     """Token ids whose logits are pushed down when ``suppress_special``."""
     ids = [UNK_ID, BOS_ID, EOS_ID]
     for b in range(256):
@@ -233,13 +233,13 @@ class TinyConfig:
     n_ctx_train: int
     rms_eps: float
     rope_freq_base: float
-    rope_freq_base_swa: Optional[float]
+    rope_freq_base_swa: float | None
     sliding_window: int  # 0 = no sliding window
     swa_pattern: int  # 0 = not written (llama)
     dtype: str
     seed: int
     suppress_special: bool = True
-    swa_layers: Tuple[bool, ...] = field(default=())
+    swa_layers: tuple[bool, ...] = field(default=())
 
     @property
     def n_embd_q(self) -> int:
@@ -262,14 +262,14 @@ def build_config(
     n_head: int = 4,
     n_head_kv: int = 2,
     n_layer: int = 2,
-    n_embd: Optional[int] = None,
-    n_ff: Optional[int] = None,
+    n_embd: int | None = None,
+    n_ff: int | None = None,
     n_vocab: int = 512,
     n_ctx_train: int = 4096,
-    sliding_window: Optional[int] = None,
+    sliding_window: int | None = None,
     seed: int = 0,
     dtype: str = "f16",
-    swa_pattern: Optional[int] = None,
+    swa_pattern: int | None = None,
     suppress_special: bool = True,
 ) -> TinyConfig:
     """Validate arguments and fill in defaults (see ``make_tiny_model``)."""
@@ -334,7 +334,7 @@ def build_config(
     )
 
 
-def expected_tensors(cfg: TinyConfig) -> Dict[str, Tuple[int, ...]]:
+def expected_tensors(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
     """Tensor name -> ggml shape (ne0, ne1, ...) that llama.cpp requires for ``cfg``.
 
     Shapes are in ggml order (fastest dimension first), i.e. the reverse of the
@@ -342,7 +342,7 @@ def expected_tensors(cfg: TinyConfig) -> Dict[str, Tuple[int, ...]]:
     """
     E, V, F = cfg.n_embd, cfg.n_vocab, cfg.n_ff
     Q, KV, D = cfg.n_embd_q, cfg.n_embd_kv, cfg.head_dim
-    t: Dict[str, Tuple[int, ...]] = {
+    t: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (E, V),
         "output_norm.weight": (E,),
         "output.weight": (E, V),
@@ -381,7 +381,7 @@ _BIAS_CHANNEL = 3.0    # value of the constant residual channel 0 (after gemma's
 _SUPPRESS = -10.0      # output weight on the bias channel for suppressed tokens
 
 
-def _make_weights(cfg: TinyConfig) -> Dict[str, np.ndarray]:
+def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
     """Return tensor name -> float32 numpy array (numpy shape = reversed ggml shape)."""
     rng = np.random.default_rng(cfg.seed)
     E, V, F = cfg.n_embd, cfg.n_vocab, cfg.n_ff
@@ -394,7 +394,7 @@ def _make_weights(cfg: TinyConfig) -> Dict[str, np.ndarray]:
     def ones(n):
         return np.ones((n,), dtype=np.float32)
 
-    w: Dict[str, np.ndarray] = {}
+    w: dict[str, np.ndarray] = {}
     # Gemma multiplies the embeddings by sqrt(n_embd) in the graph.
     emb_std = 1.0 / math.sqrt(E) if gemma else 1.0
     tok = normal((V, E), emb_std)
@@ -444,7 +444,7 @@ def _make_weights(cfg: TinyConfig) -> Dict[str, np.ndarray]:
     return w
 
 
-def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: Dict[str, np.ndarray]) -> None:
+def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: dict[str, np.ndarray]) -> None:
     import gguf
 
     a = cfg.arch
@@ -463,11 +463,10 @@ def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: Dict[str, np.ndarr
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
     writer.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)
     writer.add_float32(f"{a}.rope.freq_base", cfg.rope_freq_base)
-    if a == "gemma3":
-        if cfg.sliding_window > 0:
-            writer.add_uint32(f"{a}.attention.sliding_window", cfg.sliding_window)
-            writer.add_uint32(f"{a}.attention.sliding_window_pattern", cfg.swa_pattern)
-            writer.add_float32(f"{a}.rope.freq_base_swa", float(cfg.rope_freq_base_swa))
+    if a == "gemma3" and cfg.sliding_window > 0:
+        writer.add_uint32(f"{a}.attention.sliding_window", cfg.sliding_window)
+        writer.add_uint32(f"{a}.attention.sliding_window_pattern", cfg.swa_pattern)
+        writer.add_float32(f"{a}.rope.freq_base_swa", float(cfg.rope_freq_base_swa))
 
     tokens, scores, types = build_vocab(cfg.n_vocab)
     writer.add_string("tokenizer.ggml.model", "llama")
@@ -508,14 +507,14 @@ def make_tiny_model(
     n_head: int = 4,
     n_head_kv: int = 2,
     n_layer: int = 2,
-    n_embd: Optional[int] = None,
-    n_ff: Optional[int] = None,
+    n_embd: int | None = None,
+    n_ff: int | None = None,
     n_vocab: int = 512,
     n_ctx_train: int = 4096,
-    sliding_window: Optional[int] = None,
+    sliding_window: int | None = None,
     seed: int = 0,
     dtype: str = "f16",
-    swa_pattern: Optional[int] = None,
+    swa_pattern: int | None = None,
     suppress_special: bool = True,
 ) -> pathlib.Path:
     """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
@@ -575,7 +574,7 @@ def _field_value(field):
     return field.parts[field.data[0]].tolist()[0]
 
 
-def read_metadata(path) -> Dict[str, object]:
+def read_metadata(path) -> dict[str, object]:
     """All key/value pairs of a GGUF file as python values."""
     import gguf
 
@@ -621,12 +620,12 @@ def read_config(path) -> TinyConfig:
     )
 
 
-def _read_tensors(path) -> Dict[str, np.ndarray]:
+def _read_tensors(path) -> dict[str, np.ndarray]:
     """Tensor name -> float64 array with numpy shape (reversed ggml shape)."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
-    out: Dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
     for t in r.tensors:
         shape = tuple(int(x) for x in reversed(list(t.shape)))
         if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -643,7 +642,7 @@ def _rms_norm(x, w, eps):
 
 def _rope(x, pos, base, mode):
     """x: (T, H, D).  mode 'norm' rotates adjacent pairs, 'neox' the two halves."""
-    T, H, D = x.shape
+    _T, _H, D = x.shape
     half = D // 2
     inv = base ** (-2.0 * np.arange(half) / D)
     ang = pos[:, None].astype(np.float64) * inv[None, :]  # (T, half)
@@ -662,7 +661,7 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def reference_logits(path, tokens: Sequence[int], *, n_swa: Optional[int] = None) -> np.ndarray:
+def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -> np.ndarray:
     """Float64 numpy forward pass of a tiny model over ``tokens`` (one sequence,
     positions 0..T-1, causal; sliding window on gemma3 SWA layers).
 
@@ -737,7 +736,7 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: Optional[int] = None
     return (h @ W["output.weight"].T).astype(np.float32)
 
 
-def simple_tokenize(text: str, n_vocab: int = 512, *, add_bos: bool = True) -> List[int]:
+def simple_tokenize(text: str, n_vocab: int = 512, *, add_bos: bool = True) -> list[int]:
     """Pure-python approximation of llama.cpp's SPM tokenizer for these vocabs
     (prefix space, '▁' for spaces, score-ordered merges, byte fallback)."""
     tokens, scores, _ = build_vocab(n_vocab)
@@ -767,7 +766,7 @@ def simple_tokenize(text: str, n_vocab: int = 512, *, add_bos: bool = True) -> L
 # ---------------------------------------------------------------------------
 
 
-def corrupt_copies(path, outdir) -> Dict[str, pathlib.Path]:
+def corrupt_copies(path, outdir) -> dict[str, pathlib.Path]:
     """Write broken variants of the GGUF file ``path`` into ``outdir``.
 
     Keys of the returned dict:
@@ -784,7 +783,7 @@ def corrupt_copies(path, outdir) -> Dict[str, pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     data = src.read_bytes()
     stem = src.stem
-    res: Dict[str, pathlib.Path] = {}
+    res: dict[str, pathlib.Path] = {}
 
     def put(key: str, name: str, payload: bytes) -> None:
         p = out / name
@@ -808,7 +807,7 @@ def corrupt_copies(path, outdir) -> Dict[str, pathlib.Path]:
 # ---------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.tiny",
                                  description="Write a tiny random-weight GGUF model.")
     ap.add_argument("out", help="output .gguf path")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cffi
 
+from pyadaq._version import __version__
 
 # llama.cpp's model loading and context creation, and llama_cpp.Llama's construction (which
 # redirects the process's stdout and stderr while it loads, with verbose=False), cannot run in
@@ -64,7 +65,7 @@ def _load_llama_cpp():
     os.environ["LLAMA_CPP_LIB_PATH"] = path
     import logging
 
-    import llama_cpp  # noqa: F401  (loads libllama and libggml* from `path`)
+    import llama_cpp
     import llama_cpp._logger as _logger
 
     # llama_cpp 0.3.36 maps ggml's log levels by an older numbering, so warnings of this
@@ -136,8 +137,6 @@ class Native:
             raise NativeLibraryError(
                 f"{_lib('llama')} is not pyadaq's libllama (it has no pyadaq_build_info)"
             ) from e
-        from ._version import __version__
-
         if not info.startswith(f"pyadaq {__version__};"):
             raise NativeLibraryError(
                 f"libllama reports '{info}', but this is pyadaq {__version__}: reinstall pyadaq"

@@ -1,390 +1,42 @@
-"""``pyadaq.Llama``: llama_cpp.Llama with named KV-cache types and checks before native code.
+"""``pyadaq.Llama``: the runtime's Llama (:mod:`pyadaq.runtime.llama`) plus ``kv_budget``.
 
->>> from pyadaq import Llama
->>> llm = Llama("model.gguf", cache_type_k="q4_0", cache_type_v="kvq2", n_ctx=4096)
->>> llm.kv_cache_bytes          # bytes llama.cpp allocated for K and V, all layers
-
-Everything llama.cpp would reject about the cache types, and everything wrong with the model
-file, is found from the GGUF header before llama.cpp is called, and raised as a Python
-exception that says what is wrong:
-
-* an unknown cache type: ``ValueError`` listing the supported names;
-* a missing, non-GGUF, truncated or unsupported-version file: a
-  :class:`pyadaq.gguf_info.ModelFileError` (a ``ValueError``; the missing-file one is also a
-  ``FileNotFoundError``) naming the path;
-* a quantized type whose block size does not divide a K (or V) head size of some layer (SWA
-  layers included): ``ValueError`` naming the type, its block size and the head size;
-* a quantized V cache with ``flash_attn=False``: ``ValueError`` (llama.cpp stores quantized V
-  only for flash attention). With a quantized K or V and no ``flash_attn`` argument, flash
-  attention is switched on.
-
-Per-layer types (adaptive KV-AdaQuant): ``kv_plan="plan.json"`` (a plan from ``pyadaq plan``,
-or a :class:`pyadaq.planner.KVPlan`) or ``kv_budget=3.0`` (average bits per cached value; the
-plan is made on the fly by :func:`pyadaq.adaptive.plan_for_budget` and cached). A plan made
-for another model (layer count or head sizes), a budget outside what the types reach, or a
-type that does not fit a layer's head size raises before any context is created.
-
-llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``TypeError``: use
-``cache_type_k`` / ``cache_type_v``, which take a name (case-insensitive), a ggml id or a
-:class:`pyadaq.CacheType`.
+``kv_budget=3.0`` asks for a plan with that many bits per cached value on average (scales
+included): :func:`pyadaq.plan.calibrate.plan_for_budget` makes it (calibrated KL
+sensitivities, ``kv_budget_source="kl"``, or the activation norms, ``"norms"``) and caches it,
+and the runtime runs it as a ``kv_plan``. Everything else is the runtime's: see
+:class:`pyadaq.runtime.llama.Llama`. This module sits above the planner, so that the runtime
+never imports it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
-from ._native import creation_lock, native
-from .gguf_info import ModelInfo, read_model_info
-from .logits import default_gpu_layers
-from .layer_types import next_context
-from .offload import KVOffloadError, check_offload
-from .types import CacheType, cache_type, cache_types
+from pyadaq.plan.calibrate import plan_for_budget
+from pyadaq.runtime import llama as _runtime
 
-import llama_cpp  # noqa: E402,I001  (after ._native, which points llama_cpp at pyadaq's libllama)
-import llama_cpp.llama_cpp as _lib  # noqa: E402
-
-__all__ = ["Llama", "estimate_kv_cache_bytes", "validate_cache_types"]
-
-CacheTypeSpec = Union[str, int, CacheType]
-
-_KV_PAD = 256  # llama.cpp pads n_ctx, n_ctx_seq and the SWA cache size to 256 cells
+__all__ = ["Llama"]
 
 
-def _pad(n: int, to: int = _KV_PAD) -> int:
-    return (n + to - 1) // to * to
-
-
-def _compatible_names(sizes: List[int]) -> str:
-    names = [t.name for t in cache_types() if all(s % t.block_size == 0 for s in sizes)]
-    return ", ".join(names) if names else "none"
-
-
-def validate_cache_types(
-    model: Union[ModelInfo, str, os.PathLike],
-    cache_type_k: CacheTypeSpec = "f16",
-    cache_type_v: CacheTypeSpec = "f16",
-    *,
-    flash_attn: Optional[bool] = None,
-) -> tuple:
-    """Check a K/V cache-type pair against a model; return ``(CacheType_k, CacheType_v)``.
-
-    Raises ``ValueError`` for an unknown type, a block size that does not divide a head size,
-    or a quantized V cache with ``flash_attn=False`` (``None`` means "not specified").
-    """
-    tk = cache_type(cache_type_k)
-    tv = cache_type(cache_type_v)
-    info = model if isinstance(model, ModelInfo) else read_model_info(model)
-    for which, t, sizes in (("K", tk, info.head_sizes_k()), ("V", tv, info.head_sizes_v())):
-        if not t.quantized:
-            continue
-        bad = [s for s in sizes if s % t.block_size]
-        if bad:
-            head = bad[0]
-            swa = ""
-            if info.sliding_window > 0 and len(sizes) > 1:
-                swa = " (the model has different head sizes for sliding-window and full layers: " + \
-                      ", ".join(map(str, sizes)) + ")"
-            raise ValueError(
-                f"cache_type_{which.lower()}='{t.name}' has block size {t.block_size}, which does not "
-                f"divide the model's {which} head size {head}{swa}; {info.path.name} needs a "
-                f"{which} cache type whose block size divides {', '.join(map(str, sizes))}: "
-                f"{_compatible_names(sizes)}"
-            )
-    if tv.quantized and flash_attn is not None and not flash_attn:
-        raise ValueError(
-            f"cache_type_v='{tv.name}' is quantized, and llama.cpp keeps a quantized V cache only "
-            "with flash attention, but flash_attn=False was passed: drop flash_attn=False "
-            "(pyadaq then enables it) or use an unquantized V cache (f16, bf16, f32)"
-        )
-    return tk, tv
-
-
-def _per_layer(t, n: int) -> List[CacheType]:
-    return [cache_type(x) for x in t] if isinstance(t, (list, tuple)) else [cache_type(t)] * n
-
-
-def _kv_bytes(info: ModelInfo, tk, tv, *, n_ctx_seq: int, n_seq_max: int,
-              n_ubatch: int, kv_unified: bool, swa_full: bool, v_trans: bool) -> int:
-    """llama_kv_cache / llama_kv_cache_iswa tensor bytes for the given context numbers.
-    tk / tv: one CacheType for all layers or a list with one per layer."""
-    tks, tvs = _per_layer(tk, info.n_layer), _per_layer(tv, info.n_layer)
-    n_stream = 1 if kv_unified else n_seq_max
-    size_swa = n_ctx_seq
-    if info.has_swa and not swa_full:
-        size_swa = _pad(min(n_ctx_seq, info.sliding_window * (n_seq_max if kv_unified else 1) + n_ubatch))
-    n_embd_v_gqa_max = max(
-        (info.n_head_kv_layer(il) * info.head_size_v_layer(il) for il in range(info.n_layer)), default=0
-    )
-    total = 0
-    for il in info.cache_layers():
-        cells = size_swa if info.is_swa(il) else n_ctx_seq
-        n_kv = info.n_head_kv_layer(il)
-        k_row = tks[il].row_bytes(n_kv * info.head_size_k_layer(il))
-        v_row = tvs[il].row_bytes(n_embd_v_gqa_max if v_trans else n_kv * info.head_size_v_layer(il))
-        total += (k_row + v_row) * cells * n_stream
-    return total
-
-
-def estimate_kv_cache_bytes(
-    model: Union[ModelInfo, str, os.PathLike],
-    cache_type_k: CacheTypeSpec = "f16",
-    cache_type_v: CacheTypeSpec = "f16",
-    *,
-    n_ctx: int = 512,
-    n_batch: int = 512,
-    n_ubatch: int = 512,
-    n_seq_max: int = 1,
-    kv_unified: bool = False,
-    swa_full: bool = True,
-    flash_attn: bool = True,
-) -> int:
-    """The KV-cache bytes llama.cpp would allocate for these settings, from the GGUF header.
-
-    Arguments are those of ``Llama`` (llama_cpp's defaults; ``swa_full=True`` is llama.cpp's
-    default). Mirrors llama.cpp's sizing: ``n_ctx`` (``0``: the training context) padded to
-    256; per sequence ``n_ctx_seq = pad(n_ctx / n_seq_max, 256)`` unless ``kv_unified``; the
-    SWA layers of an interleaved-SWA model hold ``pad(min(n_ctx_seq, n_swa * (n_seq_max if
-    kv_unified else 1) + n_ubatch), 256)`` cells unless ``swa_full``; each layer stores
-    ``n_head_kv * head_size`` values per cell for K and for V, as rows of the cache type.
-    Alignment padding of the backend buffers is not included.
-    """
-    info = model if isinstance(model, ModelInfo) else read_model_info(model)
-    tk, tv = cache_type(cache_type_k), cache_type(cache_type_v)
-    if n_ctx == 0:
-        n_ctx = info.n_ctx_train
-    n_batch = min(n_ctx, n_batch)
-    n_ubatch = min(n_batch, n_ubatch or n_batch)
-    n_ctx = _pad(n_ctx)
-    n_ctx_seq = n_ctx if kv_unified else _pad(n_ctx // max(n_seq_max, 1))
-    return _kv_bytes(info, tk, tv, n_ctx_seq=n_ctx_seq, n_seq_max=max(n_seq_max, 1), n_ubatch=n_ubatch,
-                     kv_unified=kv_unified, swa_full=swa_full, v_trans=not flash_attn)
-
-
-def _available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_context_size(info: ModelInfo, kwargs: Dict[str, Any], tk, tv, *, allow_long_context: bool = False) -> int:
-    """Check ``n_ctx`` and the batch sizes of Llama's keyword arguments before llama.cpp sees
-    them; return the context size. ``n_ctx`` must be an int >= 0 (0: the model's training
-    context), at most the training context unless ``allow_long_context``, and the KV cache it
-    implies must fit in the memory available now (``MemoryError`` naming the size otherwise).
-    ``n_batch``, ``n_ubatch`` and ``n_seq_max``, when given, must be ints > 0. tk / tv: one
-    CacheType or one per layer."""
-    n_ctx = kwargs.get("n_ctx", 512)
-    checks = [("n_ctx", n_ctx, 0)] + [(key, kwargs[key], 1) for key in ("n_batch", "n_ubatch", "n_seq_max")
-                                      if key in kwargs]
-    for key, value, least in checks:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key} must be an int, not {type(value).__name__} ({value!r})")
-        if value < least:
-            what = ">= 0 (0: the model's training context)" if key == "n_ctx" else "> 0"
-            raise ValueError(f"{key} must be {what}, not {value}")
-    n = n_ctx or info.n_ctx_train
-    if info.n_ctx_train and n > info.n_ctx_train and not allow_long_context:
-        raise ValueError(
-            f"n_ctx={n_ctx} is beyond {info.path.name}'s training context ({info.n_ctx_train} tokens), which the "
-            "model was not trained for; pass allow_long_context=True to use it anyway"
-        )
-    n_seq = kwargs.get("n_seq_max", 1)
-    unified = bool(kwargs.get("kv_unified", False))
-    nbytes = _kv_bytes(info, tk, tv, n_ctx_seq=_pad(n) if unified else _pad(_pad(n) // n_seq), n_seq_max=n_seq,
-                       n_ubatch=min(kwargs.get("n_ubatch", 512), n), kv_unified=unified,
-                       swa_full=bool(kwargs.get("swa_full", True)), v_trans=kwargs.get("flash_attn") is False)
-    avail = _available_memory()
-    if avail is not None and nbytes > avail:
-        raise MemoryError(
-            f"n_ctx={n} needs a KV cache of {nbytes / 2**30:.1f} GiB for {info.path.name} with these cache types, "
-            f"but only {avail / 2**30:.1f} GiB of memory is available now: use a smaller n_ctx or smaller cache types"
-        )
-    return n
-
-
-def _resolve_plan(info: ModelInfo, model_path, kv_plan, kv_budget, kv_budget_source: str):
-    """(types_k, types_v, plan) for kv_plan / kv_budget, checked against the model; (None, None,
-    None) when neither is given."""
-    from .planner import KVPlan, check_plan
-
-    if kv_plan is not None and kv_budget is not None:
-        raise ValueError("pass kv_plan or kv_budget, not both")
-    if kv_plan is None and kv_budget is None:
-        return None, None, None
-    if kv_plan is not None:
-        plan = kv_plan if isinstance(kv_plan, KVPlan) else KVPlan.load(kv_plan)
-    else:
-        from .adaptive import plan_for_budget
-
-        if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
-            raise TypeError(f"kv_budget is a number of bits per value, not {type(kv_budget).__name__}")
-        plan = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source)
-    types_k, types_v = check_plan(plan, info, info.sha256 if kv_plan is not None else None)
-    return types_k, types_v, plan
-
-
-class Llama(llama_cpp.Llama):
-    """llama_cpp.Llama with ``cache_type_k`` / ``cache_type_v`` and up-front validation.
-
-    ``cache_type_k`` / ``cache_type_v``: a cache type name (case-insensitive, e.g. "q4_0",
-    "KVQ2"), a ggml type id, or a :class:`pyadaq.CacheType`; default "f16". ``kv_plan``
-    (a plan file or KVPlan) or ``kv_budget`` (bits per value; ``kv_budget_source`` "kl" or
-    "norms") give each layer its own K and V type instead. All other keyword arguments go to
-    ``llama_cpp.Llama`` unchanged, except that ``verbose`` defaults to False and
-    ``flash_attn`` defaults to True when any K or V type is quantized (``flash_attn=None``
-    also means "choose"). If a layer's cache ends up on a GPU that cannot run what its types
-    need, construction raises :class:`pyadaq.offload.KVOffloadError` (llama.cpp would run those
-    ops on the CPU without saying so); ``allow_cpu_fallback=True`` turns that into a warning.
-    ``kv_plan`` / ``kv_budget`` together with ``cache_type_k`` / ``cache_type_v`` is a
-    ``TypeError`` (a plan sets every layer's types).
-
-    ``n_ctx`` is checked first: an int >= 0 (``TypeError`` / ``ValueError``), at most the
-    model's training context unless ``allow_long_context=True``, and a KV cache that fits in
-    the memory available now (``MemoryError`` naming its size).
-
-    After construction: ``cache_type_k``, ``cache_type_v`` (CacheType; for a plan, its most
-    common types), ``layer_types_k`` / ``layer_types_v`` (per layer), ``kv_plan`` (the KVPlan
-    or None), ``model_info`` (:class:`pyadaq.gguf_info.ModelInfo`), ``kv_cache_bytes``
-    (allocated by llama.cpp) and ``kv_cache_bytes_expected`` (the sizing formula applied to
-    this context).
+class Llama(_runtime.Llama):
+    __doc__ = (_runtime.Llama.__doc__ or "") + """
+    ``kv_budget`` (bits per value; ``kv_budget_source`` "kl" or "norms") plans the per-layer
+    types for that budget (:func:`pyadaq.plan.calibrate.plan_for_budget`, cached) instead of
+    ``kv_plan``. A budget outside what the types reach raises before any context is created.
     """
 
-    def __init__(
-        self,
-        model_path: Union[str, os.PathLike],
-        *,
-        cache_type_k: Optional[CacheTypeSpec] = None,
-        cache_type_v: Optional[CacheTypeSpec] = None,
-        kv_plan: Any = None,
-        kv_budget: Optional[float] = None,
-        kv_budget_source: str = "kl",
-        allow_cpu_fallback: bool = False,
-        allow_long_context: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        for raw, ours in (("type_k", "cache_type_k"), ("type_v", "cache_type_v")):
-            if raw in kwargs:
+    def __init__(self, model_path: str | os.PathLike, *, kv_budget: float | None = None,
+                 kv_budget_source: str = "kl", **kwargs: Any) -> None:
+        if kv_budget is not None:
+            if kwargs.get("kv_plan") is not None:
+                raise ValueError("pass kv_plan or kv_budget, not both")
+            if kwargs.get("cache_type_k") is not None or kwargs.get("cache_type_v") is not None:
                 raise TypeError(
-                    f"pyadaq.Llama does not take llama_cpp's '{raw}' (a raw ggml type id); pass "
-                    f"{ours}= with a cache type name such as 'q4_0' or 'kvq2' (or its ggml id)"
+                    "pass either cache_type_k/cache_type_v (one K and one V type for every layer) or a plan "
+                    "(kv_plan/kv_budget: a type per layer), not both: a plan sets every layer's K and V type"
                 )
-        if (kv_plan is not None or kv_budget is not None) and (cache_type_k is not None or cache_type_v is not None):
-            raise TypeError(
-                "pass either cache_type_k/cache_type_v (one K and one V type for every layer) or "
-                "kv_plan/kv_budget (a type per layer), not both: a plan sets every layer's K and V type"
-            )
-        tk = cache_type("f16" if cache_type_k is None else cache_type_k)
-        tv = cache_type("f16" if cache_type_v is None else cache_type_v)
-        info = read_model_info(model_path)
-        flash_attn = kwargs.get("flash_attn")
-        layers_k, layers_v, plan = _resolve_plan(info, model_path, kv_plan, kv_budget, kv_budget_source)
-        if plan is not None:
-            tk = max(set(layers_k), key=layers_k.count)
-            tv = max(set(layers_v), key=layers_v.count)
-            if any(t.quantized for t in layers_v) and flash_attn is not None and not flash_attn:
-                raise ValueError(
-                    "the plan stores some layers' V cache in a quantized type, which llama.cpp keeps only "
-                    "with flash attention, but flash_attn=False was passed"
-                )
-        validate_cache_types(info, tk, tv, flash_attn=flash_attn)
-        check_context_size(info, kwargs, layers_k or tk, layers_v or tv, allow_long_context=allow_long_context)
-        if flash_attn is None:
-            kwargs.pop("flash_attn", None)
-            if any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
-                kwargs["flash_attn"] = True
-        kwargs.setdefault("verbose", False)
-        if "n_gpu_layers" not in kwargs:
-            kwargs["n_gpu_layers"] = default_gpu_layers()  # 0 (llama_cpp's default) unless $PYADAQ_GPU_LAYERS
-
-        self.cache_type_k: CacheType = tk
-        self.cache_type_v: CacheType = tv
-        self.layer_types_k: List[CacheType] = layers_k or [tk] * info.n_layer
-        self.layer_types_v: List[CacheType] = layers_v or [tv] * info.n_layer
-        self.kv_plan = plan
-        self.model_info: ModelInfo = info
-        # the per-layer types go to the context llama_cpp.Llama creates on this thread (it loads the
-        # model, then creates one context); model loading and context creation run one at a time
-        with creation_lock, next_context(layers_k, layers_v):
-            super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
-        # a GPU-resident cache whose ops its GPU cannot run: an error, not a silent CPU fallback
-        try:
-            check_offload(self._ctx_ptr(), allow_cpu_fallback=allow_cpu_fallback)
-        except KVOffloadError:
-            self.close()
-            raise
-
-    # --- KV cache size ------------------------------------------------------------------
-    def _ctx_ptr(self) -> int:
-        ctx = getattr(getattr(self, "_ctx", None), "ctx", None)
-        if not ctx:
-            raise RuntimeError("this Llama has no llama.cpp context (closed, or construction failed)")
-        return int(ctx)
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        """Bytes of the backend buffers holding this context's KV cache (K and V, all layers,
-        all devices, alignment included), as llama.cpp allocated them; 0 if the model has no
-        KV cache. Read from libllama via ``pyadaq_kv_cache_bytes``."""
-        n = native()
-        fn = getattr(n.llama, "pyadaq_kv_cache_bytes", None)
-        if fn is None:
-            raise NotImplementedError(
-                "this libllama does not export pyadaq_kv_cache_bytes; rebuild pyadaq's native "
-                "libraries (kv_cache_bytes_expected gives the computed size)"
-            )
-        got = int(fn(n.ffi.cast("void *", self._ctx_ptr())))
-        return max(got, 0)
-
-    @property
-    def kv_cache_bytes_expected(self) -> int:
-        """The KV-cache size computed from the GGUF header and this context's actual
-        n_ctx_seq, n_seq_max, n_ubatch, kv_unified, swa_full and flash attention setting."""
-        ctx = self._ctx_ptr()
-        cp = self.context_params
-        return _kv_bytes(
-            self.model_info, self.layer_types_k, self.layer_types_v,
-            n_ctx_seq=int(_lib.llama_n_ctx_seq(ctx)),
-            n_seq_max=int(_lib.llama_n_seq_max(ctx)),
-            n_ubatch=int(_lib.llama_n_ubatch(ctx)),
-            kv_unified=bool(cp.kv_unified),
-            swa_full=bool(cp.swa_full),
-            v_trans=cp.flash_attn_type == _lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        )
-
-    # --- llama_cpp.Llama plumbing -------------------------------------------------------
-    def close(self) -> None:
-        # __del__ calls close(); after a validation error super().__init__ never ran
-        if hasattr(self, "_stack"):
-            super().close()
-
-    def context_layer_types(self) -> tuple:
-        """The cache types of each layer's K and V tensors as llama.cpp allocated them."""
-        from .layer_types import context_layer_types
-
-        return context_layer_types(self._ctx_ptr(), self.model_info.n_layer)
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("type_k", None)
-        state.pop("type_v", None)
-        state["cache_type_k"] = self.cache_type_k.name
-        state["cache_type_v"] = self.cache_type_v.name
-        if self.kv_plan is not None:
-            state["kv_plan"] = self.kv_plan
-        return state
-
-    def __repr__(self) -> str:
-        path = getattr(self, "model_path", None)
-        return (f"{type(self).__name__}({str(path)!r}, cache_type_k='{getattr(self, 'cache_type_k', None)}', "
-                f"cache_type_v='{getattr(self, 'cache_type_v', None)}')")
-
+            if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
+                raise TypeError(f"kv_budget is a number of bits per value, not {type(kv_budget).__name__}")
+            kwargs["kv_plan"] = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source)
+        super().__init__(model_path, **kwargs)

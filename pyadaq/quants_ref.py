@@ -44,8 +44,17 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "TYPES", "SEARCH_N", "SEARCH_LO", "SEARCH_STEP", "ABSMAX", "MSE",
-    "TypeSpec", "spec", "quantize", "dequantize", "indices",
+    "ABSMAX",
+    "MSE",
+    "SEARCH_LO",
+    "SEARCH_N",
+    "SEARCH_STEP",
+    "TYPES",
+    "TypeSpec",
+    "dequantize",
+    "indices",
+    "quantize",
+    "spec",
 ]
 
 # Scale rules (enum pyadaq_scale_rule).

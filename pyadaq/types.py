@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ._native import native
+from pyadaq._native import native
 
 # Upstream types that llama.cpp's CPU flash attention runs as K or V cache.
 UPSTREAM_CACHE_TYPES = {

@@ -33,8 +33,9 @@ def check(res: dict) -> list:
 
     if res["backend"] == "GPU":
         r, f16, q4 = at.get("q4_0:kvq2"), at.get("f16:f16"), at.get("q4_0:q4_0")
-        for ref, key, goal, what in ((f16, "tg", 1.0, "generation vs f16/f16"), (q4, "tg", 0.9, "generation vs q4_0/q4_0"),
-                                     (f16, "pp", 0.9, "prompt processing vs f16/f16")):
+        goals = ((f16, "tg", 1.0, "generation vs f16/f16"), (q4, "tg", 0.9, "generation vs q4_0/q4_0"),
+                 (f16, "pp", 0.9, "prompt processing vs f16/f16"))
+        for ref, key, goal, what in goals:
             v = ratio(r, ref, key)
             if v is not None:
                 out.append(_goal(f"K=q4_0, V=kvq2 {what} at depth {deepest}", v, goal))

@@ -9,7 +9,7 @@ removed from llama-perplexity's environment). llama-perplexity is run
      log-probabilities written to a temporary directory), then
   2. once per K:V config with -ctk/-ctv and --kl-divergence against that file,
 
-and its PPL and mean KL divergence are compared with pyadaq.kl.compare() (the function
+and its PPL and mean KL divergence are compared with pyadaq.eval.kl.compare() (the function
 behind `pyadaq eval`) run on the same settings. The script exits with 1 when a perplexity
 differs by more than --ppl-tol (relative, default 0.5 %) or a mean KL divergence by more
 than --kl-tol (relative, default 5 %; differences below --kl-abs-tol count as equal, since a
@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import pyadaq
     from pyadaq._native import native
-    from pyadaq.kl import compare, default_text, parse_configs
-    from pyadaq.logits import Model, quiet_native_logs
+    from pyadaq.eval.kl import compare
+    from pyadaq.eval.texts import default_text
+    from pyadaq.plan.spec import parse_configs
+    from pyadaq.runtime.context import Model, quiet_native_logs
 
     try:
         configs = parse_configs(args.configs)

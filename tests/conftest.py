@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+import pyadaq
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
 
-import tiny  # noqa: E402  (models/tiny.py)
+import tiny  # noqa: E402  (models/tiny.py, after its directory is on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +42,7 @@ def tiny_model(tiny_dir):
 
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
-    from pyadaq.embedded import embedded_model_path
+    from pyadaq.model.embedded import embedded_model_path
 
     return embedded_model_path()
 
@@ -51,7 +53,6 @@ def child_env():
     and models/tiny.py as these tests (plus the extra variables)."""
     import os
 
-    import pyadaq
 
     def make(**extra) -> dict:
         env = dict(os.environ, **extra)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.adaptive import calibrate, plan_for_budget
 from pyadaq.cli import main
-from pyadaq.planner import KVPlan, PlanMismatchError
+from pyadaq.plan.calibrate import calibrate, plan_for_budget
+from pyadaq.runtime.kvplan import KVPlan, PlanMismatchError
 
 TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river." for i in range(300))
 
@@ -180,7 +180,7 @@ def _write(tmp_path):
 
 
 def test_errors_from_calibration_subtract_the_floor():
-    from pyadaq.adaptive import calibration_floor, errors_from
+    from pyadaq.plan.calibrate import calibration_floor, errors_from
 
     cal = {"kind": "pyadaq-calibration", "types": ["f16", "q8_0", "kvq2"],
            "errors_k": [[0.0, 0.007, 0.10], [0.0, 0.006, 0.50]],

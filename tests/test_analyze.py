@@ -1,4 +1,4 @@
-"""pyadaq.analyze and `pyadaq analyze`: the K/V capture against a numpy computation of the
+"""pyadaq.eval.analyze and `pyadaq analyze`: the K/V capture against a numpy computation of the
 first layer's keys and values, the weight norms against numpy, the verdict, outputs and bad
 input."""
 
@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from pyadaq.analyze import activation_stats, analyze, verdict, weight_norms
+import tiny
 from pyadaq.cli import main
-
-import tiny  # noqa: E402  (models/tiny.py)
+from pyadaq.eval.analyze import activation_stats, analyze, verdict, weight_norms
 
 TEXT = " ".join(f"Sentence number {i} talks about the weather and the sea." for i in range(400))
 
@@ -32,8 +31,8 @@ def layer0_kv(path, toks):
 def test_capture_matches_numpy(tiny_model, n_ctx):
     """With n_ctx 1024 each chunk runs as two ubatches of 512 tokens (two graphs in one
     llama_decode): the capture holds every token of both."""
-    from pyadaq.kl import chunks
-    from pyadaq.logits import Model
+    from pyadaq.eval.kl import chunks
+    from pyadaq.runtime.context import Model
 
     path = tiny_model(head_dim=64, n_head_kv=2)
     res = activation_stats(path, TEXT, n_ctx=n_ctx, n_chunks=2, n_threads=1, progress=False)

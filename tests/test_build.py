@@ -26,19 +26,12 @@ def _touched_files() -> list[str]:
 def _pinned_sdist() -> Path:
     text = (ROOT / "native" / "UPSTREAM.cmake").read_text()
     name = text.split('PYADAQ_UPSTREAM_SDIST')[1].split('"')[1]
-    import os
+    from pyadaq._paths import cache_base
 
     # where native/cmake/fetch_upstream.cmake caches it
-    if os.environ.get("PYADAQ_CACHE_DIR"):
-        dirs = [Path(os.environ["PYADAQ_CACHE_DIR"])]
-    elif os.environ.get("XDG_CACHE_HOME"):
-        dirs = [Path(os.environ["XDG_CACHE_HOME"]) / "pyadaq"]
-    else:
-        dirs = [Path.home() / ".cache" / "pyadaq"]
-    for d in dirs:
-        if (d / name).exists():
-            return d / name
-    pytest.fail(f"the pinned sdist {name} is not in {dirs[0]}; the build puts it there")
+    if (cache_base() / name).exists():
+        return cache_base() / name
+    pytest.fail(f"the pinned sdist {name} is not in {cache_base()}; the build puts it there")
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +124,24 @@ def test_source_dir_that_is_not_llama_cpp_is_refused(tmp_path):
     res = run_fetch(tmp_path, PYADAQ_LLAMA_CPP_DIR=str(tmp_path))
     assert res.returncode != 0
     assert "is not a llama.cpp source tree" in res.stderr
+
+
+@pytest.mark.parametrize("env", [
+    {"PYADAQ_CACHE_DIR": "/tmp/pyadaq-c", "XDG_CACHE_HOME": "/tmp/xdg"},
+    {"PYADAQ_CACHE_DIR": "", "XDG_CACHE_HOME": "/tmp/xdg"},
+    {"XDG_CACHE_HOME": "", "HOME": "/tmp/home"},
+    {"HOME": "/tmp/home"},
+])
+def test_python_and_cmake_agree_on_the_cache_directory(env):
+    """One rule for the cache directory (pyadaq/_paths.py and native/cmake/cache_dir.cmake)."""
+    import os
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k not in ("PYADAQ_CACHE_DIR", "XDG_CACHE_HOME")}
+    full.update(env)
+    cm = subprocess.run(["cmake", "-P", str(ROOT / "native" / "cmake" / "cache_dir.cmake")], env=full,
+                        capture_output=True, text=True, timeout=60)
+    py = subprocess.run([sys.executable, "-c", "from pyadaq._paths import cache_base; print(cache_base())"],
+                        env=full, capture_output=True, text=True, timeout=60)
+    assert cm.returncode == 0 and py.returncode == 0, cm.stderr + py.stderr
+    assert cm.stderr.strip() == py.stdout.strip()

@@ -32,12 +32,11 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.layer_types import next_context
-from pyadaq.logits import Context, Model, quiet_native_logs
-from pyadaq.metrics import token_kl
+import tiny
+from pyadaq.eval.metrics import token_kl
+from pyadaq.runtime.context import Batch, Context, Model, quiet_native_logs
+from pyadaq.runtime.layer_types import next_context
 from pyadaq.types import cache_type
-
-import tiny  # noqa: E402  (models/tiny.py, put on sys.path by conftest)
 
 L = pyadaq.native().llama_cpp
 quiet_native_logs()
@@ -106,7 +105,7 @@ def tokens(n: int, seed: int = 0, n_vocab: int = 512) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# a small low-level context wrapper (pyadaq.logits.Context has n_seq_max=1 and llama.cpp's
+# a small low-level context wrapper (pyadaq.runtime.context.Context has n_seq_max=1 and llama.cpp's
 # default swa_full=True; these tests also need several sequences, a small SWA cache, ubatch
 # control, positions other than 0.., state and memory calls)
 # --------------------------------------------------------------------------------------------
@@ -133,26 +132,13 @@ class Ctx:
             self.ptr = L.llama_init_from_model(model.ptr, p)
         assert self.ptr, f"llama.cpp could not create a context with K={k} V={v}"
         self.mem = L.llama_get_memory(self.ptr)
-        self.batch = L.llama_batch_init(n_ctx, 0, n_seq_max)
+        self.batch = Batch(n_ctx, n_seq_max)
 
     def decode(self, parts) -> list:
         """parts: [(tokens, first position, seq_id), ...] in one llama_decode call; returns the
         logits of every token, one array per part."""
-        b, n, rows = self.batch, 0, []
-        for toks, pos0, seq in parts:
-            r = []
-            for j, t in enumerate(toks):
-                b.token[n] = int(t)
-                b.pos[n] = pos0 + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq
-                b.logits[n] = True
-                r.append(n)
-                n += 1
-            rows.append(r)
-        b.n_tokens = n
-        rc = L.llama_decode(self.ptr, b)
-        assert rc == 0, f"llama_decode returned {rc}"
+        rows = [self.batch.add(toks, pos0, seq, logits_from=0) for toks, pos0, seq in parts]
+        self.batch.submit(self.ptr)
         nv = self.model.n_vocab
         return [np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(self.ptr, i), shape=(nv,)).copy()
                           for i in r]) for r in rows]
@@ -195,7 +181,7 @@ class Ctx:
 
     def close(self) -> None:
         if self.ptr:
-            L.llama_batch_free(self.batch)
+            self.batch.close()
             L.llama_free(self.ptr)
             self.ptr = None
 
@@ -330,7 +316,9 @@ def test_error_ordered_by_bits(scorer, model):
     """kvq3 (3.5 bits) beats kvq2 (2.5 bits) whatever the partner, and an 8-bit partner beats a
     3.5-bit one beats a 2.5-bit one, for K and for V."""
     partners = PARTNERS if model == "llama64" else ("f16", "q8_0", "kvq3", "kvq2")
-    kl = lambda k, v: scorer.kl(model, k, v)  # noqa: E731
+    def kl(k, v):
+        return scorer.kl(model, k, v)
+
     for x in partners:
         assert kl("kvq3", x) < kl("kvq2", x), f"K: kvq3 vs kvq2 with V={x}"
         assert kl(x, "kvq3") < kl(x, "kvq2"), f"V: kvq3 vs kvq2 with K={x}"
@@ -588,7 +576,7 @@ def test_state_through_pyadaq_llama(tiny_model):
 
     path = tiny_model(head_dim=64)
     x = tokens(90, seed=8).tolist()
-    kw = dict(n_ctx=128, n_batch=128, n_threads=THREADS, logits_all=True)
+    kw = {"n_ctx": 128, "n_batch": 128, "n_threads": THREADS, "logits_all": True}
     a = pyadaq_llama.Llama(path, cache_type_k="kvq2", cache_type_v="kvq3", **kw)
     b = pyadaq_llama.Llama(path, cache_type_k="kvq2", cache_type_v="kvq3", **kw)
     other = pyadaq_llama.Llama(path, cache_type_k="kvq3", cache_type_v="kvq3", **kw)
@@ -808,7 +796,7 @@ def test_kv_cache_bytes_formula(tiny_model, hd):
         return cfg.n_layer * cells * cfg.n_head_kv * (tk.row_bytes(hd) + tv.row_bytes(hd))
 
     try:
-        for k, v in PAIRS + [("f16", "f16")]:
+        for k, v in [*PAIRS, ("f16", "f16")]:
             for n_ctx in (100, 256, 300):
                 ctx = Context(m, k, v, n_ctx=n_ctx)
                 try:

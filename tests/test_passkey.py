@@ -7,9 +7,20 @@ import re
 import numpy as np
 import pytest
 
-from pyadaq.logits import Context, Model, quiet_native_logs
-from pyadaq.passkey import (NEEDLE, answer_matches, context_size, detokenize, generate, leading_number,
-                            make_key, make_prompt, prompt_text, run_passkey, score)
+from pyadaq.eval.passkey import (
+    NEEDLE,
+    answer_matches,
+    context_size,
+    detokenize,
+    generate,
+    leading_number,
+    make_key,
+    make_prompt,
+    prompt_text,
+    run_passkey,
+    score,
+)
+from pyadaq.runtime.context import Context, Model, quiet_native_logs
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,7 @@ def test_prompt_text_layout():
 def test_make_prompt_reproducible(model):
     t1, a1 = make_prompt(model, 512, 0.5, seed=0)
     t2, a2 = make_prompt(model, 512, 0.5, seed=0)
-    t3, a3 = make_prompt(model, 512, 0.5, seed=1)
+    _t3, a3 = make_prompt(model, 512, 0.5, seed=1)
     assert a1 == a2 and np.array_equal(t1, t2)
     assert a1 != a3
     assert re.fullmatch(r"\d{5}", a1) and re.fullmatch(r"\d{5}", a3)

@@ -1,4 +1,4 @@
-"""pyadaq.planner: the optimizer against brute force, the rate-distortion model, plan files,
+"""pyadaq.plan.planner: the optimizer against brute force, the rate-distortion model, plan files,
 check_plan against tiny generated models, and plan_budget on synthetic sensitivities.
 
 Pure numpy and header reads only (no llama.cpp context is created); a few seconds at most.
@@ -17,16 +17,8 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.planner import (
-    KVPlan,
-    PlanFileError,
-    PlanMismatchError,
-    check_plan,
-    make_plan,
-    optimize,
-    plan_budget,
-    rate_distortion_errors,
-)
+from pyadaq.plan.planner import optimize, plan_budget, rate_distortion_errors
+from pyadaq.runtime.kvplan import KVPlan, PlanFileError, PlanMismatchError, check_plan, make_plan
 
 RTOL = 1e-9
 
@@ -127,7 +119,7 @@ def test_greedy_is_optimal_with_equal_weights_equal_steps_and_convex_errors():
         n = int(rng.integers(2, 6))
         weights = np.full(n, 128)
         errors = rate_distortion_errors(rng.uniform(0.5, 20.0, n), bits)
-        for steps in range(0, 3 * n + 1):
+        for steps in range(3 * n + 1):
             budget = 2.5 + steps / n
             best, _ = brute_force(errors, weights, bits, budget)
             gr = optimize(errors, weights, bits, budget, method="greedy")
@@ -182,7 +174,7 @@ def test_optimize_rejects_bad_budgets_and_items():
 
 def test_dp_needs_dyadic_bits_and_falls_back_on_a_huge_grid():
     errors = np.array([[0.0, 1.0], [0.0, 2.0]])
-    with pytest.raises(ValueError, match="integer grid.*method='greedy'"):
+    with pytest.raises(ValueError, match=r"integer grid.*method='greedy'"):
         optimize(errors, [32, 32], [16.0, 3.3], 8.0)
     assert list(optimize(errors, [32, 32], [16.0, 3.3], 9.65, method="greedy")) == [1, 0]
     # coprime weights: gcd 1, a capacity of millions of cells

@@ -14,10 +14,10 @@ import sys
 _CHILD = r"""
 import sys, threading
 import pyadaq
-from pyadaq.gguf_info import read_model_info
-from pyadaq.layer_types import context_layer_types
-from pyadaq.logits import Context, Model, quiet_native_logs
-from pyadaq.planner import make_plan
+from pyadaq.model.header import read_model_info
+from pyadaq.runtime.layer_types import context_layer_types
+from pyadaq.runtime.context import Context, Model, quiet_native_logs
+from pyadaq.plan.planner import make_plan
 
 quiet_native_logs()
 path = sys.argv[1]

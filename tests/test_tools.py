@@ -106,17 +106,20 @@ def _request(url: str, body=None, raw: bytes | None = None):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, child_env):
+def server(tiny_model, child_env, tmp_path_factory):
     pytest.importorskip("uvicorn", reason="the server extra (pip install 'pyadaq[server]') is not installed")
     port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = open(log_path, "w")  # noqa: SIM115  (closed at teardown; a pipe nobody reads would fill up)
     proc = subprocess.Popen([sys.executable, "-m", "pyadaq", "serve", "--model", str(tiny_model()), "--port",
-                             str(port), "--ctx", "512", "--threads", "1"], env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             str(port), "--ctx", "512", "--threads", "1"], env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"pyadaq serve exited: {proc.stderr.read()}")
+            log.close()
+            raise AssertionError(f"pyadaq serve exited: {log_path.read_text()}")
         try:
             if _request(base + "/v1/models")[0] == 200:
                 break
@@ -128,6 +131,7 @@ def server(tiny_model, child_env):
     yield base, port, proc
     proc.terminate()
     proc.wait(timeout=20)
+    log.close()
 
 
 def test_serve_models(server, tiny_model):
@@ -202,7 +206,7 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
     assert res["settings"]["backend"] in ("CPU", "GPU") and res["settings"]["machine"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     # bytes a generated token reads: the weights once, plus the KV cache in use
-    for (cfg, depth), r in rows.items():
+    for (_cfg, _depth), r in rows.items():
         assert r["tg_bytes_per_token"] >= res["weight_bytes"] > 0
         assert r["tg_gbps"] == pytest.approx(r["tg_mean"] * r["tg_bytes_per_token"] / 1e9)
     assert (rows[("f16:f16", 256)]["tg_bytes_per_token"] - res["weight_bytes"]
@@ -218,7 +222,8 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
 
 def test_bench_one_repetition_has_no_spread(tiny_model, tmp_path, capsys):
     rc = main(["bench", "--model", str(tiny_model()), "--configs", "q8_0:kvq2", "--depths", "0",
-               "--n-prompt", "16", "--n-gen", "2", "--reps", "1", "--threads", "1", "--markdown", str(tmp_path / "B.md")])
+               "--n-prompt", "16", "--n-gen", "2", "--reps", "1", "--threads", "1",
+               "--markdown", str(tmp_path / "B.md")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "± 0.0" not in out and "1 repetition" in out
@@ -227,7 +232,7 @@ def test_bench_one_repetition_has_no_spread(tiny_model, tmp_path, capsys):
 
 
 def test_report_sections_are_replaced_or_added():
-    from pyadaq.bench import upsert_section
+    from pyadaq.report.markdown import upsert_section
 
     doc = "# Title\n\nintro\n\n## Memory\n\nold table\n\n## Other\n\nkept\n"
     new = upsert_section(doc, "## Memory\n\nnew table\n")
@@ -238,7 +243,7 @@ def test_report_sections_are_replaced_or_added():
 def test_bench_report_with_a_bandwidth_and_gpu_goals(tmp_path):
     """The report gives tg against the bandwidth bound; scripts/check_speed_goals.py checks
     issue 6's goals for a GPU run, and says which are not met through its exit code."""
-    from pyadaq.bench import render_markdown
+    from pyadaq.report.markdown import render_bench
 
     def row(cfg, pp, tg):
         k, v = cfg.split(":")
@@ -249,7 +254,7 @@ def test_bench_report_with_a_bandwidth_and_gpu_goals(tmp_path):
     res = {"backend": "GPU", "n_prompt": 512, "n_gen": 64, "n_batch": 512, "reps": 3,
            "settings": {"model_name": "m.gguf", "machine": "x; GPU: H100", "native": "n", "date": "d", "seconds": 1.0},
            "results": [row("f16:f16", 1000, 100), row("q4_0:q4_0", 950, 120), row("q4_0:kvq2", 880, 110)]}
-    md = render_markdown(res, "pyadaq bench", mem_bandwidth_gbps=1000.0)
+    md = render_bench(res, "pyadaq bench", mem_bandwidth_gbps=1000.0)
     assert ("| q4_0:kvq2 | 32768 | 1.00 | 1.00 | 3.0 | 1.00 | 880.0 ± 0.0 | 0.88 | 110.0 ± 0.0 | 1.10 | 1000.0 | "
             "110.0 | 0.11 |") in md
     (tmp_path / "b.json").write_text(json.dumps(res))
@@ -281,3 +286,54 @@ def test_types_lists_what_runs_on_cuda(capsys):
     assert rows["kvq2"][5] == "yes" and rows["q4_0"][5] == "yes" and rows["iq4_nl"][5] == "-"
     assert "every K/V pair among f16, q8_0, q4_0, q4_1, q5_0, q5_1, kvq2, kvq3" in " ".join(
         " ".join(r) for r in rows.values())
+
+
+def test_plots_without_matplotlib_say_how_to_install_it(tiny_model, tmp_path, child_env):
+    """matplotlib is the optional extra pyadaq[plots]: without it, a command asked for a plot
+    stops before its run with a message that says how to install it."""
+    code = ("import sys\n"
+            "sys.modules['matplotlib'] = None  # as if it were not installed\n"
+            "from pyadaq.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    for cmd in (["eval", "--configs", "q8_0:kvq2", "--ctx", "64", "--chunks", "1"],
+                ["bench", "--configs", "q8_0:kvq2", "--depths", "0", "--reps", "1"]):
+        proc = subprocess.run([sys.executable, "-c", code, *cmd, "--model", str(tiny_model()),
+                               "--plot", str(tmp_path / "p.png")], env=child_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "pip install 'pyadaq[plots]'" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "p.png").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"pyadaq {pyadaq.__version__} (pyadaq {pyadaq.__version__}; patchset ")
+
+
+def test_reference_store_is_bounded(tmp_path, monkeypatch):
+    """The f16 reference store evicts whole references, least recently used first, to stay
+    under its limit, and never the one in use; `pyadaq cache` shows and clears it."""
+    import os
+
+    import numpy as np
+
+    from pyadaq.eval.kl import ReferenceStore
+
+    monkeypatch.setenv("PYADAQ_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "eval-ref"
+    logits = np.random.default_rng(0).standard_normal((8, 4096)).astype(np.float32)  # 64 KiB stored
+    stores = []
+    for i in range(4):
+        s = ReferenceStore(root, model_sha256=f"m{i}", text_sha256="t", n_ctx=16, limit=150 << 10)
+        s.put(0, logits)
+        os.utime(s.dir / "used", (1000 + i, 1000 + i))  # a clear order of use
+        stores.append(s)
+    left = {d.name for d in root.iterdir()}
+    assert left == {stores[2].dir.name, stores[3].dir.name}  # two references fit in 150 KiB
+    assert stores[3].contains(0) and not stores[0].contains(0)
+    assert main(["cache"]) == 0
+    assert main(["cache", "--clear", "references"]) == 0
+    assert not root.exists()

@@ -5,22 +5,38 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyadaq._native import native
+from pyadaq._version import __version__
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyadaq", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"pyadaq {__version__} ({native().build_info['info']})")
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import (analyze_cmd, bench_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd, results, serve_cmd,
-                   types_cmd)
+    from pyadaq.cli import (
+        analyze_cmd,
+        bench_cmd,
+        cache_cmd,
+        chat_cmd,
+        demo,
+        eval_cmd,
+        formats,
+        plan_cmd,
+        results,
+        serve_cmd,
+        types_cmd,
+    )
 
-    for mod in (analyze_cmd, bench_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd, results, serve_cmd,
+    for mod in (analyze_cmd, bench_cmd, cache_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd, results, serve_cmd,
                 types_cmd):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
-    from ..offload import KVOffloadError
+    from pyadaq.runtime.offload import KVOffloadError
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, ImportError, KVOffloadError) as e:
+    except (ValueError, TypeError, MemoryError, OSError, ImportError, KVOffloadError) as e:
         print(f"pyadaq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,8 +8,8 @@ import hashlib
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 DEFAULT_OUT = "pyadaq-results"  # `results` and `formats` write here unless --out says otherwise
 
@@ -21,7 +21,7 @@ def out_dir(path: str) -> Path:
     return out
 
 
-def counted(n: int, word: str, plural: Optional[str] = None) -> str:
+def counted(n: int, word: str, plural: str | None = None) -> str:
     """'1 chunk', '20 chunks' (plural: the plural when it is not word + 's')."""
     return f"{n} {word if n == 1 else plural or word + 's'}"
 
@@ -37,14 +37,14 @@ def about(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} hours"
 
 
-def seconds_per_pass(model_path: str, n_ctx: int, n_threads: Optional[int] = None) -> float:
+def seconds_per_pass(model_path: str, n_ctx: int, n_threads: int | None = None) -> float:
     """Wall time of one scored chunk of n_ctx tokens, timed now: a forward pass with an f16
     cache, then KL and top-1 over its second half (the unit the estimates count in)."""
     import numpy as np
 
-    from ..kl import default_text
-    from ..logits import Context, Model, quiet_native_logs
-    from ..metrics import Accumulator, log_softmax
+    from pyadaq.eval.metrics import Accumulator, log_softmax
+    from pyadaq.eval.texts import default_text
+    from pyadaq.runtime.context import Context, Model, quiet_native_logs
 
     quiet_native_logs()
     model = Model(model_path)
@@ -65,10 +65,11 @@ def seconds_per_pass(model_path: str, n_ctx: int, n_threads: Optional[int] = Non
         model.close()
 
 
-def missing_reference(info, n_ctx: int, n_chunks: int, text: Optional[str] = None) -> int:
+def missing_reference(info, n_ctx: int, n_chunks: int, text: str | None = None) -> int:
     """How many of the first n_chunks f16 reference chunks (model of `info`, a ModelInfo; the
     default text unless given) the reference store in the cache directory lacks."""
-    from ..kl import ReferenceStore, cache_root, default_text
+    from pyadaq.eval.kl import ReferenceStore, cache_root
+    from pyadaq.eval.texts import default_text
 
     text = text if text is not None else default_text()
     store = ReferenceStore(cache_root(), model_sha256=info.sha256,
@@ -77,10 +78,10 @@ def missing_reference(info, n_ctx: int, n_chunks: int, text: Optional[str] = Non
 
 
 def calibration_work(info, types: Sequence[str], n_ctx: int, n_chunks: int) -> tuple:
-    """(runs, forward passes) a calibration (pyadaq.adaptive.calibrate, default text) still needs:
+    """(runs, forward passes) a calibration (pyadaq.plan.calibrate.calibrate, default text) still needs:
     (0, 0) when its result is cached."""
-    from ..adaptive import calibration_items, calibration_path
-    from ..types import cache_type
+    from pyadaq.plan.calibrate import calibration_items, calibration_path
+    from pyadaq.types import cache_type
 
     types = [cache_type(t).name for t in types]
     if calibration_path(info, types, None, n_ctx, n_chunks).exists():
@@ -90,8 +91,8 @@ def calibration_work(info, types: Sequence[str], n_ctx: int, n_chunks: int) -> t
 
 
 def announce(command: str, work: str, passes: int, model_path: str, n_ctx: int,
-             n_threads: Optional[int] = None, *, kept: str, faster: Optional[str] = None,
-             faster_passes: Optional[int] = None) -> None:
+             n_threads: int | None = None, *, kept: str, faster: str | None = None,
+             faster_passes: int | None = None) -> None:
     """One paragraph on standard error before a long measurement: `work` (what is computed),
     `passes` scored chunks of n_ctx tokens at the cost of one timed now, `kept` (what is cached
     or written), and `faster`, an alternative (`faster_passes` of the same chunks, if known)."""
@@ -105,11 +106,11 @@ def announce(command: str, work: str, passes: int, model_path: str, n_ctx: int,
 
 
 def announce_calibration(command: str, model_path: str, types: Sequence[str], n_ctx: int, n_chunks: int,
-                         n_threads: Optional[int] = None, *, faster: str, faster_passes: int) -> None:
-    """The notice before pyadaq.adaptive.calibrate runs, unless its result is cached."""
-    from ..adaptive import cache_dir
-    from ..gguf_info import read_model_info
-    from ..types import cache_type
+                         n_threads: int | None = None, *, faster: str, faster_passes: int) -> None:
+    """The notice before pyadaq.plan.calibrate.calibrate runs, unless its result is cached."""
+    from pyadaq.model.header import read_model_info
+    from pyadaq.plan.calibrate import cache_dir
+    from pyadaq.types import cache_type
 
     runs, passes = calibration_work(read_model_info(model_path), types, n_ctx, n_chunks)
     if not passes:

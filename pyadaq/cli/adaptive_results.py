@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import DEFAULT_OUT
+from pyadaq.cli._common import DEFAULT_OUT
 
 SOURCES = (("kl", "calibrated KL"), ("norms", "activation norms"))
 ANALYSIS_CHUNKS = 4
@@ -20,8 +20,8 @@ CALIBRATION_CTX, CALIBRATION_CHUNKS = 512, 2
 def work(info, budgets: list, n_chunks: int) -> tuple:
     """(what measure() computes, its forward passes) for the announcement, the plans evaluated on
     n_chunks chunks; the calibration counts only when it is not cached."""
-    from ..adaptive import DEFAULT_TYPES
-    from ._common import calibration_work, counted
+    from pyadaq.cli._common import calibration_work, counted
+    from pyadaq.plan.calibrate import DEFAULT_TYPES
 
     runs, cal_passes = calibration_work(info, DEFAULT_TYPES, CALIBRATION_CTX, CALIBRATION_CHUNKS)
     n_plans = len(SOURCES) * len(budgets)
@@ -35,10 +35,12 @@ def work(info, budgets: list, n_chunks: int) -> tuple:
 def measure(res: dict, budgets: list, json_out: Path, out_dir: Path) -> dict:
     """Measure the adaptive section for the matrix run `res`; its figures go to json_out, the
     analysis and its plots to out_dir."""
-    from ..adaptive import DEFAULT_TYPES, calibrate, plan_for_budget
-    from ..analyze import analyze, plot_norms, plot_spectra
-    from ..kl import LayerConfig, compare
-    from .formats import machine
+    from pyadaq.eval.analyze import analyze
+    from pyadaq.eval.kl import compare
+    from pyadaq.plan.calibrate import DEFAULT_TYPES, calibrate, plan_for_budget
+    from pyadaq.report.machine import machine
+    from pyadaq.report.plots import plot_norms, plot_spectra
+    from pyadaq.runtime.kvconfig import LayerConfig
 
     s = res["settings"]
     model = s["model"]
@@ -113,13 +115,13 @@ def _in_sample(cal: dict, res: dict) -> str:
 def _combination(ad: dict, res: dict) -> list:
     """How the calibration's per-item errors add up, checked against the uniform pairs of the
     matrix: markdown lines, every figure from this run's calibration and matrix."""
-    from ..adaptive import calibration_floor, errors_from
-    from .results import MATRIX, _grid
+    from pyadaq.plan.calibrate import calibration_floor, errors_from
+    from pyadaq.report.markdown import MATRIX, kv_grid
 
     cal = ad.get("calibration")
     if cal is None:
-        return ["(This run's figures do not include the calibration's per-item errors; "
-                "`pyadaq results --adaptive` records them.)", ""]
+        return [("(This run's figures do not include the calibration's per-item errors; "
+                "`pyadaq results --adaptive` records them.)"), ""]
     types = [t for t in MATRIX if t in cal["types"]]
     floor = calibration_floor(cal)
     ek, ev = errors_from(cal, types)
@@ -135,16 +137,16 @@ def _combination(ad: dict, res: dict) -> list:
     n_items = sum(any(r[j] is not None for j in lossy) for r in cal["errors_k"] + cal["errors_v"])
     text = (f"How the measured errors are combined: the planner minimizes the sum of the items' excesses over "
             f"a floor, the median over the {n_items} items (one layer's K or V) of their least lossy error "
-            f"(`pyadaq.adaptive.calibration_floor`): {floor:.4f} nats in this calibration")
+            f"(`pyadaq.plan.calibrate.calibration_floor`): {floor:.4f} nats in this calibration")
     if ("q8_0", "q8_0") in uni:
         text += f"; all {n_items} items in q8_0 (uniform q8_0/q8_0) cost {uni[('q8_0', 'q8_0')]['kl_mean']:.4f}"
     lines = [text + ". Floor + summed excesses against the measured KL of the uniform pairs (relative error "
                     "of the prediction; – : not predicted):"]
-    lines += ["", *_grid(by, "error", "{:+.0%}"), ""]
+    lines += ["", *kv_grid(by, "error", "{:+.0%}"), ""]
     if by:
         lo, hi = min(by.values(), key=lambda d: d["error"]), max(by.values(), key=lambda d: d["error"])
-        lines += [f"The prediction ranges from {lo['error']:+.0%} ({lo['pair']}) to {hi['error']:+.0%} "
-                  f"({hi['pair']}) of the measured KL.", ""]
+        lines += [(f"The prediction ranges from {lo['error']:+.0%} ({lo['pair']}) to {hi['error']:+.0%} "
+                  f"({hi['pair']}) of the measured KL."), ""]
     return lines
 
 
@@ -162,8 +164,8 @@ def render_adaptive(ad: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
         "",
         "### Norms of keys and values",
         "",
-        f"`pyadaq analyze` on `{Path(s['model']).name}` (keys and values captured before the cache {read}): "
-        f"**{ad['verdict']['text']}.**",
+        (f"`pyadaq analyze` on `{Path(s['model']).name}` (keys and values captured before the cache {read}): "
+        f"**{ad['verdict']['text']}.**"),
         "",
         "![K and V norms per layer](analysis-norms.png)",
         "",
@@ -171,14 +173,14 @@ def render_adaptive(ad: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
         "",
         "### Planned allocations against uniform pairs",
         "",
-        f"`pyadaq plan` gives each layer's K and V one of {types} so that the average bits "
+        (f"`pyadaq plan` gives each layer's K and V one of {types} so that the average bits "
         f"per cached value (scales included) stay within the budget and the predicted error is least (exact "
         f"dynamic programme over the error model; the paper's greedy reaches the same predicted error unless "
         f"a plan's line below says otherwise). Sensitivities: *calibrated KL* quantizes one layer's K or V at a "
         f"time ({cal['runs']} runs on {cal['chunks']} chunks of {cal['n_ctx']} tokens, {cal['seconds']:.0f} s) "
         f"and adds the measured KL divergences; *activation norms* use the per-token Frobenius norms above in "
         f"the rate-distortion model error = norm² · 2^(−2·bits). Every row below is measured the same way as "
-        f"the matrix: {s['chunks']} chunks of {s['ctx']} tokens, KL against the f16 cache. {_in_sample(cal, res)}",
+        f"the matrix: {s['chunks']} chunks of {s['ctx']} tokens, KL against the f16 cache. {_in_sample(cal, res)}"),
         "",
         *_combination(ad, res),
     ]
@@ -206,7 +208,8 @@ def render_adaptive(ad: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
         beaten_by = sorted([r for r in larger if r["kl_mean"] < kl], key=lambda r: r["bits_per_value"])
         if equal:
             best_eq = min(equal, key=lambda r: r["kl_mean"])
-            verdict = (f"the best plan ({dict(SOURCES)[best['source']]}) has {best_eq['kl_mean'] / kl:.1f}× less KL than "
+            verdict = (f"the best plan ({dict(SOURCES)[best['source']]}) has "
+                       f"{best_eq['kl_mean'] / kl:.1f}× less KL than "
                        f"the best uniform pair of the same size ({best_eq['k']}/{best_eq['v']})"
                        if kl < best_eq["kl_mean"] else
                        f"the best plan does **not** beat the uniform {best_eq['k']}/{best_eq['v']} of the same size: "
@@ -228,7 +231,7 @@ def render_adaptive(ad: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
                        f"V {' '.join(p['types_v'])}" + ("" if p["greedy_same"] else
                        f" (greedy: predicted error {p['greedy_predicted']:.4g} against {p['predicted']:.4g})"))
         out.append("")
-    out += [f"Rerun: `pyadaq results --adaptive --out {out_dir}` (analysis {s['seconds_analysis']:.0f} s, "
+    out += [(f"Rerun: `pyadaq results --adaptive --out {out_dir}` (analysis {s['seconds_analysis']:.0f} s, "
             f"calibration {s['seconds_calibration']:.0f} s{' (cached)' if s.get('calibration_cached') else ''}, "
-            f"plans evaluated in {s['seconds_eval']:.0f} s of wall time on {s['machine']}).", ""]
+            f"plans evaluated in {s['seconds_eval']:.0f} s of wall time on {s['machine']})."), ""]
     return "\n".join(out)

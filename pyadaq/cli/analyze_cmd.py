@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 def model_and_text(args):
     """(model path, ModelInfo, text or None) after the checks that need no native code."""
-    from .eval_cmd import read_text_file, resolve_model
+    from pyadaq.cli.eval_cmd import read_text_file, resolve_model
 
     model, info = resolve_model(args.model)
     text = read_text_file(args.text) if getattr(args, "text", None) else None
@@ -29,8 +29,13 @@ def model_and_text(args):
 
 
 def run(args) -> int:
-    from ..analyze import analyze, plot_norms, plot_spectra
-    from .eval_cmd import write_json
+    if args.plot:
+        from pyadaq.report.plots import require_plots
+
+        require_plots()  # before the run, not after it
+    from pyadaq.cli.eval_cmd import write_json
+    from pyadaq.eval.analyze import analyze
+    from pyadaq.report.plots import plot_norms, plot_spectra
 
     model, info, text = model_and_text(args)
     if args.ctx < 16 or (info.n_ctx_train and args.ctx > info.n_ctx_train):
@@ -54,7 +59,8 @@ def print_summary(res: dict) -> None:
 
     acts = res["activations"]
     print(f"\n{Path(res['settings']['model']).name}: {acts['tokens']} tokens read; norms per token, mean over KV heads")
-    print(f"{'layer':>5} {'K frob':>9} {'V frob':>9} {'K/V':>6} {'K spec':>9} {'V spec':>9} {'W_K frob':>9} {'W_V frob':>9}")
+    print(f"{'layer':>5} {'K frob':>9} {'V frob':>9} {'K/V':>6} {'K spec':>9} {'V spec':>9} "
+          f"{'W_K frob':>9} {'W_V frob':>9}")
     for r, w in zip(acts["layers"], res["weights"]):
         kf, vf = np.mean(r["k"]["frobenius_per_token"]), np.mean(r["v"]["frobenius_per_token"])
         ks, vs = np.mean(r["k"]["spectral_per_token"]), np.mean(r["v"]["spectral_per_token"])

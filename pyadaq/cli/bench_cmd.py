@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed per K/V cache configuration and context depth", description=__doc__)
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help=f"K:V pairs, plan:FILE or budget:BITS; f16:f16 is added as the baseline (default {DEFAULT_CONFIGS})")
+                   help="K:V pairs, plan:FILE or budget:BITS; f16:f16 is added as the baseline "
+                        f"(default {DEFAULT_CONFIGS})")
     p.add_argument("--depths", default="0,1024,4096", help="tokens already in the cache (default 0,1024,4096)")
     p.add_argument("--n-prompt", type=int, default=512, help="prompt tokens per pp test (0: skip; default 512)")
     p.add_argument("--n-gen", type=int, default=64, help="generated tokens per tg test (0: skip; default 64)")
@@ -45,8 +46,8 @@ def _ints(spec: str, what: str) -> list:
 
 
 def check_inputs(args):
-    from ..kl import parse_configs
-    from .eval_cmd import check_configs, resolve_model
+    from pyadaq.cli.eval_cmd import check_configs, resolve_model
+    from pyadaq.plan.spec import parse_configs
 
     model, info = resolve_model(args.model)
     configs = parse_configs(args.configs)
@@ -71,12 +72,17 @@ def check_inputs(args):
 
 
 def run(args) -> int:
-    from .. import __version__
-    from .._native import native
-    from ..bench import plot_bench, run_bench
-    from ..kl import resolve_configs
-    from .eval_cmd import write_json
-    from .formats import machine
+    if args.plot:
+        from pyadaq.report.plots import require_plots
+
+        require_plots()  # before the run, not after it
+    from pyadaq._native import native
+    from pyadaq._version import __version__
+    from pyadaq.cli.eval_cmd import write_json
+    from pyadaq.eval.bench import run_bench
+    from pyadaq.plan.spec import resolve_configs
+    from pyadaq.report.machine import machine
+    from pyadaq.report.plots import plot_bench
 
     model, info, configs, depths = check_inputs(args)
     configs = resolve_configs(configs, model)
@@ -99,17 +105,17 @@ def run(args) -> int:
         import shlex
         import sys
 
-        from ..bench import render_markdown, upsert_section
+        from pyadaq.report.markdown import render_bench, upsert_section
 
         command = "pyadaq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
             else "pyadaq bench"
         md_path = Path(args.markdown)
         if args.section:
-            section = render_markdown(res, command, args.mem_bandwidth, heading=f"## {args.section}")
+            section = render_bench(res, command, args.mem_bandwidth, heading=f"## {args.section}")
             old = md_path.read_text() if md_path.exists() else ""
             md_path.write_text(upsert_section(old, section))
         else:
-            md_path.write_text(render_markdown(res, command, args.mem_bandwidth))
+            md_path.write_text(render_bench(res, command, args.mem_bandwidth))
         print(f"wrote {args.markdown}")
     return 0
 

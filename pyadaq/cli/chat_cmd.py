@@ -43,8 +43,8 @@ def add_model_options(p) -> None:
 
 def load_llama(args, **extra):
     """pyadaq.Llama from the model options, every check done before native code runs."""
-    from ..llama import Llama
-    from .eval_cmd import resolve_model
+    from pyadaq.cli.eval_cmd import resolve_model
+    from pyadaq.llama import Llama
 
     model, info = resolve_model(args.model)
     if args.ctx < 64:
@@ -56,11 +56,11 @@ def load_llama(args, **extra):
         kw["n_threads"] = args.threads
     if args.kv_plan or args.kv_budget is not None:
         if args.kv_budget is not None:
-            from ..adaptive import DEFAULT_TYPES, check_budget_range
-            from ._common import announce_calibration
+            from pyadaq.cli._common import announce_calibration
+            from pyadaq.plan.calibrate import DEFAULT_TYPES, check_budget_range
 
             check_budget_range(info, args.kv_budget, DEFAULT_TYPES)
-            # what Llama(kv_budget=...) calibrates: pyadaq.adaptive.plan_for_budget's defaults
+            # what Llama(kv_budget=...) calibrates: pyadaq.plan.calibrate.plan_for_budget's defaults
             announce_calibration(args.command, model, DEFAULT_TYPES, 512, 2,
                                  faster=f"`pyadaq plan --budget {args.kv_budget:g} --sensitivity norms`, then "
                                         f"`pyadaq {args.command} --kv-plan plan.json`", faster_passes=2)
@@ -103,7 +103,7 @@ class Chat:
         return f"{head}{turns}User: {user}\nAssistant:"
 
     def turn(self, user: str, out) -> str:
-        from .._native import native
+        from pyadaq._native import native
 
         L = native().llama_cpp
         ctx = self.llm._ctx.ctx
@@ -153,7 +153,7 @@ class Chat:
         return text
 
     def stats(self) -> str:
-        from ..llama import estimate_kv_cache_bytes
+        from pyadaq.runtime.llama import estimate_kv_cache_bytes
 
         llm = self.llm
         f16 = estimate_kv_cache_bytes(llm.model_info, "f16", "f16", n_ctx=llm.n_ctx(), n_batch=llm.n_batch,
@@ -163,8 +163,8 @@ class Chat:
             types = f"per-layer plan, {llm.kv_plan.bits_per_value:.2f} bits per value"
         else:
             types = f"K {llm.cache_type_k.name}, V {llm.cache_type_v.name}"
-        lines = [f"KV cache: {types}; {got / 2**20:.2f} MiB against {f16 / 2**20:.2f} MiB with f16 "
-                 f"({got / f16:.0%}); {llm.n_tokens} of {llm.n_ctx()} tokens in use"]
+        lines = [(f"KV cache: {types}; {got / 2**20:.2f} MiB against {f16 / 2**20:.2f} MiB with f16 "
+                 f"({got / f16:.0%}); {llm.n_tokens} of {llm.n_ctx()} tokens in use")]
         s = self.last
         if s:
             pp = s["prompt_tokens"] / (s["prompt_ms"] / 1e3) if s["prompt_ms"] > 0 else float("nan")
@@ -175,7 +175,7 @@ class Chat:
 
 
 def run(args) -> int:
-    model, info, llm = load_llama(args, seed=args.seed)
+    model, _info, llm = load_llama(args, seed=args.seed)
     chat = Chat(llm, args.system, args.max_tokens, args.temperature, args.seed)
     interactive = sys.stdin.isatty()
     try:

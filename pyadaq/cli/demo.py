@@ -20,9 +20,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..kl import cache_root, compare
-    from ._common import announce, counted, missing_reference
-    from .chat_cmd import Chat, load_llama
+    from pyadaq.cli._common import announce, counted, missing_reference
+    from pyadaq.cli.chat_cmd import Chat, load_llama
+    from pyadaq.eval.kl import cache_root, compare
 
     opts = argparse.Namespace(model=args.model, cache_type_k="q8_0", cache_type_v="kvq2", kv_budget=None,
                               kv_plan=None, ctx=2048, threads=args.threads, gpu_layers=-1)

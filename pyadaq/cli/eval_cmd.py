@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+from pyadaq.report.plots import plot_eval, require_plots
+
 DEFAULT_CONFIGS = "f16:f16,q8_0:q8_0,q8_0:q4_0,q4_0:q4_0,q8_0:kvq3,q8_0:kvq2,q4_0:kvq2"
 
 
@@ -53,12 +55,12 @@ def _floats(spec: str, what: str) -> list[float]:
 
 def resolve_model(path):
     """(model path, ModelInfo): the given GGUF or the embedded model, checked from its header."""
-    from ..gguf_info import read_model_info
+    from pyadaq.model.header import read_model_info
 
     if path:
         model = path
     else:
-        from ..embedded import embedded_model_path
+        from pyadaq.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
     return model, read_model_info(model)
@@ -81,20 +83,21 @@ def write_json(obj, path) -> None:
 
 def check_configs(configs, info) -> None:
     """Uniform pairs against the model's head sizes; plan files against the model."""
-    from ..llama import validate_cache_types
+    from pyadaq.runtime.llama import validate_cache_types
 
     for c in configs:
         if isinstance(c, tuple):
             validate_cache_types(info, c[0], c[1], flash_attn=True)
         elif c.kind == "plan":
-            from ..planner import KVPlan, check_plan
+            from pyadaq.runtime.kvplan import KVPlan, check_plan
 
             check_plan(KVPlan.load(c.arg), info, info.sha256)
 
 
 def check_inputs(args):
     """Everything that can be checked before native code runs; returns (model, text, text_name, configs)."""
-    from ..kl import default_text, parse_configs
+    from pyadaq.eval.texts import default_text
+    from pyadaq.plan.spec import parse_configs
 
     model, info = resolve_model(args.model)
     configs = parse_configs(args.configs)
@@ -116,12 +119,13 @@ def check_inputs(args):
 
 
 def run(args) -> int:
-    from .. import __version__
-    from .._native import native
-    from ..kl import compare
-    from .formats import machine
-
-    from ..kl import resolve_configs
+    if args.plot:
+        require_plots()  # before the run, not after it
+    from pyadaq._native import native
+    from pyadaq._version import __version__
+    from pyadaq.eval.kl import compare
+    from pyadaq.plan.spec import resolve_configs
+    from pyadaq.report.machine import machine
 
     model, info, text, text_name, configs = check_inputs(args)
     configs = resolve_configs(configs, model)
@@ -131,7 +135,7 @@ def run(args) -> int:
     quality_s = time.time() - t0
     passkey = None
     if args.passkey:
-        from ..passkey import run_passkey
+        from pyadaq.eval.passkey import run_passkey
 
         t1 = time.time()
         passkey = run_passkey(model, configs, lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
@@ -157,7 +161,7 @@ def run(args) -> int:
     if args.json:
         write_json(out, args.json)
     if args.plot:
-        plot(out, args.plot)
+        plot_eval(out, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -170,43 +174,10 @@ def print_table(out: dict) -> None:
     head = f"{'K:V':<16} {'bits/val':>8} {'KV MiB':>8} {'PPL':>9} {'KL mean':>9} {'± se':>7} {'top-1':>7} {'RMS dp':>7}"
     print(head + ("  passkey" if has_pk else ""))
     for r in out["results"]:
-        line = (f"{r.get('config', r['k'] + ':' + r['v']):<16} {r['bits_per_value']:>8.2f} {r['kv_bytes'] / 2**20:>8.2f} "
+        line = (f"{r.get('config', r['k'] + ':' + r['v']):<16} {r['bits_per_value']:>8.2f} "
+                f"{r['kv_bytes'] / 2**20:>8.2f} "
                 f"{r['ppl']:>9.4f} {r['kl_mean']:>9.5f} {r['kl_stderr']:>7.5f} {100 * r['top1']:>6.2f}% "
                 f"{100 * r['rms_dp']:>6.2f}%")
         if has_pk:
             line += f"  {100 * r['passkey_mean']:5.1f}%"
         print(line)
-
-
-def plot(out: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    has_pk = out.get("passkey") is not None
-    fig, axes = plt.subplots(1, 2 if has_pk else 1, figsize=(12 if has_pk else 7, 5), squeeze=False)
-    for ax, key, label, log in [(axes[0][0], "kl_mean", "mean KL divergence vs f16 (nats)", True)] + (
-            [(axes[0][1], "passkey_mean", "pass-key accuracy", False)] if has_pk else []):
-        for r in out["results"]:
-            if log and r["k"] == r["v"] == "f16":
-                continue  # the reference itself: KL ~0
-            ours = r["k"].startswith("kvq") or r["v"].startswith("kvq") or r.get("per_layer", False)
-            y = r.get(key)
-            if y is None:
-                continue
-            ax.scatter(r["bits_per_value"], max(y, 1e-6) if log else y, marker="^" if ours else "o",
-                       color="tab:red" if ours else "tab:blue", s=40, zorder=3)
-            ax.annotate(r.get("config", f"{r['k']}:{r['v']}"), (r["bits_per_value"], max(y, 1e-6) if log else y),
-                        textcoords="offset points", xytext=(4, 3), fontsize=7)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("bits per cached value (K and V averaged, scales included)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    s = out["settings"]
-    fig.suptitle(f"{Path(s['model']).name}, {out['chunks']}x{s['ctx']} tokens "
-                 "(triangles: pyadaq types, circles: upstream)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -9,11 +9,12 @@ tool (chunks of --ctx tokens, second half of each chunk scored).
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
-from ._common import DEFAULT_OUT, announce, counted, out_dir
+from pyadaq.cli._common import DEFAULT_OUT, announce, counted, out_dir
+from pyadaq.report.machine import machine
+from pyadaq.report.plots import plot_formats, require_plots
 
 CANDIDATES_V = ["q8_0", "q4_0", "q2_0", "kvq3", "kvq3_u32", "kvq3_u32m", "kvq3_n64",
                 "kvq2", "kvq2_u32", "kvq2_u32m", "kvq2_n64"]
@@ -36,50 +37,18 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    gpu = gpu_names()
-    return f"{cpu}, {os.cpu_count()} threads, {platform.system()}" + (f"; GPU: {', '.join(gpu)}" if gpu else "")
-
-
-def gpu_names() -> list:
-    """The NVIDIA GPUs nvidia-smi lists (name, memory), when pyadaq's library has a GPU backend
-    and nvidia-smi is there; [] otherwise."""
-    import shutil
-    import subprocess
-
-    import llama_cpp
-
-    if not llama_cpp.llama_supports_gpu_offload() or shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 def run(args) -> int:
-    from ..kl import compare
-    from ..types import cache_type
+    require_plots()  # before the run, not after it
+    from pyadaq.eval.kl import compare
+    from pyadaq.types import cache_type
 
     if args.model:
         model = args.model
     else:
-        from ..embedded import embedded_model_path
+        from pyadaq.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
-    from ..kl import parse_configs
+    from pyadaq.plan.spec import parse_configs
 
     configs = parse_configs(args.configs) if args.configs else [("q8_0", v) for v in CANDIDATES_V] + EXTRA
     out = out_dir(args.out)
@@ -107,38 +76,9 @@ def run(args) -> int:
         f"attention rotation {'on' if res['attn_rot'] else 'off'}; machine: {res['machine']}; "
         f"{res['seconds']:.0f} s.\n\n{table}\n")
     print(table)
-    plot(res, plot_path)
+    plot_formats(res, plot_path)
     print(f"wrote {json_path}, {table_path}, {plot_path}")
     return 0
-
-
-def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(res["results"], key=lambda r: r["kl_mean"])
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
-    labels, values, colors = [], [], []
-    for r in rows:
-        ours = r["v"].startswith("kvq") or r["k"].startswith("kvq")
-        bits = (r["bits_k"] + r["bits_v"]) / 2
-        labels.append(f"K={r['k']}  V={r['v']}  ({bits:.2f} b/v)")
-        values.append(r["kl_mean"])
-        colors.append("tab:red" if ours else "tab:blue")
-    y = range(len(rows))
-    ax.barh(y, values, color=colors, xerr=[r["kl_stderr"] for r in rows])
-    ax.set_yticks(list(y), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("mean KL divergence against an f16 cache (nats, log scale)")
-    ax.set_title(f"{Path(res['model']).name}, {res['chunks']} chunks of {res['n_ctx']} tokens "
-                 "(red: pyadaq, blue: upstream)", fontsize=8)
-    ax.grid(True, axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def describe(name: str) -> str:

@@ -30,9 +30,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..adaptive import cached_analysis, calibrate, check_budget_range, plan_for_budget
-    from ..types import cache_type
-    from .analyze_cmd import model_and_text
+    from pyadaq.cli.analyze_cmd import model_and_text
+    from pyadaq.plan.calibrate import cached_analysis, calibrate, check_budget_range, plan_for_budget
+    from pyadaq.types import cache_type
 
     model, info, _ = model_and_text(args)
     types = [cache_type(t.strip()).name for t in args.types.split(",") if t.strip()]
@@ -53,7 +53,7 @@ def run(args) -> int:
             raise ValueError(f"{args.source_file} was measured on another model file (sha256 {sha[:12]}…, "
                              f"this one is {info.sha256[:12]}…)")
     elif args.sensitivity == "kl":
-        from ._common import announce_calibration
+        from pyadaq.cli._common import announce_calibration
 
         announce_calibration("plan", model, types, args.ctx, args.chunks, args.threads,
                              faster=f"`pyadaq plan --budget {args.budget:g} --sensitivity norms` (sensitivities "

@@ -9,9 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from ._common import DEFAULT_OUT, announce, counted, missing_reference, out_dir
+from pyadaq.cli._common import DEFAULT_OUT, announce, counted, missing_reference, out_dir
+from pyadaq.report.markdown import MATRIX, kv_grid
 
-MATRIX = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
 CTX = 512
 PASSKEY_DEPTHS = "0.1,0.3,0.5,0.7,0.9"
 
@@ -43,6 +43,9 @@ def configs() -> str:
 
 
 def run(args) -> int:
+    from pyadaq.report.plots import require_plots
+
+    require_plots()  # results always plots: say so before the run, not after it
     out = out_dir(args.out)
     json_path, plot_path, adaptive_path = out / args.json, out / args.plot, out / args.adaptive_json
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
@@ -51,13 +54,13 @@ def run(args) -> int:
         res = json.loads(Path(src).read_text())
         model = res["settings"]["model"]
     else:
-        from ..embedded import embedded_model_path
+        from pyadaq.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
     if not args.from_json or args.adaptive:
         announce_work(args, model, res["chunks"] if args.from_json else args.chunks, budgets)
     if not args.from_json:
-        from . import eval_cmd
+        from pyadaq.cli import eval_cmd
 
         eval_args = argparse.Namespace(
             model=model, text=None, ctx=CTX, chunks=args.chunks, configs=configs(), passkey=args.passkey,
@@ -69,19 +72,19 @@ def run(args) -> int:
     if args.passkey_from:
         merge_passkey(res, json.loads(Path(args.passkey_from).read_text()))
     if args.from_json:
-        from .eval_cmd import plot
+        from pyadaq.report.plots import plot_eval as plot
 
         plot(res, plot_path)
     adaptive = None
     if args.adaptive:
-        from .adaptive_results import measure
+        from pyadaq.cli.adaptive_results import measure
 
         adaptive = measure(res, budgets, adaptive_path, out)
     elif adaptive_path.exists():
         adaptive = json.loads(adaptive_path.read_text())
     text = render(res, src, args.out, os.path.relpath(plot_path, out))
     if adaptive is not None:
-        from .adaptive_results import render_adaptive
+        from pyadaq.cli.adaptive_results import render_adaptive
 
         text += "\n" + render_adaptive(adaptive, res, args.out)
     (out / "RESULTS.md").write_text(text)
@@ -92,9 +95,9 @@ def run(args) -> int:
 def announce_work(args, model: str, chunks: int, budgets: list) -> None:
     """The notice before the measurement: the matrix (unless rendered from JSON), pass-key prompts
     and the adaptive section, in forward passes of CTX tokens."""
-    from ..gguf_info import read_model_info
-    from ..kl import cache_base
-    from .eval_cmd import _ints
+    from pyadaq._paths import cache_base
+    from pyadaq.cli.eval_cmd import _ints
+    from pyadaq.model.header import read_model_info
 
     info = read_model_info(model)
     work, passes = [], 0
@@ -109,7 +112,7 @@ def announce_work(args, model: str, chunks: int, budgets: list) -> None:
                         f"{', '.join(map(str, lengths))} tokens, counted as passes of {CTX})")
             passes += n * len(depths) * -(-sum(lengths) // CTX)
     if args.adaptive:
-        from .adaptive_results import work as adaptive_work
+        from pyadaq.cli.adaptive_results import work as adaptive_work
 
         what, more = adaptive_work(info, budgets, chunks)
         work.append(what)
@@ -134,21 +137,10 @@ def merge_passkey(res: dict, other: dict) -> None:
     res["passkey"] = other["passkey"]
 
 
-def _grid(by: dict, key: str, fmt: str) -> list[str]:
-    rows = ["| K \\ V | " + " | ".join(MATRIX) + " |", "|---|" + "---:|" * len(MATRIX)]
-    for k in MATRIX:
-        cells = []
-        for v in MATRIX:
-            r = by.get((k, v))
-            cells.append(fmt.format(r[key]) if r is not None and r.get(key) is not None else "–")
-        rows.append(f"| **{k}** | " + " | ".join(cells) + " |")
-    return rows
-
-
 def render(res: dict, src: str, out_dir: str = DEFAULT_OUT, plot: str = "results-matrix.png") -> str:
     """RESULTS.md from an eval run `res` (read from `src`), to be written in out_dir; `plot`: the
     matrix plot, relative to out_dir. Every figure in the text comes from `res`."""
-    from ..embedded import EMBEDDED_SHA256
+    from pyadaq.model.embedded import EMBEDDED_SHA256
 
     s = res["settings"]
     by = {(r["k"], r["v"]): r for r in res["results"] if not r.get("per_layer")}
@@ -156,34 +148,35 @@ def render(res: dict, src: str, out_dir: str = DEFAULT_OUT, plot: str = "results
     out = [
         "# Results on the embedded model" if s["model_sha256"] == EMBEDDED_SHA256 else f"# Results on {name}",
         "",
-        f"Model `{name}` (sha256 `{s['model_sha256'][:16]}…`), {res['chunks']} chunks of "
+        (f"Model `{name}` (sha256 `{s['model_sha256'][:16]}…`), {res['chunks']} chunks of "
         f"{s['ctx']} tokens of {s['text']}, second half of each chunk scored, against an f16/f16 cache; "
         f"attention rotation {'on' if s['attn_rot'] else 'off'}. Machine: {s['machine']}; "
         f"{s['native']}; measured {s['date']}, {s['seconds_quality']:.0f} s of wall time for the quality "
-        f"figures (not a speed figure: `pyadaq bench` measures speed).",
+        f"figures (not a speed figure: `pyadaq bench` measures speed)."),
         "",
-        f"Rerun: `pyadaq results --out {out_dir}` (measures, then writes this file; `--passkey` adds pass-key "
-        f"accuracy) or `pyadaq results --from-json {src} --out {out_dir}` to render saved figures.",
+        (f"Rerun: `pyadaq results --out {out_dir}` (measures, then writes this file; `--passkey` adds pass-key "
+        f"accuracy) or `pyadaq results --from-json {src} --out {out_dir}` to render saved figures."),
         "",
         "## Mean KL divergence against f16 (nats; lower is better)",
-        "", *_grid(by, "kl_mean", "{:.4f}"), "",
-        "## Perplexity (f16/f16: {:.4f})".format(by[("f16", "f16")]["ppl"]) if ("f16", "f16") in by else "## Perplexity",
-        "", *_grid(by, "ppl", "{:.3f}"), "",
+        "", *kv_grid(by, "kl_mean", "{:.4f}"), "",
+        ("## Perplexity (f16/f16: {:.4f})".format(by[("f16", "f16")]["ppl"]) if ("f16", "f16") in by
+         else "## Perplexity"),
+        "", *kv_grid(by, "ppl", "{:.3f}"), "",
         "## Top-1 agreement with f16",
-        "", *_grid(by, "top1", "{:.1%}"), "",
+        "", *kv_grid(by, "top1", "{:.1%}"), "",
         "## Bits per cached value (K and V averaged, scales included)",
-        "", *_grid(by, "bits_per_value", "{:.2f}"), "",
+        "", *kv_grid(by, "bits_per_value", "{:.2f}"), "",
     ]
     if res.get("passkey"):
         pk = res["passkey"]
         out += ["## Pass-key accuracy", "",
-                f"A 5-digit key hidden at depths {', '.join(map(str, pk['depths']))} of prompts of "
+                (f"A 5-digit key hidden at depths {', '.join(map(str, pk['depths']))} of prompts of "
                 f"{', '.join(map(str, pk['lengths']))} tokens, {pk['seeds']} seed(s), greedy answer "
                 f"({pk.get('seconds', 0):.0f} s of wall time). Mean over lengths "
                 f"and depths, {len(pk['lengths']) * len(pk['depths']) * pk['seeds']} prompts per cell, so one "
                 f"prompt is {100 / (len(pk['lengths']) * len(pk['depths']) * pk['seeds']):.0f} points "
-                f"(– : not measured):", "",
-                *_grid(by, "passkey_mean", "{:.0%}"), "", "By prompt length:", "",
+                f"(– : not measured):"), "",
+                *kv_grid(by, "passkey_mean", "{:.0%}"), "", "By prompt length:", "",
                 "| K:V | " + " | ".join(map(str, pk["lengths"])) + " |",
                 "|---|" + "---:|" * len(pk["lengths"])]
         for r in res["results"]:

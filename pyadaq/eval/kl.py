@@ -7,142 +7,27 @@ each chunk is scored (the logits at position j predict token j+1).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ._atomic import atomic_write, atomic_write_text
-from .logits import Context, Model, quiet_native_logs
-from .metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax
-from .types import cache_type
+from pyadaq._atomic import atomic_write, atomic_write_text
+from pyadaq._native import native
+from pyadaq._paths import cache_dir
+from pyadaq.eval.metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax
+from pyadaq.eval.texts import default_text
+from pyadaq.model.header import read_model_info
+from pyadaq.runtime.context import Context, Model, quiet_native_logs
+from pyadaq.runtime.kvconfig import config_row, open_context
 
 SCORING_VERSION = 1  # bump when the chunking or scoring changes: stored references are then redone
-
-
-def default_text() -> str:
-    """English prose every Python install carries: the topics of the standard library's pydoc."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """A per-layer config as written in --configs, before the model is known:
-    kind "plan" (arg: a plan file) or "budget" (arg: bits per value, optional ":kl"/":norms")."""
-    kind: str
-    arg: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}:{self.arg}"
-
-
-@dataclass(frozen=True)
-class LayerConfig:
-    """A per-layer config ready to run: one K and one V type name per layer."""
-    label: str
-    types_k: tuple
-    types_v: tuple
-    bits_per_value: float | None = None  # a plan's own figure; None: the mean over K and V types
-
-    @property
-    def k(self) -> str:
-        return max(set(self.types_k), key=self.types_k.count)
-
-    @property
-    def v(self) -> str:
-        return max(set(self.types_v), key=self.types_v.count)
-
-
-def parse_configs(spec: str) -> list:
-    """'q8_0:kvq2,f16:f16,plan:p.json,budget:3.0' -> [('q8_0', 'kvq2'), ('f16', 'f16'),
-    LayerSpec('plan', 'p.json'), LayerSpec('budget', '3.0')]; type names are checked."""
-    out: list = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        head, _, rest = item.partition(":")
-        if head in ("plan", "budget"):
-            if not rest:
-                raise ValueError(f"config '{item}' needs an argument: plan:FILE or budget:BITS[:kl|:norms]")
-            if head == "budget":
-                bits, _, source = rest.partition(":")
-                try:
-                    float(bits)
-                except ValueError:
-                    raise ValueError(f"config '{item}': '{bits}' is not a number of bits per value") from None
-                if source and source not in ("kl", "norms"):
-                    raise ValueError(f"config '{item}': the sensitivity source is kl or norms, not '{source}'")
-            out.append(LayerSpec(head, rest))
-            continue
-        if item.count(":") != 1:
-            raise ValueError(f"config '{item}' is not K:V (for example q8_0:kvq2), plan:FILE or budget:BITS")
-        k, v = item.split(":")
-        out.append((cache_type(k).name, cache_type(v).name))
-    if not out:
-        raise ValueError("no configs given")
-    return out
-
-
-def resolve_configs(configs: list, model_path: str, progress: bool = True) -> list:
-    """Turn LayerSpec entries into LayerConfig for this model (plans are loaded and checked,
-    budgets planned); uniform (k, v) pairs pass through."""
-    from .gguf_info import read_model_info
-    from .planner import KVPlan, check_plan
-
-    info = read_model_info(model_path)
-    out = []
-    for c in configs:
-        if not isinstance(c, LayerSpec):
-            out.append(c)
-            continue
-        if c.kind == "plan":
-            plan = KVPlan.load(c.arg)
-            check_plan(plan, info, info.sha256)
-        else:
-            from .adaptive import plan_for_budget
-
-            bits, _, source = c.arg.partition(":")
-            plan = plan_for_budget(model_path, float(bits), source=source or "kl", progress=progress)
-        out.append(LayerConfig(c.label, tuple(plan.types_k), tuple(plan.types_v), float(plan.bits_per_value)))
-    return out
-
-
-def config_label(cfg) -> str:
-    return cfg.label if isinstance(cfg, LayerConfig) else f"{cfg[0]}:{cfg[1]}"
-
-
-def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True):
-    """A Context for a uniform (k, v) pair or a LayerConfig."""
-    if isinstance(cfg, LayerConfig):
-        return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot,
-                       layer_types=(list(cfg.types_k), list(cfg.types_v)))
-    return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot)
-
-
-def config_row(cfg) -> dict:
-    """The identifying fields of a result row."""
-    if isinstance(cfg, LayerConfig):
-        def mean_bits(ts):
-            return sum(cache_type(t).bits_per_value for t in ts) / len(ts)
-
-        bits_k, bits_v = mean_bits(cfg.types_k), mean_bits(cfg.types_v)
-        return {"config": cfg.label, "k": cfg.k, "v": cfg.v, "per_layer": True,
-                "types_k": list(cfg.types_k), "types_v": list(cfg.types_v), "bits_k": bits_k, "bits_v": bits_v,
-                "bits_per_value": cfg.bits_per_value if cfg.bits_per_value is not None else (bits_k + bits_v) / 2}
-    k, v = cache_type(cfg[0]), cache_type(cfg[1])
-    return {"config": f"{k.name}:{v.name}", "k": k.name, "v": v.name,
-            "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
-            "bits_per_value": (k.bits_per_value + v.bits_per_value) / 2}
 
 
 def chunks(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None) -> list[np.ndarray]:
@@ -158,15 +43,58 @@ def chunks(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None) -> li
     return out
 
 
-def cache_base() -> Path:
-    """pyadaq's cache directory: $PYADAQ_CACHE_DIR, else $XDG_CACHE_HOME/pyadaq or ~/.cache/pyadaq."""
-    base = os.environ.get("PYADAQ_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyadaq")
-    return Path(base)
-
-
 def cache_root() -> Path:
-    return cache_base() / "eval-ref"
+    """Where the f16 references live: one subdirectory per model, text, context size and build."""
+    return cache_dir("eval-ref")
+
+
+DEFAULT_REF_CACHE_BYTES = 4 << 30
+
+
+def ref_cache_limit() -> int:
+    """The size the f16 reference store is kept under: $PYADAQ_REF_CACHE_GB (GiB), else 4 GiB."""
+    raw = os.environ.get("PYADAQ_REF_CACHE_GB", "").strip()
+    if not raw:
+        return DEFAULT_REF_CACHE_BYTES
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise ValueError(f"PYADAQ_REF_CACHE_GB must be a number of GiB, not {raw!r}") from None
+    if gb < 0:
+        raise ValueError(f"PYADAQ_REF_CACHE_GB must be >= 0, not {raw!r}")
+    return int(gb * (1 << 30))
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def evict(root: Path, limit: int, keep: Path | None = None) -> list:
+    """Remove whole reference directories under ``root``, least recently used first (by their
+    ``used`` stamp), until the rest fits in ``limit`` bytes; ``keep`` (the one in use) stays.
+    Returns the removed directories."""
+    import shutil
+
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir()]
+    sizes = {d: dir_bytes(d) for d in dirs}
+    total = sum(sizes.values())
+
+    def last_used(d: Path) -> float:
+        stamp = d / "used"
+        return stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
+
+    removed = []
+    for d in sorted(dirs, key=last_used):
+        if total <= limit:
+            break
+        if keep is not None and d.resolve() == keep.resolve():
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        total -= sizes[d]
+        removed.append(d)
+    return removed
 
 
 class ReferenceStore:
@@ -175,11 +103,17 @@ class ReferenceStore:
     The key covers everything the reference depends on: the model file's sha256, the text's
     sha256, the context size, the scoring version and the native build (upstream pin and
     patch set); change any of them and the reference is computed again.
+
+    Stored log-probabilities take 2 bytes per vocabulary entry and scored token (134 MB per
+    512-token chunk of a 262k-token vocabulary), so the store is bounded: after each chunk it
+    writes, whole references are evicted, least recently used first, until the store fits in
+    ``limit`` bytes (:func:`ref_cache_limit`: $PYADAQ_REF_CACHE_GB, default 4 GiB). The
+    reference in use is never evicted. ``pyadaq cache`` shows and clears it.
     """
 
-    def __init__(self, root: Path, *, model_sha256: str, text_sha256: str, n_ctx: int):
-        from ._native import native
-
+    def __init__(self, root: Path, *, model_sha256: str, text_sha256: str, n_ctx: int, limit: int | None = None):
+        self.root = Path(root)
+        self.limit = ref_cache_limit() if limit is None else limit
         self.meta = {
             "model_sha256": model_sha256, "text_sha256": text_sha256, "n_ctx": n_ctx,
             "scoring": SCORING_VERSION, "native": native().build_info["info"],
@@ -209,9 +143,15 @@ class ReferenceStore:
             ok = False
         if ok:
             self.hits += 1
+            self._touch()
         else:
             self.misses += 1
         return ok
+
+    def _touch(self) -> None:
+        """Mark this reference as just used (what eviction orders by)."""
+        with contextlib.suppress(OSError):
+            (self.dir / "used").touch()
 
     def put(self, i: int, logits: np.ndarray):
         """Store the reference of chunk i from its logits; return (log-probs, top-1) as stored."""
@@ -223,12 +163,14 @@ class ReferenceStore:
         top1 = np.asarray(logits).argmax(-1).astype(np.int32)
         for path, arr in zip(self._paths(i), (q, top1)):
             atomic_write(path, partial(np.save, arr=arr))
+        self._touch()
+        evict(self.root, self.limit, keep=self.dir)
         return decode_logprobs(q), top1
 
 
 def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = None, n_ctx: int = 512,
             n_chunks: int = 20, attn_rot: bool = True, n_threads: int | None = None,
-            progress: bool = True, store: ReferenceStore | None | bool = None) -> dict:
+            progress: bool = True, store: ReferenceStore | bool | None = None) -> dict:
     """Score each K/V config against an f16/f16 cache on the same chunks.
 
     The f16 reference of every chunk is computed first (or found in `store`), then one
@@ -248,8 +190,6 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
     tmp = None
     text_sha = hashlib.sha256(text.encode()).hexdigest()
     if store is True:
-        from .gguf_info import read_model_info
-
         store = ReferenceStore(cache_root(), model_sha256=read_model_info(model_path).sha256,
                                text_sha256=text_sha, n_ctx=n_ctx)
     elif not store:

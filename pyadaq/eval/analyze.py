@@ -20,38 +20,60 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from .gguf_info import read_model_info
+from pyadaq._native import native
+from pyadaq._version import __version__
+from pyadaq.eval.kl import chunks
+from pyadaq.eval.texts import default_text
+from pyadaq.model.header import TruncatedModelError, read_model_info
+from pyadaq.report.machine import machine
+from pyadaq.runtime.context import Context, Model, quiet_native_logs
 
-__all__ = ["weight_norms", "activation_stats", "analyze", "verdict", "plot_norms", "plot_spectra"]
+__all__ = ["activation_stats", "analyze", "verdict", "weight_norms"]
 
 
 def weight_norms(model_path: str | Path, progress: bool = True) -> list[dict]:
     """Per layer: Frobenius and spectral norms of W_K and W_V (None where the GGUF has no
-    separate attn_k / attn_v tensor, e.g. a fused QKV)."""
-    import gguf
+    separate attn_k / attn_v tensor, e.g. a fused QKV).
+
+    The tensor table comes from the header reader (``read_model_info``); only the bytes of
+    each attn_k / attn_v tensor are read from the file and dequantized with
+    ``gguf.quants.dequantize`` (``gguf.GGUFReader`` would parse the whole metadata first,
+    which takes seconds for a large vocabulary)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = gguf.GGUFReader(str(model_path))
-    by_name = {t.name: t for t in reader.tensors}
-    n_layer = read_model_info(model_path).n_layer
+    info = read_model_info(model_path)
+    by_name = {t.name: t for t in info.tensors}
     out = []
-    for il in tqdm(range(n_layer), desc="weight norms", disable=not progress):
-        row: dict = {"layer": il}
-        for kind in ("k", "v"):
-            t = by_name.get(f"blk.{il}.attn_{kind}.weight")
-            if t is None:
-                row[kind] = None
-                continue
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64)
-            w = w.reshape(-1, int(t.shape[0]))  # rows: output features (n_head_kv * head_size)
-            row[kind] = {"frobenius": float(np.linalg.norm(w)), "spectral": float(np.linalg.norm(w, 2)),
-                         "shape": [int(x) for x in w.shape], "type": t.tensor_type.name}
-        out.append(row)
+    with open(info.path, "rb") as f:
+        for il in tqdm(range(info.n_layer), desc="weight norms", disable=not progress):
+            row: dict = {"layer": il}
+            for kind in ("k", "v"):
+                t = by_name.get(f"blk.{il}.attn_{kind}.weight")
+                if t is None:
+                    row[kind] = None
+                    continue
+                try:
+                    qtype = GGMLQuantizationType(t.type_id)
+                except ValueError:
+                    raise ValueError(f"{info.path}: tensor '{t.name}' has ggml type {t.type_id}, which "
+                                     "the gguf package cannot dequantize") from None
+                f.seek(info.data_offset + t.offset)
+                raw = np.fromfile(f, dtype=np.uint8, count=t.nbytes)
+                if raw.size != t.nbytes:  # the file shrank since the header was read
+                    raise TruncatedModelError(f"{info.path}: could not read the {t.nbytes} bytes of "
+                                              f"tensor '{t.name}'", str(info.path))
+                ne0 = int(t.shape[0]) if t.shape else 1
+                bs, ts = GGML_QUANT_SIZES[qtype]
+                w = np.asarray(dequantize(raw.reshape(-1, ne0 // bs * ts), qtype), dtype=np.float64)
+                w = w.reshape(-1, ne0)  # rows: output features (n_head_kv * head_size)
+                row[kind] = {"frobenius": float(np.linalg.norm(w)), "spectral": float(np.linalg.norm(w, 2)),
+                             "shape": [int(x) for x in w.shape], "type": qtype.name}
+            out.append(row)
     return out
 
 
@@ -67,8 +89,8 @@ def _head_stats(gram: np.ndarray, rows: int) -> dict:
     }
 
 
-def activation_stats(model_path: str | Path, text: Optional[str] = None, n_ctx: int = 512, n_chunks: int = 4,
-                     n_threads: Optional[int] = None, progress: bool = True) -> dict:
+def activation_stats(model_path: str | Path, text: str | None = None, n_ctx: int = 512, n_chunks: int = 4,
+                     n_threads: int | None = None, progress: bool = True) -> dict:
     """Keys and values of every layer while the model reads `text` (default: pydoc topics),
     in n_chunks chunks of n_ctx tokens from an empty f16 cache each.
 
@@ -77,10 +99,6 @@ def activation_stats(model_path: str | Path, text: Optional[str] = None, n_ctx: 
     "spectral_per_token" and the singular values normalized per token ("sv_mean", "sv_min",
     "sv_max": mean and min-max band across heads, descending).
     """
-    from ._native import native
-    from .kl import chunks, default_text
-    from .logits import Context, Model, quiet_native_logs
-
     n = native()
     quiet_native_logs()
     text = text if text is not None else default_text()
@@ -138,18 +156,15 @@ def verdict(result: dict) -> dict:
     ratio = [float(np.mean(r["k"]["frobenius_per_token"]) / np.mean(r["v"]["frobenius_per_token"])) for r in layers]
     text = (f"key norm > value norm in {sum(frob)} of {n} layers (Frobenius) and {sum(spec)} of {n} (spectral); "
             f"K/V Frobenius ratio {min(ratio):.2f}-{max(ratio):.2f} (median {float(np.median(ratio)):.2f}): "
-            + ("the paper's finding holds for this model" if holds else "the paper's finding does not hold for this model"))
+            + ("the paper's finding holds for this model" if holds
+               else "the paper's finding does not hold for this model"))
     return {"holds": bool(holds), "layers_frobenius": int(sum(frob)), "layers_spectral": int(sum(spec)),
             "n_layer": n, "kv_frobenius_ratio": ratio, "text": text}
 
 
-def analyze(model_path: str | Path, text: Optional[str] = None, n_ctx: int = 512, n_chunks: int = 4,
-            n_threads: Optional[int] = None, progress: bool = True) -> dict:
+def analyze(model_path: str | Path, text: str | None = None, n_ctx: int = 512, n_chunks: int = 4,
+            n_threads: int | None = None, progress: bool = True) -> dict:
     """Weight norms, activation statistics and the verdict, with the run's settings."""
-    from ._native import native
-    from ._version import __version__
-    from .cli.formats import machine
-
     info = read_model_info(model_path)
     t0 = time.time()
     res = {
@@ -167,77 +182,3 @@ def analyze(model_path: str | Path, text: Optional[str] = None, n_ctx: int = 512
     res["verdict"] = verdict(res)
     res["settings"]["seconds"] = time.time() - t0
     return res
-
-
-def plot_norms(res: dict, path: str | Path) -> None:
-    """Per layer: K and V activation norms (per token, mean over heads with min-max band) and
-    the weight norms of W_K and W_V."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = res["activations"]["layers"]
-    x = np.arange(len(layers))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in ((axes[0], "frobenius_per_token", "Frobenius norm / sqrt(tokens)"),
-                           (axes[1], "spectral_per_token", "spectral norm / sqrt(tokens)")):
-        for kind, color in (("k", "tab:red"), ("v", "tab:blue")):
-            vals = np.array([r[kind][key] for r in layers])
-            ax.plot(x, vals.mean(1), "o-", color=color, label=f"{kind.upper()} (mean over heads)")
-            ax.fill_between(x, vals.min(1), vals.max(1), color=color, alpha=0.2, label=f"{kind.upper()} min-max")
-        ax.set_title(f"activations: {title}")
-        ax.set_xlabel("layer")
-        ax.set_xticks(x)
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    w = res["weights"]
-    for kind, color in (("k", "tab:red"), ("v", "tab:blue")):
-        fro = [r[kind]["frobenius"] if r[kind] else np.nan for r in w]
-        spec = [r[kind]["spectral"] if r[kind] else np.nan for r in w]
-        axes[2].plot(x, fro, "o-", color=color, label=f"W_{kind.upper()} Frobenius")
-        axes[2].plot(x, spec, "s--", color=color, label=f"W_{kind.upper()} spectral")
-    axes[2].set_title("weights (dequantized from the GGUF)")
-    axes[2].set_xlabel("layer")
-    axes[2].set_xticks(x)
-    axes[2].legend(fontsize=8)
-    fig.suptitle(f"{Path(res['settings']['model']).name}: {res['verdict']['text']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_spectra(res: dict, path: str | Path) -> None:
-    """Singular values of K and V per layer (per token, descending), mean over KV heads with
-    the min-max band across heads."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = res["activations"]["layers"]
-    n = len(layers)
-    cols = min(6, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows), squeeze=False)
-    for i, r in enumerate(layers):
-        ax = axes[i // cols][i % cols]
-        for kind, color in (("k", "tab:red"), ("v", "tab:blue")):
-            m = np.array(r[kind]["sv_mean"])
-            idx = np.arange(1, len(m) + 1)
-            ax.plot(idx, m, color=color, lw=1, label=kind.upper())
-            ax.fill_between(idx, r[kind]["sv_min"], r[kind]["sv_max"], color=color, alpha=0.2)
-        ax.set_yscale("log")
-        top = max(max(r["k"]["sv_max"]), max(r["v"]["sv_max"]))
-        ax.set_ylim(1e-3 * top, 2 * top)  # rank-deficient tails drop to ~0: cut at 1e-3 of the top
-        ax.set_title(f"layer {r['layer']}", fontsize=8)
-        ax.tick_params(labelsize=6)
-        if i == 0:
-            ax.legend(fontsize=7)
-    for j in range(n, rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.suptitle(f"{Path(res['settings']['model']).name}: singular values of K and V per layer "
-                 "(per token; band: min-max across KV heads)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

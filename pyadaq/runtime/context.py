@@ -1,6 +1,8 @@
-"""Evaluate token chunks under a given KV-cache configuration and return logits.
+"""Running a model on token chunks: the one layer every evaluation goes through.
 
-One model is loaded once; each K/V configuration gets its own llama.cpp context on it.
+:class:`Model` loads a GGUF file once (its header checked first); each K/V configuration gets
+its own :class:`Context` on it; :class:`Batch` feeds tokens to llama_decode. Evaluation,
+pass-key, bench, analysis and calibration all decode through ``Batch`` and ``Context``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import os
 
 import numpy as np
 
-from ._native import creation_lock, native
-from .layer_types import next_context
-from .offload import KVOffloadError, check_offload
-from .types import CacheType, cache_type
+from pyadaq._native import creation_lock, native
+from pyadaq.model.header import read_model_info
+from pyadaq.runtime.layer_types import next_context
+from pyadaq.runtime.offload import KVOffloadError, check_offload
+from pyadaq.types import CacheType, cache_type
 
 _llama_cpp = native().llama_cpp
 
@@ -36,8 +39,62 @@ def default_gpu_layers() -> int:
         raise ValueError(f"PYADAQ_GPU_LAYERS must be a number of layers, not {raw!r}") from None
 
 
+class Batch:
+    """A reusable llama_batch. ``add`` appends tokens of one sequence at consecutive positions
+    (the ones from index ``logits_from`` on get logits), ``submit`` decodes what was added;
+    ``decode`` does both for a sequence of any length, in steps of at most ``step`` tokens."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
+        self.capacity = int(capacity)
+        self.ptr = _llama_cpp.llama_batch_init(self.capacity, 0, max(1, n_seq_max))
+        self.n = 0
+
+    def add(self, tokens, pos0: int, seq_id: int = 0, logits_from: int | None = None) -> range:
+        """Rows of the batch the tokens went to."""
+        if self.n + len(tokens) > self.capacity:
+            raise ValueError(f"{self.n + len(tokens)} tokens do not fit a batch of {self.capacity}")
+        b = self.ptr
+        start = self.n
+        for j, t in enumerate(tokens):
+            r = start + j
+            b.token[r] = int(t)
+            b.pos[r] = pos0 + j
+            b.n_seq_id[r] = 1
+            b.seq_id[r][0] = seq_id
+            b.logits[r] = logits_from is not None and j >= logits_from
+        self.n += len(tokens)
+        return range(start, self.n)
+
+    def submit(self, ctx_ptr) -> None:
+        self.ptr.n_tokens = self.n
+        self.n = 0
+        rc = _llama_cpp.llama_decode(ctx_ptr, self.ptr)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def decode(self, ctx_ptr, tokens, pos0: int = 0, *, logits_from: int | None = None,
+               step: int | None = None, seq_id: int = 0) -> None:
+        """Decode ``tokens`` at positions pos0.. in calls of at most ``step`` tokens (default:
+        the capacity); the tokens from index ``logits_from`` on get logits."""
+        step = min(step or self.capacity, self.capacity)
+        for start in range(0, len(tokens), step):
+            part = tokens[start:start + step]
+            first = None if logits_from is None else max(0, logits_from - start)
+            self.add(part, pos0 + start, seq_id, first if first is None or first < len(part) else None)
+            self.submit(ctx_ptr)
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            _llama_cpp.llama_batch_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
 class Model:
     def __init__(self, path: str, n_gpu_layers: int | None = None):
+        read_model_info(path)  # a bad file is a ModelFileError here, never a native abort
         params = _llama_cpp.llama_model_default_params()
         params.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.path = str(path)
@@ -108,38 +165,44 @@ class Context:
             self.ptr = None
             raise
         self.n_ctx = n_ctx
-        self.batch = _llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.batch = Batch(n_ctx)
 
     @property
     def kv_cache_bytes(self) -> int:
         return int(native().llama.pyadaq_kv_cache_bytes(native().ffi.cast("void *", self.ptr)))
+
+    def clear(self) -> None:
+        """Empty the KV cache."""
+        _llama_cpp.llama_memory_clear(_llama_cpp.llama_get_memory(self.ptr), True)
+
+    def drop_from(self, pos: int, seq_id: int = 0) -> None:
+        """Remove the cells of positions pos.. of a sequence."""
+        if not _llama_cpp.llama_memory_seq_rm(_llama_cpp.llama_get_memory(self.ptr), seq_id, pos, -1):
+            raise RuntimeError("llama_memory_seq_rm failed")
+
+    def decode(self, tokens, pos0: int = 0, *, logits_from: int | None = None, step: int | None = None) -> None:
+        """Decode ``tokens`` at positions pos0.. onto the cache (see :meth:`Batch.decode`)."""
+        self.batch.decode(self.ptr, tokens, pos0, logits_from=logits_from, step=step)
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """The logits of output row i of the last decode (-1: the last one), a view."""
+        return np.ctypeslib.as_array(_llama_cpp.llama_get_logits_ith(self.ptr, i), shape=(self.model.n_vocab,))
 
     def logits(self, tokens: np.ndarray, first_scored: int) -> np.ndarray:
         """Evaluate `tokens` from an empty cache; logits of positions first_scored..len-1."""
         n = len(tokens)
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens do not fit a context of {self.n_ctx}")
-        _llama_cpp.llama_memory_clear(_llama_cpp.llama_get_memory(self.ptr), True)
-        b = self.batch
-        b.n_tokens = n
-        for i in range(n):
-            b.token[i] = int(tokens[i])
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = i >= first_scored
-        rc = _llama_cpp.llama_decode(self.ptr, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc})")
+        self.clear()
+        self.decode(tokens, 0, logits_from=first_scored)
         out = np.empty((n - first_scored, self.model.n_vocab), dtype=np.float32)
         for row, i in enumerate(range(first_scored, n)):
-            ptr = _llama_cpp.llama_get_logits_ith(self.ptr, i)
-            out[row] = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+            out[row] = self.logits_at(i)
         return out
 
     def close(self) -> None:
         if self.ptr:
-            _llama_cpp.llama_batch_free(self.batch)
+            self.batch.close()
             _llama_cpp.llama_free(self.ptr)
             self.ptr = None
 

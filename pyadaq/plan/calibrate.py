@@ -7,11 +7,11 @@ Two sources of sensitivity, as in the paper and its follow-up:
   the mean KL divergence against an f16 cache on a few chunks of text. The planner minimizes
   the sum of these per-item errors above a common floor (``calibration_floor``).
 * ``"norms"`` ("activation-norm"): the per-token Frobenius norms of each layer's keys and
-  values from ``pyadaq.analyze.activation_stats``, turned into errors by the rate-distortion
+  values from ``pyadaq.eval.analyze.activation_stats``, turned into errors by the rate-distortion
   model error = norm^2 * 2^(-2 * bits).
 
 ``plan_for_budget`` runs (or finds in the cache directory) what the source needs and calls
-the planner (``pyadaq.planner.plan_budget``). Results are cached under
+the planner (``pyadaq.plan.planner.plan_budget``). Results are cached under
 ``~/.cache/pyadaq/adaptive`` (``$PYADAQ_CACHE_DIR/adaptive``), keyed by the model's sha256,
 the text, the context size, the chunk count, the types and pyadaq's native build.
 """
@@ -21,16 +21,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
-from ._atomic import atomic_write_text
-from .gguf_info import read_model_info
-from .types import cache_type
+from pyadaq._atomic import atomic_write_text
+from pyadaq._native import native
+from pyadaq._paths import cache_base
+from pyadaq._version import __version__
+from pyadaq.eval.analyze import analyze
+from pyadaq.eval.kl import compare
+from pyadaq.eval.texts import default_text
+from pyadaq.model.header import read_model_info
+from pyadaq.plan.planner import plan_budget
+from pyadaq.report.machine import machine
+from pyadaq.runtime.kvconfig import LayerConfig
+from pyadaq.types import cache_type
 
-__all__ = ["DEFAULT_TYPES", "SOURCES", "calibrate", "norm_sensitivities", "plan_for_budget", "cache_dir"]
+__all__ = ["DEFAULT_TYPES", "SOURCES", "cache_dir", "calibrate", "norm_sensitivities", "plan_for_budget"]
 
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "kvq3", "kvq2")
 SOURCES = ("kl", "norms")
@@ -38,23 +47,17 @@ CALIBRATION_VERSION = 1
 
 
 def cache_dir() -> Path:
-    from .kl import cache_base
-
     return cache_base() / "adaptive"
 
 
 def _key(*parts) -> str:
-    from ._native import native
-
     h = hashlib.sha256(json.dumps([*parts, native().build_info["info"]], sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def calibration_path(info, types: Sequence[str] = DEFAULT_TYPES, text: Optional[str] = None, n_ctx: int = 512,
+def calibration_path(info, types: Sequence[str] = DEFAULT_TYPES, text: str | None = None, n_ctx: int = 512,
                      n_chunks: int = 2) -> Path:
     """Where calibrate() caches its result for the model of `info` (a ModelInfo) and these arguments."""
-    from .kl import default_text
-
     types = [cache_type(t).name for t in types]
     text_sha = hashlib.sha256((text if text is not None else default_text()).encode()).hexdigest()
     key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, types)
@@ -65,8 +68,6 @@ def calibration_items(info, types: Sequence[str]) -> tuple:
     """(errors, jobs, configs) of a calibration: errors["k"|"v"][layer][type] prefilled with 0.0
     (f16, or a layer without a cache) and None (the type does not fit); jobs the (layer, "k"|"v",
     type column) measured, one LayerConfig each in configs."""
-    from .kl import LayerConfig
-
     n_layer = info.n_layer
     cache_layers = set(info.cache_layers())
     errors = {"k": [[None] * len(types) for _ in range(n_layer)], "v": [[None] * len(types) for _ in range(n_layer)]}
@@ -89,8 +90,8 @@ def calibration_items(info, types: Sequence[str]) -> tuple:
     return errors, jobs, configs
 
 
-def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text: Optional[str] = None,
-              n_ctx: int = 512, n_chunks: int = 2, n_threads: Optional[int] = None, progress: bool = True,
+def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text: str | None = None,
+              n_ctx: int = 512, n_chunks: int = 2, n_threads: int | None = None, progress: bool = True,
               use_cache: bool = True) -> dict:
     """KL divergence added by storing one layer's K or V in each type (all else f16).
 
@@ -98,8 +99,6 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
     lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
     block size does not fit the layer). Cached on disk unless use_cache is False.
     """
-    from .kl import compare, default_text
-
     info = read_model_info(model_path)
     types = [cache_type(t).name for t in types]
     text = text if text is not None else default_text()
@@ -117,9 +116,6 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
                        progress=progress, store=use_cache)
     for (il, kind, j), row in zip(jobs, measured["results"]):
         errors[kind][il][j] = float(row["kl_mean"])
-    from ._version import __version__
-    from .cli.formats import machine
-
     res = {
         "kind": "pyadaq-calibration", "version": CALIBRATION_VERSION,
         "settings": {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha,
@@ -143,9 +139,7 @@ def norm_sensitivities(analysis: dict) -> tuple[list[float], list[float]]:
 
 
 def cached_analysis(model_path, text, n_ctx, n_chunks, n_threads, progress, use_cache) -> dict:
-    """pyadaq.analyze.analyze(), stored in the cache directory and reused."""
-    from .analyze import analyze
-
+    """pyadaq.eval.analyze.analyze(), stored in the cache directory and reused."""
     info = read_model_info(model_path)
     text_sha = None if text is None else hashlib.sha256(text.encode()).hexdigest()
     path = cache_dir() / f"analysis-{_key('analyze', info.sha256, text_sha, n_ctx, n_chunks)}.json"
@@ -199,18 +193,16 @@ def calibration_floor(cal: dict) -> float:
     return float(np.median(least)) if least else 0.0
 
 
-def plan_for_budget(model_path: str | Path, budget: float, *, types: Optional[Sequence[str]] = None,
-                    source: str = "kl", source_result: Optional[dict] = None, method: str = "dp",
-                    text: Optional[str] = None, n_ctx: int = 512, n_chunks: int = 2,
-                    n_threads: Optional[int] = None, progress: bool = True, use_cache: bool = True):
+def plan_for_budget(model_path: str | Path, budget: float, *, types: Sequence[str] | None = None,
+                    source: str = "kl", source_result: dict | None = None, method: str = "dp",
+                    text: str | None = None, n_ctx: int = 512, n_chunks: int = 2,
+                    n_threads: int | None = None, progress: bool = True, use_cache: bool = True):
     """A KVPlan for `budget` average bits per cached value (scales included).
 
     source: "kl" (calibration, measured KL per layer, K/V and type) or "norms" (activation
     norms, rate-distortion model); source_result: a calibration or analysis dict to use
     instead of running/caching one (its kind decides the source).
     """
-    from .planner import plan_budget
-
     info = read_model_info(model_path)
     types = [cache_type(t).name for t in (types or DEFAULT_TYPES)]
     if source not in SOURCES:

@@ -1,0 +1,82 @@
+"""Config specs: the one place a user's ``--configs`` string becomes runnable configurations.
+
+``q8_0:kvq2`` is a uniform pair, ``plan:FILE`` a plan file checked against the model, and
+``budget:BITS[:kl|:norms]`` a plan made for a bit budget (calibrated, cached). :func:`parse_configs`
+checks the syntax and the type names without the model; :func:`resolve_configs` turns the
+result into the validated values of :mod:`pyadaq.runtime.kvconfig` for one model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyadaq.model.header import read_model_info
+from pyadaq.plan.calibrate import plan_for_budget
+from pyadaq.runtime.kvconfig import LayerConfig
+from pyadaq.runtime.kvplan import load_checked
+from pyadaq.types import cache_type
+
+__all__ = ["LayerSpec", "parse_configs", "resolve_configs"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A per-layer config as written in --configs, before the model is known:
+    kind "plan" (arg: a plan file) or "budget" (arg: bits per value, optional ":kl"/":norms")."""
+    kind: str
+    arg: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+
+
+def parse_configs(spec: str) -> list:
+    """'q8_0:kvq2,f16:f16,plan:p.json,budget:3.0' -> [('q8_0', 'kvq2'), ('f16', 'f16'),
+    LayerSpec('plan', 'p.json'), LayerSpec('budget', '3.0')]; type names are checked."""
+    out: list = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        head, _, rest = item.partition(":")
+        if head in ("plan", "budget"):
+            if not rest:
+                raise ValueError(f"config '{item}' needs an argument: plan:FILE or budget:BITS[:kl|:norms]")
+            if head == "budget":
+                bits, _, source = rest.partition(":")
+                try:
+                    float(bits)
+                except ValueError:
+                    raise ValueError(f"config '{item}': '{bits}' is not a number of bits per value") from None
+                if source and source not in ("kl", "norms"):
+                    raise ValueError(f"config '{item}': the sensitivity source is kl or norms, not '{source}'")
+            out.append(LayerSpec(head, rest))
+            continue
+        if item.count(":") != 1:
+            raise ValueError(f"config '{item}' is not K:V (for example q8_0:kvq2), plan:FILE or budget:BITS")
+        k, v = item.split(":")
+        out.append((cache_type(k).name, cache_type(v).name))
+    if not out:
+        raise ValueError("no configs given")
+    return out
+
+
+
+def resolve_configs(configs: list, model_path: str, progress: bool = True) -> list:
+    """Turn LayerSpec entries into LayerConfig for this model (plans are loaded and checked,
+    budgets planned); uniform (k, v) pairs pass through."""
+    info = read_model_info(model_path)
+    out = []
+    for c in configs:
+        if not isinstance(c, LayerSpec):
+            out.append(c)
+            continue
+        if c.kind == "plan":
+            plan, _, _ = load_checked(c.arg, info)
+        else:
+            bits, _, source = c.arg.partition(":")
+            plan = plan_for_budget(model_path, float(bits), source=source or "kl", progress=progress)
+        out.append(LayerConfig(c.label, tuple(plan.types_k), tuple(plan.types_v), float(plan.bits_per_value)))
+    return out

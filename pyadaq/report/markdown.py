@@ -1,0 +1,93 @@
+"""The Markdown reports pyadaq's commands write (docs/BENCHMARKS.md and its sections)."""
+
+from __future__ import annotations
+
+__all__ = ["MATRIX", "kv_grid", "render_bench", "upsert_section"]
+
+# the cache types of the K x V matrix in docs/RESULTS.md
+MATRIX = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
+
+
+def _mean_sd(r: dict, key: str) -> str:
+    m, sd = r[f"{key}_mean"], r[f"{key}_std"]
+    if m is None:
+        return "–"
+    return f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _mib(v: int | None) -> str:
+    return "–" if v is None else f"{v / 2**20:.1f}"
+
+
+def render_bench(res: dict, command: str, mem_bandwidth_gbps: float | None = None,
+                    heading: str = "# Speed and memory of the KV-cache configurations") -> str:
+    """docs/BENCHMARKS.md from a bench run: speed and memory per config and depth, and how to
+    rerun. mem_bandwidth_gbps: the device's peak memory bandwidth, for tg against its bound
+    (bytes read per generated token / bandwidth). heading: the first line (a section of a
+    longer document with ``## ...``)."""
+    s = res["settings"]
+    rows = res["results"]
+    reps = res["reps"]
+    spread = "mean ± sd" if reps > 1 else "one repetition, so no spread is given"
+    out = [
+        heading,
+        "",
+        (f"Model `{s['model_name']}`, {s['machine']}, backend {res['backend']}; {s['native']}; measured "
+        f"{s['date']} in {s['seconds']:.0f} s. pp{res['n_prompt']}: prompt processing of {res['n_prompt']} tokens "
+        f"in batches of {res['n_batch']}; tg{res['n_gen']}: {res['n_gen']} tokens generated one at a time; both "
+        f"with `depth` tokens already in the cache, {reps} repetition{'s' if reps != 1 else ''} ({spread}), "
+        "flash attention on. The ratios are to f16/f16 at the same depth in the same run. Peak RSS growth: "
+        "the process's peak resident memory over the context's life (cache, compute buffers, scratch), above "
+        "what it was before the context was created."),
+        "",
+        f"Rerun: `{command}`",
+        "",
+        "| config | depth | KV MiB | KV / f16 | peak RSS growth MiB | memory / f16 | pp t/s | pp / f16 | tg t/s "
+        "| tg / f16 | MB read / token | tg GB/s |" + (" tg / bound |" if mem_bandwidth_gbps else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem_bandwidth_gbps else ""),
+    ]
+    for r in rows:
+        bpt = r.get("tg_bytes_per_token")
+        gbps = r.get("tg_gbps")
+        line = (f"| {r['config']} | {r['depth']} | {r['kv_bytes'] / 2**20:.2f} | {_ratio(r.get('kv_vs_f16'))} | "
+                f"{_mib(r.get('peak_rss_growth_bytes'))} | {_ratio(r.get('memory_vs_f16'))} | "
+                f"{_mean_sd(r, 'pp')} | {_ratio(r['pp_vs_f16'])} | {_mean_sd(r, 'tg')} | {_ratio(r['tg_vs_f16'])} | "
+                f"{'–' if bpt is None else f'{bpt / 1e6:.1f}'} | {'–' if gbps is None else f'{gbps:.1f}'} |")
+        if mem_bandwidth_gbps:
+            line += " – |" if gbps is None else f" {gbps / mem_bandwidth_gbps:.2f} |"
+        out.append(line)
+    for n in res.get("noisy_baseline", []):
+        out += ["", (f"Note: at depth {n['depth']} f16/f16's {n['test']} varied by {100 * n['f16_relative_sd']:.0f} % "
+                    f"(sd / mean) against {100 * n['others_min']:.0f} % for the steadiest config: the {n['test']} "
+                    "ratios at that depth are mostly the machine's noise.")]
+    out.append("")
+    return "\n".join(out)
+
+
+def upsert_section(document: str, section: str) -> str:
+    """``document`` with the ``## `` section that has ``section``'s heading replaced by it, or
+    with it appended."""
+    heading = section.splitlines()[0]
+    lines = document.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*section.rstrip("\n").splitlines(), ""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+    return document.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+
+
+def kv_grid(by: dict, key: str, fmt: str) -> list[str]:
+    """A Markdown K x V table of one figure of the results ``by[(k, v)]``."""
+    rows = ["| K \\ V | " + " | ".join(MATRIX) + " |", "|---|" + "---:|" * len(MATRIX)]
+    for k in MATRIX:
+        cells = []
+        for v in MATRIX:
+            r = by.get((k, v))
+            cells.append(fmt.format(r[key]) if r is not None and r.get(key) is not None else "–")
+        rows.append(f"| **{k}** | " + " | ".join(cells) + " |")
+    return rows

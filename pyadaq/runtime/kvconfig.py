@@ -1,0 +1,63 @@
+"""A K/V configuration ready to run, and the context for it.
+
+A configuration is either a uniform pair of cache type names ``(k, v)`` or a
+:class:`LayerConfig` (one K and one V type name per layer, from a plan). Both are validated
+values: config specs (``q8_0:kvq2``, ``plan:FILE``, ``budget:BITS``) become them in
+:mod:`pyadaq.plan.spec`. Everything that runs configurations (evaluation, pass-key, bench)
+opens its contexts with :func:`open_context` and labels its results with :func:`config_row`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyadaq.runtime.context import Context
+from pyadaq.types import cache_type
+
+__all__ = ["LayerConfig", "config_label", "config_row", "open_context"]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A per-layer config ready to run: one K and one V type name per layer."""
+    label: str
+    types_k: tuple
+    types_v: tuple
+    bits_per_value: float | None = None  # a plan's own figure; None: the mean over K and V types
+
+    @property
+    def k(self) -> str:
+        return max(set(self.types_k), key=self.types_k.count)
+
+    @property
+    def v(self) -> str:
+        return max(set(self.types_v), key=self.types_v.count)
+
+
+
+def config_label(cfg) -> str:
+    return cfg.label if isinstance(cfg, LayerConfig) else f"{cfg[0]}:{cfg[1]}"
+
+
+def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True):
+    """A Context for a uniform (k, v) pair or a LayerConfig."""
+    if isinstance(cfg, LayerConfig):
+        return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot,
+                       layer_types=(list(cfg.types_k), list(cfg.types_v)))
+    return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot)
+
+
+def config_row(cfg) -> dict:
+    """The identifying fields of a result row."""
+    if isinstance(cfg, LayerConfig):
+        def mean_bits(ts):
+            return sum(cache_type(t).bits_per_value for t in ts) / len(ts)
+
+        bits_k, bits_v = mean_bits(cfg.types_k), mean_bits(cfg.types_v)
+        return {"config": cfg.label, "k": cfg.k, "v": cfg.v, "per_layer": True,
+                "types_k": list(cfg.types_k), "types_v": list(cfg.types_v), "bits_k": bits_k, "bits_v": bits_v,
+                "bits_per_value": cfg.bits_per_value if cfg.bits_per_value is not None else (bits_k + bits_v) / 2}
+    k, v = cache_type(cfg[0]), cache_type(cfg[1])
+    return {"config": f"{k.name}:{v.name}", "k": k.name, "v": v.name,
+            "bits_k": k.bits_per_value, "bits_v": v.bits_per_value,
+            "bits_per_value": (k.bits_per_value + v.bits_per_value) / 2}
