@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 STAMP  := $(VENV)/.pyadaq-installed
-SOURCES := pyproject.toml CMakeLists.txt $(shell find native pyadaq -type f \( -name '*.py' -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cmake' -o -name '*.patch' -o -name '*.in' \) 2>/dev/null)
+SOURCES := pyproject.toml CMakeLists.txt $(shell find native pyadaq -type f \( -name '*.py' -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.cmake' -o -name '*.patch' -o -name '*.in' -o -name '*.pth' \) 2>/dev/null)
 
 .PHONY: install demo test lint formats cuda-check clean
 

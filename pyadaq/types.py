@@ -51,6 +51,9 @@ class CacheType:
     def __str__(self) -> str:
         return self.name
 
+    def __repr__(self) -> str:
+        return f"CacheType({self.name!r})"
+
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, CacheType]:

@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from test_planner import assert_best_plan, assert_more_sensitive_more_bits
 
 import pyadaq
 from pyadaq.cli import main
-from pyadaq.plan.calibrate import calibrate, plan_for_budget
+from pyadaq.plan.calibrate import cached_analysis, calibrate, errors_from, norm_sensitivities, plan_for_budget
+from pyadaq.plan.planner import DEFAULT_TYPES, rate_distortion_errors
 from pyadaq.runtime.kvplan import KVPlan, PlanMismatchError
 
 TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river." for i in range(300))
@@ -43,14 +45,35 @@ def test_calibration_measures_each_layer(model4, cache):
     assert again == json.loads(files[0].read_text())
 
 
-def test_plan_from_calibration_respects_budget(model4, cache):
+def test_plan_from_calibration_is_the_best_within_budget(model4, cache):
+    """A calibrated plan minimizes the measured errors: for each budget its predicted error is
+    the sum of the calibration's figures (above the floor) for its types, and no plan within the
+    budget has a smaller sum (brute force over all 5**8); more budget never predicts more error;
+    the budget's ends give all kvq2 and all f16 (error 0)."""
     types = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
     cal = calibrate(model4, types, TEXT, n_ctx=64, n_chunks=1, n_threads=1, progress=False)
-    for budget in (3.0, 4.5, 6.0):
+    ek, ev = errors_from(cal, types)
+    info = pyadaq.read_model_info(model4)
+    previous = float("inf")
+    for budget in (2.5, 3.0, 4.5, 6.0, 16.0):
         plan = plan_for_budget(model4, budget, types=types, source_result=cal)
-        assert plan.bits_per_value <= budget + 1e-9
         assert plan.n_layer == 4 and len(plan.types_k) == len(plan.types_v) == 4
         assert plan.sensitivity == "calibrated-kl"
+        assert_best_plan(plan, ek, ev, types, budget, info)
+        assert plan.predicted_error <= previous
+        previous = plan.predicted_error
+        if budget == 2.5:
+            assert plan.types_k == plan.types_v == ["kvq2"] * 4
+    assert plan.types_k == plan.types_v == ["f16"] * 4 and plan.predicted_error == 0.0
+    # the figures decide: when layer 2's V suffers 1000 times more in every lossy type, it gets
+    # the most bits of all items
+    hurt = dict(cal, errors_v=[list(r) for r in cal["errors_v"]])
+    hurt["errors_v"][2] = [x if t == "f16" else 1000 * x for t, x in zip(cal["types"], cal["errors_v"][2])]
+    ek2, ev2 = errors_from(hurt, types)
+    plan = plan_for_budget(model4, 4.0, types=types, source_result=hurt)
+    assert_best_plan(plan, ek2, ev2, types, 4.0, info)
+    bits = [pyadaq.cache_type(t).bits_per_value for t in plan.types_k + plan.types_v]
+    assert bits[4 + 2] == max(bits) > min(bits)
 
 
 def test_llama_with_plan_file(model4, tmp_path):
@@ -79,13 +102,28 @@ def test_llama_with_plan_file(model4, tmp_path):
 
 
 def test_llama_with_budget(model4, cache):
+    """kv_budget gives the context the least-error plan within the budget for the model's own
+    activation norms: more sensitive items never get fewer bits, and a larger budget never
+    predicts more error."""
     llm = pyadaq.Llama(str(model4), kv_budget=4.0, kv_budget_source="norms", n_ctx=256, n_threads=1)
     try:
-        assert llm.kv_plan is not None and llm.kv_plan.bits_per_value <= 4.0
+        plan = llm.kv_plan
+        assert plan is not None and plan.sensitivity == "activation-norm"
         k, v = llm.context_layer_types()
-        assert [t.name for t in k] == llm.kv_plan.types_k and [t.name for t in v] == llm.kv_plan.types_v
+        assert [t.name for t in k] == plan.types_k and [t.name for t in v] == plan.types_v
     finally:
         llm.close()
+    # the norms it planned with: the analysis plan_for_budget cached (its defaults: 512 tokens, 2 chunks)
+    sk, sv = norm_sensitivities(cached_analysis(model4, None, 512, 2, None, False, True))
+    types = list(DEFAULT_TYPES)
+    bits = [pyadaq.cache_type(t).bits_per_value for t in types]
+    ek, ev = rate_distortion_errors(sk, bits), rate_distortion_errors(sv, bits)
+    info = pyadaq.read_model_info(model4)
+    assert_best_plan(plan, ek, ev, types, 4.0, info)
+    assert_more_sensitive_more_bits(plan, sk, sv)
+    assert plan.types_k + plan.types_v != ["kvq2"] * 8  # the budget is spent
+    more = plan_for_budget(model4, 6.0, source="norms")
+    assert more.predicted_error < plan.predicted_error
 
 
 def test_plan_for_another_model_is_refused(model4, tiny_model, tmp_path):
@@ -130,7 +168,12 @@ def test_plan_and_eval_cli(model4, cache, tmp_path, capsys):
     rc = main(["plan", "--model", str(model4), "--budget", "3.5", "--from", str(analysis), "--out", str(plan_path)])
     assert rc == 0
     plan = KVPlan.load(plan_path)
-    assert plan.bits_per_value <= 3.5 and plan.sensitivity == "activation-norm"
+    assert plan.sensitivity == "activation-norm"
+    # the best plan within 3.5 bits for the norms in the analysis file the command was given
+    sk, sv = norm_sensitivities(json.loads(analysis.read_text()))
+    bits = [pyadaq.cache_type(t).bits_per_value for t in DEFAULT_TYPES]
+    assert_best_plan(plan, rate_distortion_errors(sk, bits), rate_distortion_errors(sv, bits), list(DEFAULT_TYPES),
+                     3.5, pyadaq.read_model_info(model4))
     capsys.readouterr()
     out_json = tmp_path / "e.json"
     rc = main(["eval", "--model", str(model4), "--text", str(text), "--ctx", "64", "--chunks", "2",

@@ -195,9 +195,8 @@ def bitexact_cases(t, seed: int = 0) -> dict[str, np.ndarray]:
 #   kvq3_n64    0.1716  0.3162  0.3048
 #
 # The bounds below are these figures plus 5% (Gaussian; the spread over seeds is ~0.3%) or 10%
-# (heavy-tailed; ~5% spread over seeds). A scale search that stops at the absmax scale
-# (trial factors 0.70..1.00 only) costs 8-20% on Gaussian data and fails them; see
-# test_error_bounds_catch_a_broken_search.
+# (heavy-tailed; ~5% spread over seeds). Known quantizer bugs planted in the C reference's
+# blocks break the Gaussian bounds; see test_error_bounds_catch_a_broken_quantizer.
 
 ERROR_BOUNDS = {  # type: (gauss, t3, outliers)
     "kvq2": (0.341, 0.571, 0.549),
@@ -253,18 +252,56 @@ def test_more_bits_less_error(roundtrip_errors):
         )
 
 
-@per_type
-def test_error_bounds_catch_a_broken_search(t, monkeypatch):
-    """The Gaussian bound is tight enough to notice a search that never goes past the absmax scale."""
+def repack(t, idx: np.ndarray, d16: np.ndarray) -> np.ndarray:
+    """Blocks from level indices (nb, QK) and fp16 scales (nb,), by the layout in pyadaq-quants.h."""
     spec = qr.spec(t.name)
-    if spec.rule != qr.MSE:
-        pytest.skip("no search")
+    nb, qk = idx.shape
+    out = np.zeros((nb, t.type_size), dtype=np.uint8)
+    out[:, :2] = np.ascontiguousarray(d16, dtype="<f2").view(np.uint8).reshape(nb, 2)
+    g = idx.astype(np.uint8).reshape(nb, qk // 32, 4, 8)  # value 32*g + 8*k + i: [g, k, i]
+    out[:, 2:2 + qk // 4] = np.bitwise_or.reduce((g & 3) << (2 * np.arange(4, dtype=np.uint8))[:, None],
+                                                 axis=2).reshape(nb, qk // 4)
+    if spec.bits == 3:
+        out[:, 2 + qk // 4:] = np.bitwise_or.reduce(((g >> 2) & 1) << np.arange(8, dtype=np.uint8),
+                                                    axis=3).reshape(nb, qk // 8)
+    return out.reshape(-1)
+
+
+def plant_bug(t, x: np.ndarray, q: np.ndarray, bug: str) -> np.ndarray:
+    """The C reference's blocks q of x as a quantizer with a known bug would have written them."""
+    spec = qr.spec(t.name)
+    idx, d16 = qr.indices(spec, q, len(x))
+    top = len(spec.levels) - 1
+    if bug == "absmax_scale":  # the scale search and its least-squares fit left out
+        d16 = (np.abs(x.reshape(-1, t.block_size)).max(axis=1) / np.float32(spec.levels[-1])).astype("<f2")
+    elif bug == "scale_15pct":  # a scale 15% too large (a wrong fit; the 2-bit bounds let 10% through)
+        d16 = (d16.astype(np.float32) * np.float32(1.15)).astype("<f2")
+    elif bug == "outer_levels_lost":  # nearest_level searching one midpoint too few at each end
+        idx = np.clip(idx, 1, top - 1)
+    else:
+        raise ValueError(bug)
+    return repack(t, idx, d16)
+
+
+BUGS = ("absmax_scale", "scale_15pct", "outer_levels_lost")
+
+
+@per_type
+def test_error_bounds_catch_a_broken_quantizer(t):
+    """The Gaussian bound is tight enough to notice known quantizer bugs, measured on the C
+    reference's own blocks decoded by the C reference: each bug planted in C's blocks breaks
+    it (the repacking itself changes nothing)."""
     x = roundtrip_data("gauss")[: 1 << 16]
-    good = rel_rms(x, qr.dequantize(spec, qr.quantize(spec, x), len(x)))
-    monkeypatch.setattr(qr, "SEARCH_N", 7)  # trials 0.70 .. 1.00 only
-    broken = rel_rms(x, qr.dequantize(spec, qr.quantize(spec, x), len(x)))
+    q = c_quantize(t, x)
     bound = ERROR_BOUNDS[t.name][0]
-    assert good < bound < broken
+    assert np.array_equal(repack(t, *qr.indices(t.name, q, len(x))), q)
+    good = rel_rms(x, c_dequantize(t, q, len(x)))
+    assert good < bound
+    for bug in BUGS:
+        if bug == "absmax_scale" and qr.spec(t.name).rule != qr.MSE:
+            continue  # that is the absmax rule's own scale
+        broken = rel_rms(x, c_dequantize(t, plant_bug(t, x, q, bug), len(x)))
+        assert broken > bound, f"{t.name}: {bug} gives {broken:.4f}, within the bound {bound}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import pyadaq
 from pyadaq._native import lib_dir
@@ -60,3 +63,21 @@ def test_missing_libraries_say_how_to_fix(tmp_path):
     res = run_py("import pyadaq", PYADAQ_LIB_DIR=str(tmp_path))
     assert res.returncode != 0
     assert "native libraries are not in" in res.stderr and "pip install" in res.stderr
+
+
+def test_llama_cpp_imported_first_says_to_import_pyadaq():
+    """llama-cpp-python installed without libraries of its own (pyadaq provides them): importing
+    llama_cpp first fails, and the error says what to do (native/site/_pyadaq_llama_cpp_hint.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("_pyadaq_llama_cpp_hint") is None:
+        pytest.fail("the hint module is not installed beside pyadaq (CMakeLists.txt installs it)")
+    own = Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib"
+    if any(own.glob("libllama*")):
+        pytest.skip(f"this llama_cpp has libraries of its own ({own}): importing it first works")
+    res = run_py("import llama_cpp")
+    assert res.returncode != 0
+    assert "import pyadaq` before `import llama_cpp`" in res.stderr, res.stderr
+    # and with pyadaq first, nothing changes
+    res = run_py("import pyadaq, llama_cpp; print(llama_cpp.__version__)")
+    assert res.returncode == 0 and res.stdout.strip() == "0.3.36", res.stderr

@@ -1,12 +1,18 @@
 """No silent CPU fallback (pyadaq.offload, pyadaq_kv_offload_check in libllama).
 
 Without a GPU the native check skips CPU-resident caches, so these tests switch it to checking
-them against the CPU device too (PYADAQ_OFFLOAD_CHECK_CPU=1): that builds every op the check
-asks a device about (SET_ROWS for K and V, FLASH_ATTN_EXT for the layer's pair, or MUL_MAT
-without flash attention) from the real cache tensors of each layer, for plain, iSWA and
-per-layer caches, where a wrong shape would abort in ggml. The CPU runs all of them, so the
-answer must be "no problem". What a GPU refuses is exercised by scripts/gpu-check.sh; the
-Python side's handling of a refusal is tested here by making the native answer a refusal.
+them against the CPU device too (PYADAQ_OFFLOAD_CHECK_CPU=1, read by the check at each call):
+that builds every op the check asks a device about (SET_ROWS for K and V, FLASH_ATTN_EXT for
+the layer's pair, or MUL_MAT without flash attention) from the real cache tensors of each
+layer, for plain, iSWA and per-layer caches, where a wrong shape would abort in ggml. The CPU
+runs all of them, so the answer must be "no problem".
+
+A device that refuses an op cannot occur on a CPU-only machine (the CPU runs every op the check
+asks about); what a GPU refuses, and the wording of a refusal, are exercised by
+scripts/gpu-check.sh. The handling of problems is tested here with real answers of the native
+check: PYADAQ_OFFLOAD_CHECK_CPU=list makes it report every layer it checked, with what it
+asked, as a problem line of its own, through the same count and text a refusal comes back in;
+nothing on the Python side is replaced.
 """
 
 from __future__ import annotations
@@ -98,26 +104,91 @@ def test_cpu_resident_cache_is_not_checked_by_default(models, monkeypatch):
         ctx.close()
 
 
-PROBLEM = "layer 1 (CUDA0): flash attention with K kvq2_u32 / V f16 (head size 64)"
+@pytest.fixture
+def list_all(monkeypatch):
+    """The native check reports every checked layer as a problem (at each call, so for a
+    context created after this too)."""
+    monkeypatch.setenv("PYADAQ_OFFLOAD_CHECK_CPU", "list")
 
 
-def test_a_refusal_is_an_error_naming_the_layer(models, monkeypatch):
-    monkeypatch.setattr(offload, "offload_problems", lambda ptr: [PROBLEM])
-    with pytest.raises(pyadaq.KVOffloadError, match=r"(?s)layer 1 \(CUDA0\).*allow_cpu_fallback"):
+def listed(il: int, k: str, v: str) -> str:
+    """The native check's line for a layer it checked in "list" mode, with flash attention."""
+    return f"layer {il} (CPU): checked set_rows {k}, set_rows {v}, flash_attn {k}/{v}"
+
+
+def test_a_problem_is_an_error_naming_every_layer(models, list_all, monkeypatch):
+    """Problems from the native check make Context raise KVOffloadError with every problem line
+    (each naming its layer and device) and what to do, and free the context it created."""
+    import gc
+
+    from pyadaq.runtime import context
+
+    gc.collect()  # no earlier test's garbage freed while the spy below counts
+    freed = []
+    real_free = context._llama_cpp.llama_free
+
+    def spy_free(ptr):  # counts, then frees for real
+        freed.append(ptr)
+        return real_free(ptr)
+
+    monkeypatch.setattr(context._llama_cpp, "llama_free", spy_free)
+    with pytest.raises(pyadaq.KVOffloadError) as ei:
         Context(models["llama"], "q4_0", "kvq2", n_ctx=256)
+    msg = str(ei.value)
+    assert msg.startswith("3 layer(s) of the KV cache")
+    lines = msg.splitlines()
+    for il in range(3):
+        assert f"  {listed(il, 'q4_0', 'kvq2')}" in lines
+    assert "allow_cpu_fallback=True" in msg and "offload_kqv=False" in msg
+    assert len(freed) == 1  # the context that failed the check, and only it
 
 
-def test_llama_raises_and_frees_or_warns(tiny_model, monkeypatch):
+def test_problem_lines_come_back_one_per_layer(models, monkeypatch):
+    """offload_problems splits the native text into its lines, as many as the native count
+    says, in layer order, with the per-layer types of a mixed cache."""
+    layers = (["q8_0", "kvq2", "kvq3"], ["kvq2", "q4_0", "f16"])
+    ctx = Context(models["llama"], "f16", "f16", n_ctx=256, layer_types=layers)
+    try:
+        monkeypatch.setenv("PYADAQ_OFFLOAD_CHECK_CPU", "list")
+        assert offload.offload_problems(ctx.ptr) == [listed(il, layers[0][il], layers[1][il]) for il in range(3)]
+        with pytest.raises(pyadaq.KVOffloadError, match=r"layer 2 \(CPU\): checked set_rows kvq3, set_rows f16"):
+            offload.check_offload(ctx.ptr)
+        monkeypatch.setenv("PYADAQ_OFFLOAD_CHECK_CPU", "1")
+        assert offload.offload_problems(ctx.ptr) == []
+        offload.check_offload(ctx.ptr)  # no problem: nothing raised
+    finally:
+        ctx.close()
+
+
+def test_llama_raises_and_frees_or_warns(tiny_model, list_all, monkeypatch):
+    import gc
+
+    import llama_cpp.llama_cpp as lib  # what llama_cpp's own objects free their handles with
+
     path = tiny_model(head_dim=64, n_layer=3)
-    monkeypatch.setattr(offload, "offload_problems", lambda ptr: [PROBLEM])
-    with pytest.raises(pyadaq.KVOffloadError, match="CPU"):
-        pyadaq.Llama(str(path), cache_type_k="q4_0", cache_type_v="kvq2", n_ctx=256)
+    gc.collect()  # no earlier test's garbage freed while the spies below count
+    freed = []
+    with monkeypatch.context() as m:
+        real_free, real_model_free = lib.llama_free, lib.llama_model_free
+        m.setattr(lib, "llama_free", lambda ctx: (freed.append("context"), real_free(ctx))[1])
+        m.setattr(lib, "llama_model_free", lambda model: (freed.append("model"), real_model_free(model))[1])
+        with pytest.raises(pyadaq.KVOffloadError,
+                           match=r"(?s)layer 0 \(CPU\).*layer 2 \(CPU\).*allow_cpu_fallback") as ei:
+            pyadaq.Llama(str(path), cache_type_k="q4_0", cache_type_v="kvq2", n_ctx=256)
+        # the half-built Llama is still alive (ei's traceback holds it): freed by the error path,
+        # not by its __del__
+        assert freed == ["context", "model"]
+        del ei
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         llm = pyadaq.Llama(str(path), cache_type_k="q4_0", cache_type_v="kvq2", n_ctx=256, allow_cpu_fallback=True)
     try:
-        assert any(issubclass(w.category, RuntimeWarning) and "layer 1" in str(w.message) for w in caught)
+        warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(warned) == 1
+        assert all(listed(il, "q4_0", "kvq2") in warned[0] for il in range(3))
         assert llm.context_layer_types()[0][0].name == "q4_0"
+        out = llm("Line 1: the quick", max_tokens=2, temperature=0.0)  # a warned Llama still works
+        assert out["choices"][0]["text"] is not None
     finally:
         llm.close()
 
@@ -129,11 +200,12 @@ def test_llama_without_problems_is_silent(tiny_model, check_cpu):
     llm.close()
 
 
-def test_commands_report_a_refusal_without_a_traceback(tiny_model, monkeypatch, capsys):
+def test_commands_report_a_problem_without_a_traceback(tiny_model, list_all, capsys):
     from pyadaq.cli import main
 
-    monkeypatch.setattr(offload, "offload_problems", lambda ptr: [PROBLEM])
     rc = main(["bench", "--model", str(tiny_model(head_dim=64, n_layer=3)), "--configs", "q4_0:kvq2",
                "--depths", "0", "--n-prompt", "8", "--n-gen", "2", "--reps", "1"])
     err = capsys.readouterr().err
-    assert rc == 2 and "layer 1 (CUDA0)" in err and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
+    assert "error: 3 layer(s) of the KV cache" in err  # its first context (the f16 baseline) already
+    assert all(listed(il, "f16", "f16") in err for il in range(3))

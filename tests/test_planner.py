@@ -7,6 +7,7 @@ Pure numpy and header reads only (no llama.cpp context is created); a few second
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -28,11 +29,17 @@ RTOL = 1e-9
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def all_choices(n: int, m: int) -> np.ndarray:
+    """Every choice of one of m types for each of n items: [m**n, n]."""
+    return np.array(list(itertools.product(range(m), repeat=n)))
+
+
 def brute_force(errors, weights, bits, budget):
     """(best objective, its assignment) over every assignment, or (inf, None) if none fits."""
     errors, weights, bits = np.asarray(errors, float), np.asarray(weights), np.asarray(bits, float)
     n, m = errors.shape
-    combos = np.array(list(itertools.product(range(m), repeat=n)))  # [m**n, n]
+    combos = all_choices(n, m)
     cost = (weights[None, :] * bits[combos]).sum(axis=1)
     err = errors[np.arange(n)[None, :], combos].sum(axis=1)
     ok = (cost <= budget * weights.sum() * (1 + RTOL)) & np.isfinite(err)
@@ -50,6 +57,47 @@ def objective(errors, choice):
 def fits(weights, bits, budget, choice):
     weights, bits = np.asarray(weights), np.asarray(bits, float)
     return float((weights * bits[choice]).sum()) <= budget * weights.sum() * (1 + RTOL)
+
+
+def best_model_plan(info, errors_k, errors_v, types, budget):
+    """(least summed error, its (types_k, types_v)) over every choice of one of `types` for the K
+    and the V of each layer of a model whose layers all have their own cache and fit every type,
+    within the budget in bits per value: brute force, the check of plan_budget."""
+    n = info.n_layer
+    assert info.cache_layers() == list(range(n))
+    weights = [info.n_head_kv_layer(il) * info.head_size_k_layer(il) for il in range(n)]
+    weights += [info.n_head_kv_layer(il) * info.head_size_v_layer(il) for il in range(n)]
+    bits = [pyadaq.cache_type(t).bits_per_value for t in types]
+    best, combo = brute_force(np.vstack([errors_k, errors_v]), np.array(weights), bits, budget)
+    assert combo is not None
+    return best, ([types[j] for j in combo[:n]], [types[j] for j in combo[n:]])
+
+
+def plan_error(plan, errors_k, errors_v, types) -> float:
+    """The summed error of a plan's types, read off the error tables."""
+    col = {t: j for j, t in enumerate(types)}
+    return float(sum(errors_k[il][col[t]] for il, t in enumerate(plan.types_k))
+                 + sum(errors_v[il][col[t]] for il, t in enumerate(plan.types_v)))
+
+
+def assert_best_plan(plan, errors_k, errors_v, types, budget, info):
+    """plan is within the budget and no plan within it has a smaller summed error."""
+    assert plan.bits_per_value <= budget * (1 + RTOL)
+    best, _ = best_model_plan(info, errors_k, errors_v, types, budget)
+    got = plan_error(plan, errors_k, errors_v, types)
+    assert plan.predicted_error == pytest.approx(got, rel=1e-12, abs=1e-15)
+    assert got == pytest.approx(best, rel=1e-12, abs=1e-15), (budget, plan.types_k, plan.types_v)
+
+
+def assert_more_sensitive_more_bits(plan, sensitivity_k, sensitivity_v):
+    """Of two items with equal weights, the more sensitive one never has fewer bits: under the
+    rate-distortion model, swapping their types would lower the summed error at the same cost."""
+    items = [(s, pyadaq.cache_type(t).bits_per_value) for s, t in
+             zip(list(sensitivity_k) + list(sensitivity_v), plan.types_k + plan.types_v)]
+    for s_a, b_a in items:
+        for s_b, b_b in items:
+            if s_a > s_b:
+                assert b_a >= b_b, (plan.types_k, plan.types_v)
 
 
 BIT_POOL = [2.25, 2.5, 3.5, 4.5, 5.5, 6.0, 8.5, 16.0]
@@ -346,14 +394,32 @@ def test_plan_budget_keys_get_more_bits(info4):
         check_plan(plan, info4, "abc")
 
 
-def test_plan_budget_default_types_within_budget(info4):
-    rng = np.random.default_rng(3)
-    sk, sv = rng.uniform(1, 10, 4), rng.uniform(0.1, 2, 4)
-    for budget in (2.5, 3.0, 4.0, 5.5, 8.5, 16.0):
-        plan = plan_budget(info4, "abc", sk, sv, budget)
-        assert plan.bits_per_value <= budget + 1e-12
-        assert set(plan.types_k + plan.types_v) <= {"f16", "q8_0", "q4_0", "kvq3", "kvq2"}
-    assert plan_budget(info4, "abc", sk, sv, 16.0).types_k == ["f16"] * 4
+@pytest.mark.parametrize("seed, v_scale", [(3, 0.2), (4, 1.0)])
+def test_plan_budget_is_the_best_plan_within_budget(info4, seed, v_scale):
+    """For every budget, the plan is the least-error plan within it (brute force over all 5**8
+    plans of the 8 items), a higher budget never predicts a larger error, and the more sensitive
+    item of two never gets fewer bits: K over V per layer when K is the more sensitive
+    (v_scale 0.2), whichever is more sensitive when they are alike (v_scale 1.0)."""
+    rng = np.random.default_rng(seed)
+    sk, sv = rng.uniform(1, 10, 4), v_scale * rng.uniform(1, 10, 4)
+    types = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
+    bits = [pyadaq.cache_type(t).bits_per_value for t in types]
+    ek, ev = rate_distortion_errors(sk, bits), rate_distortion_errors(sv, bits)
+    previous = math.inf
+    for budget in (2.5, 2.75, 3.0, 3.5, 4.0, 5.5, 8.5, 10.0, 16.0):
+        plan = plan_budget(info4, "abc", sk, sv, budget)  # the default types
+        assert set(plan.types_k + plan.types_v) <= set(types)
+        assert_best_plan(plan, ek, ev, types, budget, info4)
+        assert_more_sensitive_more_bits(plan, sk, sv)
+        assert plan.predicted_error <= previous
+        previous = plan.predicted_error
+    if v_scale < 1:
+        kb = [pyadaq.cache_type(t).bits_per_value for t in plan_budget(info4, "abc", sk, sv, 4.0).types_k]
+        vb = [pyadaq.cache_type(t).bits_per_value for t in plan_budget(info4, "abc", sk, sv, 4.0).types_v]
+        assert all(k >= v for k, v in zip(kb, vb)) and sum(kb) > sum(vb)
+    assert plan_budget(info4, "abc", sk, sv, 2.5).types_k == ["kvq2"] * 4  # the only plan that fits
+    top = plan_budget(info4, "abc", sk, sv, 16.0)
+    assert top.types_k == top.types_v == ["f16"] * 4 and top.predicted_error == 0.0
 
 
 def test_plan_budget_with_measured_errors(info4):

@@ -214,6 +214,9 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
     # peak memory growth over each context's life: at least its KV cache
     for r in rows.values():
         assert r["peak_rss_growth_bytes"] >= r["kv_bytes"] > 0
+    # the report again from the saved run: the same document, with the command that measured it
+    assert main(["bench", "--from-json", str(out_json), "--markdown", str(tmp_path / "B2.md")]) == 0
+    assert (tmp_path / "B2.md").read_text() == md
     # the goals script reads the same JSON
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_speed_goals.py"), str(out_json)],
                           capture_output=True, text=True, timeout=60)
@@ -280,12 +283,66 @@ def test_bench_bad_input(tiny_model, capsys, args, message):
     assert rc == 2 and message in err and "Traceback" not in err
 
 
+CUDA_PAIRS_SCRIPT = ROOT / "native" / "cmake" / "pyadaq_cuda_pairs.cmake"
+
+
+def cuda_pairs_from_cmake(*defines: str) -> dict[str, list[str]]:
+    """What native/cmake/pyadaq_cuda_pairs.cmake computes for a CUDA build (the types whose
+    every pair is compiled, and PYADAQ_CUDA_FA_PAIRS as libllama gets it), in script mode."""
+    import shutil
+
+    if shutil.which("cmake") is None:
+        pytest.skip("no cmake to run native/cmake/pyadaq_cuda_pairs.cmake")
+    proc = subprocess.run(["cmake", *(f"-D{d}" for d in defines), "-P", str(CUDA_PAIRS_SCRIPT)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = dict(line.split("=", 1) for line in proc.stderr.splitlines() if "=" in line)
+    return {key: out[key].split(",") for key in ("fa_types", "compiled")}
+
+
+def test_cuda_tables_are_the_builds():
+    """pyadaq.types' CUDA tables are what a CUDA build compiles: CUDA_FA_PAIR_TYPES is the
+    build's PYADAQ_CUDA_FA_TYPES, every pair among them has a compiled vector kernel (the list
+    libllama's offload check gets), and CUDA_CACHE_TYPES is the types of the compiled pairs
+    plus f32 (which CUDA converts to f16). This build has no CUDA, so the list comes from the
+    build's own CMake code, run as a script."""
+    from pyadaq.types import CUDA_CACHE_TYPES, CUDA_FA_PAIR_TYPES
+
+    cm = cuda_pairs_from_cmake()
+    assert tuple(cm["fa_types"]) == CUDA_FA_PAIR_TYPES
+    compiled = set(cm["compiled"])
+    assert len(compiled) == len(cm["compiled"]) == 65  # docs/CUDA.md: 37 upstream + 28 with kvq2/kvq3
+    assert {f"{k}-{v}" for k in CUDA_FA_PAIR_TYPES for v in CUDA_FA_PAIR_TYPES} <= compiled
+    in_pairs = {t for pair in compiled for t in pair.split("-")}
+    assert in_pairs | {"f32"} == CUDA_CACHE_TYPES
+    assert {p for p in compiled if "bf16" in p} == {"bf16-bf16"}  # bf16 only with itself
+    # the offload check compares these names with ggml_type_name: they must be the library's
+    n = pyadaq.native()
+    for name in in_pairs:
+        assert n.type_name(pyadaq.cache_type(name).id) == name
+
+
+def test_cuda_pairs_follow_the_build_options():
+    """The list follows GGML_CUDA_FA_QUANTS and PYADAQ_CUDA_FA_TYPES as a build would."""
+    assert "q4_0-bf16" in cuda_pairs_from_cmake("GGML_CUDA_FA_QUANTS=all")["compiled"]
+    small = cuda_pairs_from_cmake("GGML_CUDA_FA_QUANTS=q8_0-q8_0", "PYADAQ_CUDA_FA_TYPES=f16;kvq2")
+    assert small["fa_types"] == ["f16", "kvq2"]
+    assert sorted(small["compiled"]) == ["f16-f16", "f16-kvq2", "kvq2-f16", "kvq2-kvq2", "q8_0-q8_0"]
+
+
 def test_types_lists_what_runs_on_cuda(capsys):
-    assert main(["types"]) == 0
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isalnum()}
-    assert rows["kvq2"][5] == "yes" and rows["q4_0"][5] == "yes" and rows["iq4_nl"][5] == "-"
-    assert "every K/V pair among f16, q8_0, q4_0, q4_1, q5_0, q5_1, kvq2, kvq3" in " ".join(
-        " ".join(r) for r in rows.values())
+    """`pyadaq types`: a CUDA column that says yes for exactly the types a CUDA build runs (from
+    the build's CMake code), and the compiled pairs' types in its note."""
+    cm = cuda_pairs_from_cmake()
+    on_cuda = {t for pair in cm["compiled"] for t in pair.split("-")} | {"f32"}
+    assert main(["types", "--research"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line[:1].isalnum()
+            and not line.startswith(("CUDA", "This"))}
+    assert set(rows) == {t.name for t in pyadaq.cache_types(research=True)}
+    for name, row in rows.items():
+        assert row[5] == ("yes" if name in on_cuda else "-"), name
+    assert f"every K/V pair among {', '.join(cm['fa_types'])} has a compiled" in " ".join(out.split())
 
 
 def test_plots_without_matplotlib_say_how_to_install_it(tiny_model, tmp_path, child_env):
@@ -337,3 +394,33 @@ def test_reference_store_is_bounded(tmp_path, monkeypatch):
     assert main(["cache"]) == 0
     assert main(["cache", "--clear", "references"]) == 0
     assert not root.exists()
+
+
+def test_small_formatting_things(tiny_model):
+    """KL of float-rounding size is never shown as -0.0000; a cache type reads as its name; /stats
+    after an answer with no timed tokens says so instead of printing nan."""
+    from pyadaq.cli.chat_cmd import Chat
+    from pyadaq.report.markdown import fixed, kv_grid
+
+    assert fixed(-1e-9, 4) == "0.0000" and fixed(-0.01, 2) == "-0.01" and fixed(0.25, 3) == "0.250"
+    assert "-0.0000" not in "\n".join(kv_grid({("f16", "f16"): {"kl": -3e-9}}, "kl", "{:.4f}"))
+    assert repr(pyadaq.cache_type("kvq2")) == "CacheType('kvq2')"
+    llm = pyadaq.Llama(str(tiny_model()), cache_type_k="q8_0", cache_type_v="kvq2", n_ctx=256, n_threads=1)
+    try:
+        chat = Chat(llm, max_tokens=4, temperature=0.0)
+        chat.last = {"prompt_tokens": 0, "prompt_ms": 0.0, "gen_tokens": 0, "gen_ms": 0.0, "seconds": 0.1,
+                     "interrupted": True}
+        text = chat.stats()
+        assert "nan" not in text and "no speed measured" in text and "(interrupted)" in text
+        k, v = llm.context_layer_types()
+        assert repr(k[0]) == "CacheType('q8_0')" and str(v[0]) == "kvq2"
+    finally:
+        llm.close()
+
+
+def test_eval_table_has_the_f16_reference(tiny_model, capsys):
+    rc = main(["eval", "--model", str(tiny_model()), "--configs", "q8_0:kvq2", "--ctx", "64", "--chunks", "1",
+               "--threads", "1", "--no-cache"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "(f16 reference)" in out and "1 chunk of 64 tokens" in out and "1 chunks" not in out

@@ -1,10 +1,12 @@
-"""What several commands share: where generated files go, and the notice printed before a long
-measurement starts (what it computes, about how long it takes, what of it is cached, and the
-faster alternative)."""
+"""What several commands share, in one place: the model and text options and their checks, the
+model options of chat/serve/demo and the pyadaq.Llama they make, number-list options, JSON
+output, where generated files go, and the notice printed before a long measurement starts (what
+it computes, about how long it takes, what of it is cached, and the faster alternative)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import textwrap
 import time
@@ -12,6 +14,122 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_OUT = "pyadaq-results"  # `results` and `formats` write here unless --out says otherwise
+
+
+def resolve_model(path):
+    """(model path, ModelInfo): the given GGUF or the embedded model, checked from its header."""
+    from pyadaq.model.header import read_model_info
+
+    if path:
+        model = path
+    else:
+        from pyadaq.model.embedded import embedded_model_path
+
+        model = str(embedded_model_path())
+    return model, read_model_info(model)
+
+
+def read_text_file(path) -> str:
+    """A UTF-8 text file's contents; ValueError naming the file when it is not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def model_and_text(model_path, text_path):
+    """(model path, ModelInfo, text or None) after the checks that need no native code."""
+    model, info = resolve_model(model_path)
+    return model, info, read_text_file(text_path) if text_path else None
+
+
+def write_json(obj, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
+    print(f"wrote {path}")
+
+
+def parse_ints(spec: str, what: str) -> list:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, not '{spec}'") from None
+
+
+def parse_fractions(spec: str, what: str) -> list:
+    """Comma-separated numbers between 0 and 1."""
+    try:
+        out = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, not '{spec}'") from None
+    if any(not 0.0 <= d <= 1.0 for d in out):
+        raise ValueError(f"{what} must lie between 0 and 1")
+    return out
+
+
+def check_configs(configs, info) -> None:
+    """Uniform pairs against the model's head sizes; plan files against the model."""
+    from pyadaq.runtime.kvplan import load_checked
+    from pyadaq.runtime.llama import validate_cache_types
+
+    for c in configs:
+        if isinstance(c, tuple):
+            validate_cache_types(info, c[0], c[1], flash_attn=True)
+        elif c.kind == "plan":
+            load_checked(c.arg, info)
+
+
+def add_model_options(p) -> None:
+    """The model and cache options of chat and serve."""
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--cache-type-k", default="q8_0", help="K cache type (default q8_0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cache-type-v", help="V cache type (default kvq2)")
+    g.add_argument("--kv-budget", type=float, help="average bits per cached value: a per-layer plan")
+    g.add_argument("--kv-plan", help="per-layer plan file from `pyadaq plan`")
+    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's choice)")
+    p.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU when built with one (default all)")
+
+
+def load_llama_from_args(args, **extra):
+    """load_llama with the options of add_model_options."""
+    return load_llama(args.command, args.model, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+                      kv_plan=args.kv_plan, kv_budget=args.kv_budget, ctx=args.ctx, threads=args.threads,
+                      gpu_layers=args.gpu_layers, **extra)
+
+
+def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_type_v: str | None = None,
+               kv_plan=None, kv_budget: float | None = None, ctx: int = 4096, threads: int | None = None,
+               gpu_layers: int = -1, **extra):
+    """(model path, ModelInfo, pyadaq.Llama) for a command, every check done before native code."""
+    from pyadaq.llama import Llama
+
+    model, info = resolve_model(model_path)
+    if ctx < 64:
+        raise ValueError(f"--ctx {ctx} is too small (at least 64)")
+    if info.n_ctx_train and ctx > info.n_ctx_train:
+        raise ValueError(f"--ctx {ctx} is larger than the model's training context ({info.n_ctx_train})")
+    kw = dict(n_ctx=ctx, n_gpu_layers=gpu_layers, swa_full=False, **extra)
+    if threads:
+        kw["n_threads"] = threads
+    if kv_plan or kv_budget is not None:
+        if kv_budget is not None:
+            from pyadaq.plan.calibrate import DEFAULT_TYPES, check_budget_range
+
+            check_budget_range(info, kv_budget, DEFAULT_TYPES)
+            # what Llama(kv_budget=...) calibrates: pyadaq.plan.calibrate.plan_for_budget's defaults
+            announce_calibration(command, model, DEFAULT_TYPES, 512, 2,
+                                 faster=f"`pyadaq plan --budget {kv_budget:g} --sensitivity norms`, then "
+                                        f"`pyadaq {command} --kv-plan plan.json`", faster_passes=2)
+        kw.update(kv_plan=kv_plan, kv_budget=kv_budget)
+        # the plan decides K too; an explicit --cache-type-k is ignored (say so)
+        if cache_type_k != "q8_0":
+            print("pyadaq: --cache-type-k is ignored with a per-layer plan", file=sys.stderr)
+    else:
+        kw.update(cache_type_k=cache_type_k, cache_type_v=cache_type_v or "kvq2")
+    return model, info, Llama(model, **kw)
 
 
 def out_dir(path: str) -> Path:
@@ -121,3 +239,27 @@ def announce_calibration(command: str, model_path: str, types: Sequence[str], n_
     announce(command, work, passes, model_path, n_ctx, n_threads,
              kept=f"The result is cached in {cache_dir()}: later runs with this model and these settings "
                   "start at once.", faster=faster, faster_passes=faster_passes)
+
+
+def print_eval_table(out: dict) -> None:
+    """The table `pyadaq eval` prints, with the f16 reference's perplexity first."""
+    from pyadaq.report.markdown import fixed
+
+    s = out["settings"]
+    print(f"\n{Path(s['model']).name}: {counted(out['chunks'], 'chunk')} of {s['ctx']} tokens of {s['text']}, "
+          f"second half scored; KL and top-1 against an f16/f16 cache")
+    has_pk = out.get("passkey") is not None
+    labels = [r.get("config", r["k"] + ":" + r["v"]) for r in out["results"]]
+    w = max([16, *map(len, labels)])
+    head = (f"{'K:V':<{w}} {'bits/val':>8} {'KV MiB':>8} {'PPL':>9} {'KL mean':>9} {'± se':>7} {'top-1':>7} "
+            f"{'RMS dp':>7}")
+    print(head + ("  passkey" if has_pk else ""))
+    if out.get("f16_ppl") is not None:
+        print(f"{'(f16 reference)':<{w}} {16.0:>8.2f} {out['f16_kv_bytes'] / 2**20:>8.2f} {out['f16_ppl']:>9.4f}")
+    for label, r in zip(labels, out["results"]):
+        line = (f"{label:<{w}} {r['bits_per_value']:>8.2f} {r['kv_bytes'] / 2**20:>8.2f} "
+                f"{r['ppl']:>9.4f} {fixed(max(r['kl_mean'], 0.0), 5):>9} {r['kl_stderr']:>7.5f} "
+                f"{100 * r['top1']:>6.2f}% {100 * r['rms_dp']:>6.2f}%")
+        if has_pk:
+            line += f"  {100 * r['passkey_mean']:5.1f}%"
+        print(line)

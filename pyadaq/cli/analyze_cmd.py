@@ -19,25 +19,16 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def model_and_text(args):
-    """(model path, ModelInfo, text or None) after the checks that need no native code."""
-    from pyadaq.cli.eval_cmd import read_text_file, resolve_model
-
-    model, info = resolve_model(args.model)
-    text = read_text_file(args.text) if getattr(args, "text", None) else None
-    return model, info, text
-
-
 def run(args) -> int:
     if args.plot:
         from pyadaq.report.plots import require_plots
 
         require_plots()  # before the run, not after it
-    from pyadaq.cli.eval_cmd import write_json
+    from pyadaq.cli._common import model_and_text, write_json
     from pyadaq.eval.analyze import analyze
     from pyadaq.report.plots import plot_norms, plot_spectra
 
-    model, info, text = model_and_text(args)
+    model, info, text = model_and_text(args.model, args.text)
     if args.ctx < 16 or (info.n_ctx_train and args.ctx > info.n_ctx_train):
         raise ValueError(f"--ctx {args.ctx} must be between 16 and the model's context ({info.n_ctx_train})")
     if args.chunks < 1:

@@ -4,6 +4,7 @@ context depth, with the KV size and the ratio to f16/f16 measured in the same ru
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="write the figures and the run's settings here")
     p.add_argument("--plot", help="write a PNG plot here (speed against depth per config)")
     p.add_argument("--markdown", help="write a Markdown report here (docs/BENCHMARKS.md)")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="write the table, --plot and --markdown from a saved --json run instead of measuring")
     p.add_argument("--section", metavar="TITLE",
                    help="with --markdown: write the report as the section '## TITLE' of that file, replacing a "
                         "section of the same title or adding it at the end")
@@ -46,7 +49,7 @@ def _ints(spec: str, what: str) -> list:
 
 
 def check_inputs(args):
-    from pyadaq.cli.eval_cmd import check_configs, resolve_model
+    from pyadaq.cli._common import check_configs, resolve_model
     from pyadaq.plan.spec import parse_configs
 
     model, info = resolve_model(args.model)
@@ -76,39 +79,43 @@ def run(args) -> int:
         from pyadaq.report.plots import require_plots
 
         require_plots()  # before the run, not after it
+    import shlex
+    import sys
+
     from pyadaq._native import native
     from pyadaq._version import __version__
-    from pyadaq.cli.eval_cmd import write_json
+    from pyadaq.cli._common import write_json
     from pyadaq.eval.bench import run_bench
     from pyadaq.plan.spec import resolve_configs
     from pyadaq.report.machine import machine
     from pyadaq.report.plots import plot_bench
 
-    model, info, configs, depths = check_inputs(args)
-    configs = resolve_configs(configs, model)
-    t0 = time.time()
-    res = run_bench(model, configs, depths, args.n_prompt, args.n_gen, args.reps, args.threads, args.batch,
-                    n_gpu_layers=args.gpu_layers)
-    res["settings"] = {
-        "model": model, "model_name": Path(model).name, "model_sha256": info.sha256, "pyadaq": __version__,
-        "native": native().build_info["info"], "machine": machine(), "backend": res["backend"],
-        "threads": args.threads, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "seconds": time.time() - t0,
-    }
+    command = "pyadaq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
+        else "pyadaq bench"
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        command = res["settings"].get("command", command)  # the command that measured it
+    else:
+        model, info, configs, depths = check_inputs(args)
+        configs = resolve_configs(configs, model)
+        t0 = time.time()
+        res = run_bench(model, configs, depths, args.n_prompt, args.n_gen, args.reps, args.threads, args.batch,
+                        n_gpu_layers=args.gpu_layers)
+        res["settings"] = {
+            "model": model, "model_name": Path(model).name, "model_sha256": info.sha256, "pyadaq": __version__,
+            "native": native().build_info["info"], "machine": machine(), "backend": res["backend"],
+            "threads": args.threads, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "seconds": time.time() - t0, "command": command,
+        }
     print_table(res)
-    if args.json:
+    if args.json and not args.from_json:
         write_json(res, args.json)
     if args.plot:
         plot_bench(res, args.plot)
         print(f"wrote {args.plot}")
     if args.markdown:
-        import shlex
-        import sys
-
         from pyadaq.report.markdown import render_bench, upsert_section
 
-        command = "pyadaq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
-            else "pyadaq bench"
         md_path = Path(args.markdown)
         if args.section:
             section = render_bench(res, command, args.mem_bandwidth, heading=f"## {args.section}")

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from pyadaq.cli._common import add_model_options, load_llama_from_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a local model (streaming, KV cache kept between turns)",
@@ -27,50 +29,6 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
-
-
-def add_model_options(p) -> None:
-    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    p.add_argument("--cache-type-k", default="q8_0", help="K cache type (default q8_0)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--cache-type-v", help="V cache type (default kvq2)")
-    g.add_argument("--kv-budget", type=float, help="average bits per cached value: a per-layer plan")
-    g.add_argument("--kv-plan", help="per-layer plan file from `pyadaq plan`")
-    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's choice)")
-    p.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU when built with one (default all)")
-
-
-def load_llama(args, **extra):
-    """pyadaq.Llama from the model options, every check done before native code runs."""
-    from pyadaq.cli.eval_cmd import resolve_model
-    from pyadaq.llama import Llama
-
-    model, info = resolve_model(args.model)
-    if args.ctx < 64:
-        raise ValueError(f"--ctx {args.ctx} is too small (at least 64)")
-    if info.n_ctx_train and args.ctx > info.n_ctx_train:
-        raise ValueError(f"--ctx {args.ctx} is larger than the model's training context ({info.n_ctx_train})")
-    kw = dict(n_ctx=args.ctx, n_gpu_layers=args.gpu_layers, swa_full=False, **extra)
-    if args.threads:
-        kw["n_threads"] = args.threads
-    if args.kv_plan or args.kv_budget is not None:
-        if args.kv_budget is not None:
-            from pyadaq.cli._common import announce_calibration
-            from pyadaq.plan.calibrate import DEFAULT_TYPES, check_budget_range
-
-            check_budget_range(info, args.kv_budget, DEFAULT_TYPES)
-            # what Llama(kv_budget=...) calibrates: pyadaq.plan.calibrate.plan_for_budget's defaults
-            announce_calibration(args.command, model, DEFAULT_TYPES, 512, 2,
-                                 faster=f"`pyadaq plan --budget {args.kv_budget:g} --sensitivity norms`, then "
-                                        f"`pyadaq {args.command} --kv-plan plan.json`", faster_passes=2)
-        kw.update(kv_plan=args.kv_plan, kv_budget=args.kv_budget)
-        # the plan decides K too; an explicit --cache-type-k is ignored (say so)
-        if args.cache_type_k != "q8_0":
-            print("pyadaq: --cache-type-k is ignored with a per-layer plan", file=sys.stderr)
-    else:
-        kw.update(cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v or "kvq2")
-    return model, info, Llama(model, **kw)
 
 
 # A base model continues the transcript; without a first line saying what the assistant does,
@@ -167,15 +125,17 @@ class Chat:
                  f"({got / f16:.0%}); {llm.n_tokens} of {llm.n_ctx()} tokens in use")]
         s = self.last
         if s:
-            pp = s["prompt_tokens"] / (s["prompt_ms"] / 1e3) if s["prompt_ms"] > 0 else float("nan")
-            tg = s["gen_tokens"] / (s["gen_ms"] / 1e3) if s["gen_ms"] > 0 else float("nan")
-            lines.append(f"last answer: {s['prompt_tokens']} new prompt tokens at {pp:.1f} t/s, "
-                         f"{s['gen_tokens']} generated at {tg:.1f} t/s")
+            def rate(n, ms):  # an interrupted answer may have no timed tokens
+                return f"{n / (ms / 1e3):.1f} t/s" if n > 0 and ms > 0 else "no speed measured"
+
+            pp, tg = rate(s["prompt_tokens"], s["prompt_ms"]), rate(s["gen_tokens"], s["gen_ms"])
+            lines.append(f"last answer: {s['prompt_tokens']} new prompt tokens ({pp}), "
+                         f"{s['gen_tokens']} generated ({tg})" + (" (interrupted)" if s.get("interrupted") else ""))
         return "\n".join(lines)
 
 
 def run(args) -> int:
-    model, _info, llm = load_llama(args, seed=args.seed)
+    model, _info, llm = load_llama_from_args(args, seed=args.seed)
     chat = Chat(llm, args.system, args.max_tokens, args.temperature, args.seed)
     interactive = sys.stdin.isatty()
     try:

@@ -3,7 +3,6 @@ type), then the KV size and the KL divergence against an f16 cache of a few conf
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 CONFIGS = [("f16", "f16"), ("q8_0", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "kvq3"), ("q8_0", "kvq2"), ("q4_0", "kvq2")]
@@ -20,13 +19,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pyadaq.cli._common import announce, counted, missing_reference
-    from pyadaq.cli.chat_cmd import Chat, load_llama
+    from pyadaq.cli._common import announce, counted, load_llama, missing_reference
+    from pyadaq.cli.chat_cmd import Chat
     from pyadaq.eval.kl import cache_root, compare
+    from pyadaq.report.markdown import fixed
 
-    opts = argparse.Namespace(model=args.model, cache_type_k="q8_0", cache_type_v="kvq2", kv_budget=None,
-                              kv_plan=None, ctx=2048, threads=args.threads, gpu_layers=-1)
-    model, info, llm = load_llama(opts, seed=0)
+    model, info, llm = load_llama("demo", args.model, cache_type_k="q8_0", cache_type_v="kvq2", ctx=2048,
+                                  threads=args.threads, seed=0)
     print(f"model: {model}\nKV cache: K=q8_0, V=kvq2 (2.5 bits per value)\n")
     print(f"> {args.prompt}")
     try:
@@ -48,5 +47,5 @@ def run(args) -> int:
     print(f"{'K:V':<11} {'bits/value':>10} {'KV MiB':>8} {'of f16':>7} {'KL mean':>9} {'top-1':>7}")
     for r in res["results"]:
         print(f"{r['config']:<11} {r['bits_per_value']:>10.2f} {r['kv_bytes'] / 2**20:>8.2f} "
-              f"{r['kv_bytes'] / f16:>7.0%} {r['kl_mean']:>9.4f} {r['top1']:>7.1%}")
+              f"{r['kv_bytes'] / f16:>7.0%} {fixed(max(r['kl_mean'], 0.0), 4):>9} {r['top1']:>7.1%}")
     return 0

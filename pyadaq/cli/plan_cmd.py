@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pyadaq.cli.analyze_cmd import model_and_text
+    from pyadaq.cli._common import model_and_text
     from pyadaq.plan.calibrate import cached_analysis, calibrate, check_budget_range, plan_for_budget
     from pyadaq.types import cache_type
 
-    model, info, _ = model_and_text(args)
+    model, info, _ = model_and_text(args.model, getattr(args, "text", None))
     types = [cache_type(t.strip()).name for t in args.types.split(",") if t.strip()]
     if not types:
         raise ValueError("--types is empty")

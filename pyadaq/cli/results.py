@@ -4,13 +4,24 @@ comparison, from one `pyadaq eval` run (or from its saved JSON)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
-from pyadaq.cli._common import DEFAULT_OUT, announce, counted, missing_reference, out_dir
+from pyadaq.cli._common import (
+    DEFAULT_OUT,
+    announce,
+    counted,
+    missing_reference,
+    out_dir,
+    parse_fractions,
+    parse_ints,
+    print_eval_table,
+    resolve_model,
+    write_json,
+)
 from pyadaq.report.markdown import MATRIX, kv_grid
+from pyadaq.report.plots import plot_eval
 
 CTX = 512
 PASSKEY_DEPTHS = "0.1,0.3,0.5,0.7,0.9"
@@ -60,21 +71,23 @@ def run(args) -> int:
     if not args.from_json or args.adaptive:
         announce_work(args, model, res["chunks"] if args.from_json else args.chunks, budgets)
     if not args.from_json:
-        from pyadaq.cli import eval_cmd
+        from pyadaq.eval.run import evaluate
+        from pyadaq.eval.texts import default_text
+        from pyadaq.plan.spec import parse_configs
 
-        eval_args = argparse.Namespace(
-            model=model, text=None, ctx=CTX, chunks=args.chunks, configs=configs(), passkey=args.passkey,
-            passkey_lengths=args.passkey_lengths, passkey_depths=PASSKEY_DEPTHS, passkey_seeds=1,
-            threads=None, no_rot=False, no_cache=False, json=str(json_path), plot=str(plot_path))
-        eval_cmd.run(eval_args)
+        _, info = resolve_model(model)
+        res = evaluate(model, info, parse_configs(configs()), text=default_text(), text_name="pydoc_data.topics",
+                       ctx=CTX, chunks=args.chunks,
+                       passkey_lengths=parse_ints(args.passkey_lengths, "--passkey-lengths") if args.passkey else None,
+                       passkey_depths=parse_fractions(PASSKEY_DEPTHS, "passkey depths"))
+        print_eval_table(res)
+        write_json(res, json_path)
+        plot_eval(res, plot_path)
         src = str(json_path)
-        res = json.loads(json_path.read_text())
     if args.passkey_from:
         merge_passkey(res, json.loads(Path(args.passkey_from).read_text()))
     if args.from_json:
-        from pyadaq.report.plots import plot_eval as plot
-
-        plot(res, plot_path)
+        plot_eval(res, plot_path)
     adaptive = None
     if args.adaptive:
         from pyadaq.cli.adaptive_results import measure
@@ -96,7 +109,6 @@ def announce_work(args, model: str, chunks: int, budgets: list) -> None:
     """The notice before the measurement: the matrix (unless rendered from JSON), pass-key prompts
     and the adaptive section, in forward passes of CTX tokens."""
     from pyadaq._paths import cache_base
-    from pyadaq.cli.eval_cmd import _ints
     from pyadaq.model.header import read_model_info
 
     info = read_model_info(model)
@@ -107,7 +119,7 @@ def announce_work(args, model: str, chunks: int, budgets: list) -> None:
                     f"{CTX} tokens)")
         passes += n * args.chunks + missing_reference(info, CTX, args.chunks)
         if args.passkey:
-            lengths, depths = _ints(args.passkey_lengths, "--passkey-lengths"), PASSKEY_DEPTHS.split(",")
+            lengths, depths = parse_ints(args.passkey_lengths, "--passkey-lengths"), PASSKEY_DEPTHS.split(",")
             work.append(f"pass-key accuracy ({n * len(lengths) * len(depths)} prompts of "
                         f"{', '.join(map(str, lengths))} tokens, counted as passes of {CTX})")
             passes += n * len(depths) * -(-sum(lengths) // CTX)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from pyadaq.cli.chat_cmd import add_model_options
+    from pyadaq.cli._common import add_model_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with pyadaq's KV cache", description=__doc__)
     add_model_options(p)
@@ -100,10 +100,10 @@ def run(args) -> int:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"pyadaq serve needs the server extra: pip install 'pyadaq[server]' ({e})") from None
-    from pyadaq.cli.chat_cmd import load_llama
+    from pyadaq.cli._common import load_llama_from_args
 
     check_port(args.host, args.port)
-    model, _info, llm = load_llama(args)
+    model, _info, llm = load_llama_from_args(args)
     alias = args.alias or Path(model).name
     app = make_app(llm, alias, args.host, args.port)
     types = (f"per-layer plan ({llm.kv_plan.bits_per_value:.2f} bits per value)" if llm.kv_plan is not None

@@ -205,11 +205,15 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
             bar.update()
         ref.close()
         results = []
-        for cfg in configs:
+        ref_nll: list = []  # the f16 reference's own perplexity, from the stored log-probs
+        for n_cfg, cfg in enumerate(configs):
             ctx = open_context(model, cfg, n_ctx, n_threads, attn_rot)
             acc, secs = Accumulator(), 0.0
             for i, ch in enumerate(parts):
                 lp_ref, top1 = store.load(i)
+                if n_cfg == 0:
+                    nxt = ch[first + 1:]
+                    ref_nll.extend((-lp_ref[np.arange(len(nxt)), nxt]).tolist())
                 t0 = time.perf_counter()
                 lg = ctx.logits(ch, first)[:-1]
                 secs += time.perf_counter() - t0
@@ -229,6 +233,7 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
             tmp.cleanup()
     return {
         "model": str(model_path), "n_ctx": n_ctx, "chunks": len(parts), "attn_rot": attn_rot,
-        "f16_kv_bytes": f16_bytes, "results": results,
+        "f16_kv_bytes": f16_bytes, "f16_ppl": float(np.exp(np.mean(ref_nll))) if ref_nll else None,
+        "results": results,
         "reference": None if tmp is not None else {"dir": str(store.dir), "hits": store.hits, "misses": store.misses},
     }

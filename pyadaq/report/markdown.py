@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["MATRIX", "kv_grid", "render_bench", "upsert_section"]
+__all__ = ["MATRIX", "fixed", "kv_grid", "render_bench", "upsert_section"]
+
+def fixed(x: float, digits: int) -> str:
+    """x with `digits` decimals, never "-0.000..." (a KL of -1e-9 is float rounding, not a
+    negative divergence)."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
+
 
 # the cache types of the K x V matrix in docs/RESULTS.md
 MATRIX = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
@@ -60,6 +67,18 @@ def render_bench(res: dict, command: str, mem_bandwidth_gbps: float | None = Non
         if mem_bandwidth_gbps:
             line += " – |" if gbps is None else f" {gbps / mem_bandwidth_gbps:.2f} |"
         out.append(line)
+    deepest = max(r["depth"] for r in rows)
+    base = next((r for r in rows if r["config"] == "f16:f16" and r["depth"] == deepest), None)
+    saved = []
+    for r in rows:
+        if base is None or r is base or r["depth"] != deepest:
+            continue
+        mem, ref = r.get("peak_rss_growth_bytes"), base.get("peak_rss_growth_bytes")
+        if mem is not None and ref is not None:
+            saved.append(f"- {r['config']}: {(ref - mem) / 2**20:.1f} MiB less peak memory than f16/f16, against "
+                         f"{(base['kv_bytes'] - r['kv_bytes']) / 2**20:.1f} MiB less KV cache")
+    if saved:
+        out += ["", f"At depth {deepest}, what each config saves against f16/f16:", "", *saved]
     for n in res.get("noisy_baseline", []):
         out += ["", (f"Note: at depth {n['depth']} f16/f16's {n['test']} varied by {100 * n['f16_relative_sd']:.0f} % "
                     f"(sd / mean) against {100 * n['others_min']:.0f} % for the steadiest config: the {n['test']} "
@@ -88,6 +107,7 @@ def kv_grid(by: dict, key: str, fmt: str) -> list[str]:
         cells = []
         for v in MATRIX:
             r = by.get((k, v))
-            cells.append(fmt.format(r[key]) if r is not None and r.get(key) is not None else "–")
+            text = fmt.format(r[key]) if r is not None and r.get(key) is not None else "–"
+            cells.append(text[1:] if text.startswith("-") and text.strip("-0.") == "" else text)
         rows.append(f"| **{k}** | " + " | ".join(cells) + " |")
     return rows

@@ -182,7 +182,8 @@ def plot_spectra(res: dict, path: str | Path) -> None:
     n = len(layers)
     cols = min(6, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.4 * rows + 0.6), squeeze=False)
+    # wide enough for the title however few layers there are
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.7 * cols, 8.0), 2.4 * rows + 0.8), squeeze=False)
     for i, r in enumerate(layers):
         ax = axes[i // cols][i % cols]
         for kind, color in (("k", "tab:red"), ("v", "tab:blue")):
@@ -206,7 +207,7 @@ def plot_spectra(res: dict, path: str | Path) -> None:
         axes[j // cols][j % cols].axis("off")
     several = any(r[k].get("n_head", 1) > 1 for r in layers for k in ("k", "v"))
     fig.suptitle(f"{Path(res['settings']['model']).name}: singular values of K and V per layer, per token"
-                 + ("; band: min-max across KV heads" if several else ""), fontsize=9)
+                 + ("\n(band: min-max across KV heads)" if several else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
