@@ -122,7 +122,9 @@ def render(result: dict) -> str:
          f"standard error over {result['rounds']} rounds in which the two builds took turns (one `pyadaq bench` "
          f"process each, one repetition): this build `{result['this']}` against `{result['other']}`."),
         "",
-        f"Rerun: `{result.get('command', 'scripts/bench_against.py')}`",
+        (f"Rerun: `{result.get('command', 'scripts/bench_against.py')}`, with the other build installed in the "
+        "`--other` directory (`git worktree add /tmp/old <commit>`, then "
+        "`pip install --no-deps --target /tmp/oldpkg /tmp/old`)."),
         "",
         ("| config | pp / f16, this | pp / f16, previous | this / previous | tg / f16, this | tg / f16, previous "
          "| this / previous |"),

@@ -26,8 +26,8 @@
 # (PYADAQ_SDIST=path or PYADAQ_LLAMA_CPP_DIR=an unpacked vendor/llama.cpp), the embedded model
 # (PYADAQ_EMBEDDED_MODEL=path to the gemma-3-270m Q4_K_M GGUF, else the installed model
 # package), and a Python ($PYTHON, default python3) with numpy, matplotlib, tqdm, pytest,
-# cffi, gguf and llama-cpp-python's Python layer (llama_cpp). scripts/device-bundle.sh packs
-# the source, the missing packages and the model into .device-bundle/, which this script
+# cffi, gguf and llama-cpp-python's Python layer (llama_cpp). scripts/offline-bundle.sh packs
+# the source, the missing packages and the model into .offline-bundle/, which this script
 # unpacks. The repository's pyadaq/ is used in place (PYTHONPATH) with the libraries in
 # build/gpu/bin. pytest leaves out the `pyadaq serve` tests when llama_cpp.server's
 # dependencies (FastAPI, uvicorn) are missing.
@@ -50,8 +50,8 @@ out=${GPU_CHECK_OUT:-docs/gpu/$slug}
 mkdir -p "$out"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYADAQ_LIB_DIR="$here/$build/bin" PYTHONUNBUFFERED=1
 
-# A bundle from scripts/device-bundle.sh (machines without network access)
-bundle=${PYADAQ_DEVICE_BUNDLE:-$here/.device-bundle}
+# A bundle from scripts/offline-bundle.sh (machines without network access)
+bundle=${PYADAQ_OFFLINE_BUNDLE:-${PYADAQ_DEVICE_BUNDLE:-$here/.offline-bundle}}
 if [[ -d $bundle ]]; then
     if [[ -f $bundle/src.tar.xz && -z ${PYADAQ_LLAMA_CPP_DIR:-} ]]; then
         export PYADAQ_LLAMA_CPP_DIR=/tmp/pyadaq-llama.cpp

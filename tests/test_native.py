@@ -70,6 +70,8 @@ def test_llama_cpp_imported_first_says_to_import_pyadaq():
     llama_cpp first fails, and the error says what to do (native/site/_pyadaq_llama_cpp_hint.py)."""
     import importlib.util
 
+    if os.environ.get("PYADAQ_LIB_DIR"):
+        pytest.skip("pyadaq runs from a source tree here (PYADAQ_LIB_DIR); the hint comes with `pip install`")
     if importlib.util.find_spec("_pyadaq_llama_cpp_hint") is None:
         pytest.fail("the hint module is not installed beside pyadaq (CMakeLists.txt installs it)")
     own = Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib"
