@@ -11,7 +11,8 @@ ratios, and drift over the run hits both installs alike.
     scripts/bench_against.py --other /tmp/oldpkg --configs q8_0:kvq2,q4_0:kvq2,q8_0:q4_0 \
         --depth 4096 --rounds 6 --json docs/bench-against.json --markdown docs/BENCHMARKS.md
 
-With --markdown the table goes into that file as the section "## Against the previous build".
+With --markdown the table goes into that file as the section "## Against the previous build"
+(--title to name it otherwise).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--from-json", help="write the table (and --markdown) from a saved --json run")
+    ap.add_argument("--title", default="Against the previous build", help="the section's title")
     args = ap.parse_args()
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
@@ -74,7 +76,7 @@ def main() -> int:
         result = measure(args)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
-    text = render(result)
+    text = render(result, args.title)
     print(text)
     if args.markdown:
         from pyadaq.report.markdown import upsert_section  # the installed package
@@ -112,11 +114,11 @@ def measure(args) -> dict:
             "this": natives["this"], "other": natives["other"], "rows": rows, "runs": runs, "command": command}
 
 
-def render(result: dict) -> str:
+def render(result: dict, title: str = "Against the previous build") -> str:
     """The Markdown section of a measure() result."""
     rows = result["rows"]
     lines = [
-        "## Against the previous build",
+        f"## {title}",
         "",
         (f"Ratios to f16/f16 at depth {result['depth']} (pp{result['n_prompt']}, tg{result['n_gen']}), mean ± "
          f"standard error over {result['rounds']} rounds in which the two builds took turns (one `pyadaq bench` "

@@ -26,7 +26,7 @@ def run(args) -> int:
 
     model, info, llm = load_llama("demo", args.model, cache_type_k="q8_0", cache_type_v="kvq2", ctx=2048,
                                   threads=args.threads, seed=0)
-    print(f"model: {model}\nKV cache: K=q8_0, V=kvq2 (2.5 bits per value)\n")
+    print(f"model: {model}\nKV cache: K=q8_0, V=kvq2 ({llm.cache_type_v.bits_per_value:g} bits per V value)\n")
     print(f"> {args.prompt}")
     try:
         chat = Chat(llm, max_tokens=args.tokens, temperature=0.0)
@@ -40,7 +40,7 @@ def run(args) -> int:
              kept=f"The f16 reference is cached in {cache_root()} (later runs skip it).",
              faster="`pyadaq demo --chunks 1`" if args.chunks > 1 else None,
              faster_passes=len(CONFIGS) + missing_reference(info, 512, 1))
-    print(f"\nKL divergence against an f16 cache, {args.chunks} chunks of 512 tokens of pydoc_data.topics "
+    print(f"\nKL divergence against an f16 cache, {counted(args.chunks, 'chunk')} of 512 tokens of pydoc_data.topics "
           "(`pyadaq eval` for more):")
     res = compare(model, CONFIGS, n_ctx=512, n_chunks=args.chunks, n_threads=args.threads, store=True)
     f16 = res["f16_kv_bytes"]
