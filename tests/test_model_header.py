@@ -26,3 +26,24 @@ def test_sha256_once_per_file_version(tiny_model, tmp_path, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed (as far as we can know)
     assert pyadaq.read_model_info(path).sha256 == first
     assert len(calls) == 2
+
+
+def test_metadata_that_is_not_utf8_is_refused(tiny_model, tmp_path):
+    """llama_cpp decodes metadata keys and string values strictly (a UnicodeDecodeError from
+    inside pyadaq.Llama otherwise): the header check says which entry is not UTF-8."""
+    import pytest
+
+    data = bytearray(tiny_model().read_bytes())
+    name = b"general.architecture"
+    at = data.index(name)
+    data[at + 2] = 0xFF  # "ge\\xffneral.architecture"
+    bad = tmp_path / "bad-key.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(pyadaq.ModelFileError, match="the name of metadata entry .* is not UTF-8"):
+        pyadaq.Llama(str(bad), n_ctx=64)
+    data = bytearray(tiny_model().read_bytes())
+    value = data.index(b"llama", data.index(name) + len(name))  # the architecture's value
+    data[value] = 0xC3  # a lead byte without its continuation
+    bad.write_bytes(bytes(data))
+    with pytest.raises(pyadaq.ModelFileError, match="general.architecture' is not UTF-8"):
+        pyadaq.read_model_info(bad)

@@ -288,10 +288,19 @@ class _Reader:
     def u64(self) -> int:
         return struct.unpack_from("<Q", self.buf, self.need(8))[0]
 
-    def string(self) -> str:
+    def string(self, strict: bool = False) -> str:
+        """strict: the bytes must be UTF-8 (keys and string values, which llama_cpp decodes
+        strictly when it reads the metadata); tokens may hold any bytes."""
         n = self.u64()
         p = self.need(n)
-        return bytes(self.buf[p:p + n]).decode("utf-8", errors="replace")
+        raw = bytes(self.buf[p:p + n])
+        if not strict:
+            return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelFileError(f"{self.path}: {self.what} is not UTF-8 ({e.reason} at byte {e.start})",
+                                 self.path) from None
 
     def skip_string(self) -> None:
         self.need(self.u64())
@@ -450,12 +459,14 @@ def _parse(buf, size: int, p: Path) -> ModelInfo:
     md: dict[str, Any] = {}
     vocab_dup = None
     for i in range(n_kv):
-        r.what = f"metadata entry {i}"
-        key = r.string()
+        r.what = f"the name of metadata entry {i}"
+        key = r.string(strict=True)
         r.what = f"metadata key '{key}'"
         t = r.u32()
         if key == "tokenizer.ggml.tokens" and t == _ARRAY:
             md[key], vocab_dup = r.vocab()
+        elif t == _STRING:
+            md[key] = r.string(strict=True)
         else:
             md[key] = r.value(t)
     if vocab_dup is not None and md.get("tokenizer.ggml.model") not in ("no_vocab", "none"):
