@@ -39,11 +39,11 @@ def test_metadata_that_is_not_utf8_is_refused(tiny_model, tmp_path):
     data[at + 2] = 0xFF  # "ge\\xffneral.architecture"
     bad = tmp_path / "bad-key.gguf"
     bad.write_bytes(bytes(data))
-    with pytest.raises(pyadaq.ModelFileError, match="the name of metadata entry .* is not UTF-8"):
+    with pytest.raises(pyadaq.ModelFileError, match=r"the name of metadata entry .* is not UTF-8"):
         pyadaq.Llama(str(bad), n_ctx=64)
     data = bytearray(tiny_model().read_bytes())
     value = data.index(b"llama", data.index(name) + len(name))  # the architecture's value
     data[value] = 0xC3  # a lead byte without its continuation
     bad.write_bytes(bytes(data))
-    with pytest.raises(pyadaq.ModelFileError, match="general.architecture' is not UTF-8"):
+    with pytest.raises(pyadaq.ModelFileError, match=r"general\.architecture' is not UTF-8"):
         pyadaq.read_model_info(bad)
