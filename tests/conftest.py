@@ -61,3 +61,11 @@ def child_env():
         return env
 
     return make
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """pyadaq's cache directory for one test: an empty tmp_path/cache ($PYADAQ_CACHE_DIR)."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("PYADAQ_CACHE_DIR", str(d))
+    return d

@@ -18,13 +18,6 @@ from pyadaq.runtime.kvplan import KVPlan, PlanMismatchError
 TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river." for i in range(300))
 
 
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("PYADAQ_CACHE_DIR", str(d))
-    return d
-
-
 @pytest.fixture(scope="module")
 def model4(tiny_model):
     return tiny_model(head_dim=64, n_layer=4)

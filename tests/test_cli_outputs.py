@@ -15,16 +15,9 @@ import pytest
 
 from pyadaq._atomic import atomic_write, atomic_write_text
 from pyadaq.cli import main
-from pyadaq.cli.results import MATRIX
+from pyadaq.report.markdown import MATRIX
 
 TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river." for i in range(300))
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("PYADAQ_CACHE_DIR", str(d))
-    return d
 
 
 def _bits(t: str) -> float:

@@ -61,66 +61,50 @@ class Field:
 
 def layout(data: bytes) -> dict[str, object]:
     """Where each structured field of a (well-formed) GGUF header lies."""
-    pos = 0
+    pos = 8  # after the magic and the version
     f: dict[str, list[Field]] = {k: [] for k in (
         "count", "key_len", "kv_type", "str_len", "arr_type", "arr_len", "arr_str_len", "scalar",
         "name_len", "n_dims", "dim", "ttype", "toffset")}
 
-    def rd(fmt: str):
-        nonlocal pos
-        v = struct.unpack_from(fmt, data, pos)[0]
-        pos += struct.calcsize(fmt)
-        return v
-
     def field(kind: str, size: int, label: str, vtype: int = -1) -> Field:
+        """Record the field at pos and move past it."""
+        nonlocal pos
         fmt = {4: "<I", 8: "<Q"}[size] if vtype < 0 else _VT_FMT[vtype]
         fl = Field(pos, struct.calcsize(fmt), label, struct.unpack_from(fmt, data, pos)[0], vtype)
         f[kind].append(fl)
+        pos += fl.size
         return fl
 
-    pos = 8
     n_tensors = field("count", 8, "n_tensors").value
-    pos += 8
     n_kv = field("count", 8, "n_kv").value
-    pos += 8
     for _ in range(n_kv):
         klen = field("key_len", 8, "key length").value
-        pos += 8
         key = data[pos:pos + klen].decode()
         pos += klen
         t = field("kv_type", 4, f"value type of {key}").value
-        pos += 4
         if t == _STRING:
             n = field("str_len", 8, f"string length of {key}").value
-            pos += 8 + n
+            pos += n
         elif t == _ARRAY:
             at = field("arr_type", 4, f"element type of {key}").value
-            pos += 4
             n = field("arr_len", 8, f"element count of {key}").value
-            pos += 8
             if at == _STRING:
                 for j in range(n):
                     sl = field("arr_str_len", 8, f"length of {key}[{j}]").value
-                    pos += 8 + sl
+                    pos += sl
             else:
                 pos += n * struct.calcsize(_VT_FMT[at])
         else:
             field("scalar", 0, key, vtype=t)
-            pos += struct.calcsize(_VT_FMT[t])
     for _ in range(n_tensors):
         nlen = field("name_len", 8, "tensor name length").value
-        pos += 8
         name = data[pos:pos + nlen].decode()
         pos += nlen
         nd = field("n_dims", 4, f"n_dims of {name}").value
-        pos += 4
         for j in range(nd):
             field("dim", 8, f"ne[{j}] of {name}")
-            pos += 8
         field("ttype", 4, f"type of {name}")
-        pos += 4
         field("toffset", 8, f"offset of {name}")
-        pos += 8
     return {"fields": f, "header_end": pos, "size": len(data)}
 
 

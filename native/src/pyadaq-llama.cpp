@@ -123,9 +123,11 @@ struct layer_types {
 };
 
 struct context_settings {
-    bool has_types = false;
-    layer_types types;
+    layer_types types;  // empty: the context's uniform types
     int32_t attn_rot = -1;
+
+    bool has_types() const { return !types.k.empty(); }
+    bool empty() const { return !has_types() && attn_rot < 0; }
 };
 
 // filled by pyadaq_next_context_*; taken by the next llama_init_from_model on this thread
@@ -182,7 +184,6 @@ int32_t pyadaq_next_context_layer_types(const struct llama_model * model, int32_
                                         const int32_t * types_k, const int32_t * types_v,
                                         char * err, size_t err_size) {
     if (n_layer == 0) {
-        t_next.has_types = false;
         t_next.types = {};
         return 0;
     }
@@ -210,7 +211,6 @@ int32_t pyadaq_next_context_layer_types(const struct llama_model * model, int32_
             return -1;
         }
     }
-    t_next.has_types = true;
     t_next.types = std::move(lt);
     return 0;
 }
@@ -224,12 +224,12 @@ void pyadaq_next_context_clear(void) {
 }
 
 int32_t pyadaq_next_context_pending(void) {
-    return (t_next.has_types ? 1 : 0) | (t_next.attn_rot >= 0 ? 2 : 0);
+    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot >= 0 ? 2 : 0);
 }
 
 pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
     (void) model;
-    if (t_next.has_types || t_next.attn_rot >= 0) {
+    if (!t_next.empty()) {
         t_active = new context_settings(std::move(t_next));
     }
     t_next = context_settings();
@@ -248,7 +248,7 @@ bool pyadaq_attn_rot_disable(bool env_disable) {
 }
 
 bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params) {
-    if (t_active == nullptr || !t_active->has_types) {
+    if (t_active == nullptr || !t_active->has_types()) {
         return true;
     }
     const std::string why = check_against_model(t_active->types, model);
@@ -277,7 +277,7 @@ bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & 
 }
 
 ggml_type pyadaq_kv_layer_type(uint32_t il, bool is_v, ggml_type uniform) {
-    if (t_active == nullptr || !t_active->has_types) {
+    if (t_active == nullptr || !t_active->has_types()) {
         return uniform;
     }
     const auto & types = is_v ? t_active->types.v : t_active->types.k;
@@ -288,7 +288,7 @@ bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform) {
     if (ggml_is_quantized(uniform)) {
         return true;
     }
-    if (t_active == nullptr || !t_active->has_types) {
+    if (t_active == nullptr || !t_active->has_types()) {
         return false;
     }
     const auto & types = is_v ? t_active->types.v : t_active->types.k;

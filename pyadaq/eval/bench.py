@@ -158,14 +158,12 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
     for r in results:
         r["tg_gbps"] = r["tg_mean"] * r["tg_bytes_per_token"] / 1e9 if r["tg_mean"] else None
     base = {r["depth"]: r for r in results if r["config"] == "f16:f16"}
+    ratios = {"pp_vs_f16": "pp_mean", "tg_vs_f16": "tg_mean", "memory_vs_f16": "peak_rss_growth_bytes",
+              "kv_vs_f16": "kv_bytes"}
     for r in results:
         b = base.get(r["depth"])
-        for key in ("pp", "tg"):
-            ok = b is not None and r[f"{key}_mean"] and b[f"{key}_mean"]
-            r[f"{key}_vs_f16"] = r[f"{key}_mean"] / b[f"{key}_mean"] if ok else None
-        ok = b is not None and r["peak_rss_growth_bytes"] and b["peak_rss_growth_bytes"]
-        r["memory_vs_f16"] = r["peak_rss_growth_bytes"] / b["peak_rss_growth_bytes"] if ok else None
-        r["kv_vs_f16"] = r["kv_bytes"] / b["kv_bytes"] if b is not None and b["kv_bytes"] else None
+        for name, key in ratios.items():
+            r[name] = r[key] / b[key] if b is not None and r[key] and b[key] else None
     return {"model": str(model_path), "backend": "GPU" if n_gpu_layers else "CPU", "n_gpu_layers": n_gpu_layers,
             "noisy_baseline": noisy_baseline(results),
             "weight_bytes": weight_bytes,

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pyadaq import _paths
 from pyadaq._atomic import atomic_write_text
 from pyadaq._native import native
-from pyadaq._paths import cache_base
 from pyadaq._version import __version__
 from pyadaq.eval.analyze import analyze
 from pyadaq.eval.kl import compare
@@ -47,7 +47,8 @@ CALIBRATION_VERSION = 1
 
 
 def cache_dir() -> Path:
-    return cache_base() / "adaptive"
+    """Where calibrations and analyses are cached: adaptive/ of pyadaq's cache directory."""
+    return _paths.cache_dir("adaptive")
 
 
 def _key(*parts) -> str:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 __all__ = ["MATRIX", "fixed", "kv_grid", "render_bench", "upsert_section"]
 
+
+def _no_negative_zero(text: str) -> str:
+    """A formatted number without the sign of "-0.000..." (a KL of -1e-9 is float rounding,
+    not a negative divergence)."""
+    return text[1:] if text.startswith("-") and text.strip("-0.") == "" else text
+
+
 def fixed(x: float, digits: int) -> str:
-    """x with `digits` decimals, never "-0.000..." (a KL of -1e-9 is float rounding, not a
-    negative divergence)."""
-    text = f"{x:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
+    """x with `digits` decimals, never "-0.000..."."""
+    return _no_negative_zero(f"{x:.{digits}f}")
 
 
 # the cache types of the K x V matrix in docs/RESULTS.md
@@ -107,7 +112,7 @@ def kv_grid(by: dict, key: str, fmt: str) -> list[str]:
         cells = []
         for v in MATRIX:
             r = by.get((k, v))
-            text = fmt.format(r[key]) if r is not None and r.get(key) is not None else "–"
-            cells.append(text[1:] if text.startswith("-") and text.strip("-0.") == "" else text)
+            ok = r is not None and r.get(key) is not None
+            cells.append(_no_negative_zero(fmt.format(r[key])) if ok else "–")
         rows.append(f"| **{k}** | " + " | ".join(cells) + " |")
     return rows

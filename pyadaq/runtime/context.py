@@ -79,8 +79,9 @@ class Batch:
         step = min(step or self.capacity, self.capacity)
         for start in range(0, len(tokens), step):
             part = tokens[start:start + step]
-            first = None if logits_from is None else max(0, logits_from - start)
-            self.add(part, pos0 + start, seq_id, first if first is None or first < len(part) else None)
+            # where this part's logits start, relative to it (None: none in this part)
+            first = None if logits_from is None or logits_from >= start + len(part) else max(0, logits_from - start)
+            self.add(part, pos0 + start, seq_id, first)
             self.submit(ctx_ptr)
 
     def close(self) -> None:

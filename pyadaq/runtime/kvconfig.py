@@ -34,7 +34,6 @@ class LayerConfig:
         return max(set(self.types_v), key=self.types_v.count)
 
 
-
 def config_label(cfg) -> str:
     return cfg.label if isinstance(cfg, LayerConfig) else f"{cfg[0]}:{cfg[1]}"
 
