@@ -709,9 +709,9 @@ def test_several_sequences(llama64, kv, unified):
         assert np.isfinite(together[i]).all()
         if unified and (k in NEW or v in NEW):
             # one shared cache, and the 120 queries of the three sequences together take the
-            # flash-attention path on f16 copies (native/src/pyadaq-fa-cpu.c), which rounds Q to
-            # f16 for the K dot product where a sequence alone (40 queries) rounds it to 8 bits:
-            # see fa_path_kl
+            # tiled flash-attention path (native/src/pyadaq-fa-cpu.cpp), which keeps Q in f32 for
+            # the K dot product where a sequence alone (40 queries) rounds it to 8 bits: see
+            # fa_path_kl
             assert token_kl(alone, together[i]).mean() < fa_path_kl(k, v)
             assert token_kl(alone_next, together_next[i]).mean() < fa_path_kl(k, v)
         elif unified:

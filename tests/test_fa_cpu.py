@@ -1,10 +1,10 @@
-"""The CPU flash-attention path for quantized caches (native/src/pyadaq-fa-cpu.c, patch 0006):
-upstream's tiled path with each K and V row dequantized into its tile buffer as the tile is
-packed, for batches of at least a tile of queries (prompt processing), for pyadaq's and
-upstream's quantized types in any pairing. Checked against the per-row path it replaces
-(PYADAQ_FA_TILED=0, in a child process): the same logits up to the rounding of Q, far below the
-quantization error itself; the tiled path really runs where it should, and only there; and its
-scratch does not grow with the context."""
+"""The CPU flash-attention path for quantized caches (native/src/pyadaq-fa-cpu.cpp, patch 0006):
+pyadaq's tiled kernel, which walks each KV tile once for a unit of query tiles sharing its K and V
+heads and dequantizes each K and V row into the tile buffer as the tile is packed, for batches of
+at least a tile of queries (prompt processing), for pyadaq's and upstream's quantized types in any
+pairing. Checked against the per-row path it replaces (PYADAQ_FA_TILED=0, in a child process): the
+same logits up to the rounding of Q, far below the quantization error itself; the tiled path
+really runs where it should, and only there; and its scratch does not grow with the context."""
 
 from __future__ import annotations
 

@@ -243,6 +243,18 @@ def test_report_sections_are_replaced_or_added():
     assert upsert_section("# Title\n", "## Memory\n\nt\n") == "# Title\n\n## Memory\n\nt\n"
 
 
+def test_report_preamble_keeps_the_sections():
+    """`pyadaq bench --markdown FILE` without --section rewrites the report at the top of FILE
+    and keeps its ## sections (the memory table, the comparison with another build)."""
+    from pyadaq.report.markdown import upsert_preamble
+
+    doc = "# Title\n\nold intro\n\n## Memory\n\nm\n\n## Against\n\na\n"
+    new = upsert_preamble(doc, "# Title\n\nnew intro\n")
+    assert new == "# Title\n\nnew intro\n\n## Memory\n\nm\n\n## Against\n\na\n"
+    assert upsert_preamble("", "# T\n\nx\n") == "# T\n\nx\n"
+    assert upsert_preamble("# T\n\nold\n", "# T\n\nnew\n") == "# T\n\nnew\n"
+
+
 def test_bench_report_with_a_bandwidth_and_gpu_goals(tmp_path):
     """The report gives tg against the bandwidth bound; scripts/check_speed_goals.py checks
     issue 6's goals for a GPU run, and says which are not met through its exit code."""

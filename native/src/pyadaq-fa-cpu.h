@@ -1,9 +1,11 @@
-// pyadaq's hooks in ggml-cpu's tiled flash attention (native/src/pyadaq-fa-cpu.c, patch 0006).
+// pyadaq's tiled flash attention for quantized K/V caches on the CPU (native/src/pyadaq-fa-cpu.cpp),
+// called from ggml-cpu through patch 0006.
 #pragma once
 
 #include "ggml.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -12,16 +14,13 @@ extern "C" {
 
 struct ggml_compute_params;
 
-// Whether the op's K and V go to upstream's tiled path although they are not one f16/f32 type
-// (called by every thread of an op with a tile of queries or more; counts the op once).
-bool pyadaq_fa_tiled(const struct ggml_compute_params * params, const struct ggml_tensor * k,
-                     const struct ggml_tensor * v);
-// The same decision from the types alone (the tiled kernel's own check).
-bool pyadaq_fa_tiled_types(enum ggml_type k, enum ggml_type v);
-// Whether rows of this type are packed by pyadaq_fa_pack_row (a quantized type with to_float).
-bool pyadaq_fa_packs(enum ggml_type type);
-// Dequantizes one row of n values into dst[0], dst[stride], ..., dst[(n-1)*stride].
-void pyadaq_fa_pack_row(enum ggml_type type, const void * src, float * dst, int64_t stride, int64_t n);
+// Computes the flash-attention op dst and returns true when it is pyadaq's to compute: a tile of
+// queries or more, and a quantized K or V (or f16 and f32 mixed). Called by every thread of the op;
+// returns false, having done nothing, otherwise.
+bool pyadaq_fa_tiled(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+// The work-buffer bytes that pyadaq_fa_tiled needs for this op with n_tasks threads (0 when it
+// does not take the op), for the graph plan.
+size_t pyadaq_fa_tiled_work_size(const struct ggml_tensor * node, int n_tasks);
 
 #ifdef __cplusplus
 }

@@ -167,7 +167,7 @@ PYADAQ_API const char * pyadaq_dequant_impl_name(int impl);
 PYADAQ_API int pyadaq_is_pyadaq_type(int type);
 
 // ggml-cpu: flash-attention ops with a quantized K or V that ran on the tiled path
-// (native/src/pyadaq-fa-cpu.c)
+// (native/src/pyadaq-fa-cpu.cpp)
 PYADAQ_API int64_t pyadaq_cpu_fa_tiled(void);
 
 #ifdef __cplusplus

@@ -114,15 +114,15 @@ def run(args) -> int:
         plot_bench(res, args.plot)
         print(f"wrote {args.plot}")
     if args.markdown:
-        from pyadaq.report.markdown import render_bench, upsert_section
+        from pyadaq.report.markdown import render_bench, upsert_preamble, upsert_section
 
         md_path = Path(args.markdown)
+        old = md_path.read_text() if md_path.exists() else ""
         if args.section:
             section = render_bench(res, command, args.mem_bandwidth, heading=f"## {args.section}")
-            old = md_path.read_text() if md_path.exists() else ""
             md_path.write_text(upsert_section(old, section))
-        else:
-            md_path.write_text(render_bench(res, command, args.mem_bandwidth))
+        else:  # the report at the top; the file's sections stay
+            md_path.write_text(upsert_preamble(old, render_bench(res, command, args.mem_bandwidth)))
         print(f"wrote {args.markdown}")
     return 0
 

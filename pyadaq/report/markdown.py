@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MATRIX", "fixed", "kv_grid", "render_bench", "upsert_section"]
+__all__ = ["MATRIX", "fixed", "kv_grid", "render_bench", "upsert_preamble", "upsert_section"]
 
 
 def _no_negative_zero(text: str) -> str:
@@ -103,6 +103,15 @@ def upsert_section(document: str, section: str) -> str:
         lines[start:end] = [*section.rstrip("\n").splitlines(), ""]
         return "\n".join(lines).rstrip("\n") + "\n"
     return document.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+
+
+def upsert_preamble(document: str, preamble: str) -> str:
+    """``document`` with everything before its first ``## `` section replaced by ``preamble``
+    (the sections are kept)."""
+    lines = document.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    rest = "\n".join(lines[first:]).strip("\n")
+    return preamble.rstrip("\n") + "\n" + ("\n" + rest + "\n" if rest else "")
 
 
 def kv_grid(by: dict, key: str, fmt: str) -> list[str]:

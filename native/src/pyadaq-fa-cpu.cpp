@@ -1,0 +1,440 @@
+// CPU flash attention with quantized K/V caches: pyadaq's tiled kernel for prompt processing.
+//
+// Upstream's tiled flash attention (ggml-cpu/ops.cpp) takes one tile of 64 queries of one head at
+// a time and walks the whole KV sequence for it, packing every tile of 64 K and V rows into f32
+// tile buffers on the way. It packs only f16 and f32 rows of one type, and sends every other K/V
+// pair to the per-row path, which dequantizes every V row once per query row. For a quantized
+// row, packing is a dequantization, and walking the sequence once per query tile repeats it for
+// every query tile and every query head of a GQA group (32 times per op for a 512-token batch
+// with four query heads per KV head).
+//
+// This kernel takes the same tiles, the same f32 GEMMs and the same online softmax, in another
+// order: a unit of work is up to PYADAQ_FA_UNIT_TILES query tiles that share their K and V heads
+// (the query heads of a GQA group, or neighbouring position tiles of one head), and each KV tile is
+// dequantized once per unit and used for all its query tiles. Each query tile keeps its own
+// accumulators, so the unit's scratch is a fixed number of tiles, independent of the context:
+// it lives in the op's work buffer, which the graph plan sizes through
+// pyadaq_fa_tiled_work_size (patch 0006), and nothing else is allocated. K and V may be any
+// quantized types with a to_float, pyadaq's and upstream's, in any pairing with each other and
+// with f16/f32. f16/f16 and f32/f32 keep upstream's kernel; generation (one query) keeps the
+// per-row path.
+//
+// PYADAQ_FA_TILED=0 switches it off (the per-row path then runs, as upstream).
+
+#include "pyadaq-fa-cpu.h"
+#include "pyadaq-quants.h"
+
+#include "common.h"
+#include "ggml-cpu-impl.h"
+#include "ggml-impl.h"
+#include "simd-gemm.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+// longest row packed through the stack (K head sizes of current models are at most 576)
+#define PYADAQ_FA_MAX_ROW 4096
+// query tiles of one unit of work: the accumulators each thread holds at once
+#define PYADAQ_FA_UNIT_TILES 4
+
+namespace {
+
+constexpr int64_t QT = GGML_FA_TILE_Q;
+constexpr int64_t KT = GGML_FA_TILE_KV;
+constexpr int64_t NT = PYADAQ_FA_UNIT_TILES;
+// per-thread regions start on their own cache lines (ggml-cpu's lines are at most 256 bytes)
+constexpr int64_t LINE_F32 = 256 / sizeof(float);
+
+static_assert(QT > 0 && KT > 0 && NT > 0, "tile sizes");
+static_assert(NT <= 16, "a unit's accumulators must stay small");
+
+int64_t g_tiled;  // ops with a quantized K or V that ran on this kernel (for the tests)
+
+bool enabled() {
+    static int on = -1;
+    if (on < 0) {
+        const char * e = getenv("PYADAQ_FA_TILED");
+        on = !(e && e[0] == '0');
+    }
+    return on != 0;
+}
+
+// f16/f32 rows are converted, quantized rows dequantized
+bool quantized_packable(ggml_type type) {
+    if (type == GGML_TYPE_F16 || type == GGML_TYPE_F32 || !ggml_is_quantized(type)) {
+        return false;
+    }
+    return ggml_get_type_traits(type)->to_float != nullptr;
+}
+
+bool packable(ggml_type type) {
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_F32 || quantized_packable(type);
+}
+
+// Whether this kernel computes the op: queries in f32, at least a tile of them, K/V types that
+// upstream's tiled kernel does not take but this one packs. The graph plan's work size and the
+// op itself ask the same question.
+bool applies(const ggml_tensor * dst) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < QT || k->ne[0] > PYADAQ_FA_MAX_ROW) {
+        return false;
+    }
+    if (!packable(k->type) || !packable(v->type)) {
+        return false;
+    }
+    if (!quantized_packable(k->type) && !quantized_packable(v->type) && k->type == v->type) {
+        return false;  // f16/f16, f32/f32: upstream's own tiled kernel
+    }
+#if defined(GGML_SIMD) && !defined(__x86_64__) && !defined(_M_X64) && !defined(__ARM_FEATURE_SVE)
+    if (v->ne[0] % GGML_F32_EPR != 0) {
+        return false;  // upstream's condition for its tiled kernel on these targets
+    }
+#elif defined(__ARM_FEATURE_SVE)
+    return false;  // upstream sizes its vectors at run time there; not taken over
+#endif
+    return true;
+}
+
+// floats of one thread's scratch
+int64_t thread_floats(int64_t DK, int64_t DV) {
+    const int64_t per_tile = QT * DK + QT * DV + 2 * QT;  // Q, output accumulator, S, M
+    const int64_t shared   = 2 * QT * KT + KT * DK + KT * DV;  // scores, mask, K tile, V tile
+    return (NT * per_tile + shared + LINE_F32 - 1) / LINE_F32 * LINE_F32;
+}
+
+// One row of a K or V tile: dst[0], dst[stride], ..., dst[(n-1)*stride].
+void pack_row(ggml_type type, const void * src, float * dst, int64_t stride, int64_t n) {
+    if (type == GGML_TYPE_F16) {
+        const ggml_fp16_t * s = (const ggml_fp16_t *) src;
+        if (stride == 1) {
+            ggml_cpu_fp16_to_fp32(s, dst, n);
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                dst[i * stride] = GGML_CPU_FP16_TO_FP32(s[i]);
+            }
+        }
+        return;
+    }
+    if (type == GGML_TYPE_F32) {
+        const float * s = (const float *) src;
+        if (stride == 1) {
+            memcpy(dst, s, n * sizeof(float));
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                dst[i * stride] = s[i];
+            }
+        }
+        return;
+    }
+    ggml_to_float_t to_float = ggml_get_type_traits(type)->to_float;
+    if (stride == 1) {
+        to_float(src, dst, n);
+        return;
+    }
+    float row[PYADAQ_FA_MAX_ROW];
+    to_float(src, row, n);
+    for (int64_t i = 0; i < n; ++i) {
+        dst[i * stride] = row[i];
+    }
+}
+
+// How the op's query tiles are grouped into units.
+struct shape {
+    int64_t heads;      // query heads per unit, all on the same K head and V head
+    int64_t pos_tiles;  // query-position tiles per unit
+    int64_t n_pos;      // query-position tiles of a head
+    int64_t n_units;
+};
+
+int64_t count_units(const ggml_tensor * q, int64_t heads, int64_t pos_tiles, int64_t n_pos) {
+    return q->ne[3] * (q->ne[2] / heads) * ((n_pos + pos_tiles - 1) / pos_tiles);
+}
+
+shape make_shape(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, int nth) {
+    const int64_t rk2 = q->ne[2] / k->ne[2];
+    const int64_t rv2 = q->ne[2] / v->ne[2];
+    // consecutive query heads h0..h0+g-1 (h0 a multiple of g) share a K head and a V head when g
+    // divides both broadcast factors
+    int64_t a = rk2, b = rv2;
+    while (b) {
+        const int64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    const int64_t group = a;
+    const int64_t n_pos = (q->ne[1] + QT - 1) / QT;
+
+    int64_t heads = 1;
+    for (int64_t h = std::min<int64_t>(group, NT); h >= 1; --h) {
+        if (group % h == 0) {
+            heads = h;
+            break;
+        }
+    }
+    int64_t pos_tiles = std::min<int64_t>(NT / heads, n_pos);
+    // enough units that every thread has several (the later position tiles of a causal mask
+    // cost more than the first): give up sharing before leaving threads idle
+    while (count_units(q, heads, pos_tiles, n_pos) < 4 * nth && (pos_tiles > 1 || heads > 1)) {
+        if (pos_tiles > 1) {
+            --pos_tiles;
+        } else {
+            int64_t h = heads - 1;
+            while (h > 1 && group % h != 0) {
+                --h;
+            }
+            heads = h;
+        }
+    }
+    return { heads, pos_tiles, n_pos, count_units(q, heads, pos_tiles, n_pos) };
+}
+
+struct tile {
+    int64_t iq1, iq2, iq3;  // first query row, query head, sequence
+    int64_t rows;
+    float   slope;
+    float * Q;    // rows x DK
+    float * VKQ;  // rows x DV
+    float * S;
+    float * M;
+};
+
+void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape & sh, int64_t u) {
+    const ggml_tensor * q     = dst->src[0];
+    const ggml_tensor * k     = dst->src[1];
+    const ggml_tensor * v     = dst->src[2];
+    const ggml_tensor * mask  = dst->src[3];
+    const ggml_tensor * sinks = dst->src[4];
+
+    const int64_t DK   = k->ne[0];
+    const int64_t DV   = v->ne[0];
+    const int64_t N    = q->ne[1];
+    const int64_t nek1 = k->ne[1];
+
+    float scale         = 1.0f;
+    float max_bias      = 0.0f;
+    float logit_softcap = 0.0f;
+    memcpy(&scale,         (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&max_bias,      (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&logit_softcap, (const float *) dst->op_params + 2, sizeof(float));
+    if (logit_softcap != 0) {
+        scale /= logit_softcap;
+    }
+    const uint32_t n_head      = q->ne[2];
+    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
+    const float    m0          = powf(2.0f, -(max_bias       ) / n_head_log2);
+    const float    m1          = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+
+    // which tiles
+    const int64_t n_pu  = (sh.n_pos + sh.pos_tiles - 1) / sh.pos_tiles;
+    const int64_t n_hg  = q->ne[2] / sh.heads;
+    const int64_t iq3   = u / (n_hg * n_pu);
+    const int64_t hg    = (u / n_pu) % n_hg;
+    const int64_t p0    = (u % n_pu) * sh.pos_tiles;
+    const int64_t p1    = std::min(p0 + sh.pos_tiles, sh.n_pos);
+
+    // scratch: this thread's region of the work buffer
+    float * base   = (float *) params->wdata + params->ith * thread_floats(DK, DV);
+    float * KQ     = base + NT * (QT * DK + QT * DV + 2 * QT);
+    float * mask32 = KQ + QT * KT;
+    float * K32    = mask32 + QT * KT;  // transposed: K32[dk*KT + kv]
+    float * V32    = K32 + KT * DK;
+
+    tile tiles[NT];
+    int  nt = 0;
+    for (int64_t h = hg * sh.heads; h < (hg + 1) * sh.heads; ++h) {
+        for (int64_t p = p0; p < p1; ++p) {
+            tile & t = tiles[nt];
+            float * tb = base + nt * (QT * DK + QT * DV + 2 * QT);
+            t.iq1   = p * QT;
+            t.iq2   = h;
+            t.iq3   = iq3;
+            t.rows  = std::min(QT, N - t.iq1);
+            t.slope = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2 * (h - n_head_log2) + 1)) : 1.0f;
+            t.Q     = tb;
+            t.VKQ   = tb + QT * DK;
+            t.S     = t.VKQ + QT * DV;
+            t.M     = t.S + QT;
+            for (int64_t r = 0; r < t.rows; ++r) {
+                const char * pq = (const char *) q->data + (t.iq1 + r) * q->nb[1] + h * q->nb[2] + iq3 * q->nb[3];
+                memcpy(t.Q + r * DK, pq, DK * sizeof(float));
+                t.S[r] = 0.0f;
+                t.M[r] = -INFINITY;
+            }
+            memset(t.VKQ, 0, t.rows * DV * sizeof(float));
+            ++nt;
+        }
+    }
+    GGML_ASSERT(nt > 0 && nt <= NT);
+
+    // every tile of the unit reads the same K and V heads
+    const int64_t ik2 = tiles[0].iq2 / (q->ne[2] / k->ne[2]);
+    const int64_t ik3 = iq3 / (q->ne[3] / k->ne[3]);
+    const int64_t iv2 = tiles[0].iq2 / (q->ne[2] / v->ne[2]);
+    const int64_t iv3 = iq3 / (q->ne[3] / v->ne[3]);
+
+    // the rows of a last, partial KV tile beyond the sequence: finite (zero), masked out of the scores
+    memset(K32, 0, KT * DK * sizeof(float));
+    memset(V32, 0, KT * DV * sizeof(float));
+
+    for (int64_t ic = 0; ic < nek1; ic += KT) {
+        const int64_t kv_tile  = std::min(KT, nek1 - ic);
+        bool          k_packed = false;
+        bool          v_packed = false;
+
+        for (int it = 0; it < nt; ++it) {
+            tile & t = tiles[it];
+
+            if (mask) {
+                bool can_skip = true;
+                for (int64_t r = 0; r < t.rows; ++r) {
+                    const ggml_fp16_t * mp = (const ggml_fp16_t *) ((const char *) mask->data + (t.iq1 + r) * mask->nb[1] +
+                                                                    (t.iq2 % mask->ne[2]) * mask->nb[2] +
+                                                                    (t.iq3 % mask->ne[3]) * mask->nb[3]);
+                    float * m32 = mask32 + r * KT;
+                    for (int64_t c = 0; c < kv_tile; ++c) {
+                        m32[c] = t.slope * GGML_CPU_FP16_TO_FP32(mp[ic + c]);
+                        can_skip &= m32[c] == -INFINITY;
+                    }
+                    for (int64_t c = kv_tile; c < KT; ++c) {
+                        m32[c] = -INFINITY;
+                    }
+                }
+                if (can_skip) {
+                    continue;
+                }
+            }
+
+            if (!k_packed) {
+                for (int64_t c = 0; c < kv_tile; ++c) {
+                    const char * kd = (const char *) k->data + (ic + c) * k->nb[1] + ik2 * k->nb[2] + ik3 * k->nb[3];
+                    pack_row(k->type, kd, K32 + c, KT, DK);
+                }
+                k_packed = true;
+            }
+
+            memset(KQ, 0, t.rows * KT * sizeof(float));
+            simd_gemm(KQ, t.Q, K32, (int) t.rows, (int) DK, (int) KT);
+            ggml_vec_scale_f32((int) (t.rows * KT), KQ, scale);
+            if (logit_softcap != 0.0f) {
+                ggml_vec_tanh_f32((int) (t.rows * KT), KQ, KQ);
+                ggml_vec_scale_f32((int) (t.rows * KT), KQ, logit_softcap);
+            }
+            if (mask) {
+                ggml_vec_add_f32((int) (t.rows * KT), KQ, KQ, mask32);
+            } else {
+                for (int64_t r = 0; r < t.rows; ++r) {
+                    for (int64_t c = kv_tile; c < KT; ++c) {
+                        KQ[r * KT + c] = -INFINITY;
+                    }
+                }
+            }
+
+            // online softmax, row by row
+            for (int64_t r = 0; r < t.rows; ++r) {
+                float * kq = KQ + r * KT;
+                float   tile_max;
+                ggml_vec_max_f32((int) KT, &tile_max, kq);
+                if (tile_max == -INFINITY) {
+                    memset(kq, 0, KT * sizeof(float));  // nothing of this tile for this row
+                    continue;
+                }
+                const float Mold = t.M[r];
+                const float Mnew = fmaxf(Mold, tile_max);
+                if (Mnew > Mold) {
+                    const float ms = expf(Mold - Mnew);
+                    ggml_vec_scale_f32((int) DV, t.VKQ + r * DV, ms);
+                    t.S[r] *= ms;
+                }
+                t.M[r] = Mnew;
+                t.S[r] += (float) ggml_vec_soft_max_f32((int) KT, kq, kq, Mnew);
+            }
+
+            if (!v_packed) {
+                for (int64_t c = 0; c < kv_tile; ++c) {
+                    const char * vd = (const char *) v->data + (ic + c) * v->nb[1] + iv2 * v->nb[2] + iv3 * v->nb[3];
+                    pack_row(v->type, vd, V32 + c * DV, 1, DV);
+                }
+                v_packed = true;
+            }
+            simd_gemm(t.VKQ, KQ, V32, (int) t.rows, (int) KT, (int) DV);
+        }
+    }
+
+    const int64_t ne1 = dst->ne[1];
+    const int64_t ne2 = dst->ne[2];
+    const size_t  nb1 = dst->nb[1];
+    for (int it = 0; it < nt; ++it) {
+        tile & t = tiles[it];
+        if (sinks) {
+            const float s = ((const float *) sinks->data)[t.iq2];
+            for (int64_t r = 0; r < t.rows; ++r) {
+                float ms = 1.0f;
+                float vs = 1.0f;
+                if (s > t.M[r]) {
+                    ms = expf(t.M[r] - s);
+                    ggml_vec_scale_f32((int) DV, t.VKQ + r * DV, ms);
+                } else {
+                    vs = expf(s - t.M[r]);
+                }
+                t.S[r] = t.S[r] * ms + vs;
+            }
+        }
+        for (int64_t r = 0; r < t.rows; ++r) {
+            const float S_inv = t.S[r] == 0.0f ? 0.0f : 1.0f / t.S[r];
+            ggml_vec_scale_f32((int) DV, t.VKQ + r * DV, S_inv);
+            const int64_t i1 = t.iq1 + r;
+            // permute(0, 2, 1, 3)
+            memcpy((char *) dst->data + (t.iq3 * ne2 * ne1 + t.iq2 + i1 * ne1) * nb1, t.VKQ + r * DV, nb1);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t pyadaq_cpu_fa_tiled(void) {
+    return __atomic_load_n(&g_tiled, __ATOMIC_RELAXED);
+}
+
+size_t pyadaq_fa_tiled_work_size(const struct ggml_tensor * node, int n_tasks) {
+    if (!applies(node)) {
+        return 0;
+    }
+    return (size_t) thread_floats(node->src[1]->ne[0], node->src[2]->ne[0]) * n_tasks * sizeof(float);
+}
+
+bool pyadaq_fa_tiled(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    if (params->use_ref || !applies(dst)) {
+        return false;
+    }
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    GGML_ASSERT(q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type));
+    GGML_ASSERT(q->ne[0] == k->ne[0] && dst->ne[0] == v->ne[0] && dst->nb[0] == sizeof(float));
+    GGML_ASSERT(q->ne[2] % k->ne[2] == 0 && q->ne[2] % v->ne[2] == 0);
+    GGML_ASSERT(q->ne[3] % k->ne[3] == 0 && q->ne[3] % v->ne[3] == 0);
+
+    const int ith = params->ith;
+    const int nth = params->nth;
+    const shape sh = make_shape(q, k, v, nth);
+
+    if (ith == 0) {
+        __atomic_add_fetch(&g_tiled, 1, __ATOMIC_RELAXED);
+        ggml_threadpool_chunk_set(params->threadpool, nth);
+    }
+    ggml_barrier(params->threadpool);
+
+    for (int64_t u = ith; u < sh.n_units; u = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+        run_unit(params, dst, sh, u);
+    }
+    return true;
+}
+
+}  // extern "C"
