@@ -96,6 +96,7 @@ int64_t pyadaq_kv_capture_rows(void * cap, int32_t is_v, int32_t il);
 int32_t pyadaq_kv_capture_head_size(void * cap, int32_t is_v, int32_t il);
 int32_t pyadaq_kv_capture_n_head(void * cap, int32_t is_v, int32_t il);
 int32_t pyadaq_kv_capture_gram(void * cap, int32_t is_v, int32_t il, int32_t head, double * out, int64_t n);
+int32_t pyadaq_kv_capture_sum(void * cap, int32_t is_v, int32_t il, int32_t head, double * out, int64_t n);
 int64_t pyadaq_kv_capture_skipped(void * cap);
 
 int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k);

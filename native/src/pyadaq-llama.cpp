@@ -64,8 +64,9 @@ PYADAQ_API int32_t pyadaq_kv_layer_types(const struct llama_context * ctx, int32
 // K/V activation capture. An evaluation callback (llama_context_params.cb_eval, user data:
 // the capture) that observes the tensors named "Kcur-<il>" and "Vcur-<il>" (the keys and
 // values of layer il as the model computes them, before they enter the cache; the last such
-// node of each layer in the graph) and accumulates, per layer and KV head, the Gram matrix
-// X^T X of the rows (one row per token, head_size wide) in double precision.
+// node of each layer in the graph: keys after RoPE and any key norm) and accumulates, per layer
+// and KV head, the Gram matrix X^T X and the sum of the rows (one row per token, head_size wide)
+// in double precision.
 struct pyadaq_kv_capture;
 PYADAQ_API struct pyadaq_kv_capture * pyadaq_kv_capture_new(const struct llama_model * model);
 PYADAQ_API void pyadaq_kv_capture_free(struct pyadaq_kv_capture * cap);
@@ -81,6 +82,10 @@ PYADAQ_API int32_t pyadaq_kv_capture_n_head(const struct pyadaq_kv_capture * cap
 // returns head_size, or -1 for a bad layer/head or a too small out.
 PYADAQ_API int32_t pyadaq_kv_capture_gram(const struct pyadaq_kv_capture * cap, int32_t is_v, int32_t il,
                                          int32_t head, double * out, int64_t n);
+// Copies the sum of the rows (head_size values) of one head into out (n doubles); returns
+// head_size, or -1 for a bad layer/head or a too small out.
+PYADAQ_API int32_t pyadaq_kv_capture_sum(const struct pyadaq_kv_capture * cap, int32_t is_v, int32_t il,
+                                        int32_t head, double * out, int64_t n);
 // Nodes whose layout the capture could not read (not F32/F16/BF16); 0 in a normal run.
 PYADAQ_API int64_t pyadaq_kv_capture_skipped(const struct pyadaq_kv_capture * cap);
 
@@ -511,6 +516,7 @@ struct pyadaq_kv_capture {
         int32_t n_head = 0;
         int64_t rows = 0;
         std::vector<double> gram;      // n_head * head_size * head_size (upper triangle filled)
+        std::vector<double> sum;       // n_head * head_size
         std::vector<float> staged;     // the last node of this layer in the current graph (ubatch)
         int64_t staged_rows = 0;
     };
@@ -533,6 +539,7 @@ pyadaq_kv_capture * pyadaq_kv_capture_new(const llama_model * model) {
             p.head_size = (int32_t) (is_v ? hp.n_embd_head_v(il) : hp.n_embd_head_k(il));
             p.n_head = (int32_t) hp.n_head_kv(il);
             p.gram.assign((size_t) p.n_head * p.head_size * p.head_size, 0.0);
+            p.sum.assign((size_t) p.n_head * p.head_size, 0.0);
         }
     }
     return cap;
@@ -568,8 +575,10 @@ static void capture_commit(pyadaq_kv_capture * cap) {
                 for (int64_t h = 0; h < p.n_head; ++h) {
                     const float * x = p.staged.data() + (r * p.n_head + h) * d;
                     double * g = p.gram.data() + h * d * d;
+                    double * sm = p.sum.data() + h * d;
                     for (int64_t a = 0; a < d; ++a) {
                         const double xa = x[a];
+                        sm[a] += xa;
                         double * ga = g + a * d;
                         for (int64_t b = a; b < d; ++b) {
                             ga[b] += xa * (double) x[b];
@@ -702,6 +711,16 @@ int32_t pyadaq_kv_capture_gram(const pyadaq_kv_capture * cap, int32_t is_v, int3
         }
     }
     return (int32_t) d;
+}
+
+int32_t pyadaq_kv_capture_sum(const pyadaq_kv_capture * cap, int32_t is_v, int32_t il, int32_t head,
+                              double * out, int64_t n) {
+    const auto * p = capture_part(cap, is_v, il);
+    if (p == nullptr || head < 0 || head >= p->n_head || out == nullptr || n < p->head_size) {
+        return -1;
+    }
+    memcpy(out, p->sum.data() + (size_t) head * p->head_size, (size_t) p->head_size * sizeof(double));
+    return p->head_size;
 }
 
 int64_t pyadaq_kv_capture_skipped(const pyadaq_kv_capture * cap) {

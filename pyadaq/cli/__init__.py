@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         analyze_cmd,
         bench_cmd,
         cache_cmd,
+        calibrate_cmd,
         chat_cmd,
         demo,
         eval_cmd,
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         types_cmd,
     )
 
-    for mod in (analyze_cmd, bench_cmd, cache_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd, results, serve_cmd,
-                types_cmd):
+    for mod in (analyze_cmd, bench_cmd, cache_cmd, calibrate_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd,
+                results, serve_cmd, types_cmd):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
     from pyadaq.runtime.offload import KVOffloadError

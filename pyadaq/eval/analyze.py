@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from pyadaq.model.header import TruncatedModelError, read_model_info
 from pyadaq.report.machine import machine
 from pyadaq.runtime.context import Context, Model, quiet_native_logs
 
-__all__ = ["activation_stats", "analyze", "verdict", "weight_norms"]
+__all__ = ["Moments", "activation_stats", "analyze", "capture_moments", "verdict", "weight_norms"]
 
 
 def weight_norms(model_path: str | Path, progress: bool = True) -> list[dict]:
@@ -89,6 +90,76 @@ def _head_stats(gram: np.ndarray, rows: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Moments:
+    """What the capture accumulated for one layer's K or V: per KV head, the Gram matrix
+    sum x x^T [heads, d, d] and the sum of the rows [heads, d] over `rows` tokens (keys after
+    RoPE and any key norm, as the model hands them to the cache)."""
+
+    rows: int
+    gram: np.ndarray
+    sum: np.ndarray
+
+    @property
+    def head_size(self) -> int:
+        return int(self.sum.shape[1])
+
+    @property
+    def n_head(self) -> int:
+        return int(self.sum.shape[0])
+
+
+def capture_moments(model_path: str | Path, text: str | None = None, n_ctx: int = 512, n_chunks: int = 4,
+                    n_threads: int | None = None, progress: bool = True,
+                    desc: str = "capturing K/V") -> tuple[int, int, list[dict[str, Moments]]]:
+    """Reads `text` (default: pydoc topics) in n_chunks chunks of n_ctx tokens, each from an
+    empty f16 cache, and returns (tokens read, chunks read, per layer {"k": Moments, "v": Moments})
+    ({} for a layer without a KV cache of its own that computed no K/V)."""
+    n = native()
+    quiet_native_logs()
+    text = text if text is not None else default_text()
+    info = read_model_info(model_path)
+    model = Model(str(model_path))
+    cap = n.llama.pyadaq_kv_capture_new(n.ffi.cast("void *", model.ptr))
+    try:
+        toks = model.tokenize(text, add_bos=True)
+        parts = chunks(toks, n_ctx, n_chunks, int(toks[0]) if model.adds_bos else None)
+        cb = int(n.ffi.cast("uintptr_t", n.ffi.addressof(n.llama, "pyadaq_kv_capture_eval_cb")))
+        ctx = Context(model, "f16", "f16", n_ctx, n_threads, cb_eval=(cb, int(n.ffi.cast("uintptr_t", cap))))
+        try:
+            for ch in tqdm(parts, desc=desc, disable=not progress):
+                ctx.logits(ch, len(ch) - 1)
+                n.llama.pyadaq_kv_capture_flush(cap)
+        finally:
+            ctx.close()
+        if n.llama.pyadaq_kv_capture_skipped(cap):
+            raise RuntimeError("the capture met K/V tensors of a type it cannot read")
+        cache_layers = set(info.cache_layers())
+        layers: list[dict[str, Moments]] = []
+        for il in range(info.n_layer):
+            row: dict[str, Moments] = {}
+            for is_v, kind in ((0, "k"), (1, "v")):
+                rows = int(n.llama.pyadaq_kv_capture_rows(cap, is_v, il))
+                d = int(n.llama.pyadaq_kv_capture_head_size(cap, is_v, il))
+                heads = int(n.llama.pyadaq_kv_capture_n_head(cap, is_v, il))
+                if rows <= 0 and il not in cache_layers:
+                    continue  # a layer that reads another layer's cache
+                if rows <= 0:
+                    raise RuntimeError(f"no {kind.upper()} activations were captured for layer {il} "
+                                       "(the model's graph does not name them Kcur-N / Vcur-N)")
+                gram = np.empty((heads, d, d), dtype=np.float64)
+                sums = np.empty((heads, d), dtype=np.float64)
+                for h in range(heads):
+                    n.llama.pyadaq_kv_capture_gram(cap, is_v, il, h, n.ffi.cast("double *", gram[h].ctypes.data), d * d)
+                    n.llama.pyadaq_kv_capture_sum(cap, is_v, il, h, n.ffi.cast("double *", sums[h].ctypes.data), d)
+                row[kind] = Moments(rows, gram, sums)
+            layers.append(row)
+        return int(sum(len(p) for p in parts)), len(parts), layers
+    finally:
+        n.llama.pyadaq_kv_capture_free(cap)
+        model.close()
+
+
 def activation_stats(model_path: str | Path, text: str | None = None, n_ctx: int = 512, n_chunks: int = 4,
                      n_threads: int | None = None, progress: bool = True) -> dict:
     """Keys and values of every layer while the model reads `text` (default: pydoc topics),
@@ -99,51 +170,24 @@ def activation_stats(model_path: str | Path, text: str | None = None, n_ctx: int
     "spectral_per_token" and the singular values normalized per token ("sv_mean", "sv_min",
     "sv_max": mean and min-max band across heads, descending).
     """
-    n = native()
-    quiet_native_logs()
-    text = text if text is not None else default_text()
-    model = Model(str(model_path))
-    cap = n.llama.pyadaq_kv_capture_new(n.ffi.cast("void *", model.ptr))
-    try:
-        toks = model.tokenize(text, add_bos=True)
-        parts = chunks(toks, n_ctx, n_chunks, int(toks[0]) if model.adds_bos else None)
-        cb = int(n.ffi.cast("uintptr_t", n.ffi.addressof(n.llama, "pyadaq_kv_capture_eval_cb")))
-        ctx = Context(model, "f16", "f16", n_ctx, n_threads, cb_eval=(cb, int(n.ffi.cast("uintptr_t", cap))))
-        try:
-            for ch in tqdm(parts, desc="capturing K/V", disable=not progress):
-                ctx.logits(ch, len(ch) - 1)
-                n.llama.pyadaq_kv_capture_flush(cap)
-        finally:
-            ctx.close()
-        if n.llama.pyadaq_kv_capture_skipped(cap):
-            raise RuntimeError("the capture met K/V tensors of a type it cannot read")
-        layers = []
-        for il in range(read_model_info(model_path).n_layer):
-            row: dict = {"layer": il}
-            for is_v, kind in ((0, "k"), (1, "v")):
-                rows = int(n.llama.pyadaq_kv_capture_rows(cap, is_v, il))
-                d = int(n.llama.pyadaq_kv_capture_head_size(cap, is_v, il))
-                heads = int(n.llama.pyadaq_kv_capture_n_head(cap, is_v, il))
-                if rows <= 0:
-                    raise RuntimeError(f"no {kind.upper()} activations were captured for layer {il} "
-                                       "(the model's graph does not name them Kcur-N / Vcur-N)")
-                buf = np.empty(d * d, dtype=np.float64)
-                stats = []
-                for h in range(heads):
-                    n.llama.pyadaq_kv_capture_gram(cap, is_v, il, h, n.ffi.cast("double *", buf.ctypes.data), d * d)
-                    stats.append(_head_stats(buf.reshape(d, d), rows))
-                sv = np.stack([s["singular_values"] for s in stats]) / np.sqrt(rows)
-                row[kind] = {
-                    "tokens": rows, "head_size": d, "n_head": heads,
-                    **{key: [s[key] for s in stats]
-                       for key in ("frobenius", "spectral", "frobenius_per_token", "spectral_per_token")},
-                    "sv_mean": sv.mean(0).tolist(), "sv_min": sv.min(0).tolist(), "sv_max": sv.max(0).tolist(),
-                }
-            layers.append(row)
-        return {"tokens": int(sum(len(p) for p in parts)), "n_ctx": n_ctx, "chunks": len(parts), "layers": layers}
-    finally:
-        n.llama.pyadaq_kv_capture_free(cap)
-        model.close()
+    tokens, n_read, captured = capture_moments(model_path, text, n_ctx, n_chunks, n_threads, progress)
+    layers = []
+    for il, moments in enumerate(captured):
+        if not moments:
+            raise RuntimeError(f"no activations were captured for layer {il} (it has no KV cache of its own)")
+        row: dict = {"layer": il}
+        for kind in ("k", "v"):
+            m = moments[kind]
+            stats = [_head_stats(m.gram[h], m.rows) for h in range(m.n_head)]
+            sv = np.stack([st["singular_values"] for st in stats]) / np.sqrt(m.rows)
+            row[kind] = {
+                "tokens": m.rows, "head_size": m.head_size, "n_head": m.n_head,
+                **{key: [st[key] for st in stats]
+                   for key in ("frobenius", "spectral", "frobenius_per_token", "spectral_per_token")},
+                "sv_mean": sv.mean(0).tolist(), "sv_min": sv.min(0).tolist(), "sv_max": sv.max(0).tolist(),
+            }
+        layers.append(row)
+    return {"tokens": tokens, "n_ctx": n_ctx, "chunks": n_read, "layers": layers}
 
 
 def verdict(result: dict) -> dict:
