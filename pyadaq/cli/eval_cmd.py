@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--no-rot", action="store_true", help="disable llama.cpp's attention rotation")
     p.add_argument("--no-cache", action="store_true", help="do not store or reuse the f16 reference")
+    p.add_argument("--f32-weights", action="store_true",
+                   help="measure on a float32 copy of the model (made once and cached): the cache types' own "
+                        "error, without the noise of a quantized model's 8-bit activations (docs/KL_FLOOR.md)")
     p.add_argument("--json", help="write every figure and the run's settings here")
     p.add_argument("--plot", help="write a PNG plot here")
     p.set_defaults(func=run)
@@ -72,7 +75,13 @@ def run(args) -> int:
     from pyadaq.plan.spec import resolve_configs
 
     model, info, text, text_name, configs = check_inputs(args)
-    configs = resolve_configs(configs, model)
+    configs = resolve_configs(configs, model)  # plans are checked against the model they were made for
+    if args.f32_weights:
+        from pyadaq.model.dequantize import dequantized_copy
+        from pyadaq.model.header import read_model_info
+
+        model = str(dequantized_copy(model))
+        info = read_model_info(model)
     lengths = parse_ints(args.passkey_lengths, "--passkey-lengths") if args.passkey else None
     depths = parse_fractions(args.passkey_depths, "--passkey-depths") if args.passkey else None
     out = evaluate(model, info, configs, text=text, text_name=text_name, ctx=args.ctx, chunks=args.chunks,

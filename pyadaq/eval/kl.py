@@ -170,13 +170,14 @@ class ReferenceStore:
 
 def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = None, n_ctx: int = 512,
             n_chunks: int = 20, attn_rot: bool = True, n_threads: int | None = None,
-            progress: bool = True, store: ReferenceStore | bool | None = None) -> dict:
+            progress: bool = True, store: ReferenceStore | bool | None = None, flash_attn: bool = True) -> dict:
     """Score each K/V config against an f16/f16 cache on the same chunks.
 
     The f16 reference of every chunk is computed first (or found in `store`), then one
     configuration at a time gets a context and runs all chunks, so only two contexts are alive
     at once. store: a ReferenceStore, True for the default one on disk (keyed by model, text
-    and n_ctx), or None/False for a temporary one deleted afterwards.
+    and n_ctx), or None/False for a temporary one deleted afterwards. flash_attn: for the
+    configurations' contexts (the reference always runs with flash attention).
     """
     import tempfile
 
@@ -207,7 +208,7 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
         results = []
         ref_nll: list = []  # the f16 reference's own perplexity, from the stored log-probs
         for n_cfg, cfg in enumerate(configs):
-            ctx = open_context(model, cfg, n_ctx, n_threads, attn_rot)
+            ctx = open_context(model, cfg, n_ctx, n_threads, attn_rot, flash_attn)
             acc, secs = Accumulator(), 0.0
             for i, ch in enumerate(parts):
                 lp_ref, top1 = store.load(i)

@@ -38,12 +38,13 @@ def config_label(cfg) -> str:
     return cfg.label if isinstance(cfg, LayerConfig) else f"{cfg[0]}:{cfg[1]}"
 
 
-def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True):
+def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True, flash_attn: bool = True):
     """A Context for a uniform (k, v) pair or a LayerConfig."""
     if isinstance(cfg, LayerConfig):
-        return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot,
+        return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot, flash_attn=flash_attn,
                        layer_types=(list(cfg.types_k), list(cfg.types_v)))
-    return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot)
+    return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot,
+                   flash_attn=flash_attn)
 
 
 def config_row(cfg) -> dict:
