@@ -77,3 +77,29 @@ def test_eval_on_the_copy(tiny_model, tmp_path, cache, capsys):
     assert res["settings"]["model"] == str(dequantized_copy(src, progress=False))
     assert res["settings"]["model_sha256"] == read_model_info(dequantized_copy(src)).sha256
     capsys.readouterr()
+
+
+def test_eval_a_plan_on_the_copy(tiny_model, tmp_path, cache, capsys):
+    """A plan made for the model is checked against the model, then runs on its float32 copy (a
+    plan names the sha256 of the file it was made for, which the copy does not have)."""
+    from pyadaq.runtime.kvplan import KVPlan
+
+    src = tiny_model(dtype="f16")
+    info = read_model_info(src)
+    plan = tmp_path / "p.json"
+    KVPlan.uniform(info, "q8_0", "kvq2", info.sha256).save(plan)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"Sentence {i} talks about the sea." for i in range(200)))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(src), "--text", str(text), "--ctx", "64", "--chunks", "1", "--threads", "1",
+                 "--configs", f"q8_0:kvq2,plan:{plan}", "--f32-weights", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    # the uniform pair and the plan that gives every layer the same pair measure the same
+    assert rows[1]["per_layer"] and rows[1]["kl_mean"] == pytest.approx(rows[0]["kl_mean"], rel=1e-6, abs=1e-9)
+    # a plan made for another file is checked against the named model, not against the copy
+    other = tmp_path / "other.json"
+    KVPlan.uniform(info, "q8_0", "kvq2", "0" * 64).save(other)
+    with pytest.warns(UserWarning, match=rf"not this file \({src.name}, sha256 {info.sha256[:12]}"):
+        assert main(["eval", "--model", str(src), "--text", str(text), "--ctx", "64", "--chunks", "1",
+                     "--threads", "1", "--configs", f"plan:{other}", "--f32-weights"]) == 0
+    capsys.readouterr()
