@@ -4,26 +4,36 @@ old file or the new one, never a half-written cache entry."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(file) on a temporary file in path's directory, then move it to path; on any
-    failure (KeyboardInterrupt included) the temporary file is removed and path is untouched."""
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path in path's directory for the block to write (for writers that open files
+    themselves, like gguf.GGUFWriter), moved to path when the block ends; on any failure
+    (KeyboardInterrupt included) the temporary file is removed and path is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "xb") as fh:
-            write(fh)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temporary file in path's directory, then move it to path (see
+    atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as fh:
+        write(fh)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -20,7 +20,6 @@ import numpy as np
 from pyadaq.eval.analyze import capture_moments
 from pyadaq.eval.calibration import calibrate
 from pyadaq.eval.texts import default_text
-from pyadaq.model.calibration import components_from_moments
 from pyadaq.model.embedded import embedded_model_path
 
 
@@ -42,7 +41,7 @@ def main() -> int:
         for il, moments in enumerate(layers):
             if not moments:
                 continue
-            held = components_from_moments(moments[kind].rows, moments[kind].gram, moments[kind].sum)
+            held = moments[kind].components()
             c = (cal.k if kind == "k" else cal.v)[il]
             cov = held.covariance().astype(np.float64)
             for h in range(held.n_head):

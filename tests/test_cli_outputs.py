@@ -218,6 +218,26 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
     assert list(np.load(target)) == [0, 1, 2]
 
 
+def test_gguf_writers_leave_nothing_behind_when_interrupted(tmp_path, monkeypatch):
+    """write_calibration and write_dequantized write through atomic_path: a failure half-way
+    leaves the old file (or none) and no temporary file."""
+    import gguf
+
+    from pyadaq.model.calibration import Calibration, write_calibration
+
+    target = tmp_path / "cal.gguf"
+    target.write_bytes(b"old")
+
+    def fail(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    cal = Calibration("0" * 64, "m", "llama", 0, (), (), (), (), "0" * 64, 0, 16, 1, "v", "b", "now", {}, {})
+    with pytest.raises(KeyboardInterrupt):
+        write_calibration(cal, target)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["cal.gguf"]
+
+
 def test_ctrl_c_during_eval_stops_with_one_line(tiny_model, tmp_path, child_env):
     cache = tmp_path / "cache"
     text = tmp_path / "t.txt"

@@ -29,6 +29,7 @@ from pyadaq._native import native
 from pyadaq._version import __version__
 from pyadaq.eval.kl import chunks
 from pyadaq.eval.texts import default_text
+from pyadaq.model.calibration import Components, components_from_moments
 from pyadaq.model.header import TruncatedModelError, read_model_info
 from pyadaq.report.machine import machine
 from pyadaq.runtime.context import Context, Model, quiet_native_logs
@@ -107,6 +108,10 @@ class Moments:
     @property
     def n_head(self) -> int:
         return int(self.sum.shape[0])
+
+    def components(self) -> Components:
+        """The mean, principal directions and variances these moments imply."""
+        return components_from_moments(self.rows, self.gram, self.sum)
 
 
 def capture_moments(model_path: str | Path, text: str | None = None, n_ctx: int = 512, n_chunks: int = 4,

@@ -6,6 +6,7 @@ build."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -19,7 +20,6 @@ from pyadaq.eval.texts import calibration_text
 from pyadaq.model.calibration import (
     Calibration,
     CalibrationFileError,
-    components_from_moments,
     read_calibration,
     write_calibration,
 )
@@ -40,14 +40,34 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cached_path(model_path: str | Path, text: str | None = None, n_ctx: int = DEFAULT_CTX,
-                n_chunks: int = DEFAULT_CHUNKS) -> Path:
-    """Where calibrate() keeps its result for these arguments."""
-    info = read_model_info(model_path)
-    text = text if text is not None else calibration_text()
+def _cached_path(info, text: str, n_ctx: int, n_chunks: int) -> Path:
     key = json.dumps(["kv-calibration", 1, info.sha256, _text_sha(text), n_ctx, n_chunks,
                       native().build_info["info"]])
     return cache_dir() / f"{info.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.gguf"
+
+
+def cached_path(model_path: str | Path, text: str | None = None, n_ctx: int = DEFAULT_CTX,
+                n_chunks: int = DEFAULT_CHUNKS) -> Path:
+    """Where calibrate() keeps its result for these arguments."""
+    return _cached_path(read_model_info(model_path), text if text is not None else calibration_text(), n_ctx,
+                        n_chunks)
+
+
+def _measure(model_path, info, text: str, n_ctx: int, n_chunks: int, n_threads, progress: bool) -> Calibration:
+    tokens, n_read, layers = capture_moments(model_path, text, n_ctx, n_chunks, n_threads, progress,
+                                             desc="calibrating (K/V means and principal components)")
+    k = {il: m["k"].components() for il, m in enumerate(layers) if m}
+    v = {il: m["v"].components() for il, m in enumerate(layers) if m}
+    return Calibration(
+        model_sha256=info.sha256, model_name=info.name or info.path.name, architecture=info.architecture,
+        n_layer=info.n_layer,
+        n_head_kv=tuple(k[il].n_head if il in k else 0 for il in range(info.n_layer)),
+        head_size_k=tuple(k[il].head_size if il in k else 0 for il in range(info.n_layer)),
+        head_size_v=tuple(v[il].head_size if il in v else 0 for il in range(info.n_layer)),
+        tokens=tuple(m["k"].rows if m else 0 for m in layers), text_sha256=_text_sha(text), text_tokens=tokens,
+        n_ctx=n_ctx, chunks=n_read, pyadaq_version=__version__, build=native().build_info["info"],
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), k=k, v=v,
+    )
 
 
 def calibrate(model_path: str | Path, text: str | None = None, n_ctx: int = DEFAULT_CTX,
@@ -56,7 +76,8 @@ def calibrate(model_path: str | Path, text: str | None = None, n_ctx: int = DEFA
     """The calibration of the model on `text` (default: :func:`calibration_text`), from the cache
     when it holds one for the same arguments, written to `out` too when given."""
     text = text if text is not None else calibration_text()
-    cached = cached_path(model_path, text, n_ctx, n_chunks)
+    info = read_model_info(model_path)
+    cached = _cached_path(info, text, n_ctx, n_chunks)
     cal = None
     if use_cache and cached.exists():
         try:
@@ -64,31 +85,8 @@ def calibrate(model_path: str | Path, text: str | None = None, n_ctx: int = DEFA
         except CalibrationFileError:
             cached.unlink(missing_ok=True)  # a damaged cache entry is measured again
     if cal is None:
-        info = read_model_info(model_path)
-        tokens, n_read, layers = capture_moments(model_path, text, n_ctx, n_chunks, n_threads, progress,
-                                                 desc="calibrating (K/V means and principal components)")
-        k, v = {}, {}
-        n_head_kv, hk, hv, rows = [], [], [], []
-        for il, moments in enumerate(layers):
-            if not moments:
-                n_head_kv.append(0), hk.append(0), hv.append(0), rows.append(0)
-                continue
-            k[il] = components_from_moments(moments["k"].rows, moments["k"].gram, moments["k"].sum)
-            v[il] = components_from_moments(moments["v"].rows, moments["v"].gram, moments["v"].sum)
-            n_head_kv.append(k[il].n_head)
-            hk.append(k[il].head_size)
-            hv.append(v[il].head_size)
-            rows.append(moments["k"].rows)
-        cal = Calibration(
-            model_sha256=info.sha256, model_name=info.name or info.path.name, architecture=info.architecture,
-            n_layer=info.n_layer, n_head_kv=tuple(n_head_kv), head_size_k=tuple(hk), head_size_v=tuple(hv),
-            tokens=tuple(rows), text_sha256=_text_sha(text), text_tokens=tokens, n_ctx=n_ctx, chunks=n_read,
-            pyadaq_version=__version__, build=native().build_info["info"],
-            created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), k=k, v=v,
-        )
-        write_calibration(cal, cached)
-        cal = read_calibration(cached)
+        cal = _measure(model_path, info, text, n_ctx, n_chunks, n_threads, progress)
+        cal = dataclasses.replace(cal, path=write_calibration(cal, cached))
     if out is not None:
-        write_calibration(cal, out)
-        cal = read_calibration(out)
+        cal = dataclasses.replace(cal, path=write_calibration(cal, out))
     return cal

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pyadaq._atomic import atomic_path
 from pyadaq.model.header import ModelInfo
 
 KIND = "kv-calibration"
@@ -125,35 +126,34 @@ def write_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
-    try:
-        w.add_string("pyadaq.kind", KIND)
-        w.add_uint32("pyadaq.format", FORMAT)
-        w.add_string("pyadaq.model.sha256", cal.model_sha256)
-        w.add_string("pyadaq.model.name", cal.model_name)
-        w.add_string("pyadaq.model.architecture", cal.architecture)
-        w.add_uint32("pyadaq.model.n_layer", cal.n_layer)
-        for key in ("n_head_kv", "head_size_k", "head_size_v", "tokens"):
-            w.add_array(f"pyadaq.{key}", [int(x) for x in getattr(cal, key)])
-        w.add_string("pyadaq.text.sha256", cal.text_sha256)
-        w.add_uint64("pyadaq.text.tokens", cal.text_tokens)
-        w.add_uint32("pyadaq.n_ctx", cal.n_ctx)
-        w.add_uint32("pyadaq.chunks", cal.chunks)
-        w.add_string("pyadaq.version", cal.pyadaq_version)
-        w.add_string("pyadaq.build", cal.build)
-        w.add_string("pyadaq.created", cal.created)
-        for il in cal.layers():
-            for kind, comps in (("k", cal.k[il]), ("v", cal.v[il])):
-                w.add_tensor(f"blk.{il}.{kind}_mean", np.ascontiguousarray(comps.mean, dtype=np.float32))
-                w.add_tensor(f"blk.{il}.{kind}_basis", np.ascontiguousarray(comps.basis, dtype=np.float32))
-                w.add_tensor(f"blk.{il}.{kind}_var", np.ascontiguousarray(comps.var, dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            w.add_string("pyadaq.kind", KIND)
+            w.add_uint32("pyadaq.format", FORMAT)
+            w.add_string("pyadaq.model.sha256", cal.model_sha256)
+            w.add_string("pyadaq.model.name", cal.model_name)
+            w.add_string("pyadaq.model.architecture", cal.architecture)
+            w.add_uint32("pyadaq.model.n_layer", cal.n_layer)
+            for key in ("n_head_kv", "head_size_k", "head_size_v", "tokens"):
+                w.add_array(f"pyadaq.{key}", [int(x) for x in getattr(cal, key)])
+            w.add_string("pyadaq.text.sha256", cal.text_sha256)
+            w.add_uint64("pyadaq.text.tokens", cal.text_tokens)
+            w.add_uint32("pyadaq.n_ctx", cal.n_ctx)
+            w.add_uint32("pyadaq.chunks", cal.chunks)
+            w.add_string("pyadaq.version", cal.pyadaq_version)
+            w.add_string("pyadaq.build", cal.build)
+            w.add_string("pyadaq.created", cal.created)
+            for il in cal.layers():
+                for kind, comps in (("k", cal.k[il]), ("v", cal.v[il])):
+                    w.add_tensor(f"blk.{il}.{kind}_mean", np.ascontiguousarray(comps.mean, dtype=np.float32))
+                    w.add_tensor(f"blk.{il}.{kind}_basis", np.ascontiguousarray(comps.basis, dtype=np.float32))
+                    w.add_tensor(f"blk.{il}.{kind}_var", np.ascontiguousarray(comps.var, dtype=np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     return path
 
 

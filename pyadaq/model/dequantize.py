@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pyadaq import _paths
+from pyadaq._atomic import atomic_path
 from pyadaq.model.header import ModelFileError, read_model_info
 
 __all__ = ["dequantized_copy", "write_dequantized"]
@@ -47,35 +48,34 @@ def write_dequantized(src: str | os.PathLike, dst: str | os.PathLike, progress: 
         raise ModelFileError(f"{src}: the gguf package cannot read it ({type(e).__name__}: {e})", str(src)) from None
     arch = reader.fields["general.architecture"].contents()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        for name, f in reader.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture":
-                continue
-            if name == "general.file_type":
-                w.add_uint32(name, int(gguf.LlamaFileType.ALL_F32))
-                continue
-            vtype = f.types[0]
-            sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
-            w.add_key_value(name, f.contents(), vtype, sub_type=sub)
-        w.add_uint32("pyadaq.dequantized.format", FORMAT)
-        shapes = []
-        for t in reader.tensors:
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # numpy order
-            dtype = np.float16 if t.name in _HALF else np.float32
-            shapes.append((shape, dtype))
-            w.add_tensor_info(t.name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t, (shape, dtype) in tqdm(list(zip(reader.tensors, shapes)), desc=f"dequantizing {src.name}",
-                                      disable=not progress):
-            a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-            w.write_tensor_data(a.astype(dtype))
-    finally:
-        w.close()
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            for name, f in reader.fields.items():
+                if name.startswith("GGUF.") or name == "general.architecture":
+                    continue
+                if name == "general.file_type":
+                    w.add_uint32(name, int(gguf.LlamaFileType.ALL_F32))
+                    continue
+                vtype = f.types[0]
+                sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+                w.add_key_value(name, f.contents(), vtype, sub_type=sub)
+            w.add_uint32("pyadaq.dequantized.format", FORMAT)
+            shapes = []
+            for t in reader.tensors:
+                shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # numpy order
+                dtype = np.float16 if t.name in _HALF else np.float32
+                shapes.append((shape, dtype))
+                w.add_tensor_info(t.name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for t, (shape, dtype) in tqdm(list(zip(reader.tensors, shapes)), desc=f"dequantizing {src.name}",
+                                          disable=not progress):
+                a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+                w.write_tensor_data(a.astype(dtype))
+        finally:
+            w.close()
     return dst
 
 
