@@ -85,6 +85,11 @@ int32_t pyadaq_next_context_layer_types(void * model, int32_t n_layer, const int
 void    pyadaq_next_context_attn_rot(int32_t mode);
 void    pyadaq_next_context_clear(void);
 int32_t pyadaq_next_context_pending(void);
+int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
+                                         const float * matrix, const float * scale, const float * mean,
+                                         char * err, size_t err_size);
+int32_t pyadaq_kv_transform_layers(void * ctx);
+int64_t pyadaq_kv_transform_bytes(void * ctx);
 int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
 int32_t pyadaq_kv_offload_check(void * ctx, char * err, size_t err_size);
 

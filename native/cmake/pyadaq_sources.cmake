@@ -17,7 +17,8 @@ set_source_files_properties(${PYADAQ_SRC}/pyadaq-quants-cpu.c TARGET_DIRECTORY g
 target_include_directories(ggml-cpu PRIVATE ${PYADAQ_SRC})
 
 # Build identification and llama-level entry points: libllama.
-target_sources(llama PRIVATE ${PYADAQ_SRC}/pyadaq-info.c ${PYADAQ_SRC}/pyadaq-llama.cpp)
+target_sources(llama PRIVATE ${PYADAQ_SRC}/pyadaq-info.c ${PYADAQ_SRC}/pyadaq-llama.cpp
+                       ${PYADAQ_SRC}/pyadaq-kv-transform.cpp)
 target_include_directories(llama PRIVATE ${PYADAQ_SRC})
 # on this one file only, so that a new version or patch set does not rebuild all of libllama
 set_source_files_properties(${PYADAQ_SRC}/pyadaq-info.c TARGET_DIRECTORY llama PROPERTIES COMPILE_DEFINITIONS

@@ -12,6 +12,7 @@
 
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
+#include "pyadaq-kv-transform.h"
 #include "pyadaq-llama.h"
 #include "pyadaq-quants.h"
 
@@ -51,7 +52,8 @@ PYADAQ_API int32_t pyadaq_next_context_layer_types(const struct llama_model * mo
 PYADAQ_API void pyadaq_next_context_attn_rot(int32_t mode);
 // Empties the slot.
 PYADAQ_API void pyadaq_next_context_clear(void);
-// What the slot holds: bit 0 per-layer types, bit 1 an attention-rotation setting.
+// What the slot holds: bit 0 per-layer types, bit 1 an attention-rotation setting, bit 2 a
+// calibrated K/V transform (pyadaq_next_context_kv_transform, pyadaq-kv-transform.cpp).
 PYADAQ_API int32_t pyadaq_next_context_pending(void);
 
 // The ggml types of the K and V cache tensors of each layer of the context's KV cache (the
@@ -226,10 +228,11 @@ void pyadaq_next_context_attn_rot(int32_t mode) {
 
 void pyadaq_next_context_clear(void) {
     t_next = context_settings();
+    pyadaq_kv_transform_clear_pending();
 }
 
 int32_t pyadaq_next_context_pending(void) {
-    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot >= 0 ? 2 : 0);
+    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot >= 0 ? 2 : 0) | (pyadaq_kv_transform_pending() ? 4 : 0);
 }
 
 pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
@@ -238,11 +241,13 @@ pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
         t_active = new context_settings(std::move(t_next));
     }
     t_next = context_settings();
+    pyadaq_kv_transform_take();
 }
 
 pyadaq_layer_types_scope::~pyadaq_layer_types_scope() {
     delete t_active;
     t_active = nullptr;
+    pyadaq_kv_transform_release();
 }
 
 bool pyadaq_attn_rot_disable(bool env_disable) {

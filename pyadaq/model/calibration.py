@@ -37,8 +37,17 @@ KIND = "kv-calibration"
 FORMAT = 1
 ARCH = "pyadaq-kv-calibration"
 
-__all__ = ["Calibration", "CalibrationFileError", "CalibrationMismatchError", "Components",
-           "check_for_model", "components_from_moments", "read_calibration", "write_calibration"]
+__all__ = [
+    "Calibration",
+    "CalibrationFileError",
+    "CalibrationMismatchError",
+    "Components",
+    "calibration_for_model",
+    "check_for_model",
+    "components_from_moments",
+    "read_calibration",
+    "write_calibration",
+]
 
 
 class CalibrationFileError(ValueError):
@@ -118,6 +127,23 @@ class Calibration:
 
     def layers(self) -> list[int]:
         return sorted(self.k)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex sha256 of the transforms (every layer's K and V means and bases): two calibrations
+        with the same fingerprint store a cache in the same coordinates."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for il in self.layers():
+                for comps in (self.k[il], self.v[il]):
+                    h.update(np.ascontiguousarray(comps.mean, dtype=np.float32).tobytes())
+                    h.update(np.ascontiguousarray(comps.basis, dtype=np.float32).tobytes())
+            fp = h.hexdigest()
+            object.__setattr__(self, "_fingerprint", fp)
+        return fp
 
 
 def write_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
@@ -255,3 +281,12 @@ def check_for_model(cal: Calibration, info: ModelInfo) -> None:
         if got != want:
             raise CalibrationMismatchError(
                 f"{where}: layer {il} has (KV heads, K head size, V head size) {got}, the model {want}", cal.path)
+
+
+def calibration_for_model(cal: Calibration | str | os.PathLike, info: ModelInfo) -> Calibration:
+    """A calibration (or the file holding one) read, checked, and checked against the model:
+    CalibrationFileError / CalibrationMismatchError otherwise."""
+    if not isinstance(cal, Calibration):
+        cal = read_calibration(cal)
+    check_for_model(cal, info)
+    return cal

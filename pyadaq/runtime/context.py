@@ -13,7 +13,9 @@ import os
 import numpy as np
 
 from pyadaq._native import creation_lock, native
+from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
+from pyadaq.runtime.kv_transform import kv_transforms
 from pyadaq.runtime.layer_types import next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
 from pyadaq.types import CacheType, cache_type
@@ -95,7 +97,7 @@ class Batch:
 
 class Model:
     def __init__(self, path: str, n_gpu_layers: int | None = None):
-        read_model_info(path)  # a bad file is a ModelFileError here, never a native abort
+        self.info = read_model_info(path)  # a bad file is a ModelFileError here, never a native abort
         params = _llama_cpp.llama_model_default_params()
         params.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.path = str(path)
@@ -130,11 +132,14 @@ class Context:
 
     def __init__(self, model: Model, cache_type_k: str | int | CacheType, cache_type_v: str | int | CacheType,
                  n_ctx: int, n_threads: int | None = None, attn_rot: bool = True, flash_attn: bool = True,
-                 layer_types: tuple | None = None, cb_eval=None):
+                 layer_types: tuple | None = None, cb_eval=None, kv_calibration=None):
         """layer_types: optional (types_k, types_v), one cache type per layer, used instead of
         cache_type_k/cache_type_v for the layers' tensors (pyadaq.layer_types). cb_eval: an
-        optional (callback, user_data) pair of C pointers for llama.cpp's evaluation callback."""
+        optional (callback, user_data) pair of C pointers for llama.cpp's evaluation callback.
+        kv_calibration: a calibration (or its file) for this model; the cache then stores each
+        layer's K and V in the calibration's coordinates."""
         self.ptr = None
+        self.calibration = None if kv_calibration is None else calibration_for_model(kv_calibration, model.info)
         self.model = model
         self.k = cache_type(cache_type_k)
         self.v = cache_type(cache_type_v)
@@ -154,10 +159,18 @@ class Context:
             p.cb_eval = ctypes.cast(int(cb_eval[0]), _llama_cpp.ggml_backend_sched_eval_callback)
             p.cb_eval_user_data = ctypes.c_void_p(int(cb_eval[1]))
         types_k, types_v = layer_types if layer_types is not None else (None, None)
-        with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot):
+        transforms = None
+        if self.calibration is not None:
+            n_layer = model.info.n_layer
+            transforms = kv_transforms(self.calibration, types_k or [self.k] * n_layer, types_v or [self.v] * n_layer)
+            attn_rot = False  # the transforms rotate quantized layers themselves
+        with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot,
+                                         transforms=transforms):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"
+            if self.calibration is not None:
+                what += f" and the calibration {self.calibration.path}"
             raise ValueError(f"llama.cpp could not create a context with {what}")
         try:
             check_offload(self.ptr)  # a GPU-resident cache must run on its GPU

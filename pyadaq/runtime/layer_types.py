@@ -5,8 +5,10 @@ thread-local slot of settings that the next ``llama_init_from_model`` on the sam
 takes, whether it succeeds or not (native/src/pyadaq-llama.cpp, native/patches/0005): K and V
 types per layer, with which the KV cache (the iSWA cache of sliding-window models included)
 allocates each layer's tensors, and whether a quantized cache is stored with attention
-rotation. :func:`next_context` fills the slot for the context created inside its ``with``
-block and empties it afterwards, so no other thread and no later context sees it.
+rotation, and the K/V transforms of a calibration (pyadaq.runtime.kv_transform): each layer's K
+and V are then stored in the calibration's coordinates. :func:`next_context` fills the slot for
+the context created inside its ``with`` block and empties it afterwards, so no other thread and
+no later context sees it.
 :func:`context_layer_types` reads back the types of the tensors a context holds.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pyadaq._native import native
 from pyadaq.types import CacheType, cache_type
 
-__all__ = ["context_layer_types", "next_context", "pending"]
+__all__ = ["context_layer_types", "context_transform_layers", "next_context", "pending"]
 
 
 def _ptr(p) -> object:
@@ -41,9 +43,22 @@ def _set_layer_types(model_ptr, types_k: Sequence, types_v: Sequence) -> None:
         raise ValueError(f"per-layer KV cache types refused by libllama: {n.ffi.string(err).decode()}")
 
 
+def _set_transforms(transforms) -> None:
+    n = native()
+    err = n.ffi.new("char[]", 512)
+    for t in transforms:
+        heads, d = t.mean.shape
+        scale = n.ffi.NULL if t.scale is None else n.ffi.from_buffer("float[]", t.scale)
+        rc = n.llama.pyadaq_next_context_kv_transform(
+            t.layer, int(t.is_v), heads, d, n.ffi.from_buffer("float[]", t.matrix), scale,
+            n.ffi.from_buffer("float[]", t.mean), err, 512)
+        if rc != 0:
+            raise ValueError(f"calibration refused by libllama: {n.ffi.string(err).decode()}")
+
+
 @contextlib.contextmanager
 def next_context(types_k: Sequence | None = None, types_v: Sequence | None = None, *,
-                 model_ptr=None, attn_rot: bool | None = None) -> Iterator[None]:
+                 model_ptr=None, attn_rot: bool | None = None, transforms=None) -> Iterator[None]:
     """Settings for the context created on this thread inside the ``with`` block.
 
     ``types_k`` / ``types_v``: one cache type per layer (``None``: the context's uniform
@@ -52,7 +67,9 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
     type whose block size does not divide a layer's head size); without it (the model is
     loaded inside the block) the context creation fails instead. ``attn_rot``: ``False``
     stores a quantized cache without attention rotation, ``True`` with it where upstream
-    would, ``None`` as upstream decides (``LLAMA_ATTN_ROT_DISABLE``).
+    would, ``None`` as upstream decides (``LLAMA_ATTN_ROT_DISABLE``). ``transforms``: the
+    per-layer K/V transforms of a calibration (:func:`pyadaq.runtime.kv_transform.kv_transforms`,
+    from a calibration already checked against the model), which the context's KV cache then uses.
 
     The first ``llama_init_from_model`` on this thread takes the settings; whatever happens
     inside the block, none are left afterwards.
@@ -64,13 +81,16 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
             _set_layer_types(model_ptr, types_k, types_v if types_v is not None else [])
         if attn_rot is not None:
             n.llama.pyadaq_next_context_attn_rot(1 if attn_rot else 0)
+        if transforms:
+            _set_transforms(transforms)
         yield
     finally:
         n.llama.pyadaq_next_context_clear()
 
 
 def pending() -> int:
-    """What this thread's slot holds (bit 0: per-layer types, bit 1: attention rotation)."""
+    """What this thread's slot holds (bit 0: per-layer types, bit 1: attention rotation, bit 2: a
+    calibration)."""
     return int(native().llama.pyadaq_next_context_pending())
 
 
@@ -88,3 +108,8 @@ def context_layer_types(ctx_ptr, n_layer: int) -> tuple[list[CacheType | None], 
         return None if x < 0 else cache_type(int(x))
 
     return [conv(k[i]) for i in range(n_layer)], [conv(v[i]) for i in range(n_layer)]
+
+
+def context_transform_layers(ctx_ptr) -> int:
+    """How many layers of a context store their K/V cache in calibrated coordinates."""
+    return int(native().llama.pyadaq_kv_transform_layers(_ptr(ctx_ptr)))

@@ -23,6 +23,13 @@ Per-layer types (adaptive KV-AdaQuant): ``kv_plan="plan.json"`` (a plan from ``p
 or a :class:`pyadaq.runtime.kvplan.KVPlan`). A plan made for another model (layer count or head
 sizes), or a type that does not fit a layer's head size, raises before any context is created.
 
+A calibration: ``kv_calibration="cal.gguf"`` (from ``pyadaq calibrate``, or a
+:class:`pyadaq.model.calibration.Calibration`) stores each layer's K and V in the calibration's
+coordinates (native/src/pyadaq-kv-transform.h). A missing or corrupt file raises
+:class:`pyadaq.model.calibration.CalibrationFileError`, one made for another model
+:class:`~pyadaq.model.calibration.CalibrationMismatchError`, both before any context exists; a
+state saved under one calibration (or none) does not load under another (``ValueError``).
+
 llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``TypeError``: use
 ``cache_type_k`` / ``cache_type_v``, which take a name (case-insensitive), a ggml id or a
 :class:`pyadaq.CacheType`.
@@ -34,10 +41,12 @@ import os
 from typing import Any, Union
 
 from pyadaq._native import creation_lock, native
+from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime.context import default_gpu_layers
+from pyadaq.runtime.kv_transform import kv_transforms
 from pyadaq.runtime.kvplan import load_checked
-from pyadaq.runtime.layer_types import context_layer_types, next_context
+from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
 from pyadaq.types import CacheType, cache_type, cache_types
 
@@ -244,6 +253,7 @@ class Llama(llama_cpp.Llama):
         cache_type_k: CacheTypeSpec | None = None,
         cache_type_v: CacheTypeSpec | None = None,
         kv_plan: Any = None,
+        kv_calibration: Calibration | str | os.PathLike | None = None,
         allow_cpu_fallback: bool = False,
         allow_long_context: bool = False,
         **kwargs: Any,
@@ -264,6 +274,7 @@ class Llama(llama_cpp.Llama):
         info = read_model_info(model_path)
         flash_attn = kwargs.get("flash_attn")
         plan, layers_k, layers_v = load_checked(kv_plan, info) if kv_plan is not None else (None, None, None)
+        calibration = None if kv_calibration is None else calibration_for_model(kv_calibration, info)
         if plan is not None:
             tk = max(set(layers_k), key=layers_k.count)
             tv = max(set(layers_v), key=layers_v.count)
@@ -287,11 +298,22 @@ class Llama(llama_cpp.Llama):
         self.layer_types_k: list[CacheType] = layers_k or [tk] * info.n_layer
         self.layer_types_v: list[CacheType] = layers_v or [tv] * info.n_layer
         self.kv_plan = plan
+        self.kv_calibration: Calibration | None = calibration
         self.model_info: ModelInfo = info
         # the per-layer types go to the context llama_cpp.Llama creates on this thread (it loads the
         # model, then creates one context); model loading and context creation run one at a time
-        with creation_lock, next_context(layers_k, layers_v):
+        transforms = None
+        if calibration is not None:
+            transforms = kv_transforms(calibration, self.layer_types_k, self.layer_types_v)
+        # a calibrated context rotates its quantized layers itself (pyadaq.runtime.kv_transform)
+        with creation_lock, next_context(layers_k, layers_v, attn_rot=False if transforms else None,
+                                         transforms=transforms):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
+        if calibration is not None and context_transform_layers(self._ctx_ptr()) != len(calibration.layers()):
+            got = context_transform_layers(self._ctx_ptr())
+            self.close()
+            raise RuntimeError(f"llama.cpp applied the calibration to {got} of its {len(calibration.layers())} "
+                               "layers")
         # a GPU-resident cache whose ops its GPU cannot run: an error, not a silent CPU fallback
         try:
             check_offload(self._ctx_ptr(), allow_cpu_fallback=allow_cpu_fallback)
@@ -343,6 +365,25 @@ class Llama(llama_cpp.Llama):
         if hasattr(self, "_stack"):
             super().close()
 
+    def save_state(self):
+        state = super().save_state()
+        state.pyadaq_calibration = None if self.kv_calibration is None else self.kv_calibration.fingerprint
+        return state
+
+    def load_state(self, state) -> None:
+        """llama_cpp's load_state, refused (ValueError) for a state saved under another
+        calibration, or under none by a calibrated Llama and the other way round: the cache holds
+        K and V in the calibration's coordinates."""
+        ours = None if self.kv_calibration is None else self.kv_calibration.fingerprint
+        theirs = getattr(state, "pyadaq_calibration", None)
+        if theirs != ours:
+            def name(fp):
+                return "no calibration" if fp is None else f"calibration {fp[:12]}"
+
+            raise ValueError(f"this state was saved with {name(theirs)}, this Llama has {name(ours)}: "
+                             "its K/V cache would be read in the wrong coordinates")
+        super().load_state(state)
+
     def context_layer_types(self) -> tuple:
         """The cache types of each layer's K and V tensors as llama.cpp allocated them."""
         return context_layer_types(self._ctx_ptr(), self.model_info.n_layer)
@@ -355,6 +396,8 @@ class Llama(llama_cpp.Llama):
         state["cache_type_v"] = self.cache_type_v.name
         if self.kv_plan is not None:
             state["kv_plan"] = self.kv_plan
+        if self.kv_calibration is not None:
+            state["kv_calibration"] = self.kv_calibration
         return state
 
     def __repr__(self) -> str:

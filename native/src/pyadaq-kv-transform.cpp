@@ -1,0 +1,451 @@
+// Calibrated K/V transforms in libllama (see pyadaq-kv-transform.h for the identities): the
+// exported entry points that hand a calibration to the next context, and the hooks that
+// llama_kv_cache, build_attn, the K-shift and llama_free call (native/patches/0010).
+
+#include "llama.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpp.h"
+#include "pyadaq-kv-transform.h"
+#include "pyadaq-quants.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+extern "C" {
+
+// One layer's K (is_v = 0) or V (is_v = 1) transform for the next context created on the
+// calling thread (it joins that thread's slot of next-context settings, pyadaq-llama.cpp): per
+// KV head h, the orthonormal head_size x head_size matrix M[h] whose columns are the cache's
+// coordinates (row-major: matrix[(h * d + i) * d + j] is coordinate j's i-th component), the
+// scales s[h] (head_size values; NULL: all 1) and the mean[h] (head_size values; NULL: none).
+// The cache then holds x~ = ((x - mean) . M) / s, queries become q . M * s (keys), and
+// attention's output out~ goes back as (out~ * s) . M^T + mean (values). Returns 0, or -1 with
+// a message in err (may be NULL) and nothing stored for a bad argument, a scale <= 0 or a value
+// that is not finite. A layer given twice keeps the last call.
+PYADAQ_API int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
+                                                    const float * matrix, const float * scale,
+                                                    const float * mean, char * err, size_t err_size);
+// Layers of a context whose K or V cache is stored transformed (0: an uncalibrated context).
+PYADAQ_API int32_t pyadaq_kv_transform_layers(const struct llama_context * ctx);
+// Bytes of the device buffers that hold a context's transforms (0 without a calibration).
+PYADAQ_API int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx);
+
+}
+
+struct pyadaq_kv_transform {
+    ggml_context_ptr ctx;
+    ggml_backend_buffer_ptr buf;
+    // forward matrices as ggml_mul_mat's first operand: [d, d, n_head_kv], row j of head h is
+    // the head's direction j, so that mul_mat(u, x) gives the coordinates x . U
+    ggml_tensor * uk = nullptr;
+    ggml_tensor * uv = nullptr;
+    ggml_tensor * mk = nullptr;  // [d_k, n_head_kv]: the key mean taken out (nullptr: kept)
+    ggml_tensor * mv = nullptr;  // [d_v, n_head_kv]
+    ggml_tensor * sk = nullptr;  // [d_k, n_head_kv]: the scales (nullptr: all 1)
+    ggml_tensor * sv = nullptr;
+    int64_t n_head_kv = 0;
+};
+
+namespace pyadaq_tf {
+
+struct layer_calib {
+    int32_t n_head = 0;
+    int32_t d = 0;
+    std::vector<float> basis;  // as given: [h][i][j], columns are directions
+    std::vector<float> scale;  // empty: all 1
+    std::vector<float> mean;   // empty: none
+};
+
+struct calib_set {
+    std::map<int32_t, layer_calib> part[2];  // [is_v][il]
+
+    bool empty() const { return part[0].empty() && part[1].empty(); }
+};
+
+thread_local calib_set t_pending;
+thread_local std::unique_ptr<calib_set> t_calib;
+thread_local std::vector<std::shared_ptr<pyadaq_kv_transform>> t_made;  // for the context being built
+
+std::mutex g_mutex;
+std::map<const ggml_tensor *, std::shared_ptr<pyadaq_kv_transform>> g_by_cache;  // key: the layer's K tensor
+std::map<const llama_context *, std::vector<std::shared_ptr<pyadaq_kv_transform>>> g_by_ctx;
+std::map<const pyadaq_kv_transform *, const ggml_tensor *> g_key;
+std::atomic<int64_t> g_live{ 0 };
+
+void tf_set_err(char * err, size_t err_size, const std::string & msg) {
+    if (err != nullptr && err_size > 0) {
+        snprintf(err, err_size, "%s", msg.c_str());
+    }
+}
+
+void forget(const std::vector<std::shared_ptr<pyadaq_kv_transform>> & tfs) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (const auto & tf : tfs) {
+        auto it = g_key.find(tf.get());
+        if (it != g_key.end()) {
+            g_by_cache.erase(it->second);
+            g_key.erase(it);
+            g_live--;
+        }
+    }
+}
+
+std::shared_ptr<pyadaq_kv_transform> find(const ggml_tensor * cache) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_by_cache.find(cache);
+    return it == g_by_cache.end() ? nullptr : it->second;
+}
+
+// y [d, tokens, heads] times (mul) or divided by (div) the per-KV-head scales s [d, n_head_kv];
+// query head h = g * group + j belongs to KV head g
+ggml_tensor * scaled(ggml_context * ctx, ggml_tensor * y, ggml_tensor * s, bool mul) {
+    const int64_t d = y->ne[0];
+    const int64_t nkv = s->ne[1];
+    ggml_tensor * y4 = ggml_reshape_4d(ctx, y, d, y->ne[1], y->ne[2] / nkv, nkv);
+    ggml_tensor * s4 = ggml_reshape_4d(ctx, s, d, 1, 1, nkv);
+    y4 = mul ? ggml_mul(ctx, y4, s4) : ggml_div(ctx, y4, s4);
+    return ggml_reshape_3d(ctx, y4, d, y->ne[1], y->ne[2]);
+}
+
+// x [d, heads, tokens] -> ((x - mean) . M) op s per head, [d, heads, tokens] contiguous; heads is
+// a multiple of the matrices' head count (query heads: their group's KV head); op: * for
+// queries (mul_scale), / for keys and values
+ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * mean, ggml_tensor * s,
+                      bool mul_scale) {
+    const int64_t d = u->ne[0];
+    GGML_ASSERT(x->ne[0] == d && x->ne[3] == 1);
+    if (mean != nullptr) {
+        GGML_ASSERT(x->ne[1] == mean->ne[1]);
+        x = ggml_sub(ctx, x, ggml_reshape_3d(ctx, mean, d, mean->ne[1], 1));
+    }
+    ggml_tensor * y = ggml_mul_mat(ctx, u, ggml_permute(ctx, x, 0, 2, 1, 3));  // [d, tokens, heads]
+    if (s != nullptr) {
+        y = scaled(ctx, y, s, mul_scale);
+    }
+    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
+}
+
+// x~ [d, heads, tokens] -> (x~ * s) . M^T per head, contiguous (the mean is added by the caller)
+ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * s) {
+    GGML_ASSERT(x->ne[0] == u->ne[0] && x->ne[3] == 1);
+    ggml_tensor * p = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
+    if (s != nullptr) {
+        p = scaled(ctx, ggml_cont(ctx, p), s, true);
+    }
+    ggml_tensor * ut = ggml_cont(ctx, ggml_transpose(ctx, u));  // rows of M: mul_mat gives x~ . M^T
+    ggml_tensor * y = ggml_mul_mat(ctx, ut, p);
+    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
+}
+
+// the one-row-per-direction layout of a head's basis (the transpose of what the file holds)
+std::vector<float> rows_of_directions(const layer_calib & c) {
+    const size_t d = (size_t) c.d;
+    std::vector<float> out(c.basis.size());
+    for (size_t h = 0; h < (size_t) c.n_head; ++h) {
+        const float * b = c.basis.data() + h * d * d;
+        float * o = out.data() + h * d * d;
+        for (size_t i = 0; i < d; ++i) {
+            for (size_t j = 0; j < d; ++j) {
+                o[j * d + i] = b[i * d + j];
+            }
+        }
+    }
+    return out;
+}
+
+} // namespace pyadaq_tf
+
+using namespace pyadaq_tf;
+
+int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
+                                         const float * basis, const float * scale, const float * mean, char * err,
+                                         size_t err_size) {
+    if (il < 0 || (is_v != 0 && is_v != 1) || n_head <= 0 || head_size <= 0 || basis == nullptr) {
+        tf_set_err(err, err_size, "a K/V transform needs a layer >= 0, is_v 0 or 1, n_head > 0, head_size > 0 and a matrix");
+        return -1;
+    }
+    layer_calib c;
+    c.n_head = n_head;
+    c.d = head_size;
+    const size_t nb = (size_t) n_head * head_size * head_size;
+    c.basis.assign(basis, basis + nb);
+    if (mean != nullptr) {
+        c.mean.assign(mean, mean + (size_t) n_head * head_size);
+    }
+    if (scale != nullptr) {
+        c.scale.assign(scale, scale + (size_t) n_head * head_size);
+        for (float x : c.scale) {
+            if (!(x > 0.0f) || !std::isfinite(x)) {
+                tf_set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + (is_v ? "V" : "K") +
+                                              ": every scale of a transform must be a finite number > 0");
+                return -1;
+            }
+        }
+    }
+    for (const auto * vec : { &c.basis, &c.mean }) {
+        for (float x : *vec) {
+            if (!std::isfinite(x)) {
+                tf_set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + (is_v ? "V" : "K") +
+                                           ": the transform holds a value that is not finite");
+                return -1;
+            }
+        }
+    }
+    t_pending.part[is_v][il] = std::move(c);
+    return 0;
+}
+
+bool pyadaq_kv_transform_pending() {
+    return !t_pending.empty();
+}
+
+void pyadaq_kv_transform_clear_pending() {
+    t_pending = calib_set();
+}
+
+void pyadaq_kv_transform_take() {
+    t_calib.reset();
+    t_made.clear();
+    if (!t_pending.empty()) {
+        t_calib = std::make_unique<calib_set>(std::move(t_pending));
+    }
+    t_pending = calib_set();
+}
+
+void pyadaq_kv_transform_release() {
+    forget(t_made);  // a context that was not created: its transforms go
+    t_made.clear();
+    t_calib.reset();
+}
+
+void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_tensor * k, ggml_tensor * v) {
+    if (t_calib == nullptr) {
+        return;
+    }
+    const auto kit = t_calib->part[0].find((int32_t) il);
+    const auto vit = t_calib->part[1].find((int32_t) il);
+    const layer_calib * ck = kit == t_calib->part[0].end() ? nullptr : &kit->second;
+    const layer_calib * cv = vit == t_calib->part[1].end() ? nullptr : &vit->second;
+    if (ck == nullptr && cv == nullptr) {
+        return;
+    }
+    const auto & hp = model.hparams;
+    const std::string where = "pyadaq: layer " + std::to_string(il) + ": ";
+    if (hp.is_mla() || v == nullptr) {
+        throw std::runtime_error(where + "calibrated K/V transforms do not support MLA attention");
+    }
+    if (k->buffer == nullptr || ggml_backend_buffer_get_size(k->buffer) == 0) {
+        return;  // a cache without memory (no_alloc: size estimates only)
+    }
+    const int64_t n_head_kv = hp.n_head_kv(il);
+    const int64_t dk = hp.n_embd_head_k(il);
+    const int64_t dv = hp.n_embd_head_v(il);
+    for (const auto & [c, d, name] : { std::tuple{ ck, dk, "K" }, std::tuple{ cv, dv, "V" } }) {
+        if (c != nullptr && (c->n_head != n_head_kv || c->d != d)) {
+            throw std::runtime_error(where + name + " transform for " + std::to_string(c->n_head) + " heads of size " +
+                                     std::to_string(c->d) + ", the layer has " + std::to_string(n_head_kv) +
+                                     " KV heads of size " + std::to_string(d));
+        }
+    }
+    // the identities that let the means out: no soft-capping of the logits (keys), no learned
+    // sinks (keys and values: the weights of the cached tokens no longer sum to one)
+    const bool sinks = il < model.layers.size() && model.layers[il].attn_sinks != nullptr;
+    const bool drop_k_mean = ck != nullptr && !ck->mean.empty() && !hp.attn_soft_cap && !sinks;
+    const bool drop_v_mean = cv != nullptr && !cv->mean.empty() && !sinks;
+
+    auto tf = std::make_shared<pyadaq_kv_transform>();
+    tf->n_head_kv = n_head_kv;
+    ggml_init_params params = { /*.mem_size =*/ 6 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
+                                /*.no_alloc =*/ true };
+    tf->ctx.reset(ggml_init(params));
+    ggml_context * c0 = tf->ctx.get();
+    if (ck != nullptr) {
+        tf->uk = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
+        ggml_format_name(tf->uk, "pyadaq_uk_l%u", il);
+        if (drop_k_mean) {
+            tf->mk = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dk, n_head_kv);
+            ggml_format_name(tf->mk, "pyadaq_mk_l%u", il);
+        }
+        if (!ck->scale.empty()) {
+            tf->sk = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dk, n_head_kv);
+            ggml_format_name(tf->sk, "pyadaq_sk_l%u", il);
+        }
+    }
+    if (cv != nullptr) {
+        tf->uv = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dv, dv, n_head_kv);
+        ggml_format_name(tf->uv, "pyadaq_uv_l%u", il);
+        if (drop_v_mean) {
+            tf->mv = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dv, n_head_kv);
+            ggml_format_name(tf->mv, "pyadaq_mv_l%u", il);
+        }
+        if (!cv->scale.empty()) {
+            tf->sv = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dv, n_head_kv);
+            ggml_format_name(tf->sv, "pyadaq_sv_l%u", il);
+        }
+    }
+    tf->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(c0, ggml_backend_buffer_get_type(k->buffer)));
+    if (!tf->buf) {
+        throw std::runtime_error(where + "could not allocate the buffer of its K/V transform");
+    }
+    ggml_backend_buffer_set_usage(tf->buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    if (ck != nullptr) {
+        const auto rows = rows_of_directions(*ck);
+        ggml_backend_tensor_set(tf->uk, rows.data(), 0, ggml_nbytes(tf->uk));
+        if (tf->mk != nullptr) {
+            ggml_backend_tensor_set(tf->mk, ck->mean.data(), 0, ggml_nbytes(tf->mk));
+        }
+        if (tf->sk != nullptr) {
+            ggml_backend_tensor_set(tf->sk, ck->scale.data(), 0, ggml_nbytes(tf->sk));
+        }
+    }
+    if (cv != nullptr) {
+        const auto rows = rows_of_directions(*cv);
+        ggml_backend_tensor_set(tf->uv, rows.data(), 0, ggml_nbytes(tf->uv));
+        if (tf->mv != nullptr) {
+            ggml_backend_tensor_set(tf->mv, cv->mean.data(), 0, ggml_nbytes(tf->mv));
+        }
+        if (tf->sv != nullptr) {
+            ggml_backend_tensor_set(tf->sv, cv->scale.data(), 0, ggml_nbytes(tf->sv));
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        if (g_by_cache.count(k) == 0) {
+            g_live++;
+        }
+        g_by_cache[k] = tf;
+        g_key[tf.get()] = k;
+    }
+    t_made.push_back(std::move(tf));
+}
+
+void pyadaq_kv_transform_attach(const llama_context * ctx) {
+    if (t_made.empty()) {
+        return;
+    }
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto & owned = g_by_ctx[ctx];
+    owned.insert(owned.end(), t_made.begin(), t_made.end());
+    t_made.clear();
+}
+
+void pyadaq_kv_transform_detach(const llama_context * ctx) {
+    std::vector<std::shared_ptr<pyadaq_kv_transform>> owned;
+    {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        auto it = g_by_ctx.find(ctx);
+        if (it == g_by_ctx.end()) {
+            return;
+        }
+        owned = std::move(it->second);
+        g_by_ctx.erase(it);
+    }
+    forget(owned);
+}
+
+const pyadaq_kv_transform * pyadaq_kv_transform_of(ggml_context * ctx0, const llama_kv_cache_context * mctx,
+                                                   int32_t il) {
+    if (g_live.load() == 0 || mctx == nullptr) {
+        return nullptr;
+    }
+    const ggml_tensor * view = mctx->get_k(ctx0, il);
+    const ggml_tensor * cache = view->view_src != nullptr ? view->view_src : view;
+    // the context owns its transforms for as long as it builds graphs
+    return find(cache).get();
+}
+
+void pyadaq_attn_transform_in(ggml_context * ctx0, const pyadaq_kv_transform * tf, ggml_tensor ** q,
+                              ggml_tensor ** k, ggml_tensor ** v) {
+    if (tf == nullptr) {
+        return;
+    }
+    if (tf->uk != nullptr) {
+        *q = forward(ctx0, *q, tf->uk, nullptr, tf->sk, true);
+        if (*k != nullptr) {
+            *k = forward(ctx0, *k, tf->uk, tf->mk, tf->sk, false);
+        }
+    }
+    if (tf->uv != nullptr && *v != nullptr) {
+        *v = forward(ctx0, *v, tf->uv, tf->mv, tf->sv, false);
+    }
+}
+
+ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_transform * tf, ggml_tensor * cur) {
+    if (tf == nullptr || tf->uv == nullptr) {
+        return cur;
+    }
+    const int64_t d = tf->uv->ne[0];
+    const int64_t n_tokens = ggml_nelements(cur) / cur->ne[0];
+    const int64_t n_head = cur->ne[0] / d;
+    GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
+    ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
+    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->uv, tf->sv);
+    if (tf->mv != nullptr) {
+        // query head h = g * group + j belongs to KV head g
+        y = ggml_reshape_4d(ctx0, y, d, n_head / tf->n_head_kv, tf->n_head_kv, n_tokens);
+        y = ggml_add(ctx0, y, ggml_reshape_4d(ctx0, tf->mv, d, 1, tf->n_head_kv, 1));
+    }
+    return ggml_reshape_2d(ctx0, y, cur->ne[0], n_tokens);
+}
+
+ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_tensor * rot) {
+    if (g_live.load() == 0) {
+        return nullptr;
+    }
+    const auto tf = find(k);
+    if (tf == nullptr || tf->uk == nullptr) {
+        return nullptr;
+    }
+    const int64_t d = tf->uk->ne[0];
+    ggml_tensor * x = k->type == GGML_TYPE_F32 ? k : ggml_cast(ctx, k, GGML_TYPE_F32);
+    x = ggml_reshape_3d(ctx, x, d, tf->n_head_kv, ggml_nelements(k) / (d * tf->n_head_kv));
+    if (rot != nullptr) {
+        x = llama_mul_mat_hadamard(ctx, x, rot);  // its own inverse
+    }
+    x = inverse(ctx, x, tf->uk, tf->sk);
+    if (tf->mk != nullptr) {
+        x = ggml_add(ctx, x, ggml_reshape_3d(ctx, tf->mk, d, tf->n_head_kv, 1));
+    }
+    return x;
+}
+
+ggml_tensor * pyadaq_kv_shift_end(ggml_context * ctx, ggml_tensor * x, ggml_tensor * k, ggml_tensor * rot) {
+    const auto tf = find(k);
+    GGML_ASSERT(tf != nullptr && tf->uk != nullptr);
+    ggml_tensor * y = forward(ctx, x, tf->uk, tf->mk, tf->sk, false);
+    if (rot != nullptr) {
+        y = llama_mul_mat_hadamard(ctx, y, rot);
+    }
+    return ggml_cpy(ctx, ggml_reshape_3d(ctx, y, k->ne[0], k->ne[1], k->ne[2]), k);
+}
+
+int32_t pyadaq_kv_transform_layers(const struct llama_context * ctx) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_by_ctx.find(ctx);
+    return it == g_by_ctx.end() ? 0 : (int32_t) it->second.size();
+}
+
+int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_by_ctx.find(ctx);
+    int64_t total = 0;
+    if (it != g_by_ctx.end()) {
+        for (const auto & tf : it->second) {
+            total += (int64_t) ggml_backend_buffer_get_size(tf->buf.get());
+        }
+    }
+    return total;
+}

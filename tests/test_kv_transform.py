@@ -1,0 +1,356 @@
+"""Calibrated K/V transforms in the graph (native/src/pyadaq-kv-transform.cpp, patch 0010): a
+context made with a calibration stores K~ = (K - muK) UK and V~ = (V - muV) UV, with Q~ = Q UK
+and out = out~ UV^T + muV. The identities: with f32 caches (no flash attention: its CPU kernel
+rounds Q to f16) a calibrated context gives the logits of an uncalibrated one to float
+rounding, on a GQA llama and on an iSWA gemma3, for the calibration `pyadaq calibrate` makes
+and for random orthonormal bases with large means; with f16 caches and flash attention it is as
+close to the f32 reference as the uncalibrated context is. Without a calibration the logits
+are the same bit for bit, also while a calibrated context exists. Context shift, several
+sequences, per-layer types, state save/load (refused under another calibration), the
+transforms' memory and every bad calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import pyadaq
+from pyadaq.eval.calibration import calibrate
+from pyadaq.eval.metrics import token_kl
+from pyadaq.model.calibration import (
+    CalibrationFileError,
+    CalibrationMismatchError,
+    Components,
+    write_calibration,
+)
+from pyadaq.runtime.context import Batch, Context, Model
+from pyadaq.runtime.kv_transform import LayerTransform, hadamard, kv_transforms
+from pyadaq.runtime.layer_types import context_transform_layers, next_context, pending
+
+L = pyadaq.native().llama_cpp
+THREADS = 2
+TEXT = " ".join(f"Sentence number {i} talks about the weather, the sea and the {i % 7} ships." for i in range(300))
+
+
+def _random_calibration(cal, seed: int, mean_scale: float | None):
+    """The same layers with random orthonormal bases, and means of size mean_scale per value
+    (None: the calibration's own means)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(c: Components) -> Components:
+        q = np.stack([np.linalg.qr(rng.standard_normal((c.head_size, c.head_size)))[0] for _ in range(c.n_head)])
+        mean = c.mean if mean_scale is None else mean_scale * rng.standard_normal(c.mean.shape)
+        return Components(mean.astype(np.float32), q.astype(np.float32), c.var)
+
+    return dataclasses.replace(cal, k={il: rand(c) for il, c in cal.k.items()},
+                               v={il: rand(c) for il, c in cal.v.items()}, path=None)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def setup(request, tiny_model):
+    """(model, {"pca": calibration from the model, "random": random bases and means of 3.0 (the
+    identities' stress test), "rotation": random bases with the model's means})."""
+    kw = {"arch": request.param, "head_dim": 64, "n_head": 4, "n_head_kv": 2, "dtype": "f32"}
+    if request.param == "gemma3":
+        kw.update(n_layer=3, sliding_window=32)  # layers 0, 1 sliding-window, 2 full: the iSWA cache
+    path = tiny_model(**kw)
+    cal = calibrate(path, TEXT, n_ctx=256, n_chunks=2, n_threads=THREADS, progress=False)
+    m = Model(str(path))
+    yield m, {"pca": cal, "random": _random_calibration(cal, seed=1, mean_scale=3.0),
+              "rotation": _random_calibration(cal, seed=2, mean_scale=None)}
+    m.close()
+
+
+def _logits(m, k, v, toks, *, flash_attn=True, cal=None, layer_types=None):
+    c = Context(m, k, v, 512, THREADS, flash_attn=flash_attn, kv_calibration=cal, layer_types=layer_types)
+    try:
+        if cal is not None:
+            assert context_transform_layers(c.ptr) == len(cal.layers())
+        return c.logits(toks, 0)
+    finally:
+        c.close()
+
+
+def _toks(m, n=300):
+    t = m.tokenize(TEXT)
+    return t[:n]
+
+
+def _noop(cal):
+    """Identity bases, and V means of 1e-6: a transform that changes the values by about one
+    rounding step. How far it moves the logits is the model's own sensitivity to rounding (the
+    random tiny gemma3 amplifies it about 10^4 times through its many norms: 1.3e-3 of 21)."""
+    def eye(c: Components, mean: float) -> Components:
+        basis = np.broadcast_to(np.eye(c.head_size, dtype=np.float32), c.basis.shape).copy()
+        return Components(np.full_like(c.mean, mean), basis, c.var)
+
+    return dataclasses.replace(cal, k={il: eye(c, 0.0) for il, c in cal.k.items()},
+                               v={il: eye(c, 1e-6) for il, c in cal.v.items()}, path=None)
+
+
+def _tolerance(m, toks, ref, cal, shifted=None):
+    run = shifted or (lambda c: _logits(m, "f32", "f32", toks, flash_attn=False, cal=c))
+    rounding = float(np.abs(run(_noop(cal)) - ref).max())
+    return max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+
+
+@pytest.mark.parametrize("which", ["pca", "random"])
+def test_f32_cache_is_exact(setup, which):
+    m, cals = setup
+    toks = _toks(m)
+    ref = _logits(m, "f32", "f32", toks, flash_attn=False)
+    got = _logits(m, "f32", "f32", toks, flash_attn=False, cal=cals[which])
+    err = float(np.abs(got - ref).max())
+    assert err < _tolerance(m, toks, ref, cals[which]), f"max |dlogit| {err}"  # llama: 1e-5 of 27
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+@pytest.mark.parametrize("which", ["pca", "rotation"])
+def test_f16_cache_with_flash_attention(setup, which):
+    """Flash attention on the CPU rounds Q (and an f16 cache K and V) to f16; a calibrated
+    context is no further from the exact logits than an uncalibrated one. (Not with the means of
+    3.0: keys moved away from zero lose more to f16 rounding, as they would without a
+    calibration.)"""
+    m, cals = setup
+    toks = _toks(m)
+    exact = _logits(m, "f32", "f32", toks, flash_attn=False)
+    plain = float(token_kl(exact, _logits(m, "f16", "f16", toks)).mean())
+    calibrated = float(token_kl(exact, _logits(m, "f16", "f16", toks, cal=cals[which])).mean())
+    assert calibrated < 2 * plain + 1e-6, (calibrated, plain)
+
+
+def test_quantized_cache_runs_calibrated(setup):
+    """q8_0 K with kvq2 V (upstream's rotation after the transform): finite logits, and the
+    calibration's bases cost no more than the rotation alone."""
+    m, cals = setup
+    toks = _toks(m)
+    exact = _logits(m, "f32", "f32", toks, flash_attn=False)
+    plain = float(token_kl(exact, _logits(m, "q8_0", "kvq2", toks)).mean())
+    calibrated = float(token_kl(exact, _logits(m, "q8_0", "kvq2", toks, cal=cals["pca"])).mean())
+    assert np.isfinite(calibrated) and calibrated < 1.5 * plain + 1e-4, (calibrated, plain)
+
+
+def test_uncalibrated_context_is_unchanged_bit_for_bit(setup):
+    m, cals = setup
+    toks = _toks(m, 200)
+    before = _logits(m, "q8_0", "kvq2", toks)
+    calibrated = Context(m, "f16", "f16", 512, THREADS, kv_calibration=cals["random"])
+    try:
+        assert context_transform_layers(calibrated.ptr) == len(cals["random"].layers())
+        during = _logits(m, "q8_0", "kvq2", toks)
+    finally:
+        calibrated.close()
+    assert np.array_equal(before, during)
+    assert np.array_equal(before, _logits(m, "q8_0", "kvq2", toks))
+
+
+def test_transform_memory(setup):
+    """The matrices are f32 [d, d] per KV head and layer, plus the means, in the cache's buffer
+    type; they go with the context."""
+    m, cals = setup
+    n = pyadaq.native()
+    cal = cals["pca"]
+    c = Context(m, "q8_0", "kvq2", 512, THREADS, kv_calibration=cal)
+    try:
+        want = sum(4 * (c_.n_head * c_.head_size ** 2 + c_.mean.size) for il in cal.layers()
+                   for c_ in (cal.k[il], cal.v[il]))
+        got = int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", c.ptr)))
+        assert want <= got <= want + 4096 * len(cal.layers())
+        ptr = c.ptr
+    finally:
+        c.close()
+    assert int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", ptr))) == 0
+    assert context_transform_layers(ptr) == 0
+
+
+def _shifted(m, k, v, x, cal=None, flash_attn=False, n_fill=96, n_drop=48):
+    """Fill n_fill tokens, drop the first n_drop, shift the rest down by n_drop (K-shift), decode
+    the rest; logits of the rest."""
+    c = Context(m, k, v, 256, THREADS, flash_attn=flash_attn, kv_calibration=cal)
+    try:
+        mem = L.llama_get_memory(c.ptr)
+        c.decode(x[:n_fill], 0)
+        assert L.llama_memory_can_shift(mem)
+        assert L.llama_memory_seq_rm(mem, 0, 0, n_drop)
+        L.llama_memory_seq_add(mem, 0, n_drop, -1, -n_drop)
+        rest = x[n_fill:]
+        c.decode(rest, n_fill - n_drop, logits_from=0)
+        return np.stack([c.logits_at(i).copy() for i in range(len(rest))])
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("which", ["pca", "random"])
+def test_context_shift_f32(setup, which):
+    """The K-shift of transformed keys (back to model coordinates, RoPE, forward again) gives the
+    uncalibrated K-shift's logits."""
+    m, cals = setup
+    x = _toks(m, 160)
+    ref = _shifted(m, "f32", "f32", x)
+    got = _shifted(m, "f32", "f32", x, cal=cals[which])
+    tol = _tolerance(m, x, ref, cals[which], shifted=lambda c: _shifted(m, "f32", "f32", x, cal=c))
+    assert np.abs(got - ref).max() < tol
+
+
+@pytest.mark.parametrize("kv", [("q8_0", "f16"), ("kvq3", "kvq2"), ("f16", "f16")])
+def test_context_shift_quantized(setup, kv):
+    """With a quantized K (re-quantized by the shift, with the rotation) and flash attention:
+    as close to the exact shift as without the calibration."""
+    m, cals = setup
+    x = _toks(m, 160)
+    exact = _shifted(m, "f32", "f32", x)
+    plain = float(token_kl(exact, _shifted(m, *kv, x, flash_attn=True)).mean())
+    got = float(token_kl(exact, _shifted(m, *kv, x, cal=cals["pca"], flash_attn=True)).mean())
+    assert np.isfinite(got) and got < 1.5 * plain + 1e-5, (got, plain)
+
+
+def test_several_sequences_and_layer_types(setup):
+    """Two sequences in one batch (one cache stream each), with per-layer types (layer 0
+    q8_0/kvq3, the rest f16): each sequence's logits as in a context of its own."""
+    m, cals = setup
+    n_layer = m.info.n_layer
+    types = (["q8_0"] + ["f16"] * (n_layer - 1), ["kvq3"] + ["f16"] * (n_layer - 1))
+    x = _toks(m, 120)
+    a, b = x[:60], x[60:]
+    alone = [_logits(m, "f16", "f16", s, cal=cals["pca"], layer_types=types) for s in (a, b)]
+    p = L.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 512, 512, 512, 2
+    p.n_threads = p.n_threads_batch = THREADS
+    p.type_k = p.type_v = 1
+    p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    with next_context(*types, model_ptr=m.ptr, attn_rot=False, transforms=kv_transforms(cals["pca"], *types)):
+        ctx = L.llama_init_from_model(m.ptr, p)
+    assert ctx
+    batch = Batch(512, 2)
+    try:
+        ra = batch.add(a, 0, 0, logits_from=0)
+        rb = batch.add(b, 0, 1, logits_from=0)
+        batch.submit(ctx)
+        for rows, want in ((ra, alone[0]), (rb, alone[1])):
+            got = np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(m.n_vocab,)) for i in rows])
+            assert token_kl(want, got).mean() < 1e-4
+    finally:
+        batch.close()
+        L.llama_free(ctx)
+
+
+def test_state_under_another_calibration_is_refused(setup, tmp_path):
+    from pyadaq import Llama
+
+    m, cals = setup
+    x = _toks(m, 90).tolist()
+    kw = {"n_ctx": 128, "n_batch": 128, "n_threads": THREADS, "logits_all": True,
+          "cache_type_k": "q8_0", "cache_type_v": "kvq2"}
+    path = write_calibration(cals["random"], tmp_path / "random.gguf")
+    a = Llama(m.path, kv_calibration=cals["pca"], **kw)
+    b = Llama(m.path, kv_calibration=cals["pca"], **kw)
+    other = Llama(m.path, kv_calibration=path, **kw)
+    plain = Llama(m.path, **kw)
+    try:
+        a.eval(x[:60])
+        st = a.save_state()
+        a.eval(x[60:])
+        want = np.array(a.scores[60:90])
+        b.load_state(st)
+        b.eval(x[60:])
+        got = np.array(b.scores[60:90])
+        if m.info.has_swa:  # restored SWA cells sit elsewhere: the same sums in another order
+            assert token_kl(want, got).mean() < 1e-5
+        else:
+            assert np.array_equal(got, want)
+        for llm in (other, plain):
+            with pytest.raises(ValueError, match="coordinates"):
+                llm.load_state(st)
+        plain.eval(x[:60])
+        with pytest.raises(ValueError, match="no calibration"):
+            b.load_state(plain.save_state())
+    finally:
+        for llm in (a, b, other, plain):
+            llm.close()
+
+
+def test_bad_calibrations(setup, tiny_model, tmp_path):
+    m, cals = setup
+    other = tiny_model(arch="llama", head_dim=64, n_head_kv=2, seed=3)
+    other_cal = calibrate(other, TEXT, n_ctx=256, n_chunks=1, n_threads=THREADS, progress=False)
+    with pytest.raises(CalibrationMismatchError, match="another model"):
+        Context(m, "f16", "f16", 256, THREADS, kv_calibration=other_cal)
+    with pytest.raises(CalibrationFileError, match="not found"):
+        Context(m, "f16", "f16", 256, THREADS, kv_calibration=tmp_path / "missing.gguf")
+    good = write_calibration(cals["pca"], tmp_path / "good.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CalibrationFileError):
+        pyadaq.Llama(m.path, kv_calibration=cut, n_ctx=128)
+    assert pending() == 0
+    # past the Python checks (a Calibration object edited by hand): libllama refuses a transform
+    # that does not fit a layer, and the context creation fails cleanly
+    il = cals["pca"].layers()[0]
+    c0 = cals["pca"].k[il]
+    wrong = dataclasses.replace(cals["pca"], k={**cals["pca"].k, il: Components(c0.mean[:1], c0.basis[:1], c0.var[:1])})
+    with pytest.raises(ValueError, match="could not create a context"):
+        Context(m, "f16", "f16", 256, THREADS, kv_calibration=wrong)
+    nan = dataclasses.replace(cals["pca"], k={**cals["pca"].k, il: Components(c0.mean * np.nan, c0.basis, c0.var)})
+    with pytest.raises(ValueError, match="not finite"):
+        Context(m, "f16", "f16", 256, THREADS, kv_calibration=nan)
+    assert pending() == 0
+    assert np.isfinite(_logits(m, "f16", "f16", _toks(m, 50), cal=cals["pca"])).all()  # still fine
+
+
+def _raw_context(m, k, v, transforms, *, n_ctx=512, flash_attn=False):
+    p = L.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_ctx, n_ctx
+    p.n_threads = p.n_threads_batch = THREADS
+    p.type_k, p.type_v = pyadaq.cache_type(k).id, pyadaq.cache_type(v).id
+    p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    with next_context(model_ptr=m.ptr, attn_rot=False, transforms=transforms):
+        ctx = L.llama_init_from_model(m.ptr, p)
+    assert ctx
+    return ctx
+
+
+def test_scaled_transforms_are_exact(setup):
+    """Scales s (keys and values divided, queries and attention's output multiplied), with the
+    layer's GQA grouping: exact with f32 caches, in decoding and through a K-shift."""
+    m, cals = setup
+    rng = np.random.default_rng(4)
+    base = kv_transforms(cals["rotation"], ["f32"] * m.info.n_layer, ["f32"] * m.info.n_layer)
+    scaled = [LayerTransform(t.layer, t.is_v, t.matrix, np.exp(rng.uniform(-2, 2, t.mean.shape)).astype(np.float32),
+                             t.mean) for t in base]
+    toks = _toks(m, 200)
+    ref = _logits(m, "f32", "f32", toks, flash_attn=False)
+    batch = Batch(512)
+    for transforms in (base, scaled):
+        ctx = _raw_context(m, "f32", "f32", transforms)
+        try:
+            batch.decode(ctx, toks, 0, logits_from=0)
+            got = np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(m.n_vocab,))
+                            for i in range(len(toks))])
+        finally:
+            L.llama_free(ctx)
+        assert np.abs(got - ref).max() < _tolerance(m, toks, ref, cals["pca"])
+        assert (got.argmax(1) == ref.argmax(1)).all()
+    batch.close()
+
+
+def test_hadamard_blocks():
+    for d, first in ((64, 64), (96, 64), (128, 128), (80, 64), (256, 256)):
+        h = hadamard(d)
+        assert np.allclose(h @ h.T, np.eye(d))
+        assert np.allclose(np.abs(h[:first, :first]), 1 / np.sqrt(first))  # every value spread over the block
+        assert np.allclose(h[:first, first:], 0)
+
+
+def test_quantized_layers_get_the_rotation(setup):
+    """A calibrated q4_0 layer: principal directions, then the Hadamard blocks; an f16 layer:
+    the principal directions alone."""
+    m, cals = setup
+    cal = cals["pca"]
+    n = m.info.n_layer
+    tf = {(t.layer, t.is_v): t for t in kv_transforms(cal, ["q4_0"] + ["f16"] * (n - 1), ["f16"] * n)}
+    il0 = cal.layers()[0]
+    assert np.allclose(tf[(il0, False)].matrix, cal.k[il0].basis @ hadamard(cal.k[il0].head_size), atol=1e-6)
+    assert np.allclose(tf[(il0, True)].matrix, cal.v[il0].basis)
+    assert tf[(il0, False)].scale is None
