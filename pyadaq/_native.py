@@ -87,7 +87,7 @@ void    pyadaq_next_context_clear(void);
 int32_t pyadaq_next_context_pending(void);
 int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
                                          const float * matrix, const float * scale, const float * mean,
-                                         char * err, size_t err_size);
+                                         const float * inverse, char * err, size_t err_size);
 int32_t pyadaq_kv_transform_layers(void * ctx);
 int64_t pyadaq_kv_transform_bytes(void * ctx);
 int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
@@ -109,6 +109,7 @@ int pyadaq_dequantize(int type, const void * x, float * y, int64_t k);
 int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl);
 const char * pyadaq_dequant_impl_name(int impl);
 int pyadaq_is_pyadaq_type(int type);
+int pyadaq_kvt_levels(int bits, float * out, int n);
 
 size_t      ggml_type_size(int type);
 int64_t     ggml_blck_size(int type);

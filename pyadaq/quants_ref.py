@@ -45,14 +45,17 @@ import numpy as np
 
 __all__ = [
     "ABSMAX",
+    "KVT_TYPES",
     "MSE",
     "SEARCH_LO",
     "SEARCH_N",
     "SEARCH_STEP",
     "TYPES",
+    "KvtSpec",
     "TypeSpec",
     "dequantize",
     "indices",
+    "kvt_levels",
     "quantize",
     "spec",
 ]
@@ -104,23 +107,181 @@ TYPES: dict[str, TypeSpec] = {
 }
 
 
-def spec(type_: Any) -> TypeSpec:
-    """The TypeSpec of a pyadaq type given by name, ggml id, TypeSpec or CacheType."""
-    if isinstance(type_, TypeSpec):
+# --- transform-coded types (native/src/pyadaq-kvt.c) -----------------------------------------
+#
+# Blocks of 64 values: fp16 d, then 8 groups of 8 values; group g's values have widths[g] bits,
+# stored as widths[g] bit planes (byte k of the group: bit i is bit k of value i's index); a value
+# decodes as d * kvt_levels(w)[index] (w = 0: 0). Quantization of a block (non-finite inputs count
+# as 0), with position weights wt = 4^w: ss = sum wt*(x*x) and sw = sum wt in value order (float32);
+# ss == 0 gives d = 0; else rms = sqrt(ss / sw) and for t = 0..KVT_SEARCH_N-1 the trial scale
+# ds = rms * (KVT_SEARCH_LO + t * KVT_SEARCH_STEP) (float32) scores err = sum wt*((x - ds*level)^2)
+# in value order, each value taking the nearest level of x * (1 / ds) (a width of 0 contributes
+# wt*x^2); the first trial with the least err wins,
+# d = fp16(ds), and the indices are the nearest levels of x * (1 / float(d)) (all 0 when d is 0).
+
+KVT_SEARCH_N = 16
+KVT_SEARCH_LO = np.float32(0.70)
+KVT_SEARCH_STEP = np.float32(0.10)
+KVT_MAX_BITS = 7
+
+
+@dataclass(frozen=True)
+class KvtSpec:
+    name: str
+    id: int
+    widths: tuple  # bits of the 8 groups of 8 values, descending
+
+    block_size = 64
+
+    @property
+    def type_size(self) -> int:
+        return 2 + sum(self.widths)
+
+
+# The X-macro PYADAQ_KVT_TYPES of pyadaq-quants.h, row for row.
+KVT_TYPES: dict[str, KvtSpec] = {
+    t.name: t
+    for t in (
+        KvtSpec("kvt2", 102, (4, 3, 3, 2, 2, 2, 1, 1)),
+        KvtSpec("kvt3", 103, (5, 4, 4, 3, 3, 3, 2, 2)),
+        KvtSpec("kvt4", 104, (6, 5, 5, 4, 4, 4, 3, 3)),
+        KvtSpec("kvt2s", 105, (5, 3, 3, 2, 2, 2, 1, 0)),
+        KvtSpec("kvt3s", 106, (6, 4, 4, 3, 3, 3, 2, 1)),
+        KvtSpec("kvt4s", 107, (7, 5, 4, 4, 4, 4, 3, 3)),
+    )
+}
+
+
+def _lloyd_max(n: int, iters: int = 20000) -> list:
+    """The n Lloyd-Max levels of a unit Gaussian (float64): Lloyd's iteration from the
+    quantiles, each level to the centroid of its cell, until no level moves by 1e-12."""
+    import math
+    from statistics import NormalDist
+
+    nd = NormalDist()
+
+    def pdf(x: float) -> float:
+        return 0.0 if math.isinf(x) else math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+    lv = [nd.inv_cdf((i + 0.5) / n) for i in range(n)]
+    for _ in range(iters):
+        cuts = [-math.inf] + [(a + b) / 2 for a, b in zip(lv, lv[1:])] + [math.inf]
+        new = [(pdf(a) - pdf(b)) / (nd.cdf(b) - nd.cdf(a)) for a, b in zip(cuts, cuts[1:])]
+        done = max(abs(x - y) for x, y in zip(new, lv)) < 1e-12
+        lv = new
+        if done:
+            break
+    return lv
+
+
+_KVT_LEVELS: dict = {}
+
+
+def kvt_levels(bits: int) -> np.ndarray:
+    """The 2**bits float32 levels of the transform-coded types (the C tables are this function's
+    output, printed by scripts/kvt_levels.py)."""
+    if not 1 <= bits <= KVT_MAX_BITS:
+        raise ValueError(f"kvt levels exist for 1..{KVT_MAX_BITS} bits, not {bits}")
+    if bits not in _KVT_LEVELS:
+        _KVT_LEVELS[bits] = np.asarray(_lloyd_max(1 << bits), dtype=np.float64).astype(np.float32)
+    return _KVT_LEVELS[bits]
+
+
+def _kvt_nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
+    idx = np.searchsorted(mids, v, side="left")  # mids strictly below v
+    return np.where(np.isnan(v), 0, idx)
+
+
+def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    with np.errstate(all="ignore"):
+        xs = np.where(np.isfinite(xb), xb, np.float32(0)).astype(np.float32)
+        lv = {w: kvt_levels(w) for w in set(t.widths) if w}
+        mids = {w: (np.float32(0.5) * (lv[w][:-1] + lv[w][1:])).astype(np.float32) for w in lv}
+        wt = [np.float32(1 << (2 * t.widths[j // 8])) for j in range(64)]
+        ss = np.zeros(nb, np.float32)
+        sw = np.float32(0)
+        for j in range(64):
+            ss += wt[j] * (xs[:, j] * xs[:, j])
+            sw += wt[j]
+        rms = np.sqrt(ss / sw)
+        best_err = np.full(nb, np.inf, np.float32)
+        best = rms.copy()
+        for step in range(KVT_SEARCH_N):
+            ds = rms * (KVT_SEARCH_LO + np.float32(step) * KVT_SEARCH_STEP)
+            inv = np.float32(1) / ds
+            err = np.zeros(nb, np.float32)
+            for j in range(64):
+                w = t.widths[j // 8]
+                e = xs[:, j]
+                if w:
+                    i = _kvt_nearest(xs[:, j] * inv, mids[w])
+                    e = xs[:, j] - ds * lv[w][i]
+                err += wt[j] * (e * e)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, ds, best)
+        d = np.where(ss > 0, best, np.float32(0)).astype(np.float32)
+        d16 = d.astype("<f2")
+        dd = d16.astype(np.float32)
+        inv = np.where(dd > 0, np.float32(1) / np.where(dd > 0, dd, np.float32(1)), np.float32(0))
+        out = np.zeros((nb, t.type_size), dtype=np.uint8)
+        out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
+        pos = 2
+        for g, w in enumerate(t.widths):
+            if not w:
+                continue
+            x8 = xs[:, 8 * g:8 * g + 8] * inv[:, None]
+            idx = np.where((dd > 0)[:, None], _kvt_nearest(x8, mids[w]), 0).astype(np.int64)
+            for k in range(w):
+                bits = ((idx >> k) & 1) << np.arange(8)
+                out[:, pos] = bits.sum(axis=1).astype(np.uint8)
+                pos += 1
+    return out.reshape(-1)
+
+
+def _kvt_dequantize(t: KvtSpec, data: Any, n: int) -> np.ndarray:
+    if n < 0 or n % 64:
+        raise ValueError(f"n = {n} is not a multiple of {t.name}'s block size 64")
+    nb = n // 64
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
+        else np.asarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size < nb * t.type_size:
+        raise ValueError(f"{n} {t.name} values need {nb * t.type_size} bytes, got {raw.size}")
+    blocks = raw[: nb * t.type_size].reshape(nb, t.type_size)
+    d = np.ascontiguousarray(blocks[:, 0:2]).view("<f2").reshape(nb).astype(np.float32)
+    y = np.zeros((nb, 64), np.float32)
+    pos = 2
+    with np.errstate(all="ignore"):
+        for g, w in enumerate(t.widths):
+            if not w:
+                continue
+            idx = np.zeros((nb, 8), np.int64)
+            for k in range(w):
+                idx |= ((blocks[:, pos:pos + 1] >> np.arange(8)) & 1).astype(np.int64) << k
+                pos += 1
+            y[:, 8 * g:8 * g + 8] = d[:, None] * kvt_levels(w)[idx]
+    return y.reshape(-1)
+
+
+def spec(type_: Any) -> TypeSpec | KvtSpec:
+    """The TypeSpec (or KvtSpec) of a pyadaq type given by name, ggml id, spec or CacheType."""
+    if isinstance(type_, (TypeSpec, KvtSpec)):
         return type_
     if not isinstance(type_, (str, int)) and hasattr(type_, "name"):  # pyadaq.CacheType
         type_ = type_.name
     if isinstance(type_, bool) or not isinstance(type_, (str, int)):
         raise TypeError(f"a pyadaq type is a name or a ggml type id, not {type(type_).__name__}")
+    every = {**TYPES, **KVT_TYPES}
     if isinstance(type_, int):
-        for t in TYPES.values():
+        for t in every.values():
             if t.id == type_:
                 return t
         raise ValueError(f"ggml type id {type_} is not a pyadaq type")
     key = type_.strip().lower()
-    if key not in TYPES:
-        raise ValueError(f"'{type_}' is not a pyadaq type; pyadaq types: {', '.join(TYPES)}")
-    return TYPES[key]
+    if key not in every:
+        raise ValueError(f"'{type_}' is not a pyadaq type; pyadaq types: {', '.join(every)}")
+    return every[key]
 
 
 def _nearest_level(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
@@ -196,6 +357,8 @@ def quantize(type_: Any, x: Any) -> np.ndarray:
     """
     t = spec(type_)
     xb = _as_blocks(x, t)
+    if isinstance(t, KvtSpec):
+        return _kvt_quantize(t, xb)
     nb, qk = xb.shape
     with np.errstate(all="ignore"):  # overflow/inf/NaN behave as in C; no warnings
         xs = np.where(np.isfinite(xb), xb, np.float32(0)).astype(np.float32)
@@ -237,6 +400,8 @@ def indices(type_: Any, data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
 def dequantize(type_: Any, data: Any, n: int) -> np.ndarray:
     """Decode n values from raw block bytes: float32, identical to C's ``pyadaq_dequantize``."""
     t = spec(type_)
+    if isinstance(t, KvtSpec):
+        return _kvt_dequantize(t, data, n)
     idx, d16 = indices(t, data, n)
     levels = np.asarray(t.levels, dtype=np.float32)
     with np.errstate(all="ignore"):

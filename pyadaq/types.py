@@ -15,6 +15,9 @@ UPSTREAM_CACHE_TYPES = {
 # pyadaq's types (native/src/pyadaq-quants.h). The recommended two come first; the
 # research candidates are the formats they were chosen from (docs/FORMATS.md).
 PYADAQ_CACHE_TYPES = {"kvq2": 100, "kvq3": 101}
+# Transform-coded types (native/src/pyadaq-kvt.c): bits that fall along each head's principal
+# components; they hold whitened, interleaved coordinates, so they need a calibration.
+PYADAQ_CALIBRATED_TYPES = {"kvt2": 102, "kvt3": 103, "kvt4": 104, "kvt2s": 105, "kvt3s": 106, "kvt4s": 107}
 PYADAQ_RESEARCH_TYPES = {
     "kvq2_u32m": 110, "kvq2_u32": 111, "kvq2_n64": 112,
     "kvq3_u32m": 113, "kvq3_u32": 114, "kvq3_n64": 115,
@@ -35,6 +38,7 @@ class CacheType:
     quantized: bool
     origin: str  # "upstream" or "pyadaq"
     research: bool = False
+    calibrated: bool = False  # needs a KV calibration (pyadaq.model.calibration) to run
 
     @property
     def bits_per_value(self) -> float:
@@ -62,6 +66,7 @@ def _table() -> dict[str, CacheType]:
     groups = (
         (UPSTREAM_CACHE_TYPES, "upstream", False),
         (PYADAQ_CACHE_TYPES, "pyadaq", False),
+        (PYADAQ_CALIBRATED_TYPES, "pyadaq", False),
         (PYADAQ_RESEARCH_TYPES, "pyadaq", True),
     )
     for names, origin, research in groups:
@@ -77,6 +82,7 @@ def _table() -> dict[str, CacheType]:
                 quantized=bool(n.base.ggml_is_quantized(tid)),
                 origin=origin,
                 research=research,
+                calibrated=name in PYADAQ_CALIBRATED_TYPES,
             )
     return out
 

@@ -79,20 +79,32 @@ def _toks(m, n=300):
 
 
 def _noop(cal):
-    """Identity bases, and V means of 1e-6: a transform that changes the values by about one
-    rounding step. How far it moves the logits is the model's own sensitivity to rounding (the
+    """Identity matrices, and V means of 1e-6: transforms that change the values by about one
+    rounding step. How far they move the logits is the model's own sensitivity to rounding (the
     random tiny gemma3 amplifies it about 10^4 times through its many norms: 1.3e-3 of 21)."""
-    def eye(c: Components, mean: float) -> Components:
-        basis = np.broadcast_to(np.eye(c.head_size, dtype=np.float32), c.basis.shape).copy()
-        return Components(np.full_like(c.mean, mean), basis, c.var)
+    out = []
+    for il in cal.layers():
+        for is_v, c in ((False, cal.k[il]), (True, cal.v[il])):
+            eye = np.broadcast_to(np.eye(c.head_size, dtype=np.float32), c.basis.shape).copy()
+            out.append(LayerTransform(il, is_v, eye, None, np.full_like(c.mean, 1e-6) if is_v else None))
+    return out
 
-    return dataclasses.replace(cal, k={il: eye(c, 0.0) for il, c in cal.k.items()},
-                               v={il: eye(c, 1e-6) for il, c in cal.v.items()}, path=None)
+
+def _raw_logits(m, toks, transforms):
+    """f32 caches, no flash attention, with these transforms given to libllama as they are."""
+    ctx = _raw_context(m, "f32", "f32", transforms)
+    batch = Batch(512)
+    try:
+        batch.decode(ctx, toks, 0, logits_from=0)
+        return np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(m.n_vocab,)).copy()
+                         for i in range(len(toks))])
+    finally:
+        batch.close()
+        L.llama_free(ctx)
 
 
-def _tolerance(m, toks, ref, cal, shifted=None):
-    run = shifted or (lambda c: _logits(m, "f32", "f32", toks, flash_attn=False, cal=c))
-    rounding = float(np.abs(run(_noop(cal)) - ref).max())
+def _tolerance(m, toks, ref, cal):
+    rounding = float(np.abs(_raw_logits(m, toks, _noop(cal)) - ref).max())
     return max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
 
 
@@ -154,8 +166,9 @@ def test_transform_memory(setup):
     cal = cals["pca"]
     c = Context(m, "q8_0", "kvq2", 512, THREADS, kv_calibration=cal)
     try:
-        want = sum(4 * (c_.n_head * c_.head_size ** 2 + c_.mean.size) for il in cal.layers()
-                   for c_ in (cal.k[il], cal.v[il]))
+        # the value means stay in the cache (pyadaq.runtime.kv_transform): none stored
+        want = sum(4 * (cal.k[il].n_head * cal.k[il].head_size ** 2 + cal.k[il].mean.size
+                        + cal.v[il].n_head * cal.v[il].head_size ** 2) for il in cal.layers())
         got = int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", c.ptr)))
         assert want <= got <= want + 4096 * len(cal.layers())
         ptr = c.ptr
@@ -165,21 +178,32 @@ def test_transform_memory(setup):
     assert context_transform_layers(ptr) == 0
 
 
-def _shifted(m, k, v, x, cal=None, flash_attn=False, n_fill=96, n_drop=48):
+def _shifted(m, k, v, x, cal=None, flash_attn=False, transforms=None, n_fill=96, n_drop=48):
     """Fill n_fill tokens, drop the first n_drop, shift the rest down by n_drop (K-shift), decode
-    the rest; logits of the rest."""
-    c = Context(m, k, v, 256, THREADS, flash_attn=flash_attn, kv_calibration=cal)
+    the rest; logits of the rest. transforms: given to libllama as they are, instead of cal."""
+    if transforms is not None:
+        ptr = _raw_context(m, k, v, transforms, n_ctx=256, flash_attn=flash_attn)
+        c = None
+    else:
+        c = Context(m, k, v, 256, THREADS, flash_attn=flash_attn, kv_calibration=cal)
+        ptr = c.ptr
+    batch = Batch(256)
     try:
-        mem = L.llama_get_memory(c.ptr)
-        c.decode(x[:n_fill], 0)
+        mem = L.llama_get_memory(ptr)
+        batch.decode(ptr, x[:n_fill], 0)
         assert L.llama_memory_can_shift(mem)
         assert L.llama_memory_seq_rm(mem, 0, 0, n_drop)
         L.llama_memory_seq_add(mem, 0, n_drop, -1, -n_drop)
         rest = x[n_fill:]
-        c.decode(rest, n_fill - n_drop, logits_from=0)
-        return np.stack([c.logits_at(i).copy() for i in range(len(rest))])
+        batch.decode(ptr, rest, n_fill - n_drop, logits_from=0)
+        return np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ptr, i), shape=(m.n_vocab,)).copy()
+                         for i in range(len(rest))])
     finally:
-        c.close()
+        batch.close()
+        if c is not None:
+            c.close()
+        else:
+            L.llama_free(ptr)
 
 
 @pytest.mark.parametrize("which", ["pca", "random"])
@@ -190,8 +214,8 @@ def test_context_shift_f32(setup, which):
     x = _toks(m, 160)
     ref = _shifted(m, "f32", "f32", x)
     got = _shifted(m, "f32", "f32", x, cal=cals[which])
-    tol = _tolerance(m, x, ref, cals[which], shifted=lambda c: _shifted(m, "f32", "f32", x, cal=c))
-    assert np.abs(got - ref).max() < tol
+    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cals[which])) - ref).max())
+    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
 
 
 @pytest.mark.parametrize("kv", [("q8_0", "f16"), ("kvq3", "kvq2"), ("f16", "f16")])
@@ -312,27 +336,23 @@ def _raw_context(m, k, v, transforms, *, n_ctx=512, flash_attn=False):
 
 
 def test_scaled_transforms_are_exact(setup):
-    """Scales s (keys and values divided, queries and attention's output multiplied), with the
-    layer's GQA grouping: exact with f32 caches, in decoding and through a K-shift."""
+    """What libllama does with every part of a transform, given directly: random orthonormal
+    matrices, key and value means of 3.0, scales s (keys and values divided, queries and
+    attention's output multiplied), with the layer's GQA grouping: exact with f32 caches."""
     m, cals = setup
     rng = np.random.default_rng(4)
-    base = kv_transforms(cals["rotation"], ["f32"] * m.info.n_layer, ["f32"] * m.info.n_layer)
+    cal = cals["random"]
+    base = [LayerTransform(il, is_v, c.basis, None, c.mean) for il in cal.layers()
+            for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
     scaled = [LayerTransform(t.layer, t.is_v, t.matrix, np.exp(rng.uniform(-2, 2, t.mean.shape)).astype(np.float32),
                              t.mean) for t in base]
     toks = _toks(m, 200)
     ref = _logits(m, "f32", "f32", toks, flash_attn=False)
-    batch = Batch(512)
+    tol = _tolerance(m, toks, ref, cal)
     for transforms in (base, scaled):
-        ctx = _raw_context(m, "f32", "f32", transforms)
-        try:
-            batch.decode(ctx, toks, 0, logits_from=0)
-            got = np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(m.n_vocab,))
-                            for i in range(len(toks))])
-        finally:
-            L.llama_free(ctx)
-        assert np.abs(got - ref).max() < _tolerance(m, toks, ref, cals["pca"])
+        got = _raw_logits(m, toks, transforms)
+        assert np.abs(got - ref).max() < tol
         assert (got.argmax(1) == ref.argmax(1)).all()
-    batch.close()
 
 
 def test_hadamard_blocks():
@@ -345,12 +365,91 @@ def test_hadamard_blocks():
 
 def test_quantized_layers_get_the_rotation(setup):
     """A calibrated q4_0 layer: principal directions, then the Hadamard blocks; an f16 layer:
-    the principal directions alone."""
+    the principal directions alone (for values, which keep their mean, those of the second
+    moment about 0)."""
+    from pyadaq.runtime.kv_transform import _uncentered
+
     m, cals = setup
     cal = cals["pca"]
     n = m.info.n_layer
     tf = {(t.layer, t.is_v): t for t in kv_transforms(cal, ["q4_0"] + ["f16"] * (n - 1), ["f16"] * n)}
     il0 = cal.layers()[0]
     assert np.allclose(tf[(il0, False)].matrix, cal.k[il0].basis @ hadamard(cal.k[il0].head_size), atol=1e-6)
-    assert np.allclose(tf[(il0, True)].matrix, cal.v[il0].basis)
+    assert np.allclose(tf[(il0, True)].matrix, _uncentered(cal.v[il0]).basis)
     assert tf[(il0, False)].scale is None
+    assert np.array_equal(tf[(il0, False)].mean, cal.k[il0].mean) and tf[(il0, True)].mean is None
+
+
+def test_context_shift_with_scales_and_means(setup):
+    """The K-shift undoes and redoes every part of a key transform (matrix, mean, scales)."""
+    m, cals = setup
+    rng = np.random.default_rng(5)
+    cal = cals["random"]
+    transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-2, 2, c.mean.shape)).astype(np.float32),
+                                 c.mean) for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
+    x = _toks(m, 160)
+    ref = _shifted(m, "f32", "f32", x)
+    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cal)) - ref).max())
+    got = _shifted(m, "f32", "f32", x, transforms=transforms)
+    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+
+
+def test_eval_cli_with_calibrated_configs(tiny_model, tmp_path, cache, capsys):
+    """`+cal` configs run with --kv-calibration's file, or the model's default calibration
+    (made and cached); the rows say so; a bad or mismatched file is one clear line, exit 2."""
+    import json
+
+    from pyadaq.cli import main
+
+    path = tiny_model(arch="llama", head_dim=64, n_head_kv=2, dtype="f32")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "e.json"
+    common = ["eval", "--model", str(path), "--text", str(text), "--ctx", "64", "--chunks", "2", "--threads", "1"]
+    assert main([*common, "--configs", "f16:f16+cal,q4_0:q4_0,q4_0:q4_0+cal", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in rows] == ["f16:f16+cal", "q4_0:q4_0", "q4_0:q4_0+cal"]
+    assert rows[0]["calibrated"] and rows[0]["kl_mean"] < 1e-3 and "calibrated" not in rows[1]
+    assert rows[2]["calibration_fingerprint"] == rows[0]["calibration_fingerprint"]
+    cal = calibrate(path, TEXT, n_ctx=64, n_chunks=2, n_threads=1, progress=False)
+    f = write_calibration(cal, tmp_path / "mine.gguf")
+    assert main([*common, "--configs", "q4_0:q4_0", "--kv-calibration", str(f), "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["config"] == "q4_0:q4_0+cal" and row["calibration_fingerprint"] == cal.fingerprint
+    capsys.readouterr()
+    other = tiny_model(arch="llama", head_dim=64, n_head_kv=2, seed=3)
+    wrong = write_calibration(calibrate(other, TEXT, n_ctx=64, n_chunks=1, n_threads=1, progress=False),
+                              tmp_path / "other.gguf")
+    for bad, message in ((wrong, "another model"), (tmp_path / "none.gguf", "not found"), (text, "GGUF")):
+        assert main([*common, "--configs", "q8_0:q8_0+cal", "--kv-calibration", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert main(["chat", "--model", str(path), "--kv-calibration", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_transforms_with_an_explicit_inverse(setup):
+    """A matrix that is not orthonormal (M = Q diag(e) with a random orthonormal Q) with its
+    inverse given: queries become q N^T s, the output goes back through N; exact with f32
+    caches, in decoding and through a K-shift."""
+    m, cals = setup
+    rng = np.random.default_rng(6)
+    cal = cals["random"]
+    out = []
+    for il in cal.layers():
+        for is_v, c in ((False, cal.k[il]), (True, cal.v[il])):
+            e = np.exp(rng.uniform(-1, 1, (c.n_head, c.head_size)))
+            mat = c.basis.astype(np.float64) * e[:, None, :]
+            inv = np.linalg.inv(mat)
+            out.append(LayerTransform(il, is_v, mat.astype(np.float32), None, c.mean,
+                                      np.ascontiguousarray(inv, dtype=np.float32)))
+    toks = _toks(m, 200)
+    ref = _logits(m, "f32", "f32", toks, flash_attn=False)
+    got = _raw_logits(m, toks, out)
+    assert np.abs(got - ref).max() < _tolerance(m, toks, ref, cal)
+    x = _toks(m, 160)
+    ref = _shifted(m, "f32", "f32", x)
+    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cal)) - ref).max())
+    got = _shifted(m, "f32", "f32", x, transforms=out)
+    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)

@@ -4,9 +4,9 @@ set(PYADAQ_SRC ${CMAKE_CURRENT_LIST_DIR}/../src)
 
 # Reference kernels and type traits: ggml-base. The reference is the specification that
 # pyadaq/quants_ref.py repeats bit for bit, so the compiler must not fuse its multiply-adds.
-target_sources(ggml-base PRIVATE ${PYADAQ_SRC}/pyadaq-quants.c)
+target_sources(ggml-base PRIVATE ${PYADAQ_SRC}/pyadaq-quants.c ${PYADAQ_SRC}/pyadaq-kvt.c)
 target_include_directories(ggml-base PRIVATE ${PYADAQ_SRC})
-set_source_files_properties(${PYADAQ_SRC}/pyadaq-quants.c TARGET_DIRECTORY ggml-base
+set_source_files_properties(${PYADAQ_SRC}/pyadaq-quants.c ${PYADAQ_SRC}/pyadaq-kvt.c TARGET_DIRECTORY ggml-base
                             PROPERTIES COMPILE_OPTIONS "-ffp-contract=off")
 
 # CPU paths: ggml-cpu. The AVX2 quantizer repeats the reference's float operations lane by

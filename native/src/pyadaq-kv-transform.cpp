@@ -30,14 +30,16 @@ extern "C" {
 // calling thread (it joins that thread's slot of next-context settings, pyadaq-llama.cpp): per
 // KV head h, the orthonormal head_size x head_size matrix M[h] whose columns are the cache's
 // coordinates (row-major: matrix[(h * d + i) * d + j] is coordinate j's i-th component), the
-// scales s[h] (head_size values; NULL: all 1) and the mean[h] (head_size values; NULL: none).
-// The cache then holds x~ = ((x - mean) . M) / s, queries become q . M * s (keys), and
-// attention's output out~ goes back as (out~ * s) . M^T + mean (values). Returns 0, or -1 with
+// scales s[h] (head_size values; NULL: all 1), the mean[h] (head_size values; NULL: none) and
+// the inverse N[h] of M[h] (the same layout; NULL: M is orthonormal and N = M^T). The cache
+// then holds x~ = ((x - mean) . M) / s, queries become q . N^T * s (keys: q~ . k~ = q . (k - mean)),
+// and attention's output out~ goes back as (out~ * s) . N + mean (values). Returns 0, or -1 with
 // a message in err (may be NULL) and nothing stored for a bad argument, a scale <= 0 or a value
 // that is not finite. A layer given twice keeps the last call.
 PYADAQ_API int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
                                                     const float * matrix, const float * scale,
-                                                    const float * mean, char * err, size_t err_size);
+                                                    const float * mean, const float * inverse, char * err,
+                                                    size_t err_size);
 // Layers of a context whose K or V cache is stored transformed (0: an uncalibrated context).
 PYADAQ_API int32_t pyadaq_kv_transform_layers(const struct llama_context * ctx);
 // Bytes of the device buffers that hold a context's transforms (0 without a calibration).
@@ -56,6 +58,11 @@ struct pyadaq_kv_transform {
     ggml_tensor * mv = nullptr;  // [d_v, n_head_kv]
     ggml_tensor * sk = nullptr;  // [d_k, n_head_kv]: the scales (nullptr: all 1)
     ggml_tensor * sv = nullptr;
+    // the inverses as ggml_mul_mat's first operand (row i: column i of N); nullptr: M^T
+    ggml_tensor * nk = nullptr;
+    ggml_tensor * nv = nullptr;
+    // queries of a layer with an explicit inverse: q . N^T, as mul_mat's first operand (rows of N)
+    ggml_tensor * qk = nullptr;
     int64_t n_head_kv = 0;
 };
 
@@ -65,8 +72,9 @@ struct layer_calib {
     int32_t n_head = 0;
     int32_t d = 0;
     std::vector<float> basis;  // as given: [h][i][j], columns are directions
-    std::vector<float> scale;  // empty: all 1
-    std::vector<float> mean;   // empty: none
+    std::vector<float> scale;    // empty: all 1
+    std::vector<float> mean;     // empty: none
+    std::vector<float> inverse;  // empty: the transpose of basis
 };
 
 struct calib_set {
@@ -138,14 +146,15 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
     return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
-// x~ [d, heads, tokens] -> (x~ * s) . M^T per head, contiguous (the mean is added by the caller)
-ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * s) {
+// x~ [d, heads, tokens] -> (x~ * s) . N per head, contiguous (the mean is added by the caller);
+// n: N as mul_mat's first operand, or nullptr for N = M^T
+ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * s, ggml_tensor * n) {
     GGML_ASSERT(x->ne[0] == u->ne[0] && x->ne[3] == 1);
     ggml_tensor * p = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
     if (s != nullptr) {
         p = scaled(ctx, ggml_cont(ctx, p), s, true);
     }
-    ggml_tensor * ut = ggml_cont(ctx, ggml_transpose(ctx, u));  // rows of M: mul_mat gives x~ . M^T
+    ggml_tensor * ut = n != nullptr ? n : ggml_cont(ctx, ggml_transpose(ctx, u));  // rows of M: x~ . M^T
     ggml_tensor * y = ggml_mul_mat(ctx, ut, p);
     return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
@@ -171,8 +180,8 @@ std::vector<float> rows_of_directions(const layer_calib & c) {
 using namespace pyadaq_tf;
 
 int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
-                                         const float * basis, const float * scale, const float * mean, char * err,
-                                         size_t err_size) {
+                                         const float * basis, const float * scale, const float * mean,
+                                         const float * inverse, char * err, size_t err_size) {
     if (il < 0 || (is_v != 0 && is_v != 1) || n_head <= 0 || head_size <= 0 || basis == nullptr) {
         tf_set_err(err, err_size, "a K/V transform needs a layer >= 0, is_v 0 or 1, n_head > 0, head_size > 0 and a matrix");
         return -1;
@@ -185,6 +194,9 @@ int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_hea
     if (mean != nullptr) {
         c.mean.assign(mean, mean + (size_t) n_head * head_size);
     }
+    if (inverse != nullptr) {
+        c.inverse.assign(inverse, inverse + nb);
+    }
     if (scale != nullptr) {
         c.scale.assign(scale, scale + (size_t) n_head * head_size);
         for (float x : c.scale) {
@@ -195,7 +207,7 @@ int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_hea
             }
         }
     }
-    for (const auto * vec : { &c.basis, &c.mean }) {
+    for (const auto * vec : { &c.basis, &c.mean, &c.inverse }) {
         for (float x : *vec) {
             if (!std::isfinite(x)) {
                 tf_set_err(err, err_size, std::string("layer ") + std::to_string(il) + " " + (is_v ? "V" : "K") +
@@ -268,7 +280,7 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
 
     auto tf = std::make_shared<pyadaq_kv_transform>();
     tf->n_head_kv = n_head_kv;
-    ggml_init_params params = { /*.mem_size =*/ 6 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
+    ggml_init_params params = { /*.mem_size =*/ 9 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
                                 /*.no_alloc =*/ true };
     tf->ctx.reset(ggml_init(params));
     ggml_context * c0 = tf->ctx.get();
@@ -283,6 +295,12 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
             tf->sk = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dk, n_head_kv);
             ggml_format_name(tf->sk, "pyadaq_sk_l%u", il);
         }
+        if (!ck->inverse.empty()) {
+            tf->nk = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
+            ggml_format_name(tf->nk, "pyadaq_nk_l%u", il);
+            tf->qk = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
+            ggml_format_name(tf->qk, "pyadaq_qk_l%u", il);
+        }
     }
     if (cv != nullptr) {
         tf->uv = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dv, dv, n_head_kv);
@@ -294,6 +312,10 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
         if (!cv->scale.empty()) {
             tf->sv = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dv, n_head_kv);
             ggml_format_name(tf->sv, "pyadaq_sv_l%u", il);
+        }
+        if (!cv->inverse.empty()) {
+            tf->nv = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dv, dv, n_head_kv);
+            ggml_format_name(tf->nv, "pyadaq_nv_l%u", il);
         }
     }
     tf->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(c0, ggml_backend_buffer_get_type(k->buffer)));
@@ -310,6 +332,14 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
         if (tf->sk != nullptr) {
             ggml_backend_tensor_set(tf->sk, ck->scale.data(), 0, ggml_nbytes(tf->sk));
         }
+        if (tf->nk != nullptr) {
+            layer_calib inv = *ck;
+            inv.basis = ck->inverse;
+            const auto n_rows = rows_of_directions(inv);  // row i: column i of N
+            ggml_backend_tensor_set(tf->nk, n_rows.data(), 0, ggml_nbytes(tf->nk));
+            // queries: q . N^T, whose first operand has row j = column j of N^T = row j of N
+            ggml_backend_tensor_set(tf->qk, ck->inverse.data(), 0, ggml_nbytes(tf->qk));
+        }
     }
     if (cv != nullptr) {
         const auto rows = rows_of_directions(*cv);
@@ -319,6 +349,12 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
         }
         if (tf->sv != nullptr) {
             ggml_backend_tensor_set(tf->sv, cv->scale.data(), 0, ggml_nbytes(tf->sv));
+        }
+        if (tf->nv != nullptr) {
+            layer_calib inv = *cv;
+            inv.basis = cv->inverse;
+            const auto n_rows = rows_of_directions(inv);
+            ggml_backend_tensor_set(tf->nv, n_rows.data(), 0, ggml_nbytes(tf->nv));
         }
     }
     {
@@ -373,7 +409,7 @@ void pyadaq_attn_transform_in(ggml_context * ctx0, const pyadaq_kv_transform * t
         return;
     }
     if (tf->uk != nullptr) {
-        *q = forward(ctx0, *q, tf->uk, nullptr, tf->sk, true);
+        *q = forward(ctx0, *q, tf->qk != nullptr ? tf->qk : tf->uk, nullptr, tf->sk, true);
         if (*k != nullptr) {
             *k = forward(ctx0, *k, tf->uk, tf->mk, tf->sk, false);
         }
@@ -392,7 +428,7 @@ ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_tra
     const int64_t n_head = cur->ne[0] / d;
     GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
     ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
-    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->uv, tf->sv);
+    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->uv, tf->sv, tf->nv);
     if (tf->mv != nullptr) {
         // query head h = g * group + j belongs to KV head g
         y = ggml_reshape_4d(ctx0, y, d, n_head / tf->n_head_kv, tf->n_head_kv, n_tokens);
@@ -415,7 +451,7 @@ ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_te
     if (rot != nullptr) {
         x = llama_mul_mat_hadamard(ctx, x, rot);  // its own inverse
     }
-    x = inverse(ctx, x, tf->uk, tf->sk);
+    x = inverse(ctx, x, tf->uk, tf->sk, tf->nk);
     if (tf->mk != nullptr) {
         x = ggml_add(ctx, x, ggml_reshape_3d(ctx, tf->mk, d, tf->n_head_kv, 1));
     }

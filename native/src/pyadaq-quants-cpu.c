@@ -224,6 +224,38 @@ static void pyadaq_quantize_block_mse_avx2(const float * x, uint8_t * blk, int q
 
 PYADAQ_TYPES(PYADAQ_DEFINE_CPU)
 
+// The transform-coded types: the reference quantizer, and the dot product with q8_0 through the
+// dequantized block (each 64-value block spans two q8_0 blocks).
+static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const block_q8_0 * y) {
+    float sum = 0.0f;
+    float v[PYADAQ_KVT_QK];
+    for (int ib = 0; ib < n / PYADAQ_KVT_QK; ++ib) {
+        deq((const uint8_t *) vx + (size_t) ib * block_bytes, v, PYADAQ_KVT_QK);
+        for (int h = 0; h < PYADAQ_KVT_QK / QK8_0; ++h) {
+            const block_q8_0 * yb = &y[ib * (PYADAQ_KVT_QK / QK8_0) + h];
+            float part = 0.0f;
+            for (int j = 0; j < QK8_0; ++j) {
+                part += v[h * QK8_0 + j] * (float) yb->qs[j];
+            }
+            sum += part * GGML_CPU_FP16_TO_FP32(yb->d);
+        }
+    }
+    return sum;
+}
+
+#define PYADAQ_DEFINE_KVT_CPU(UPPER, lower, id, ...)                                                  \
+    void quantize_row_##lower(const float * x, void * y, int64_t k) {                                \
+        quantize_row_##lower##_ref(x, y, k);                                                         \
+    }                                                                                                \
+    void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,        \
+                                     const void * vy, size_t by, int nrc) {                          \
+        assert(nrc == 1);                                                                            \
+        assert(n % PYADAQ_KVT_QK == 0);                                                              \
+        (void) bs; (void) bx; (void) by; (void) nrc;                                                 \
+        *s = pyadaq_kvt_vec_dot(n, vx, sizeof(block_##lower), dequantize_row_##lower, (const block_q8_0 *) vy); \
+    }
+PYADAQ_KVT_TYPES(PYADAQ_DEFINE_KVT_CPU)
+
 // Test entry points (pyadaq/_native.py). `impl`: 0 = the generic C path, 1 = the path the
 // CPU backend uses (AVX2 where compiled in). Returns -1 for a type that is not pyadaq's.
 PYADAQ_API int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int impl, float * out);
@@ -247,6 +279,10 @@ int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int
     }
     PYADAQ_TYPES(PYADAQ_VD)
 #undef PYADAQ_VD
+#define PYADAQ_KVT_VD(UPPER, lower, id, ...) \
+    if (type == (id)) { if (n % PYADAQ_KVT_QK) return -1; ggml_vec_dot_##lower##_q8_0(n, out, 0, x, 0, y, 0, 1); return 0; }
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_VD)
+#undef PYADAQ_KVT_VD
     return -1;
 }
 
@@ -263,6 +299,10 @@ int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k) {
     if (type == (id)) { if (k % (QK)) return -1; quantize_row_##lower(x, y, k); return 0; }
     PYADAQ_TYPES(PYADAQ_CQ)
 #undef PYADAQ_CQ
+#define PYADAQ_KVT_CQ(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; quantize_row_##lower(x, y, k); return 0; }
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_CQ)
+#undef PYADAQ_KVT_CQ
     return -1;
 }
 

@@ -268,6 +268,9 @@ int pyadaq_is_pyadaq_type(int type) {
 #define PYADAQ_IS(UPPER, lower, id, QK, BITS, LEVELS, RULE) if (type == (id)) return 1;
     PYADAQ_TYPES(PYADAQ_IS)
 #undef PYADAQ_IS
+#define PYADAQ_KVT_IS(UPPER, lower, id, ...) if (type == (id)) return 1;
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_IS)
+#undef PYADAQ_KVT_IS
     return 0;
 }
 
@@ -276,6 +279,10 @@ int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k) {
     if (type == (id)) { if (k % (QK)) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
     PYADAQ_TYPES(PYADAQ_Q)
 #undef PYADAQ_Q
+#define PYADAQ_KVT_Q(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_Q)
+#undef PYADAQ_KVT_Q
     return -1;
 }
 
@@ -291,6 +298,16 @@ int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int i
     if (type == (id)) { if (k % (QK)) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
     PYADAQ_TYPES(PYADAQ_DQ)
 #undef PYADAQ_DQ
+    // the transform-coded types have the scalar reference only
+#define PYADAQ_KVT_DQ(UPPER, lower, id, ...)                                   \
+    if (type == (id)) {                                                        \
+        if (k % PYADAQ_KVT_QK) return -1;                                      \
+        if (impl != PYADAQ_IMPL_SCALAR && impl != pyadaq_dequant_best()) return -2; \
+        dequantize_row_##lower##_ref(x, y, k);                                 \
+        return 0;                                                              \
+    }
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_DQ)
+#undef PYADAQ_KVT_DQ
     return -1;
 }
 

@@ -52,6 +52,37 @@ enum pyadaq_scale_rule {
     X(KVQ3_U32, kvq3_u32, 114, 32, 3, pyadaq_levels_u3, PYADAQ_SCALE_MSE)            \
     X(KVQ3_N64, kvq3_n64, 115, 64, 3, pyadaq_levels_n3, PYADAQ_SCALE_MSE)
 
+// Transform-coded types (native/src/pyadaq-kvt.c): for values a calibrated context has put in
+// whitened principal coordinates, interleaved by variance rank (pyadaq/runtime/kv_transform.py);
+// they need a calibration. Blocks of 64 values: an fp16 scale d, then 8 groups of 8 values, group g
+// with W_g bits per value (a descending profile), stored as W_g bit planes (byte k of the group:
+// bit i is bit k of value i's index); a value decodes as d * levels_W[index], levels_W the
+// Lloyd-Max levels of a unit Gaussian for W bits (W = 0: 0).
+//   X(UPPER, lower, id, W0..W7)
+// kvt2/3/4: the profile of values (2.5, 3.5, 4.5 bits per value, scale included); kvt2s/3s/4s: a
+// steeper one, for keys, whose spectra fall faster (docs/CALIBRATION.md).
+#define PYADAQ_KVT_TYPES(X)                            \
+    X(KVT2,  kvt2,  102, 4, 3, 3, 2, 2, 2, 1, 1)       \
+    X(KVT3,  kvt3,  103, 5, 4, 4, 3, 3, 3, 2, 2)       \
+    X(KVT4,  kvt4,  104, 6, 5, 5, 4, 4, 4, 3, 3)       \
+    X(KVT2S, kvt2s, 105, 5, 3, 3, 2, 2, 2, 1, 0)       \
+    X(KVT3S, kvt3s, 106, 6, 4, 4, 3, 3, 3, 2, 1)       \
+    X(KVT4S, kvt4s, 107, 7, 5, 4, 4, 4, 4, 3, 3)
+#define PYADAQ_KVT_QK       64
+#define PYADAQ_KVT_GROUP    8
+#define PYADAQ_KVT_MAX_BITS 7
+#define PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) (2 + (W0) + (W1) + (W2) + (W3) + (W4) + (W5) + (W6) + (W7))
+// Scale search: d = rms * (SEARCH_LO + t * SEARCH_STEP), t = 0..SEARCH_N-1, the least squared
+// error with position weights 4^W (rms weighted the same way).
+#define PYADAQ_KVT_SEARCH_N    16
+#define PYADAQ_KVT_SEARCH_LO   0.70f
+#define PYADAQ_KVT_SEARCH_STEP 0.10f
+#define PYADAQ_KVT_BLOCK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7) \
+    typedef struct { uint16_t d; uint8_t q[PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) - 2]; } block_##lower;
+PYADAQ_KVT_TYPES(PYADAQ_KVT_BLOCK)
+// Copies the levels for `bits` (1..7) into out (n floats); returns their count, -1 otherwise.
+PYADAQ_API int pyadaq_kvt_levels(int bits, float * out, int n);
+
 // Codebooks, ascending. n2/n3: Lloyd-Max levels of a unit Gaussian (what values
 // look like after upstream's Hadamard rotation) scaled to int8; u2/u3: uniform.
 PYADAQ_API const int8_t pyadaq_levels_n2[4];
@@ -91,6 +122,8 @@ _Static_assert(sizeof(block_pyadaq_3x64) == 2 + 64/4 + 64/8,   "wrong pyadaq 3-b
     PYADAQ_API size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,      \
                                        const float * imatrix);
 PYADAQ_TYPES(PYADAQ_DECLARE_REF)
+#define PYADAQ_KVT_DECLARE(UPPER, lower, id, ...) PYADAQ_DECLARE_REF(UPPER, lower, id, 64, 0, 0, 0)
+PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE)
 
 // Per type, CPU backend (pyadaq-quants-cpu.c): fast quantize and the dot product with q8_0.
 #define PYADAQ_DECLARE_CPU(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                          \
@@ -98,6 +131,8 @@ PYADAQ_TYPES(PYADAQ_DECLARE_REF)
     void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,                 \
                                      const void * vy, size_t by, int nrc);
 PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
+#define PYADAQ_KVT_DECLARE_CPU(UPPER, lower, id, ...) PYADAQ_DECLARE_CPU(UPPER, lower, id, 64, 0, 0, 0)
+PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
 
 // Registration rows spliced into upstream's tables by the patches in native/patches.
 #define PYADAQ_TRAITS_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)          \
@@ -119,8 +154,7 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
     X(55) X(56) X(57) X(58) X(59) X(60) X(61) X(62) X(63) X(64) X(65) X(66) \
     X(67) X(68) X(69) X(70) X(71) X(72) X(73) X(74) X(75) X(76) X(77) X(78) \
     X(79) X(80) X(81) X(82) X(83) X(84) X(85) X(86) X(87) X(88) X(89) X(90) \
-    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99) X(102) X(103) X(104) \
-    X(105) X(106) X(107) X(108) X(109)
+    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99) X(108) X(109)
 #define PYADAQ_UNUSED_ROW(id)                                                \
     [id] = {                                                                 \
         .type_name      = "unused type id " #id " (reserved by pyadaq)",   \
@@ -128,7 +162,17 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
         .type_size      = 0,                                                 \
         .is_quantized   = false,                                             \
     },
-#define PYADAQ_GGML_TYPE_TRAITS PYADAQ_TYPES(PYADAQ_TRAITS_ROW) PYADAQ_UNUSED_TYPE_IDS(PYADAQ_UNUSED_ROW)
+#define PYADAQ_KVT_TRAITS_ROW(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7) \
+    [GGML_TYPE_##UPPER] = {                                                  \
+        .type_name      = #lower,                                            \
+        .blck_size      = PYADAQ_KVT_QK,                                     \
+        .type_size      = PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7),   \
+        .is_quantized   = true,                                              \
+        .to_float       = (ggml_to_float_t) dequantize_row_##lower,          \
+        .from_float_ref = (ggml_from_float_t) quantize_row_##lower##_ref,    \
+    },
+#define PYADAQ_GGML_TYPE_TRAITS PYADAQ_TYPES(PYADAQ_TRAITS_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_ROW) \
+    PYADAQ_UNUSED_TYPE_IDS(PYADAQ_UNUSED_ROW)
 
 #define PYADAQ_TRAITS_CPU_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)      \
     [GGML_TYPE_##UPPER] = {                                                  \
@@ -137,14 +181,18 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
         .vec_dot_type = GGML_TYPE_Q8_0,                                      \
         .nrows        = 1,                                                   \
     },
-#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW)
+#define PYADAQ_KVT_TRAITS_CPU_ROW(UPPER, lower, id, ...) PYADAQ_TRAITS_CPU_ROW(UPPER, lower, id, 64, 0, 0, 0)
+#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW)
 
 #define PYADAQ_CASE_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) case GGML_TYPE_##UPPER:
-#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW)
+#define PYADAQ_KVT_CASE_ROW(UPPER, ...) case GGML_TYPE_##UPPER:
+#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_CASE_ROW)
 
 #define PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
     case GGML_TYPE_##UPPER: result = quantize_##lower(src + start, (char *) dst + start_row * row_size, nrows, n_per_row, imatrix); break;
-#define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW)
+#define PYADAQ_KVT_QUANTIZE_CHUNK_ROW(UPPER, lower, id, ...) PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, 64, 0, 0, 0)
+#define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW) \
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW)
 
 // Steps of the reference quantizer shared with the CPU fast path (pyadaq-quants.c):
 // non-finite inputs become 0 in xs, the midpoints between levels go to mids, returns max|xs|;

@@ -70,10 +70,12 @@ def parse_fractions(spec: str, what: str) -> list:
 
 def check_configs(configs, info) -> None:
     """Uniform pairs against the model's head sizes; plan files against the model."""
+    from pyadaq.plan.spec import CalSpec
     from pyadaq.runtime.kvplan import load_checked
     from pyadaq.runtime.llama import validate_cache_types
 
     for c in configs:
+        c = c.base if isinstance(c, CalSpec) else c
         if isinstance(c, tuple):
             validate_cache_types(info, c[0], c[1], flash_attn=True)
         elif c.kind == "plan":
@@ -88,6 +90,8 @@ def add_model_options(p) -> None:
     g.add_argument("--cache-type-v", help="V cache type (default kvq2)")
     g.add_argument("--kv-budget", type=float, help="average bits per cached value: a per-layer plan")
     g.add_argument("--kv-plan", help="per-layer plan file from `pyadaq plan`")
+    p.add_argument("--kv-calibration", metavar="FILE",
+                   help="KV calibration from `pyadaq calibrate`: the cache stores K and V in its coordinates")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's choice)")
     p.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU when built with one (default all)")
@@ -97,16 +101,19 @@ def load_llama_from_args(args, **extra):
     """load_llama with the options of add_model_options."""
     return load_llama(args.command, args.model, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                       kv_plan=args.kv_plan, kv_budget=args.kv_budget, ctx=args.ctx, threads=args.threads,
-                      gpu_layers=args.gpu_layers, **extra)
+                      gpu_layers=args.gpu_layers, kv_calibration=args.kv_calibration, **extra)
 
 
 def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_type_v: str | None = None,
                kv_plan=None, kv_budget: float | None = None, ctx: int = 4096, threads: int | None = None,
-               gpu_layers: int = -1, **extra):
+               gpu_layers: int = -1, kv_calibration=None, **extra):
     """(model path, ModelInfo, pyadaq.Llama) for a command, every check done before native code."""
     from pyadaq.llama import Llama
+    from pyadaq.model.calibration import calibration_for_model
 
     model, info = resolve_model(model_path)
+    if kv_calibration is not None:
+        extra["kv_calibration"] = calibration_for_model(kv_calibration, info)  # before the budget's calibration
     if ctx < 64:
         raise ValueError(f"--ctx {ctx} is too small (at least 64)")
     if info.n_ctx_train and ctx > info.n_ctx_train:

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"K:V pairs, plan:FILE (a pyadaq plan) or budget:BITS[:kl|:norms] (planned on the fly), "
                         f"comma-separated (default {DEFAULT_CONFIGS})")
+    p.add_argument("--kv-calibration", metavar="FILE",
+                   help="KV calibration (pyadaq calibrate) for the configs written with +cal (default: the "
+                        "model's default calibration, made once and cached)")
     p.add_argument("--passkey", action="store_true", help="also measure pass-key retrieval accuracy")
     p.add_argument("--passkey-lengths", default="1024,2048,4096,8192")
     p.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
@@ -72,16 +75,24 @@ def run(args) -> int:
     if args.plot:
         require_plots()  # before the run, not after it
     from pyadaq.eval.run import evaluate
-    from pyadaq.plan.spec import resolve_configs
+    from pyadaq.plan.spec import CalSpec, resolve_configs
 
     model, info, text, text_name, configs = check_inputs(args)
-    configs = resolve_configs(configs, model)  # plans are checked against the model they were made for
+    if args.kv_calibration and not any(isinstance(c, CalSpec) for c in configs):
+        configs = [CalSpec(c) for c in configs]  # --kv-calibration alone: every config runs with it
+    # plans are checked against the model they were made for; a calibration against the model it
+    # runs on (with --f32-weights, the float32 copy)
+    plain = resolve_configs([c for c in configs if not isinstance(c, CalSpec)], model)
     if args.f32_weights:
         from pyadaq.model.dequantize import dequantized_copy
         from pyadaq.model.header import read_model_info
 
         model = str(dequantized_copy(model))
         info = read_model_info(model)
+    calibrated = iter(resolve_configs([c for c in configs if isinstance(c, CalSpec)], model,
+                                      calibration=args.kv_calibration))
+    plain_it = iter(plain)
+    configs = [next(calibrated) if isinstance(c, CalSpec) else next(plain_it) for c in configs]
     lengths = parse_ints(args.passkey_lengths, "--passkey-lengths") if args.passkey else None
     depths = parse_fractions(args.passkey_depths, "--passkey-depths") if args.passkey else None
     out = evaluate(model, info, configs, text=text, text_name=text_name, ctx=args.ctx, chunks=args.chunks,

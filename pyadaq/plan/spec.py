@@ -1,7 +1,9 @@
 """Config specs: the one place a user's ``--configs`` string becomes runnable configurations.
 
 ``q8_0:kvq2`` is a uniform pair, ``plan:FILE`` a plan file checked against the model, and
-``budget:BITS[:kl|:norms]`` a plan made for a bit budget (calibrated, cached). :func:`parse_configs`
+``budget:BITS[:kl|:norms]`` a plan made for a bit budget (calibrated, cached); any of them with
+``+cal`` runs with a KV calibration's transforms (the one the run names, else the model's
+default calibration, made once and cached). :func:`parse_configs`
 checks the syntax and the type names without the model; :func:`resolve_configs` turns the
 result into the validated values of :mod:`pyadaq.runtime.kvconfig` for one model.
 """
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.calibrate import plan_for_budget
-from pyadaq.runtime.kvconfig import LayerConfig
+from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.types import cache_type
 
-__all__ = ["LayerSpec", "parse_configs", "resolve_configs"]
+__all__ = ["CalSpec", "LayerSpec", "parse_configs", "resolve_configs"]
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,28 @@ class LayerSpec:
 
 
 
+@dataclass(frozen=True)
+class CalSpec:
+    """A config written with ``+cal``: its base spec run with a calibration."""
+    base: object
+
+    @property
+    def label(self) -> str:
+        b = self.base
+        return (b.label if isinstance(b, LayerSpec) else f"{b[0]}:{b[1]}") + "+cal"
+
+
 def parse_configs(spec: str) -> list:
-    """'q8_0:kvq2,f16:f16,plan:p.json,budget:3.0' -> [('q8_0', 'kvq2'), ('f16', 'f16'),
-    LayerSpec('plan', 'p.json'), LayerSpec('budget', '3.0')]; type names are checked."""
+    """'q8_0:kvq2,f16:f16,plan:p.json,budget:3.0,q4_0:kvq2+cal' -> [('q8_0', 'kvq2'), ('f16', 'f16'),
+    LayerSpec('plan', 'p.json'), LayerSpec('budget', '3.0'), CalSpec(('q4_0', 'kvq2'))]; type names
+    are checked."""
     out: list = []
     for item in spec.split(","):
         item = item.strip()
         if not item:
+            continue
+        if item.endswith("+cal"):
+            out.append(CalSpec(parse_configs(item[: -len("+cal")])[0]))
             continue
         head, _, rest = item.partition(":")
         if head in ("plan", "budget"):
@@ -64,12 +82,22 @@ def parse_configs(spec: str) -> list:
 
 
 
-def resolve_configs(configs: list, model_path: str, progress: bool = True) -> list:
+def resolve_configs(configs: list, model_path: str, progress: bool = True, calibration=None) -> list:
     """Turn LayerSpec entries into LayerConfig for this model (plans are loaded and checked,
-    budgets planned); uniform (k, v) pairs pass through."""
+    budgets planned) and CalSpec entries into Calibrated ones: with `calibration` (a file or a
+    Calibration, checked against the model), else the model's default calibration
+    (pyadaq.eval.calibration.calibrate, cached); uniform (k, v) pairs pass through."""
     info = read_model_info(model_path)
     out = []
     for c in configs:
+        if isinstance(c, CalSpec):
+            if calibration is None:
+                from pyadaq.eval.calibration import calibrate
+
+                calibration = calibrate(model_path, progress=progress)
+            calibration = calibration_for_model(calibration, info)
+            out.append(Calibrated(resolve_configs([c.base], model_path, progress)[0], calibration))
+            continue
         if not isinstance(c, LayerSpec):
             out.append(c)
             continue

@@ -10,10 +10,27 @@ caches, q . M * s to the queries, and (out~ * s) . M^T + mean to attention's out
 * a block-quantized cache of one bit width (q8_0, q4_0, kvq2, ...): M = the principal
   directions followed by a Hadamard rotation (of the largest power-of-two blocks that make up
   the head size), s = 1: the mean comes out, and every block still sees values of one size,
-  as with llama.cpp's own rotation, which a calibrated context does not use.
+  as with llama.cpp's own rotation, which a calibrated context does not use;
+* a transform-coded type (kvt2, kvt3, kvt4 and the steep kvt*s, :attr:`CacheType.calibrated`):
+  the principal directions interleaved by rank, so that position p of block b (of the head's
+  d/64 blocks of 64) holds direction p * d/64 + b, and s = the square root of each direction's
+  variance (at least 1e-6 of the largest): every stored value has unit variance on the
+  calibration text, and every block sees the same descending spectrum, which the type's bit
+  profile follows. The directions that share a bit width (one group of 8 positions in every
+  block) are then mixed by a Hadamard rotation and share their root mean variance as scale: a
+  principal coordinate alone is far from Gaussian, a mix of a few is close (on the embedded
+  model, 2 chunks, K=q8_0 with V=kvt3: KL 0.094 unmixed, 0.055 mixed).
 
-The means stay in the keys of layers with soft-capped logits or attention sinks (libllama
-decides that from the model).
+Values keep their mean, so their directions and scales are those of the second moment about 0
+(covariance + mean mean^T), not of the covariance: a direction of little variance but a large
+mean would otherwise be divided by a tiny scale.
+
+The key mean comes out of the cache (except in layers with soft-capped logits or attention sinks,
+where libllama keeps it). The value mean stays: attention puts much of its weight on a few
+"sink" tokens (BOS first) whose values are near zero, and taking the mean out makes exactly
+those values large. On the embedded model, 2 chunks of 512, K f16 with V kvq2: KL 0.084
+without a calibration, 0.087 with principal directions and the rotation, 0.134 when the value
+mean comes out too (/tmp experiment recorded in docs/CALIBRATION.md).
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ import numpy as np
 
 from pyadaq.types import cache_type
 
-__all__ = ["LayerTransform", "hadamard", "kv_transforms"]
+__all__ = ["LayerTransform", "hadamard", "interleave", "kv_transforms", "require_calibration"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +51,8 @@ class LayerTransform:
     is_v: bool
     matrix: np.ndarray  # [heads, d, d], orthonormal columns: the cache's coordinates
     scale: np.ndarray | None  # [heads, d] or None (all 1)
-    mean: np.ndarray  # [heads, d]
+    mean: np.ndarray | None  # [heads, d], or None: the cache keeps it
+    inverse: np.ndarray | None = None  # [heads, d, d]: the inverse of matrix (None: its transpose)
 
 
 @cache
@@ -56,20 +74,76 @@ def hadamard(d: int) -> np.ndarray:
     return out
 
 
+def interleave(d: int, block: int = 64) -> np.ndarray:
+    """order[j]: the principal direction (by descending variance) stored at position j of a head
+    of d values in blocks of `block`: position p of block b holds direction p * (d/block) + b."""
+    nb = d // block
+    j = np.arange(d)
+    return (j % block) * nb + j // block
+
+
+def _mix_groups(matrix, var, block: int, group: int = 8):
+    """Rotate together the directions that share a bit width: the positions of one group of
+    every block (group positions x d/block blocks, a power of two) get a Hadamard mix of those
+    directions, and their common scale (the root mean variance of the set)."""
+    d = matrix.shape[1]
+    j = np.arange(d)
+    matrix, var = matrix.copy(), var.copy()
+    for g in range(block // group):
+        sel = j[(j % block) // group == g]
+        h = hadamard(len(sel))
+        matrix[:, :, sel] = matrix[:, :, sel] @ h
+        var[:, sel] = var[:, sel].mean(axis=1, keepdims=True)
+    return matrix, var
+
+
 def _for_type(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
     basis = comps.basis.astype(np.float64)
+    if t.calibrated:
+        if comps.head_size % t.block_size:
+            raise ValueError(f"{t.name} needs a head size that is a multiple of {t.block_size}, "
+                             f"not {comps.head_size}")
+        order = interleave(comps.head_size, t.block_size)
+        var = np.maximum(comps.var.astype(np.float64), 1e-6 * comps.var.max(axis=1, keepdims=True))
+        var = np.maximum(var, 1e-30)
+        matrix, var = _mix_groups(basis[:, :, order], var[:, order], t.block_size)
+        return matrix, np.sqrt(var)
     if not t.quantized:
         return basis, None
     return basis @ hadamard(comps.head_size), None
+
+
+def _uncentered(comps):
+    """The same data's principal directions about 0 instead of about the mean (the eigenbasis of
+    the second-moment matrix covariance + mean mean^T, by descending second moment): the values,
+    whose mean stays in the cache, are stored in these."""
+    from pyadaq.model.calibration import Components
+
+    m = comps.mean.astype(np.float64)
+    second = comps.covariance().astype(np.float64) + m[:, :, None] * m[:, None, :]
+    w, v = np.linalg.eigh(0.5 * (second + second.transpose(0, 2, 1)))
+    return Components(comps.mean, v[:, :, ::-1].astype(np.float32), np.clip(w[:, ::-1], 0, None).astype(np.float32))
 
 
 def kv_transforms(calibration, types_k, types_v) -> list[LayerTransform]:
     """The transforms of every calibrated layer, for one K and one V cache type per layer."""
     out = []
     for il in calibration.layers():
-        for is_v, comps, t in ((False, calibration.k[il], types_k[il]), (True, calibration.v[il], types_v[il])):
+        for is_v, comps, t in ((False, calibration.k[il], types_k[il]),
+                               (True, _uncentered(calibration.v[il]), types_v[il])):
             matrix, scale = _for_type(comps, cache_type(t))
             out.append(LayerTransform(il, is_v, np.ascontiguousarray(matrix, dtype=np.float32),
                                       None if scale is None else np.ascontiguousarray(scale, dtype=np.float32),
-                                      np.ascontiguousarray(comps.mean, dtype=np.float32)))
+                                      None if is_v else np.ascontiguousarray(comps.mean, dtype=np.float32)))
     return out
+
+
+def require_calibration(types, calibration) -> None:
+    """ValueError when a calibrated cache type (kvt*) is asked for without a calibration."""
+    if calibration is not None:
+        return
+    need = sorted({cache_type(t).name for t in types if cache_type(t).calibrated})
+    if need:
+        raise ValueError(f"cache type {', '.join(need)} stores a calibration's coordinates and needs one: pass "
+                         "kv_calibration=FILE (from `pyadaq calibrate`; in the tools --kv-calibration or a +cal "
+                         "config)")

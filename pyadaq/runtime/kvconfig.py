@@ -1,7 +1,8 @@
 """A K/V configuration ready to run, and the context for it.
 
 A configuration is either a uniform pair of cache type names ``(k, v)`` or a
-:class:`LayerConfig` (one K and one V type name per layer, from a plan). Both are validated
+:class:`LayerConfig` (one K and one V type name per layer, from a plan), either of them possibly
+wrapped in :class:`Calibrated` (run with a calibration's K/V transforms). All are validated
 values: config specs (``q8_0:kvq2``, ``plan:FILE``, ``budget:BITS``) become them in
 :mod:`pyadaq.plan.spec`. Everything that runs configurations (evaluation, pass-key, bench)
 opens its contexts with :func:`open_context` and labels its results with :func:`config_row`.
@@ -9,12 +10,12 @@ opens its contexts with :func:`open_context` and labels its results with :func:`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyadaq.runtime.context import Context
 from pyadaq.types import cache_type
 
-__all__ = ["LayerConfig", "config_label", "config_row", "open_context"]
+__all__ = ["Calibrated", "LayerConfig", "config_label", "config_row", "open_context"]
 
 
 @dataclass(frozen=True)
@@ -34,21 +35,41 @@ class LayerConfig:
         return max(set(self.types_v), key=self.types_v.count)
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """A uniform pair or a LayerConfig run with a calibration (pyadaq.model.calibration)."""
+    base: object
+    calibration: object = field(compare=False)
+
+    @property
+    def label(self) -> str:
+        return config_label(self.base) + "+cal"
+
+
 def config_label(cfg) -> str:
-    return cfg.label if isinstance(cfg, LayerConfig) else f"{cfg[0]}:{cfg[1]}"
+    if isinstance(cfg, (LayerConfig, Calibrated)):
+        return cfg.label
+    return f"{cfg[0]}:{cfg[1]}"
 
 
 def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True, flash_attn: bool = True):
-    """A Context for a uniform (k, v) pair or a LayerConfig."""
+    """A Context for a uniform (k, v) pair, a LayerConfig, or either of them Calibrated."""
+    cal = None
+    if isinstance(cfg, Calibrated):
+        cfg, cal = cfg.base, cfg.calibration
     if isinstance(cfg, LayerConfig):
         return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot, flash_attn=flash_attn,
-                       layer_types=(list(cfg.types_k), list(cfg.types_v)))
+                       layer_types=(list(cfg.types_k), list(cfg.types_v)), kv_calibration=cal)
     return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot,
-                   flash_attn=flash_attn)
+                   flash_attn=flash_attn, kv_calibration=cal)
 
 
 def config_row(cfg) -> dict:
     """The identifying fields of a result row."""
+    if isinstance(cfg, Calibrated):
+        cal = cfg.calibration
+        return {**config_row(cfg.base), "config": cfg.label, "calibrated": True,
+                "calibration": str(cal.path) if cal.path else None, "calibration_fingerprint": cal.fingerprint}
     if isinstance(cfg, LayerConfig):
         def mean_bits(ts):
             return sum(cache_type(t).bits_per_value for t in ts) / len(ts)

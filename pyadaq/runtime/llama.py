@@ -44,7 +44,7 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime.context import default_gpu_layers
-from pyadaq.runtime.kv_transform import kv_transforms
+from pyadaq.runtime.kv_transform import kv_transforms, require_calibration
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
@@ -275,6 +275,7 @@ class Llama(llama_cpp.Llama):
         flash_attn = kwargs.get("flash_attn")
         plan, layers_k, layers_v = load_checked(kv_plan, info) if kv_plan is not None else (None, None, None)
         calibration = None if kv_calibration is None else calibration_for_model(kv_calibration, info)
+        require_calibration((layers_k or [tk]) + (layers_v or [tv]), calibration)
         if plan is not None:
             tk = max(set(layers_k), key=layers_k.count)
             tv = max(set(layers_v), key=layers_v.count)

@@ -1,0 +1,189 @@
+// Scalar reference of pyadaq's transform-coded KV-cache types (kvt2, kvt3, kvt4 and their
+// steep variants): this file is the specification, compiled with -ffp-contract=off; the numpy
+// twin (pyadaq/quants_ref.py) repeats its float operations in the same order.
+//
+// These types store values that a calibrated context has put in whitened principal coordinates,
+// interleaved so that position p of every 64-value block holds components of the same variance
+// rank (pyadaq/runtime/kv_transform.py): every value has unit variance, and the early positions
+// matter more than the late ones. A block is one fp16 scale d and 8 groups of 8 values; the
+// values of group g get PROFILE[g] bits (0..7), an index into the Lloyd-Max levels of a unit
+// Gaussian for that width, and decode as d * levels[index] (a width of 0 decodes as 0).
+
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
+#include "ggml-impl.h"
+#include "ggml.h"
+
+#include "pyadaq-quants.h"
+
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+// Lloyd-Max levels of a unit Gaussian for 1..7 bits (ascending), from
+// scripts/kvt_levels.py (pyadaq.quants_ref.kvt_levels).
+static const float kvt_levels_1[2] = { -0.797884583f, 0.797884583f };
+static const float kvt_levels_2[4] = { -1.51041758f, -0.452780038f, 0.452780038f, 1.51041758f };
+static const float kvt_levels_3[8] = { -2.15194559f, -1.34390926f, -0.756005287f, -0.24509418f, 0.24509418f, 0.756005287f, 1.34390926f, 2.15194559f };
+static const float kvt_levels_4[16] = { -2.73258948f, -2.06901717f, -1.6180464f, -1.25623119f, -0.942340434f, -0.656759143f, -0.388048291f, -0.128395036f, 0.128395036f, 0.388048291f, 0.656759143f, 0.942340434f, 1.25623119f, 1.6180464f, 2.06901717f, 2.73258948f };
+static const float kvt_levels_5[32] = { -3.26073241f, -2.69111967f, -2.31773949f, -2.02872849f, -1.78723323f, -1.57622802f, -1.38634038f, -1.21180439f, -1.0487833f, -0.894565105f, -0.747135699f, -0.604933619f, -0.466699511f, -0.331378311f, -0.198051825f, -0.0658896565f, 0.0658896565f, 0.198051825f, 0.331378311f, 0.466699511f, 0.604933619f, 0.747135699f, 0.894565105f, 1.0487833f, 1.21180439f, 1.38634038f, 1.57622802f, 1.78723323f, 2.02872849f, 2.31773949f, 2.69111967f, 3.26073241f };
+static const float kvt_levels_6[64] = { -3.74410129f, -3.24043703f, -2.9174068f, -2.67227387f, -2.47130489f, -2.29898119f, -2.14681029f, -2.00961113f, -1.88397729f, -1.76754189f, -1.65858889f, -1.55583119f, -1.45827639f, -1.36514103f, -1.27579451f, -1.18972015f, -1.10648823f, -1.02573633f, -0.947154939f, -0.870476604f, -0.795467675f, -0.721921921f, -0.649655581f, -0.578503013f, -0.508313775f, -0.438949674f, -0.37028265f, -0.302192837f, -0.234566987f, -0.167296901f, -0.100278288f, -0.0334095061f, 0.0334095061f, 0.100278288f, 0.167296901f, 0.234566987f, 0.302192837f, 0.37028265f, 0.438949674f, 0.508313775f, 0.578503013f, 0.649655581f, 0.721921921f, 0.795467675f, 0.870476604f, 0.947154939f, 1.02573633f, 1.10648823f, 1.18972015f, 1.27579451f, 1.36514103f, 1.45827639f, 1.55583119f, 1.65858889f, 1.76754189f, 1.88397729f, 2.00961113f, 2.14681029f, 2.29898119f, 2.47130489f, 2.67227387f, 2.9174068f, 3.24043703f, 3.74410129f };
+static const float kvt_levels_7[128] = { -4.18969107f, -3.73493314f, -3.44742656f, -3.2319293f, -3.05724216f, -2.90904307f, -2.77951002f, -2.66388226f, -2.55903625f, -2.46280694f, -2.37362981f, -2.29033446f, -2.21202278f, -2.13798881f, -2.06766677f, -2.000597f, -1.93639982f, -1.87475777f, -1.81540287f, -1.75810659f, -1.70267224f, -1.64892912f, -1.59672832f, -1.54593897f, -1.4964453f, -1.4481442f, -1.40094388f, -1.35476172f, -1.30952311f, -1.26516056f, -1.22161293f, -1.17882419f, -1.13674307f, -1.09532249f, -1.05451906f, -1.0142926f, -0.974606037f, -0.935424626f, -0.896716177f, -0.858450592f, -0.820599437f, -0.783136189f, -0.746035814f, -0.70927465f, -0.672830284f, -0.636681378f, -0.600807726f, -0.565190017f, -0.529809713f, -0.494649142f, -0.459691226f, -0.424919605f, -0.390318394f, -0.355872303f, -0.321566373f, -0.287386149f, -0.253317475f, -0.219346553f, -0.185459793f, -0.151643887f, -0.117885694f, -0.084172219f, -0.0504906103f, -0.0168280844f, 0.0168280844f, 0.0504906103f, 0.084172219f, 0.117885694f, 0.151643887f, 0.185459793f, 0.219346553f, 0.253317475f, 0.287386149f, 0.321566373f, 0.355872303f, 0.390318394f, 0.424919605f, 0.459691226f, 0.494649142f, 0.529809713f, 0.565190017f, 0.600807726f, 0.636681378f, 0.672830284f, 0.70927465f, 0.746035814f, 0.783136189f, 0.820599437f, 0.858450592f, 0.896716177f, 0.935424626f, 0.974606037f, 1.0142926f, 1.05451906f, 1.09532249f, 1.13674307f, 1.17882419f, 1.22161293f, 1.26516056f, 1.30952311f, 1.35476172f, 1.40094388f, 1.4481442f, 1.4964453f, 1.54593897f, 1.59672832f, 1.64892912f, 1.70267224f, 1.75810659f, 1.81540287f, 1.87475777f, 1.93639982f, 2.000597f, 2.06766677f, 2.13798881f, 2.21202278f, 2.29033446f, 2.37362981f, 2.46280694f, 2.55903625f, 2.66388226f, 2.77951002f, 2.90904307f, 3.05724216f, 3.2319293f, 3.44742656f, 3.73493314f, 4.18969107f };
+
+static const float * const kvt_levels[8] = { NULL, kvt_levels_1, kvt_levels_2, kvt_levels_3,
+                                             kvt_levels_4, kvt_levels_5, kvt_levels_6, kvt_levels_7 };
+
+#define PYADAQ_KVT_CHECK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                               \
+    static_assert(GGML_TYPE_##UPPER == (id), "ggml.h patch and PYADAQ_KVT_TYPES disagree on " #lower);  \
+    static_assert(sizeof(block_##lower) == PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7),             \
+                  "wrong " #lower " block size/padding");                                               \
+    static_assert((W0) >= (W1) && (W1) >= (W2) && (W2) >= (W3) && (W3) >= (W4) && (W4) >= (W5) &&       \
+                  (W5) >= (W6) && (W6) >= (W7) && (W0) <= PYADAQ_KVT_MAX_BITS && (W7) >= 0,            \
+                  #lower ": a profile descends from at most 7 bits");
+PYADAQ_KVT_TYPES(PYADAQ_KVT_CHECK)
+static_assert(PYADAQ_KVT_QK == 8 * PYADAQ_KVT_GROUP, "a block is 8 groups");
+
+int pyadaq_kvt_levels(int bits, float * out, int n) {
+    if (bits < 1 || bits > PYADAQ_KVT_MAX_BITS || n < (1 << bits)) {
+        return -1;
+    }
+    memcpy(out, kvt_levels[bits], sizeof(float) * (size_t) (1 << bits));
+    return 1 << bits;
+}
+
+// the midpoints between consecutive levels of every width: mids[w][i] = (L[i] + L[i+1]) / 2
+typedef struct { float m[PYADAQ_KVT_MAX_BITS + 1][1 << PYADAQ_KVT_MAX_BITS]; } kvt_mids;
+
+static void kvt_make_mids(kvt_mids * mids) {
+    for (int w = 1; w <= PYADAQ_KVT_MAX_BITS; ++w) {
+        const float * L = kvt_levels[w];
+        for (int i = 0; i + 1 < (1 << w); ++i) {
+            mids->m[w][i] = 0.5f * (L[i] + L[i + 1]);
+        }
+    }
+}
+
+// the number of midpoints that v strictly exceeds (NaN: none)
+static inline int kvt_nearest(float v, const float * mids, int n_mids) {
+    int lo = 0, hi = n_mids;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (v > mids[mid]) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+static void pyadaq_kvt_quantize_block(const float * x, uint8_t * out, const int * widths, const kvt_mids * mids) {
+    // a position's error counts 4^W times: under the profile's allocation, a direction given one
+    // bit more carries four times the variance, and so four times the weight in model coordinates
+    float xs[PYADAQ_KVT_QK];
+    float wt[PYADAQ_KVT_QK];
+    float ss = 0.0f;
+    float sw = 0.0f;
+    for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+        xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
+        wt[j] = (float) (1 << (2 * widths[j / PYADAQ_KVT_GROUP]));
+        ss += wt[j] * (xs[j] * xs[j]);
+        sw += wt[j];
+    }
+    float d = 0.0f;
+    if (ss > 0.0f) {
+        const float rms = sqrtf(ss / sw);
+        float best_err = INFINITY;
+        float best = rms;
+        for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
+            const float ds = rms * (PYADAQ_KVT_SEARCH_LO + (float) t * PYADAQ_KVT_SEARCH_STEP);
+            const float inv = 1.0f / ds;
+            float err = 0.0f;
+            for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+                const int w = widths[j / PYADAQ_KVT_GROUP];
+                float e = xs[j];
+                if (w > 0) {
+                    const int i = kvt_nearest(xs[j] * inv, mids->m[w], (1 << w) - 1);
+                    e = xs[j] - ds * kvt_levels[w][i];
+                }
+                err += wt[j] * (e * e);
+            }
+            if (err < best_err) {
+                best_err = err;
+                best = ds;
+            }
+        }
+        d = best;
+    }
+    const ggml_half d16 = GGML_FP32_TO_FP16(d);
+    memcpy(out, &d16, sizeof(d16));
+    const float dd = GGML_FP16_TO_FP32(d16);
+    const float inv = dd > 0.0f ? 1.0f / dd : 0.0f;
+    uint8_t * q = out + 2;
+    for (int g = 0; g < 8; ++g) {
+        const int w = widths[g];
+        int idx[PYADAQ_KVT_GROUP];
+        for (int i = 0; i < PYADAQ_KVT_GROUP; ++i) {
+            const int j = g * PYADAQ_KVT_GROUP + i;
+            idx[i] = (w > 0 && dd > 0.0f) ? kvt_nearest(xs[j] * inv, mids->m[w], (1 << w) - 1) : 0;
+        }
+        // bit plane k of the group: bit i is bit k of value i's index
+        for (int k = 0; k < w; ++k) {
+            uint8_t byte = 0;
+            for (int i = 0; i < PYADAQ_KVT_GROUP; ++i) {
+                byte |= (uint8_t) (((idx[i] >> k) & 1) << i);
+            }
+            *q++ = byte;
+        }
+    }
+}
+
+static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widths) {
+    ggml_half d16;
+    memcpy(&d16, in, sizeof(d16));
+    const float d = GGML_FP16_TO_FP32(d16);
+    const uint8_t * q = in + 2;
+    for (int g = 0; g < 8; ++g) {
+        const int w = widths[g];
+        for (int i = 0; i < PYADAQ_KVT_GROUP; ++i) {
+            int idx = 0;
+            for (int k = 0; k < w; ++k) {
+                idx |= ((q[k] >> i) & 1) << k;
+            }
+            y[g * PYADAQ_KVT_GROUP + i] = w > 0 ? d * kvt_levels[w][idx] : 0.0f;
+        }
+        q += w;
+    }
+}
+
+#define PYADAQ_KVT_DEFINE(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                              \
+    static const int lower##_widths[8] = { W0, W1, W2, W3, W4, W5, W6, W7 };                              \
+    void quantize_row_##lower##_ref(const float * x, void * y, int64_t k) {                              \
+        assert(k % PYADAQ_KVT_QK == 0);                                                                   \
+        kvt_mids mids;                                                                                   \
+        kvt_make_mids(&mids);                                                                            \
+        block_##lower * b = (block_##lower *) y;                                                         \
+        for (int64_t i = 0; i < k / PYADAQ_KVT_QK; ++i) {                                                \
+            pyadaq_kvt_quantize_block(x + i * PYADAQ_KVT_QK, (uint8_t *) &b[i], lower##_widths, &mids);  \
+        }                                                                                                \
+    }                                                                                                    \
+    void dequantize_row_##lower##_ref(const void * x, float * y, int64_t k) {                            \
+        assert(k % PYADAQ_KVT_QK == 0);                                                                   \
+        const block_##lower * b = (const block_##lower *) x;                                             \
+        for (int64_t i = 0; i < k / PYADAQ_KVT_QK; ++i) {                                                \
+            kvt_dequantize_block((const uint8_t *) &b[i], y + i * PYADAQ_KVT_QK, lower##_widths);        \
+        }                                                                                                \
+    }                                                                                                    \
+    void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
+        dequantize_row_##lower##_ref(x, y, k);                                                           \
+    }                                                                                                    \
+    size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
+                            const float * imatrix) {                                                     \
+        (void) imatrix;                                                                                  \
+        const size_t row_size = ggml_row_size(GGML_TYPE_##UPPER, n_per_row);                             \
+        for (int64_t r = 0; r < nrows; ++r) {                                                            \
+            quantize_row_##lower##_ref(src + r * n_per_row, (char *) dst + r * row_size, n_per_row);     \
+        }                                                                                                \
+        return nrows * row_size;                                                                         \
+    }
+PYADAQ_KVT_TYPES(PYADAQ_KVT_DEFINE)

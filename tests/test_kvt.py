@@ -1,0 +1,191 @@
+"""The transform-coded KV-cache types kvt2/3/4 and kvt2s/3s/4s (native/src/pyadaq-kvt.c, the
+spec): the C level tables are the twin's Lloyd-Max levels bit for bit and satisfy the centroid
+condition; the numpy twin (pyadaq/quants_ref.py) writes the C reference's bytes and decodes its
+floats, on Gaussian data of every scale, zeros, NaN, infinities and huge values; the layout
+decodes as written by hand; the error on a spectrum the profiles were made for is below a flat
+2- / 3- / 4-bit type's; the dot product with q8_0; a context refuses them without a
+calibration and runs them with one (K-shift included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyadaq
+from pyadaq import quants_ref as qr
+from pyadaq.types import cache_type
+
+NAT = pyadaq.native()
+FFI = NAT.ffi
+KVT = [cache_type(name) for name in qr.KVT_TYPES]
+per_type = pytest.mark.parametrize("t", KVT, ids=[t.name for t in KVT])
+
+
+def c_quantize(t, x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros(len(x) // 64 * t.type_size, dtype=np.uint8)
+    assert NAT.base.pyadaq_quantize_ref(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(out), len(x)) == 0
+    return out
+
+
+def c_dequantize(t, data: np.ndarray, n: int) -> np.ndarray:
+    y = np.zeros(n, dtype=np.float32)
+    assert NAT.base.pyadaq_dequantize(t.id, FFI.from_buffer(np.ascontiguousarray(data)),
+                                      FFI.from_buffer("float[]", y), n) == 0
+    return y
+
+
+def test_levels_are_the_twins_and_lloyd_max():
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    for bits in range(1, qr.KVT_MAX_BITS + 1):
+        out = np.zeros(1 << bits, np.float32)
+        assert NAT.base.pyadaq_kvt_levels(bits, FFI.from_buffer("float[]", out), len(out)) == len(out)
+        assert np.array_equal(out.view(np.uint32), qr.kvt_levels(bits).view(np.uint32))
+        lv = out.astype(np.float64)
+        assert (np.diff(lv) > 0).all() and np.allclose(lv, -lv[::-1])
+        # each level is the mean of a unit Gaussian over its cell (to the float32 the table holds)
+        cuts = np.concatenate([[-np.inf], (lv[1:] + lv[:-1]) / 2, [np.inf]])
+        pdf = np.array([0.0 if np.isinf(c) else np.exp(-c * c / 2) / np.sqrt(2 * np.pi) for c in cuts])
+        cdf = np.array([nd.cdf(c) if np.isfinite(c) else float(c > 0) for c in cuts])
+        centroid = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1])
+        assert np.abs(centroid - lv).max() < 2e-3 * max(1.0, bits / 2), bits
+    assert NAT.base.pyadaq_kvt_levels(8, FFI.from_buffer("float[]", np.zeros(256, np.float32)), 256) == -1
+
+
+def _cases(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    nb = 300
+    scales = np.repeat(np.exp(rng.uniform(-12, 12, nb)), 64)
+    gauss = (rng.standard_normal(64 * nb) * scales).astype(np.float32)
+    special = rng.standard_normal(64 * 8).astype(np.float32)
+    special[0:64] = 0
+    special[70] = np.nan
+    special[130] = np.inf
+    special[200] = -np.inf
+    special[256:320] = 3e38
+    special[320:384] = 1e-40  # denormals
+    spectrum = (rng.standard_normal((nb, 64)) * np.repeat(2.0 ** -np.arange(8), 8)).astype(np.float32).reshape(-1)
+    return {"gauss": gauss, "special": special, "spectrum": spectrum}
+
+
+@per_type
+def test_twin_is_bit_exact(t):
+    for name, x in _cases(t.id).items():
+        c = c_quantize(t, x)
+        assert np.array_equal(c, qr.quantize(t.name, x)), name
+        y = c_dequantize(t, c, len(x))
+        assert np.array_equal(y.view(np.uint32), qr.dequantize(t.name, c, len(x)).view(np.uint32)), name
+        if name == "special":
+            assert np.isfinite(y[:256]).all() and (y[:64] == 0).all()
+
+
+@per_type
+def test_layout_by_hand(t):
+    """d, then per group g of 8 values widths[g] bit planes; value = d * levels[index]."""
+    s = qr.KVT_TYPES[t.name]
+    assert t.block_size == 64 and t.type_size == 2 + sum(s.widths)
+    rng = np.random.default_rng(3)
+    idx = [rng.integers(0, 1 << w, 8) if w else np.zeros(8, int) for w in s.widths]
+    block = [0x00, 0x3C]  # fp16 1.0
+    for w, ix in zip(s.widths, idx):
+        for k in range(w):
+            block.append(sum(((int(v) >> k) & 1) << i for i, v in enumerate(ix)))
+    y = c_dequantize(t, np.array(block, np.uint8), 64)
+    want = np.concatenate([qr.kvt_levels(w)[ix] if w else np.zeros(8, np.float32) for w, ix in zip(s.widths, idx)])
+    assert np.array_equal(y, want.astype(np.float32))
+
+
+def test_profiles_beat_flat_bits_on_their_spectrum():
+    """Values whose variance falls by 4x per group (what the profiles were made for): the error in
+    model coordinates (each group weighted by its variance) is below that of a flat type with the
+    same bits, kvq2 / kvq3 / q4_0-like (Lloyd-Max Gaussian at 2, 3, 4 bits per value plus scale)."""
+    rng = np.random.default_rng(9)
+    sd = np.repeat(2.0 ** -np.arange(8), 8)
+    white = rng.standard_normal((4000, 64)).astype(np.float32)
+    x = white * sd  # model coordinates
+    for t, flat_bits in (("kvt2", 2), ("kvt3", 3), ("kvt4", 4)):
+        # the type stores whitened values; its error in model coordinates is scaled back
+        y = qr.dequantize(t, qr.quantize(t, white.reshape(-1)), white.size).reshape(white.shape)
+        err = ((y - white) * sd) ** 2
+        flat = qr.dequantize("kvq2" if flat_bits == 2 else "kvq3", qr.quantize("kvq2" if flat_bits == 2 else "kvq3",
+                             x.reshape(-1)), x.size).reshape(x.shape) if flat_bits < 4 else None
+        if flat is not None:
+            assert err.mean() < ((flat - x) ** 2).mean(), t
+        # and below the Gaussian rate-distortion bound of flat allocation at those bits (D = 4^-b)
+        assert err.mean() < (sd ** 2).mean() * 4.0 ** -flat_bits, t
+
+
+@per_type
+def test_vec_dot_q8_0(t):
+    rng = np.random.default_rng(t.id)
+    n = 256
+    x = rng.standard_normal(n).astype(np.float32)
+    y = rng.standard_normal(n).astype(np.float32)
+    qx = c_quantize(t, x)
+    qy = np.zeros(n // 32 * 34, np.uint8)
+    assert NAT.cpu.pyadaq_cpu_quantize_q8_0(FFI.from_buffer("float[]", y), FFI.from_buffer(qy), n) == 0
+    blocks = qy.reshape(-1, 34)
+    yd = (np.ascontiguousarray(blocks[:, :2]).view("<f2").astype(np.float32)
+          * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    want = float(np.dot(c_dequantize(t, qx, n).astype(np.float64), yd))
+    out = FFI.new("float *")
+    assert NAT.cpu.pyadaq_cpu_vec_dot_q8_0(t.id, n, FFI.from_buffer(qx), FFI.from_buffer(qy), 1, out) == 0
+    assert abs(out[0] - want) < 1e-4 * max(1.0, abs(want))
+    spare = np.zeros_like(qx)
+    assert NAT.cpu.pyadaq_cpu_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(spare), 32) == -1
+
+
+def test_calibrated_types_need_a_calibration(tiny_model):
+    from pyadaq.runtime.context import Context, Model
+
+    assert all(t.calibrated for t in KVT) and not cache_type("kvq2").calibrated
+    path = tiny_model(arch="llama", head_dim=64, n_head_kv=2)
+    m = Model(str(path))
+    try:
+        with pytest.raises(ValueError, match="needs one"):
+            Context(m, "q8_0", "kvt2", 256, 1)
+        with pytest.raises(ValueError, match="needs one"):
+            Context(m, "f16", "f16", 256, 1, layer_types=(["kvt3s", "f16"], ["f16", "f16"]))
+    finally:
+        m.close()
+    with pytest.raises(ValueError, match="needs one"):
+        pyadaq.Llama(path, cache_type_k="kvt4s", cache_type_v="kvq2", n_ctx=128)
+
+
+def test_calibrated_context_with_kvt_types(tiny_model):
+    """On a tiny llama, K and V in kvt types with the model's calibration: finite, close to the
+    exact logits as a 2-4 bit cache is, and a K-shift keeps them so."""
+    from pyadaq.eval.calibration import calibrate
+    from pyadaq.eval.metrics import token_kl
+    from pyadaq.runtime.context import Context, Model
+
+    path = tiny_model(arch="llama", head_dim=128, n_head_kv=2, dtype="f32")
+    text = " ".join(f"Sentence number {i} talks about the weather and the {i % 9} ships." for i in range(300))
+    cal = calibrate(path, text, n_ctx=256, n_chunks=2, n_threads=2, progress=False)
+    m = Model(str(path))
+    try:
+        toks = m.tokenize(text)[:256]
+        exact = Context(m, "f32", "f32", 256, 2, flash_attn=False).logits(toks, 0)
+        for k, v in (("kvt4s", "kvt4"), ("kvt3s", "kvt3"), ("kvt2s", "q8_0"), ("q8_0", "kvt2")):
+            c = Context(m, k, v, 256, 2, kv_calibration=cal)
+            got = c.logits(toks, 0)
+            c.close()
+            kl = float(token_kl(exact, got).mean())
+            assert np.isfinite(got).all() and kl < 0.5, (k, v, kl)
+        c = Context(m, "kvt3s", "kvt3", 256, 2, kv_calibration=cal)
+        try:
+            import pyadaq as _p
+
+            L = _p.native().llama_cpp
+            mem = L.llama_get_memory(c.ptr)
+            c.decode(toks[:128], 0)
+            assert L.llama_memory_seq_rm(mem, 0, 0, 64)
+            L.llama_memory_seq_add(mem, 0, 64, -1, -64)
+            c.decode(toks[128:160], 64, logits_from=0)
+            assert np.isfinite(np.stack([c.logits_at(i) for i in range(32)])).all()
+        finally:
+            c.close()
+    finally:
+        m.close()
