@@ -95,6 +95,9 @@ CASES = [
     Case("kvq2", "q8_0", dk=128, dv=128, softcap=10.0),
     Case("kvq3", "kvq2", dk=256, dv=256, n_head_kv=1, gqa=4, sinks=True, n_kv=1024, threads=2),
     Case("q4_0", "kvq3", sinks=True, mask="none", permuted_q=True, threads=3),
+    # the transform-coded types (block 64)
+    Case("kvt4s", "kvt2", dk=128, dv=128),
+    Case("kvt3s", "kvt3", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=130, threads=3),
 ]
 
 
@@ -212,6 +215,17 @@ def _run(ggml, case: Case, seed: int = 0):
     finally:
         base.ggml_free(ctx)
     return got, _reference(case, q.astype(np.float64), k_ref, v_ref, mask, sinks), ran
+
+
+@pytest.mark.parametrize("case", [Case("kvt2s", "kvt4", n_q=1, n_kv=300), Case("kvq2", "kvt3", n_q=1, mask="none")],
+                         ids=str)
+def test_one_query_runs_the_per_row_path(ggml, case):
+    """Generation (one query): upstream's per-row kernel, K through the type's vec_dot with the
+    query rounded to q8_0 (so a looser bound), V through its to_float."""
+    got, want, ran = _run(ggml, case)
+    assert ran == 0
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() < 2e-2 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

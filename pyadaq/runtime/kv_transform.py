@@ -18,8 +18,9 @@ caches, q . M * s to the queries, and (out~ * s) . M^T + mean to attention's out
   calibration text, and every block sees the same descending spectrum, which the type's bit
   profile follows. The directions that share a bit width (one group of 8 positions in every
   block) are then mixed by a Hadamard rotation and share their root mean variance as scale: a
-  principal coordinate alone is far from Gaussian, a mix of a few is close (on the embedded
-  model, 2 chunks, K=q8_0 with V=kvt3: KL 0.094 unmixed, 0.055 mixed).
+  principal coordinate alone is far from Gaussian, a mix of a few is closer (embedded model,
+  K=q8_0 with V=kvt3: KL 0.055 mixed on 2 chunks, 0.09-0.12 for every unmixed variant;
+  docs/CALIBRATION.md).
 
 Values keep their mean, so their directions and scales are those of the second moment about 0
 (covariance + mean mean^T), not of the covariance: a direction of little variance but a large
@@ -30,7 +31,7 @@ where libllama keeps it). The value mean stays: attention puts much of its weigh
 "sink" tokens (BOS first) whose values are near zero, and taking the mean out makes exactly
 those values large. On the embedded model, 2 chunks of 512, K f16 with V kvq2: KL 0.084
 without a calibration, 0.087 with principal directions and the rotation, 0.134 when the value
-mean comes out too (/tmp experiment recorded in docs/CALIBRATION.md).
+mean comes out too (docs/CALIBRATION.md).
 """
 
 from __future__ import annotations
