@@ -186,6 +186,11 @@ class Context:
     def kv_cache_bytes(self) -> int:
         return int(native().llama.pyadaq_kv_cache_bytes(native().ffi.cast("void *", self.ptr)))
 
+    @property
+    def kv_transform_bytes(self) -> int:
+        """Bytes of the calibrated K/V transforms' buffers (0 without a calibration)."""
+        return int(native().llama.pyadaq_kv_transform_bytes(native().ffi.cast("void *", self.ptr)))
+
     def clear(self) -> None:
         """Empty the KV cache."""
         _llama_cpp.llama_memory_clear(_llama_cpp.llama_get_memory(self.ptr), True)

@@ -345,6 +345,13 @@ class Llama(llama_cpp.Llama):
         return max(got, 0)
 
     @property
+    def kv_transform_bytes(self) -> int:
+        """Bytes of the buffers holding this context's calibrated K/V transforms (0 without a
+        calibration): memory the calibration costs on top of ``kv_cache_bytes``."""
+        n = native()
+        return int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", self._ctx_ptr())))
+
+    @property
     def kv_cache_bytes_expected(self) -> int:
         """The KV-cache size computed from the GGUF header and this context's actual
         n_ctx_seq, n_seq_max, n_ubatch, kv_unified, swa_full and flash attention setting."""
