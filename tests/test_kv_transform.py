@@ -453,3 +453,22 @@ def test_transforms_with_an_explicit_inverse(setup):
     rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cal)) - ref).max())
     got = _shifted(m, "f32", "f32", x, transforms=out)
     assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+
+
+def test_bench_cli_with_a_calibrated_config(tiny_model, tmp_path, cache, capsys):
+    import json
+
+    from pyadaq.cli import main
+
+    path = tiny_model(arch="llama", head_dim=64, n_head_kv=2, dtype="f32")
+    f = write_calibration(calibrate(path, TEXT, n_ctx=64, n_chunks=1, n_threads=1, progress=False),
+                          tmp_path / "c.gguf")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", str(path), "--configs", "q8_0:kvt2+cal", "--kv-calibration", str(f),
+                 "--depths", "0", "--n-prompt", "16", "--n-gen", "2", "--reps", "1", "--threads", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert any(r["config"] == "q8_0:kvt2+cal" and r.get("calibrated") for r in rows)
+    capsys.readouterr()
+    assert main(["bench", "--model", str(path), "--configs", "q8_0:kvt2"]) == 2
+    assert "+cal" in capsys.readouterr().err

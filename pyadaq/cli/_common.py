@@ -73,11 +73,17 @@ def check_configs(configs, info) -> None:
     from pyadaq.plan.spec import CalSpec
     from pyadaq.runtime.kvplan import load_checked
     from pyadaq.runtime.llama import validate_cache_types
+    from pyadaq.types import cache_type
 
     for c in configs:
-        c = c.base if isinstance(c, CalSpec) else c
+        calibrated = isinstance(c, CalSpec)
+        c = c.base if calibrated else c
         if isinstance(c, tuple):
             validate_cache_types(info, c[0], c[1], flash_attn=True)
+            need = [t for t in c if cache_type(t).calibrated]
+            if need and not calibrated:
+                raise ValueError(f"config '{c[0]}:{c[1]}' uses {', '.join(need)}, which stores a calibration's "
+                                 f"coordinates: write it {c[0]}:{c[1]}+cal")
         elif c.kind == "plan":
             load_checked(c.arg, info)
 

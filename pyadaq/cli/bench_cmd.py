@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="K:V pairs, plan:FILE or budget:BITS; f16:f16 is added as the baseline "
                         f"(default {DEFAULT_CONFIGS})")
+    p.add_argument("--kv-calibration", metavar="FILE",
+                   help="KV calibration for the configs written with +cal (default: the model's default calibration)")
     p.add_argument("--depths", default="0,1024,4096", help="tokens already in the cache (default 0,1024,4096)")
     p.add_argument("--n-prompt", type=int, default=512, help="prompt tokens per pp test (0: skip; default 512)")
     p.add_argument("--n-gen", type=int, default=64, help="generated tokens per tg test (0: skip; default 64)")
@@ -97,7 +99,7 @@ def run(args) -> int:
         command = res["settings"].get("command", command)  # the command that measured it
     else:
         model, info, configs, depths = check_inputs(args)
-        configs = resolve_configs(configs, model)
+        configs = resolve_configs(configs, model, calibration=args.kv_calibration)
         t0 = time.time()
         res = run_bench(model, configs, depths, args.n_prompt, args.n_gen, args.reps, args.threads, args.batch,
                         n_gpu_layers=args.gpu_layers)

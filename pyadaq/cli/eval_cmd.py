@@ -52,8 +52,12 @@ def check_inputs(args):
     from pyadaq.eval.texts import default_text
     from pyadaq.plan.spec import parse_configs
 
+    from pyadaq.plan.spec import CalSpec
+
     model, info = resolve_model(args.model)
     configs = parse_configs(args.configs)
+    if getattr(args, "kv_calibration", None) and not any(isinstance(c, CalSpec) for c in configs):
+        configs = [CalSpec(c) for c in configs]  # --kv-calibration alone: every config runs with it
     check_configs(configs, info)
     if args.ctx < 16:
         raise ValueError(f"--ctx {args.ctx} is too small (at least 16 tokens)")
@@ -78,8 +82,6 @@ def run(args) -> int:
     from pyadaq.plan.spec import CalSpec, resolve_configs
 
     model, info, text, text_name, configs = check_inputs(args)
-    if args.kv_calibration and not any(isinstance(c, CalSpec) for c in configs):
-        configs = [CalSpec(c) for c in configs]  # --kv-calibration alone: every config runs with it
     # plans are checked against the model they were made for; a calibration against the model it
     # runs on (with --f32-weights, the float32 copy)
     plain = resolve_configs([c for c in configs if not isinstance(c, CalSpec)], model)
