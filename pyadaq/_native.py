@@ -83,6 +83,7 @@ int64_t pyadaq_kv_cache_bytes(void * ctx);
 int32_t pyadaq_next_context_layer_types(void * model, int32_t n_layer, const int32_t * types_k,
                                         const int32_t * types_v, char * err, size_t err_size);
 void    pyadaq_next_context_attn_rot(int32_t mode);
+void    pyadaq_next_context_attn_rot_kv(int32_t mode_k, int32_t mode_v);
 void    pyadaq_next_context_clear(void);
 int32_t pyadaq_next_context_pending(void);
 int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,

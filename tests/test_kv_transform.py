@@ -159,23 +159,26 @@ def test_uncalibrated_context_is_unchanged_bit_for_bit(setup):
 
 
 def test_transform_memory(setup):
-    """The matrices are f32 [d, d] per KV head and layer, plus the means, in the cache's buffer
-    type; they go with the context."""
+    """The matrices are f32 [d, d] per KV head and layer, plus the key means, in the cache's buffer
+    type; values get a transform only with a transform-coded V type; they go with the context."""
     m, cals = setup
     n = pyadaq.native()
     cal = cals["pca"]
-    c = Context(m, "q8_0", "kvq2", 512, THREADS, kv_calibration=cal)
-    try:
-        # the value means stay in the cache (pyadaq.runtime.kv_transform): none stored
-        want = sum(4 * (cal.k[il].n_head * cal.k[il].head_size ** 2 + cal.k[il].mean.size
-                        + cal.v[il].n_head * cal.v[il].head_size ** 2) for il in cal.layers())
-        got = int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", c.ptr)))
-        assert want <= got <= want + 4096 * len(cal.layers())
-        ptr = c.ptr
-    finally:
-        c.close()
-    assert int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", ptr))) == 0
-    assert context_transform_layers(ptr) == 0
+    k_bytes = sum(4 * (cal.k[il].n_head * cal.k[il].head_size ** 2 + cal.k[il].mean.size) for il in cal.layers())
+    # values with a kvt type: matrix and scales (their mean stays in the cache)
+    v_bytes = sum(4 * (cal.v[il].n_head * cal.v[il].head_size ** 2 + cal.v[il].mean.size) for il in cal.layers())
+    for v, want in (("kvq2", k_bytes), ("kvt2", k_bytes + v_bytes)):
+        # kvt K scales add one vector per head too
+        c = Context(m, "q8_0", v, 512, THREADS, kv_calibration=cal)
+        try:
+            got = int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", c.ptr)))
+            assert want <= got <= want + 4096 * 2 * len(cal.layers()), (v, got, want)
+            assert got == c.kv_transform_bytes
+            ptr = c.ptr
+        finally:
+            c.close()
+        assert int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", ptr))) == 0
+        assert context_transform_layers(ptr) == 0
 
 
 def _shifted(m, k, v, x, cal=None, flash_attn=False, transforms=None, n_fill=96, n_drop=48):
@@ -244,7 +247,7 @@ def test_several_sequences_and_layer_types(setup):
     p.n_threads = p.n_threads_batch = THREADS
     p.type_k = p.type_v = 1
     p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    with next_context(*types, model_ptr=m.ptr, attn_rot=False, transforms=kv_transforms(cals["pca"], *types)):
+    with next_context(*types, model_ptr=m.ptr, attn_rot=(False, None), transforms=kv_transforms(cals["pca"], *types)):
         ctx = L.llama_init_from_model(m.ptr, p)
     assert ctx
     batch = Batch(512, 2)
@@ -365,8 +368,8 @@ def test_hadamard_blocks():
 
 def test_quantized_layers_get_the_rotation(setup):
     """A calibrated q4_0 layer: principal directions, then the Hadamard blocks; an f16 layer:
-    the principal directions alone (for values, which keep their mean, those of the second
-    moment about 0)."""
+    the principal directions alone; values only with a kvt V type somewhere (then in the
+    directions of their second moment about 0, their mean kept)."""
     from pyadaq.runtime.kv_transform import _uncentered
 
     m, cals = setup
@@ -375,7 +378,9 @@ def test_quantized_layers_get_the_rotation(setup):
     tf = {(t.layer, t.is_v): t for t in kv_transforms(cal, ["q4_0"] + ["f16"] * (n - 1), ["f16"] * n)}
     il0 = cal.layers()[0]
     assert np.allclose(tf[(il0, False)].matrix, cal.k[il0].basis @ hadamard(cal.k[il0].head_size), atol=1e-6)
-    assert np.allclose(tf[(il0, True)].matrix, _uncentered(cal.v[il0]).basis)
+    assert (il0, True) not in tf
+    tf = {(t.layer, t.is_v): t for t in kv_transforms(cal, ["q4_0"] + ["f16"] * (n - 1), ["kvt2"] + ["f16"] * (n - 1))}
+    assert np.allclose(tf[(il0 + 1, True)].matrix, _uncentered(cal.v[il0 + 1]).basis)
     assert tf[(il0, False)].scale is None
     assert np.array_equal(tf[(il0, False)].mean, cal.k[il0].mean) and tf[(il0, True)].mean is None
 

@@ -50,6 +50,9 @@ PYADAQ_API int32_t pyadaq_next_context_layer_types(const struct llama_model * mo
 // 1 = upstream's choice (on where the head size allows), 0 = off, -1 = as the environment
 // says (LLAMA_ATTN_ROT_DISABLE; the default).
 PYADAQ_API void pyadaq_next_context_attn_rot(int32_t mode);
+// The same for K and V separately (a calibrated context rotates its keys itself, and leaves
+// its values to llama.cpp's rotation unless their types are transform-coded).
+PYADAQ_API void pyadaq_next_context_attn_rot_kv(int32_t mode_k, int32_t mode_v);
 // Empties the slot.
 PYADAQ_API void pyadaq_next_context_clear(void);
 // What the slot holds: bit 0 per-layer types, bit 1 an attention-rotation setting, bit 2 a
@@ -131,10 +134,10 @@ struct layer_types {
 
 struct context_settings {
     layer_types types;  // empty: the context's uniform types
-    int32_t attn_rot = -1;
+    int32_t attn_rot[2] = { -1, -1 };  // K, V
 
     bool has_types() const { return !types.k.empty(); }
-    bool empty() const { return !has_types() && attn_rot < 0; }
+    bool empty() const { return !has_types() && attn_rot[0] < 0 && attn_rot[1] < 0; }
 };
 
 // filled by pyadaq_next_context_*; taken by the next llama_init_from_model on this thread
@@ -223,7 +226,12 @@ int32_t pyadaq_next_context_layer_types(const struct llama_model * model, int32_
 }
 
 void pyadaq_next_context_attn_rot(int32_t mode) {
-    t_next.attn_rot = mode < 0 ? -1 : (mode ? 1 : 0);
+    pyadaq_next_context_attn_rot_kv(mode, mode);
+}
+
+void pyadaq_next_context_attn_rot_kv(int32_t mode_k, int32_t mode_v) {
+    t_next.attn_rot[0] = mode_k < 0 ? -1 : (mode_k ? 1 : 0);
+    t_next.attn_rot[1] = mode_v < 0 ? -1 : (mode_v ? 1 : 0);
 }
 
 void pyadaq_next_context_clear(void) {
@@ -232,7 +240,7 @@ void pyadaq_next_context_clear(void) {
 }
 
 int32_t pyadaq_next_context_pending(void) {
-    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot >= 0 ? 2 : 0) | (pyadaq_kv_transform_pending() ? 4 : 0);
+    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot[0] >= 0 || t_next.attn_rot[1] >= 0 ? 2 : 0) | (pyadaq_kv_transform_pending() ? 4 : 0);
 }
 
 pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
@@ -250,11 +258,11 @@ pyadaq_layer_types_scope::~pyadaq_layer_types_scope() {
     pyadaq_kv_transform_release();
 }
 
-bool pyadaq_attn_rot_disable(bool env_disable) {
-    if (t_active == nullptr || t_active->attn_rot < 0) {
+bool pyadaq_attn_rot_disable(bool is_v, bool env_disable) {
+    if (t_active == nullptr || t_active->attn_rot[is_v] < 0) {
         return env_disable;
     }
-    return t_active->attn_rot == 0;
+    return t_active->attn_rot[is_v] == 0;
 }
 
 bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params) {

@@ -27,9 +27,9 @@ struct pyadaq_layer_types_scope {
     pyadaq_layer_types_scope & operator=(const pyadaq_layer_types_scope &) = delete;
 };
 
-// Whether the KV cache being built turns attention rotation off: the active setting, or else
-// upstream's reading of LLAMA_ATTN_ROT_DISABLE (env_disable).
-bool pyadaq_attn_rot_disable(bool env_disable);
+// Whether the KV cache being built turns attention rotation of K (is_v = false) or V off: the
+// active setting, or else upstream's reading of LLAMA_ATTN_ROT_DISABLE (env_disable).
+bool pyadaq_attn_rot_disable(bool is_v, bool env_disable);
 
 // Checks the active per-layer types against the model (layer count, head sizes) and the
 // final context parameters: a quantized V

@@ -50,9 +50,7 @@ def add_parser(sub) -> None:
 def check_inputs(args):
     """Everything that can be checked before native code runs; returns (model, text, text_name, configs)."""
     from pyadaq.eval.texts import default_text
-    from pyadaq.plan.spec import parse_configs
-
-    from pyadaq.plan.spec import CalSpec
+    from pyadaq.plan.spec import CalSpec, parse_configs
 
     model, info = resolve_model(args.model)
     configs = parse_configs(args.configs)

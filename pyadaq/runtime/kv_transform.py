@@ -3,7 +3,9 @@ layer's cache types.
 
 libllama applies, per layer and KV head, x~ = ((x - mean) . M) / s to the keys and values it
 caches, q . M * s to the queries, and (out~ * s) . M^T + mean to attention's output
-(native/src/pyadaq-kv-transform.h); this module chooses M, s and the means:
+(native/src/pyadaq-kv-transform.h); this module chooses M, s and the means. Keys are always
+transformed; values only when a layer's V type is transform-coded (:func:`transforms_values`),
+otherwise they keep llama.cpp's rotation. Per cache type:
 
 * a float cache (f32, f16, bf16): M = the calibration's principal directions, s = 1: the
   cache holds each head's principal coordinates, less the mean;
@@ -43,7 +45,7 @@ import numpy as np
 
 from pyadaq.types import cache_type
 
-__all__ = ["LayerTransform", "hadamard", "interleave", "kv_transforms", "require_calibration"]
+__all__ = ["LayerTransform", "hadamard", "interleave", "kv_transforms", "require_calibration", "transforms_values"]
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,25 @@ def _uncentered(comps):
     return Components(comps.mean, v[:, :, ::-1].astype(np.float32), np.clip(w[:, ::-1], 0, None).astype(np.float32))
 
 
+def transforms_values(types_v) -> bool:
+    """Whether a calibrated context transforms its values: only when some layer's V type is
+    transform-coded. Otherwise the values are left as they are (a transform gains them nothing,
+    docs/CALIBRATION.md, and would cost d x d floats per KV head and layer), with llama.cpp's
+    own rotation for quantized ones; the keys are always transformed and never rotated by
+    llama.cpp."""
+    return any(cache_type(t).calibrated for t in types_v)
+
+
 def kv_transforms(calibration, types_k, types_v) -> list[LayerTransform]:
-    """The transforms of every calibrated layer, for one K and one V cache type per layer."""
+    """The transforms of every calibrated layer, for one K and one V cache type per layer: keys
+    always, values when :func:`transforms_values`."""
     out = []
+    values = transforms_values(types_v)
     for il in calibration.layers():
-        for is_v, comps, t in ((False, calibration.k[il], types_k[il]),
-                               (True, _uncentered(calibration.v[il]), types_v[il])):
+        parts = [(False, calibration.k[il], types_k[il])]
+        if values:
+            parts.append((True, _uncentered(calibration.v[il]), types_v[il]))
+        for is_v, comps, t in parts:
             matrix, scale = _for_type(comps, cache_type(t))
             out.append(LayerTransform(il, is_v, np.ascontiguousarray(matrix, dtype=np.float32),
                                       None if scale is None else np.ascontiguousarray(scale, dtype=np.float32),

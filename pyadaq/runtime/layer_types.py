@@ -59,7 +59,7 @@ def _set_transforms(transforms) -> None:
 
 @contextlib.contextmanager
 def next_context(types_k: Sequence | None = None, types_v: Sequence | None = None, *,
-                 model_ptr=None, attn_rot: bool | None = None, transforms=None) -> Iterator[None]:
+                 model_ptr=None, attn_rot: bool | tuple | None = None, transforms=None) -> Iterator[None]:
     """Settings for the context created on this thread inside the ``with`` block.
 
     ``types_k`` / ``types_v``: one cache type per layer (``None``: the context's uniform
@@ -68,7 +68,8 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
     type whose block size does not divide a layer's head size); without it (the model is
     loaded inside the block) the context creation fails instead. ``attn_rot``: ``False``
     stores a quantized cache without attention rotation, ``True`` with it where upstream
-    would, ``None`` as upstream decides (``LLAMA_ATTN_ROT_DISABLE``). ``transforms``: the
+    would, ``None`` as upstream decides (``LLAMA_ATTN_ROT_DISABLE``); a pair ``(k, v)`` of those
+    sets K and V apart. ``transforms``: the
     per-layer K/V transforms of a calibration (:func:`pyadaq.runtime.kv_transform.kv_transforms`,
     from a calibration already checked against the model), which the context's KV cache then uses.
 
@@ -80,7 +81,10 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
     try:
         if types_k is not None:
             _set_layer_types(model_ptr, types_k, types_v if types_v is not None else [])
-        if attn_rot is not None:
+        if isinstance(attn_rot, tuple):
+            k, v = (-1 if r is None else int(bool(r)) for r in attn_rot)
+            n.llama.pyadaq_next_context_attn_rot_kv(k, v)
+        elif attn_rot is not None:
             n.llama.pyadaq_next_context_attn_rot(1 if attn_rot else 0)
         if transforms:
             _set_transforms(transforms)

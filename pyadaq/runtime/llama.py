@@ -44,7 +44,7 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime.context import default_gpu_layers
-from pyadaq.runtime.kv_transform import kv_transforms, require_calibration
+from pyadaq.runtime.kv_transform import kv_transforms, require_calibration, transforms_values
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
@@ -306,9 +306,10 @@ class Llama(llama_cpp.Llama):
         transforms = None
         if calibration is not None:
             transforms = kv_transforms(calibration, self.layer_types_k, self.layer_types_v)
-        # a calibrated context rotates its quantized layers itself (pyadaq.runtime.kv_transform)
-        with creation_lock, next_context(layers_k, layers_v, attn_rot=False if transforms else None,
-                                         transforms=transforms):
+        # a calibrated context rotates its keys itself, its values too when it transforms them
+        # (pyadaq.runtime.kv_transform)
+        rot = None if transforms is None else (False, False if transforms_values(self.layer_types_v) else None)
+        with creation_lock, next_context(layers_k, layers_v, attn_rot=rot, transforms=transforms):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
         if calibration is not None and context_transform_layers(self._ctx_ptr()) != len(calibration.layers()):
             got = context_transform_layers(self._ctx_ptr())
