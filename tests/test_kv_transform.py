@@ -209,16 +209,21 @@ def _shifted(m, k, v, x, cal=None, flash_attn=False, transforms=None, n_fill=96,
             L.llama_free(ptr)
 
 
+def _assert_shift_exact(m, cal, x, transforms=None):
+    """A K-shift with f32 caches under the calibration cal (or, given, these raw transforms) gives
+    the uncalibrated K-shift's logits, within the model's own rounding sensitivity."""
+    ref = _shifted(m, "f32", "f32", x)
+    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cal)) - ref).max())
+    got = _shifted(m, "f32", "f32", x, cal=None if transforms is not None else cal, transforms=transforms)
+    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+
+
 @pytest.mark.parametrize("which", ["pca", "random"])
 def test_context_shift_f32(setup, which):
     """The K-shift of transformed keys (back to model coordinates, RoPE, forward again) gives the
     uncalibrated K-shift's logits."""
     m, cals = setup
-    x = _toks(m, 160)
-    ref = _shifted(m, "f32", "f32", x)
-    got = _shifted(m, "f32", "f32", x, cal=cals[which])
-    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cals[which])) - ref).max())
-    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+    _assert_shift_exact(m, cals[which], _toks(m, 160))
 
 
 @pytest.mark.parametrize("kv", [("q8_0", "f16"), ("kvq3", "kvq2"), ("f16", "f16")])
@@ -392,11 +397,7 @@ def test_context_shift_with_scales_and_means(setup):
     cal = cals["random"]
     transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-2, 2, c.mean.shape)).astype(np.float32),
                                  c.mean) for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
-    x = _toks(m, 160)
-    ref = _shifted(m, "f32", "f32", x)
-    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cal)) - ref).max())
-    got = _shifted(m, "f32", "f32", x, transforms=transforms)
-    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+    _assert_shift_exact(m, cal, _toks(m, 160), transforms=transforms)
 
 
 def test_eval_cli_with_calibrated_configs(tiny_model, tmp_path, cache, capsys):
@@ -453,11 +454,7 @@ def test_transforms_with_an_explicit_inverse(setup):
     ref = _logits(m, "f32", "f32", toks, flash_attn=False)
     got = _raw_logits(m, toks, out)
     assert np.abs(got - ref).max() < _tolerance(m, toks, ref, cal)
-    x = _toks(m, 160)
-    ref = _shifted(m, "f32", "f32", x)
-    rounding = float(np.abs(_shifted(m, "f32", "f32", x, transforms=_noop(cal)) - ref).max())
-    got = _shifted(m, "f32", "f32", x, transforms=out)
-    assert np.abs(got - ref).max() < max(2e-5 * float(np.abs(ref).max()), 3 * rounding)
+    _assert_shift_exact(m, cal, _toks(m, 160), transforms=out)
 
 
 def test_bench_cli_with_a_calibrated_config(tiny_model, tmp_path, cache, capsys):

@@ -47,23 +47,24 @@ PYADAQ_API int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx);
 
 }
 
+// one side (K or V) of a layer's transform, as ggml_mul_mat's first operands
+struct pyadaq_kv_part {
+    ggml_tensor * u = nullptr;     // [d, d, n_head_kv]: row j of head h is column j of M, so that
+                                   // mul_mat(u, x) gives x . M
+    ggml_tensor * mean = nullptr;  // [d, n_head_kv]: the mean taken out (nullptr: kept)
+    ggml_tensor * s = nullptr;     // [d, n_head_kv]: the scales (nullptr: all 1)
+    ggml_tensor * n = nullptr;     // [d, d, n_head_kv]: row i is column i of N (nullptr: N = M^T)
+};
+
 struct pyadaq_kv_transform {
     ggml_context_ptr ctx;
     ggml_backend_buffer_ptr buf;
-    // forward matrices as ggml_mul_mat's first operand: [d, d, n_head_kv], row j of head h is
-    // the head's direction j, so that mul_mat(u, x) gives the coordinates x . U
-    ggml_tensor * uk = nullptr;
-    ggml_tensor * uv = nullptr;
-    ggml_tensor * mk = nullptr;  // [d_k, n_head_kv]: the key mean taken out (nullptr: kept)
-    ggml_tensor * mv = nullptr;  // [d_v, n_head_kv]
-    ggml_tensor * sk = nullptr;  // [d_k, n_head_kv]: the scales (nullptr: all 1)
-    ggml_tensor * sv = nullptr;
-    // the inverses as ggml_mul_mat's first operand (row i: column i of N); nullptr: M^T
-    ggml_tensor * nk = nullptr;
-    ggml_tensor * nv = nullptr;
-    // queries of a layer with an explicit inverse: q . N^T, as mul_mat's first operand (rows of N)
-    ggml_tensor * qk = nullptr;
+    pyadaq_kv_part k, v;  // k.u / v.u nullptr: no transform of that side
+    // queries of a key transform with an explicit inverse: q . N^T, as mul_mat's first operand
+    // (the rows of N); nullptr: k.u
+    ggml_tensor * q = nullptr;
     int64_t n_head_kv = 0;
+    const ggml_tensor * cache = nullptr;  // the layer's K cache tensor, the registry's key
 };
 
 namespace pyadaq_tf {
@@ -90,8 +91,7 @@ thread_local std::vector<std::shared_ptr<pyadaq_kv_transform>> t_made;  // for t
 std::mutex g_mutex;
 std::map<const ggml_tensor *, std::shared_ptr<pyadaq_kv_transform>> g_by_cache;  // key: the layer's K tensor
 std::map<const llama_context *, std::vector<std::shared_ptr<pyadaq_kv_transform>>> g_by_ctx;
-std::map<const pyadaq_kv_transform *, const ggml_tensor *> g_key;
-std::atomic<int64_t> g_live{ 0 };
+std::atomic<int64_t> g_live{ 0 };  // g_by_cache.size(), readable without the lock
 
 void tf_set_err(char * err, size_t err_size, const std::string & msg) {
     if (err != nullptr && err_size > 0) {
@@ -102,13 +102,12 @@ void tf_set_err(char * err, size_t err_size, const std::string & msg) {
 void forget(const std::vector<std::shared_ptr<pyadaq_kv_transform>> & tfs) {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (const auto & tf : tfs) {
-        auto it = g_key.find(tf.get());
-        if (it != g_key.end()) {
-            g_by_cache.erase(it->second);
-            g_key.erase(it);
-            g_live--;
+        auto it = g_by_cache.find(tf->cache);
+        if (it != g_by_cache.end() && it->second == tf) {
+            g_by_cache.erase(it);
         }
     }
+    g_live = (int64_t) g_by_cache.size();
 }
 
 std::shared_ptr<pyadaq_kv_transform> find(const ggml_tensor * cache) {
@@ -159,20 +158,59 @@ ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
     return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
-// the one-row-per-direction layout of a head's basis (the transpose of what the file holds)
-std::vector<float> rows_of_directions(const layer_calib & c) {
-    const size_t d = (size_t) c.d;
-    std::vector<float> out(c.basis.size());
-    for (size_t h = 0; h < (size_t) c.n_head; ++h) {
-        const float * b = c.basis.data() + h * d * d;
-        float * o = out.data() + h * d * d;
-        for (size_t i = 0; i < d; ++i) {
-            for (size_t j = 0; j < d; ++j) {
-                o[j * d + i] = b[i * d + j];
+// per head, the transpose of a d x d row-major matrix: row j of the result is column j of the
+// input, the layout of ggml_mul_mat's first operand
+std::vector<float> transposed(const std::vector<float> & m, int32_t n_head, int32_t d) {
+    const size_t dd = (size_t) d;
+    std::vector<float> out(m.size());
+    for (size_t h = 0; h < (size_t) n_head; ++h) {
+        const float * b = m.data() + h * dd * dd;
+        float * o = out.data() + h * dd * dd;
+        for (size_t i = 0; i < dd; ++i) {
+            for (size_t j = 0; j < dd; ++j) {
+                o[j * dd + i] = b[i * dd + j];
             }
         }
     }
     return out;
+}
+
+// the tensors of one side of a layer's transform (c: its calibration; nullptr: none), named
+// pyadaq_<x><side>_l<il>
+void make_part(ggml_context * ctx, pyadaq_kv_part & part, const layer_calib * c, int64_t d, int64_t n_head_kv,
+               bool drop_mean, char side, uint32_t il) {
+    if (c == nullptr) {
+        return;
+    }
+    auto add = [&](const char * what, bool matrix) {
+        ggml_tensor * t = matrix ? ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, d, n_head_kv)
+                                 : ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, n_head_kv);
+        ggml_format_name(t, "pyadaq_%s%c_l%u", what, side, il);
+        return t;
+    };
+    part.u = add("u", true);
+    part.mean = drop_mean ? add("m", false) : nullptr;
+    part.s = c->scale.empty() ? nullptr : add("s", false);
+    part.n = c->inverse.empty() ? nullptr : add("n", true);
+}
+
+// uploads one side's values into its tensors (after the buffer is allocated)
+void fill_part(const pyadaq_kv_part & part, const layer_calib * c) {
+    if (c == nullptr) {
+        return;
+    }
+    const auto rows = transposed(c->basis, c->n_head, c->d);
+    ggml_backend_tensor_set(part.u, rows.data(), 0, ggml_nbytes(part.u));
+    if (part.mean != nullptr) {
+        ggml_backend_tensor_set(part.mean, c->mean.data(), 0, ggml_nbytes(part.mean));
+    }
+    if (part.s != nullptr) {
+        ggml_backend_tensor_set(part.s, c->scale.data(), 0, ggml_nbytes(part.s));
+    }
+    if (part.n != nullptr) {
+        const auto n_rows = transposed(c->inverse, c->n_head, c->d);
+        ggml_backend_tensor_set(part.n, n_rows.data(), 0, ggml_nbytes(part.n));
+    }
 }
 
 } // namespace pyadaq_tf
@@ -280,90 +318,32 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
 
     auto tf = std::make_shared<pyadaq_kv_transform>();
     tf->n_head_kv = n_head_kv;
+    tf->cache = k;
     ggml_init_params params = { /*.mem_size =*/ 9 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr,
                                 /*.no_alloc =*/ true };
     tf->ctx.reset(ggml_init(params));
     ggml_context * c0 = tf->ctx.get();
-    if (ck != nullptr) {
-        tf->uk = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
-        ggml_format_name(tf->uk, "pyadaq_uk_l%u", il);
-        if (drop_k_mean) {
-            tf->mk = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dk, n_head_kv);
-            ggml_format_name(tf->mk, "pyadaq_mk_l%u", il);
-        }
-        if (!ck->scale.empty()) {
-            tf->sk = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dk, n_head_kv);
-            ggml_format_name(tf->sk, "pyadaq_sk_l%u", il);
-        }
-        if (!ck->inverse.empty()) {
-            tf->nk = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
-            ggml_format_name(tf->nk, "pyadaq_nk_l%u", il);
-            tf->qk = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
-            ggml_format_name(tf->qk, "pyadaq_qk_l%u", il);
-        }
-    }
-    if (cv != nullptr) {
-        tf->uv = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dv, dv, n_head_kv);
-        ggml_format_name(tf->uv, "pyadaq_uv_l%u", il);
-        if (drop_v_mean) {
-            tf->mv = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dv, n_head_kv);
-            ggml_format_name(tf->mv, "pyadaq_mv_l%u", il);
-        }
-        if (!cv->scale.empty()) {
-            tf->sv = ggml_new_tensor_2d(c0, GGML_TYPE_F32, dv, n_head_kv);
-            ggml_format_name(tf->sv, "pyadaq_sv_l%u", il);
-        }
-        if (!cv->inverse.empty()) {
-            tf->nv = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dv, dv, n_head_kv);
-            ggml_format_name(tf->nv, "pyadaq_nv_l%u", il);
-        }
+    make_part(c0, tf->k, ck, dk, n_head_kv, drop_k_mean, 'k', il);
+    make_part(c0, tf->v, cv, dv, n_head_kv, drop_v_mean, 'v', il);
+    if (tf->k.n != nullptr) {
+        tf->q = ggml_new_tensor_3d(c0, GGML_TYPE_F32, dk, dk, n_head_kv);
+        ggml_format_name(tf->q, "pyadaq_qk_l%u", il);
     }
     tf->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(c0, ggml_backend_buffer_get_type(k->buffer)));
     if (!tf->buf) {
         throw std::runtime_error(where + "could not allocate the buffer of its K/V transform");
     }
     ggml_backend_buffer_set_usage(tf->buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    if (ck != nullptr) {
-        const auto rows = rows_of_directions(*ck);
-        ggml_backend_tensor_set(tf->uk, rows.data(), 0, ggml_nbytes(tf->uk));
-        if (tf->mk != nullptr) {
-            ggml_backend_tensor_set(tf->mk, ck->mean.data(), 0, ggml_nbytes(tf->mk));
-        }
-        if (tf->sk != nullptr) {
-            ggml_backend_tensor_set(tf->sk, ck->scale.data(), 0, ggml_nbytes(tf->sk));
-        }
-        if (tf->nk != nullptr) {
-            layer_calib inv = *ck;
-            inv.basis = ck->inverse;
-            const auto n_rows = rows_of_directions(inv);  // row i: column i of N
-            ggml_backend_tensor_set(tf->nk, n_rows.data(), 0, ggml_nbytes(tf->nk));
-            // queries: q . N^T, whose first operand has row j = column j of N^T = row j of N
-            ggml_backend_tensor_set(tf->qk, ck->inverse.data(), 0, ggml_nbytes(tf->qk));
-        }
-    }
-    if (cv != nullptr) {
-        const auto rows = rows_of_directions(*cv);
-        ggml_backend_tensor_set(tf->uv, rows.data(), 0, ggml_nbytes(tf->uv));
-        if (tf->mv != nullptr) {
-            ggml_backend_tensor_set(tf->mv, cv->mean.data(), 0, ggml_nbytes(tf->mv));
-        }
-        if (tf->sv != nullptr) {
-            ggml_backend_tensor_set(tf->sv, cv->scale.data(), 0, ggml_nbytes(tf->sv));
-        }
-        if (tf->nv != nullptr) {
-            layer_calib inv = *cv;
-            inv.basis = cv->inverse;
-            const auto n_rows = rows_of_directions(inv);
-            ggml_backend_tensor_set(tf->nv, n_rows.data(), 0, ggml_nbytes(tf->nv));
-        }
+    fill_part(tf->k, ck);
+    fill_part(tf->v, cv);
+    if (tf->q != nullptr) {
+        // q . N^T: the first operand's row j is column j of N^T, row j of N, as N is stored
+        ggml_backend_tensor_set(tf->q, ck->inverse.data(), 0, ggml_nbytes(tf->q));
     }
     {
         std::lock_guard<std::mutex> lock(g_mutex);
-        if (g_by_cache.count(k) == 0) {
-            g_live++;
-        }
         g_by_cache[k] = tf;
-        g_key[tf.get()] = k;
+        g_live = (int64_t) g_by_cache.size();
     }
     t_made.push_back(std::move(tf));
 }
@@ -408,31 +388,31 @@ void pyadaq_attn_transform_in(ggml_context * ctx0, const pyadaq_kv_transform * t
     if (tf == nullptr) {
         return;
     }
-    if (tf->uk != nullptr) {
-        *q = forward(ctx0, *q, tf->qk != nullptr ? tf->qk : tf->uk, nullptr, tf->sk, true);
+    if (tf->k.u != nullptr) {
+        *q = forward(ctx0, *q, tf->q != nullptr ? tf->q : tf->k.u, nullptr, tf->k.s, true);
         if (*k != nullptr) {
-            *k = forward(ctx0, *k, tf->uk, tf->mk, tf->sk, false);
+            *k = forward(ctx0, *k, tf->k.u, tf->k.mean, tf->k.s, false);
         }
     }
-    if (tf->uv != nullptr && *v != nullptr) {
-        *v = forward(ctx0, *v, tf->uv, tf->mv, tf->sv, false);
+    if (tf->v.u != nullptr && *v != nullptr) {
+        *v = forward(ctx0, *v, tf->v.u, tf->v.mean, tf->v.s, false);
     }
 }
 
 ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_transform * tf, ggml_tensor * cur) {
-    if (tf == nullptr || tf->uv == nullptr) {
+    if (tf == nullptr || tf->v.u == nullptr) {
         return cur;
     }
-    const int64_t d = tf->uv->ne[0];
+    const int64_t d = tf->v.u->ne[0];
     const int64_t n_tokens = ggml_nelements(cur) / cur->ne[0];
     const int64_t n_head = cur->ne[0] / d;
     GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
     ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
-    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->uv, tf->sv, tf->nv);
-    if (tf->mv != nullptr) {
+    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->v.u, tf->v.s, tf->v.n);
+    if (tf->v.mean != nullptr) {
         // query head h = g * group + j belongs to KV head g
         y = ggml_reshape_4d(ctx0, y, d, n_head / tf->n_head_kv, tf->n_head_kv, n_tokens);
-        y = ggml_add(ctx0, y, ggml_reshape_4d(ctx0, tf->mv, d, 1, tf->n_head_kv, 1));
+        y = ggml_add(ctx0, y, ggml_reshape_4d(ctx0, tf->v.mean, d, 1, tf->n_head_kv, 1));
     }
     return ggml_reshape_2d(ctx0, y, cur->ne[0], n_tokens);
 }
@@ -442,26 +422,26 @@ ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_te
         return nullptr;
     }
     const auto tf = find(k);
-    if (tf == nullptr || tf->uk == nullptr) {
+    if (tf == nullptr || tf->k.u == nullptr) {
         return nullptr;
     }
-    const int64_t d = tf->uk->ne[0];
+    const int64_t d = tf->k.u->ne[0];
     ggml_tensor * x = k->type == GGML_TYPE_F32 ? k : ggml_cast(ctx, k, GGML_TYPE_F32);
     x = ggml_reshape_3d(ctx, x, d, tf->n_head_kv, ggml_nelements(k) / (d * tf->n_head_kv));
     if (rot != nullptr) {
         x = llama_mul_mat_hadamard(ctx, x, rot);  // its own inverse
     }
-    x = inverse(ctx, x, tf->uk, tf->sk, tf->nk);
-    if (tf->mk != nullptr) {
-        x = ggml_add(ctx, x, ggml_reshape_3d(ctx, tf->mk, d, tf->n_head_kv, 1));
+    x = inverse(ctx, x, tf->k.u, tf->k.s, tf->k.n);
+    if (tf->k.mean != nullptr) {
+        x = ggml_add(ctx, x, ggml_reshape_3d(ctx, tf->k.mean, d, tf->n_head_kv, 1));
     }
     return x;
 }
 
 ggml_tensor * pyadaq_kv_shift_end(ggml_context * ctx, ggml_tensor * x, ggml_tensor * k, ggml_tensor * rot) {
     const auto tf = find(k);
-    GGML_ASSERT(tf != nullptr && tf->uk != nullptr);
-    ggml_tensor * y = forward(ctx, x, tf->uk, tf->mk, tf->sk, false);
+    GGML_ASSERT(tf != nullptr && tf->k.u != nullptr);
+    ggml_tensor * y = forward(ctx, x, tf->k.u, tf->k.mean, tf->k.s, false);
     if (rot != nullptr) {
         y = llama_mul_mat_hadamard(ctx, y, rot);
     }

@@ -180,10 +180,6 @@ static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widt
     size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
                             const float * imatrix) {                                                     \
         (void) imatrix;                                                                                  \
-        const size_t row_size = ggml_row_size(GGML_TYPE_##UPPER, n_per_row);                             \
-        for (int64_t r = 0; r < nrows; ++r) {                                                            \
-            quantize_row_##lower##_ref(src + r * n_per_row, (char *) dst + r * row_size, n_per_row);     \
-        }                                                                                                \
-        return nrows * row_size;                                                                         \
+        return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
     }
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DEFINE)

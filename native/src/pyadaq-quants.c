@@ -224,11 +224,7 @@ static int pyadaq_cpu_has_avx2(void) {
     size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,        \
                             const float * imatrix) {                                                 \
         (void) imatrix;                                                                              \
-        const size_t row_size = ggml_row_size(GGML_TYPE_##UPPER, n_per_row);                         \
-        for (int64_t r = 0; r < nrows; ++r) {                                                        \
-            quantize_row_##lower##_ref(src + r * n_per_row, (char *) dst + r * row_size, n_per_row); \
-        }                                                                                            \
-        return (size_t) nrows * row_size;                                                            \
+        return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
     }
 PYADAQ_TYPES(PYADAQ_DEFINE_REF)
 
@@ -263,6 +259,15 @@ static int pyadaq_dequant_best(void) {
         dequantize_row_##lower##_impl(vx, y, k, pyadaq_dequant_best());                              \
     }
 PYADAQ_TYPES(PYADAQ_DEFINE_DEQUANT)
+
+size_t pyadaq_quantize_rows(int type, pyadaq_quantize_row_t quantize_row, const float * src, void * dst,
+                            int64_t nrows, int64_t n_per_row) {
+    const size_t row_size = ggml_row_size((enum ggml_type) type, n_per_row);
+    for (int64_t r = 0; r < nrows; ++r) {
+        quantize_row(src + r * n_per_row, (char *) dst + r * row_size, n_per_row);
+    }
+    return (size_t) nrows * row_size;
+}
 
 int pyadaq_is_pyadaq_type(int type) {
 #define PYADAQ_IS(UPPER, lower, id, QK, BITS, LEVELS, RULE) if (type == (id)) return 1;

@@ -194,6 +194,12 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
 #define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW) \
     PYADAQ_KVT_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW)
 
+// ggml_quantize_chunk's work for a pyadaq type: nrows rows of n_per_row values, each through
+// quantize_row (the type's reference quantizer); returns the bytes written.
+typedef void (*pyadaq_quantize_row_t)(const float * x, void * y, int64_t k);
+PYADAQ_API size_t pyadaq_quantize_rows(int type, pyadaq_quantize_row_t quantize_row, const float * src, void * dst,
+                                       int64_t nrows, int64_t n_per_row);
+
 // Steps of the reference quantizer shared with the CPU fast path (pyadaq-quants.c):
 // non-finite inputs become 0 in xs, the midpoints between levels go to mids, returns max|xs|;
 // and the packing of level indices into qs/qh.

@@ -77,22 +77,21 @@ def run(args) -> int:
     if args.plot:
         require_plots()  # before the run, not after it
     from pyadaq.eval.run import evaluate
-    from pyadaq.plan.spec import CalSpec, resolve_configs
+    from pyadaq.plan.spec import resolve_configs
 
     model, info, text, text_name, configs = check_inputs(args)
-    # plans are checked against the model they were made for; a calibration against the model it
-    # runs on (with --f32-weights, the float32 copy)
-    plain = resolve_configs([c for c in configs if not isinstance(c, CalSpec)], model)
+    run_on = model
     if args.f32_weights:
         from pyadaq.model.dequantize import dequantized_copy
+
+        run_on = str(dequantized_copy(model))
+    # plans are checked against the model they were made for; a calibration against the model it
+    # runs on (with --f32-weights, the float32 copy)
+    configs = resolve_configs(configs, model, calibration=args.kv_calibration, calibration_model=run_on)
+    if run_on != model:
         from pyadaq.model.header import read_model_info
 
-        model = str(dequantized_copy(model))
-        info = read_model_info(model)
-    calibrated = iter(resolve_configs([c for c in configs if isinstance(c, CalSpec)], model,
-                                      calibration=args.kv_calibration))
-    plain_it = iter(plain)
-    configs = [next(calibrated) if isinstance(c, CalSpec) else next(plain_it) for c in configs]
+        model, info = run_on, read_model_info(run_on)
     lengths = parse_ints(args.passkey_lengths, "--passkey-lengths") if args.passkey else None
     depths = parse_fractions(args.passkey_depths, "--passkey-depths") if args.passkey else None
     out = evaluate(model, info, configs, text=text, text_name=text_name, ctx=args.ctx, chunks=args.chunks,

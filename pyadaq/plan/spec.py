@@ -82,20 +82,23 @@ def parse_configs(spec: str) -> list:
 
 
 
-def resolve_configs(configs: list, model_path: str, progress: bool = True, calibration=None) -> list:
+def resolve_configs(configs: list, model_path: str, progress: bool = True, calibration=None,
+                    calibration_model: str | None = None) -> list:
     """Turn LayerSpec entries into LayerConfig for this model (plans are loaded and checked,
     budgets planned) and CalSpec entries into Calibrated ones: with `calibration` (a file or a
-    Calibration, checked against the model), else the model's default calibration
-    (pyadaq.eval.calibration.calibrate, cached); uniform (k, v) pairs pass through."""
+    Calibration), else the default calibration (pyadaq.eval.calibration.calibrate, cached), of
+    `calibration_model`, the model the configs run on (default: model_path; with --f32-weights
+    its float32 copy), and checked against it; uniform (k, v) pairs pass through."""
     info = read_model_info(model_path)
+    cal_model = calibration_model or model_path
     out = []
     for c in configs:
         if isinstance(c, CalSpec):
             if calibration is None:
                 from pyadaq.eval.calibration import calibrate
 
-                calibration = calibrate(model_path, progress=progress)
-            calibration = calibration_for_model(calibration, info)
+                calibration = calibrate(cal_model, progress=progress)
+            calibration = calibration_for_model(calibration, read_model_info(cal_model))
             out.append(Calibrated(resolve_configs([c.base], model_path, progress)[0], calibration))
             continue
         if not isinstance(c, LayerSpec):

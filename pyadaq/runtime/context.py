@@ -15,7 +15,7 @@ import numpy as np
 from pyadaq._native import creation_lock, native
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
-from pyadaq.runtime.kv_transform import kv_transforms, require_calibration, transforms_values
+from pyadaq.runtime.kv_transform import context_settings
 from pyadaq.runtime.layer_types import next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
 from pyadaq.types import CacheType, cache_type
@@ -159,14 +159,9 @@ class Context:
             p.cb_eval = ctypes.cast(int(cb_eval[0]), _llama_cpp.ggml_backend_sched_eval_callback)
             p.cb_eval_user_data = ctypes.c_void_p(int(cb_eval[1]))
         types_k, types_v = layer_types if layer_types is not None else (None, None)
-        require_calibration([self.k, self.v, *(types_k or []), *(types_v or [])], self.calibration)
-        transforms = None
-        if self.calibration is not None:
-            n_layer = model.info.n_layer
-            tv = types_v or [self.v] * n_layer
-            transforms = kv_transforms(self.calibration, types_k or [self.k] * n_layer, tv)
-            # the keys' transform rotates them; values keep llama.cpp's rotation unless transformed
-            attn_rot = (False, False if transforms_values(tv) else attn_rot)
+        n_layer = model.info.n_layer
+        transforms, attn_rot = context_settings(self.calibration, types_k or [self.k] * n_layer,
+                                                types_v or [self.v] * n_layer, attn_rot)
         with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot,
                                          transforms=transforms):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)

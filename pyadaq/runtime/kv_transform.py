@@ -12,7 +12,7 @@ otherwise they keep llama.cpp's rotation. Per cache type:
 * a block-quantized cache of one bit width (q8_0, q4_0, kvq2, ...): M = the principal
   directions followed by a Hadamard rotation (of the largest power-of-two blocks that make up
   the head size), s = 1: the mean comes out, and every block still sees values of one size,
-  as with llama.cpp's own rotation, which a calibrated context does not use;
+  as with llama.cpp's own rotation, which a calibrated context does not use for its keys;
 * a transform-coded type (kvt2, kvt3, kvt4 and the steep kvt*s, :attr:`CacheType.calibrated`):
   the principal directions interleaved by rank, so that position p of block b (of the head's
   d/64 blocks of 64) holds direction p * d/64 + b, and s = the square root of each direction's
@@ -45,7 +45,8 @@ import numpy as np
 
 from pyadaq.types import cache_type
 
-__all__ = ["LayerTransform", "hadamard", "interleave", "kv_transforms", "require_calibration", "transforms_values"]
+__all__ = ["LayerTransform", "context_settings", "hadamard", "interleave", "kv_transforms", "require_calibration",
+           "transforms_values"]
 
 
 @dataclass(frozen=True)
@@ -163,3 +164,15 @@ def require_calibration(types, calibration) -> None:
         raise ValueError(f"cache type {', '.join(need)} stores a calibration's coordinates and needs one: pass "
                          "kv_calibration=FILE (from `pyadaq calibrate`; in the tools --kv-calibration or a +cal "
                          "config)")
+
+
+def context_settings(calibration, types_k, types_v, attn_rot=None) -> tuple:
+    """What a context with these per-layer types needs of the next-context slot
+    (pyadaq.runtime.layer_types.next_context): ``(transforms, attn_rot)``. Without a calibration:
+    no transforms and attn_rot as given (a kvt type raises, :func:`require_calibration`). With
+    one: its transforms, llama.cpp's key rotation off (the transforms rotate the keys), and its
+    value rotation off when the values are transformed, else as given."""
+    require_calibration([*types_k, *types_v], calibration)
+    if calibration is None:
+        return None, attn_rot
+    return kv_transforms(calibration, types_k, types_v), (False, False if transforms_values(types_v) else attn_rot)

@@ -44,7 +44,7 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime.context import default_gpu_layers
-from pyadaq.runtime.kv_transform import kv_transforms, require_calibration, transforms_values
+from pyadaq.runtime.kv_transform import context_settings
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
@@ -275,7 +275,8 @@ class Llama(llama_cpp.Llama):
         flash_attn = kwargs.get("flash_attn")
         plan, layers_k, layers_v = load_checked(kv_plan, info) if kv_plan is not None else (None, None, None)
         calibration = None if kv_calibration is None else calibration_for_model(kv_calibration, info)
-        require_calibration((layers_k or [tk]) + (layers_v or [tv]), calibration)
+        types_k, types_v = layers_k or [tk] * info.n_layer, layers_v or [tv] * info.n_layer
+        transforms, rot = context_settings(calibration, types_k, types_v)
         if plan is not None:
             tk = max(set(layers_k), key=layers_k.count)
             tv = max(set(layers_v), key=layers_v.count)
@@ -296,23 +297,17 @@ class Llama(llama_cpp.Llama):
 
         self.cache_type_k: CacheType = tk
         self.cache_type_v: CacheType = tv
-        self.layer_types_k: list[CacheType] = layers_k or [tk] * info.n_layer
-        self.layer_types_v: list[CacheType] = layers_v or [tv] * info.n_layer
+        self.layer_types_k: list[CacheType] = types_k
+        self.layer_types_v: list[CacheType] = types_v
         self.kv_plan = plan
         self.kv_calibration: Calibration | None = calibration
         self.model_info: ModelInfo = info
         # the per-layer types go to the context llama_cpp.Llama creates on this thread (it loads the
         # model, then creates one context); model loading and context creation run one at a time
-        transforms = None
-        if calibration is not None:
-            transforms = kv_transforms(calibration, self.layer_types_k, self.layer_types_v)
-        # a calibrated context rotates its keys itself, its values too when it transforms them
-        # (pyadaq.runtime.kv_transform)
-        rot = None if transforms is None else (False, False if transforms_values(self.layer_types_v) else None)
         with creation_lock, next_context(layers_k, layers_v, attn_rot=rot, transforms=transforms):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
-        if calibration is not None and context_transform_layers(self._ctx_ptr()) != len(calibration.layers()):
-            got = context_transform_layers(self._ctx_ptr())
+        got = context_transform_layers(self._ctx_ptr())
+        if calibration is not None and got != len(calibration.layers()):
             self.close()
             raise RuntimeError(f"llama.cpp applied the calibration to {got} of its {len(calibration.layers())} "
                                "layers")
