@@ -17,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import cffi
+import numpy as np
 
 from pyadaq._version import __version__
 
@@ -112,6 +113,18 @@ const char * pyadaq_dequant_impl_name(int impl);
 int pyadaq_is_pyadaq_type(int type);
 int pyadaq_kvt_levels(int bits, float * out, int n);
 
+typedef void (*ggml_to_float_t)(const void * x, float * y, int64_t k);
+typedef void (*ggml_from_float_t)(const float * x, void * y, int64_t k);
+struct ggml_type_traits {
+    const char *      type_name;
+    int64_t           blck_size;
+    int64_t           blck_size_interleave;
+    size_t            type_size;
+    bool              is_quantized;
+    ggml_to_float_t   to_float;
+    ggml_from_float_t from_float_ref;
+};
+const struct ggml_type_traits * ggml_get_type_traits(int type);
 size_t      ggml_type_size(int type);
 int64_t     ggml_blck_size(int type);
 const char *ggml_type_name(int type);
@@ -163,6 +176,22 @@ class Native:
                 f"libllama was built from '{info}' but the installed Python layer is {upstream}"
             )
         return {"info": info, **meta}
+
+    def roundtrip(self, type_id: int, x) -> np.ndarray:
+        """x (float32, a multiple of the type's block size) stored in a ggml type by its reference
+        quantizer (the type traits' from_float_ref) and read back by its to_float."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        traits = self.base.ggml_get_type_traits(type_id)
+        if traits.from_float_ref == self.ffi.NULL or traits.to_float == self.ffi.NULL:
+            raise ValueError(f"ggml type {type_id} has no reference quantizer and to_float")
+        n = x.shape[0]
+        if n % traits.blck_size:
+            raise ValueError(f"{n} values are not whole blocks of {traits.blck_size}")
+        buf = bytearray(n // traits.blck_size * traits.type_size)
+        out = np.empty(n, dtype=np.float32)
+        traits.from_float_ref(self.ffi.from_buffer("float[]", x), self.ffi.from_buffer(buf), n)
+        traits.to_float(self.ffi.from_buffer(buf), self.ffi.from_buffer("float[]", out), n)
+        return out
 
     def type_name(self, type_id: int) -> str | None:
         p = self.base.ggml_type_name(type_id)

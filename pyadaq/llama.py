@@ -2,8 +2,11 @@
 
 ``kv_budget=3.0`` asks for a plan with that many bits per cached value on average (scales
 included): :func:`pyadaq.plan.calibrate.plan_for_budget` makes it (calibrated KL
-sensitivities, ``kv_budget_source="kl"``, or the activation norms, ``"norms"``) and caches it,
-and the runtime runs it as a ``kv_plan``. Everything else is the runtime's: see
+sensitivities, ``kv_budget_source="kl"``; a KV calibration's spectra, ``"spectra"``; or the
+activation norms, ``"norms"``) and caches it, and the runtime runs it as a ``kv_plan``. The
+plan is made for, and run with, a KV calibration: ``kv_calibration`` when given, else the
+model's default one (``pyadaq calibrate``'s, made once and cached); ``kv_calibration=False``
+plans and runs without one. Everything else is the runtime's: see
 :class:`pyadaq.runtime.llama.Llama`. This module sits above the planner, so that the runtime
 never imports it.
 """
@@ -13,7 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pyadaq.plan.calibrate import plan_for_budget
+from pyadaq.model.header import read_model_info
+from pyadaq.plan.calibrate import check_budget_range, default_types, kv_calibration_for, plan_for_budget
 from pyadaq.runtime import llama as _runtime
 
 __all__ = ["Llama"]
@@ -21,9 +25,10 @@ __all__ = ["Llama"]
 
 class Llama(_runtime.Llama):
     __doc__ = (_runtime.Llama.__doc__ or "") + """
-    ``kv_budget`` (bits per value; ``kv_budget_source`` "kl" or "norms") plans the per-layer
-    types for that budget (:func:`pyadaq.plan.calibrate.plan_for_budget`, cached) instead of
-    ``kv_plan``. A budget outside what the types reach raises before any context is created.
+    ``kv_budget`` (bits per value; ``kv_budget_source`` "kl", "spectra" or "norms") plans the
+    per-layer types for that budget (:func:`pyadaq.plan.calibrate.plan_for_budget`, cached)
+    instead of ``kv_plan``, with ``kv_calibration`` (default: the model's default calibration;
+    False: none). A budget outside what the types reach raises before anything is measured.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, kv_budget: float | None = None,
@@ -38,5 +43,14 @@ class Llama(_runtime.Llama):
                 )
             if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
                 raise TypeError(f"kv_budget is a number of bits per value, not {type(kv_budget).__name__}")
-            kwargs["kv_plan"] = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source)
+            spec = kwargs.get("kv_calibration")
+            spec = None if spec is False else "default" if spec is None else spec
+            info = read_model_info(model_path)
+            check_budget_range(info, float(kv_budget), default_types(kv_budget_source, spec))
+            cal = kv_calibration_for(model_path, info, spec)
+            kwargs["kv_plan"] = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source,
+                                                kv_calibration=cal)
+            kwargs["kv_calibration"] = cal
+        elif kwargs.get("kv_calibration") is False:
+            kwargs["kv_calibration"] = None
         super().__init__(model_path, **kwargs)

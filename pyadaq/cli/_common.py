@@ -129,13 +129,18 @@ def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_ty
         kw["n_threads"] = threads
     if kv_plan or kv_budget is not None:
         if kv_budget is not None:
-            from pyadaq.plan.calibrate import DEFAULT_TYPES, check_budget_range
+            from pyadaq.plan.calibrate import check_budget_range, default_types, kv_calibration_for
 
-            check_budget_range(info, kv_budget, DEFAULT_TYPES)
-            # what Llama(kv_budget=...) calibrates: pyadaq.plan.calibrate.plan_for_budget's defaults
-            announce_calibration(command, model, DEFAULT_TYPES, 512, 2,
-                                 faster=f"`pyadaq plan --budget {kv_budget:g} --sensitivity norms`, then "
-                                        f"`pyadaq {command} --kv-plan plan.json`", faster_passes=2)
+            # what Llama(kv_budget=...) calibrates: pyadaq.plan.calibrate.plan_for_budget's defaults,
+            # for the KV calibration given, else the model's default one
+            types = default_types("kl", "default")
+            check_budget_range(info, kv_budget, types)
+            if "kv_calibration" not in extra:
+                extra["kv_calibration"] = kv_calibration_for(model, info, "default")
+            announce_calibration(command, model, types, 512, 2, kv_calibration=extra["kv_calibration"],
+                                 faster=f"`pyadaq plan --budget {kv_budget:g} --sensitivity spectra "
+                                        f"--kv-calibration default`, then `pyadaq {command} --kv-plan plan.json "
+                                        f"--kv-calibration {extra['kv_calibration'].path}`", faster_passes=0)
         kw.update(kv_plan=kv_plan, kv_budget=kv_budget)
         # the plan decides K too; an explicit --cache-type-k is ignored (say so)
         if cache_type_k != "q8_0":
@@ -208,16 +213,16 @@ def missing_reference(info, n_ctx: int, n_chunks: int, text: str | None = None) 
     return sum(not store.contains(i) for i in range(n_chunks))
 
 
-def calibration_work(info, types: Sequence[str], n_ctx: int, n_chunks: int) -> tuple:
-    """(runs, forward passes) a calibration (pyadaq.plan.calibrate.calibrate, default text) still needs:
-    (0, 0) when its result is cached."""
+def calibration_work(info, types: Sequence[str], n_ctx: int, n_chunks: int, kv_calibration=None) -> tuple:
+    """(runs, forward passes) a calibration (pyadaq.plan.calibrate.calibrate, default text, with
+    `kv_calibration`'s transforms when given) still needs: (0, 0) when its result is cached."""
     from pyadaq.plan.calibrate import calibration_items, calibration_path
     from pyadaq.types import cache_type
 
     types = [cache_type(t).name for t in types]
-    if calibration_path(info, types, None, n_ctx, n_chunks).exists():
+    if calibration_path(info, types, None, n_ctx, n_chunks, kv_calibration).exists():
         return 0, 0
-    _, jobs, _ = calibration_items(info, types)
+    _, jobs, _ = calibration_items(info, types, kv_calibration)
     return len(jobs), len(jobs) * n_chunks + missing_reference(info, n_ctx, n_chunks)
 
 
@@ -237,18 +242,20 @@ def announce(command: str, work: str, passes: int, model_path: str, n_ctx: int,
 
 
 def announce_calibration(command: str, model_path: str, types: Sequence[str], n_ctx: int, n_chunks: int,
-                         n_threads: int | None = None, *, faster: str, faster_passes: int) -> None:
+                         n_threads: int | None = None, *, faster: str, faster_passes: int,
+                         kv_calibration=None) -> None:
     """The notice before pyadaq.plan.calibrate.calibrate runs, unless its result is cached."""
     from pyadaq.model.header import read_model_info
     from pyadaq.plan.calibrate import cache_dir
     from pyadaq.types import cache_type
 
-    runs, passes = calibration_work(read_model_info(model_path), types, n_ctx, n_chunks)
+    runs, passes = calibration_work(read_model_info(model_path), types, n_ctx, n_chunks, kv_calibration)
     if not passes:
         return
     lossy = [cache_type(t).name for t in types if cache_type(t).name != "f16"]
     work = (f"calibrating the sensitivities of {Path(model_path).name} (one layer's K or V at a time in "
-            f"{', '.join(lossy)}, all else f16: {counted(runs, 'run')} on {counted(n_chunks, 'chunk')})")
+            f"{', '.join(lossy)}, all else f16{'' if kv_calibration is None else ', with the KV calibration'}: "
+            f"{counted(runs, 'run')} on {counted(n_chunks, 'chunk')})")
     announce(command, work, passes, model_path, n_ctx, n_threads,
              kept=f"The result is cached in {cache_dir()}: later runs with this model and these settings "
                   "start at once.", faster=faster, faster_passes=faster_passes)

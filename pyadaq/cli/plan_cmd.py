@@ -15,10 +15,16 @@ def add_parser(sub) -> None:
     p.add_argument("--from", dest="source_file",
                    help="a `pyadaq analyze --json` file (norm-based sensitivities) or a calibration "
                         "JSON (--save-calibration); default: measure (see --sensitivity)")
-    p.add_argument("--sensitivity", choices=("kl", "norms"), default="kl",
+    p.add_argument("--sensitivity", choices=("kl", "norms", "spectra"), default="kl",
                    help="kl: calibrate (quantize one layer's K or V at a time, measure KL vs f16; "
-                        "cached); norms: the activation norms of `pyadaq analyze` (default kl)")
-    p.add_argument("--types", default="f16,q8_0,q4_0,kvq3,kvq2", help="candidate cache types")
+                        "cached); norms: the activation norms of `pyadaq analyze`; spectra: the errors "
+                        "a KV calibration's spectra predict, no run (needs --kv-calibration) (default kl)")
+    p.add_argument("--kv-calibration", metavar="FILE",
+                   help="plan for contexts run with this KV calibration (`pyadaq calibrate`; 'default': the "
+                        "model's default one, made once and cached): kl measures with its transforms and the "
+                        "types include the transform-coded kvt*s; run the plan with the same --kv-calibration")
+    p.add_argument("--types", help="candidate cache types (default f16,q8_0,q4_0,kvq3,kvq2; with "
+                                   "--kv-calibration f16,q8_0,kvt4s,q4_0,kvt3s,kvq3,kvt2s,kvq2)")
     p.add_argument("--method", choices=("dp", "greedy"), default="dp",
                    help="dp: exact optimum of the error model; greedy: the paper's greedy (default dp)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk")
@@ -31,14 +37,29 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from pyadaq.cli._common import model_and_text
-    from pyadaq.plan.calibrate import cached_analysis, calibrate, check_budget_range, plan_for_budget
+    from pyadaq.plan.calibrate import (
+        cached_analysis,
+        calibrate,
+        check_budget_range,
+        default_types,
+        kv_calibration_for,
+        plan_for_budget,
+    )
+    from pyadaq.runtime.kv_transform import require_calibration
     from pyadaq.types import cache_type
 
     model, info, _ = model_and_text(args.model, getattr(args, "text", None))
-    types = [cache_type(t.strip()).name for t in args.types.split(",") if t.strip()]
+    if args.sensitivity == "spectra" and not args.kv_calibration:
+        raise ValueError("--sensitivity spectra predicts errors from a KV calibration: give --kv-calibration FILE "
+                         "(or 'default')")
+    names = args.types.split(",") if args.types is not None else default_types(args.sensitivity, args.kv_calibration)
+    types = [cache_type(t.strip()).name for t in names if t.strip()]
     if not types:
         raise ValueError("--types is empty")
     check_budget_range(info, args.budget, types)
+    if not args.kv_calibration:
+        require_calibration(types, None)
+    kv_cal = kv_calibration_for(model, info, args.kv_calibration)
     source_result = None
     if args.source_file:
         try:
@@ -55,19 +76,26 @@ def run(args) -> int:
     elif args.sensitivity == "kl":
         from pyadaq.cli._common import announce_calibration
 
-        announce_calibration("plan", model, types, args.ctx, args.chunks, args.threads,
-                             faster=f"`pyadaq plan --budget {args.budget:g} --sensitivity norms` (sensitivities "
-                                    "from the activation norms, no calibration)",
-                             faster_passes=max(args.chunks, 2))
-        source_result = calibrate(model, types, None, args.ctx, args.chunks, args.threads)
-    else:
+        faster = (f"`pyadaq plan --budget {args.budget:g} --sensitivity norms` (sensitivities from the activation "
+                  "norms, no calibration)" if kv_cal is None else
+                  f"`pyadaq plan --budget {args.budget:g} --sensitivity spectra --kv-calibration "
+                  f"{args.kv_calibration}` (errors the calibration's spectra predict, no run)")
+        announce_calibration("plan", model, types, args.ctx, args.chunks, args.threads, faster=faster,
+                             faster_passes=max(args.chunks, 2) if kv_cal is None else 0, kv_calibration=kv_cal)
+        source_result = calibrate(model, types, None, args.ctx, args.chunks, args.threads, kv_calibration=kv_cal)
+    elif args.sensitivity == "norms":
         source_result = cached_analysis(model, None, args.ctx, max(args.chunks, 2), args.threads, True, True)
-    plan = plan_for_budget(model, args.budget, types=types, source_result=source_result, method=args.method)
-    if args.save_calibration:
+    plan = plan_for_budget(model, args.budget, types=types, source=args.sensitivity, source_result=source_result,
+                           method=args.method, kv_calibration=kv_cal)
+    if args.save_calibration and source_result is None:
+        print(f"nothing written to {args.save_calibration}: the spectra source measures nothing")
+    elif args.save_calibration:
         Path(args.save_calibration).write_text(json.dumps(source_result, indent=1))
     plan.save(args.out)
     print_plan(plan)
     print(f"wrote {args.out}")
+    if kv_cal is not None:
+        print(f"run it with --kv-calibration {kv_cal.path or args.kv_calibration} (the plan is for its coordinates)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Adaptive KV-AdaQuant: sensitivities of each layer's K and V, and plans for a bit budget.
 
-Two sources of sensitivity, as in the paper and its follow-up:
+Three sources of sensitivity: two as in the paper and its follow-up, one from a KV calibration:
 
 * ``"kl"`` (default, "calibrated-kl"): a calibration pass (``calibrate``) stores one
   layer's K (or V) at a time in each candidate type, every other layer in f16, and records
@@ -9,6 +9,15 @@ Two sources of sensitivity, as in the paper and its follow-up:
 * ``"norms"`` ("activation-norm"): the per-token Frobenius norms of each layer's keys and
   values from ``pyadaq.eval.analyze.activation_stats``, turned into errors by the rate-distortion
   model error = norm^2 * 2^(-2 * bits).
+* ``"spectra"`` ("calibration-spectra"): the squared error each type adds to each layer's K and
+  V if they were Gaussian with a KV calibration's spectra (:mod:`pyadaq.plan.spectra`); no run.
+
+With a KV calibration (``kv_calibration``: a file, a Calibration, or "default" for the model's
+default one), ``"kl"`` measures every layer in contexts with the calibration's transforms, the
+candidate types include the transform-coded ones (``CALIBRATED_TYPES``), and the plan records
+the calibration's fingerprint: a plan is made for the coordinates its contexts will store.
+The KL runs read :func:`pyadaq.eval.texts.calibration_text` (the half of the default text that
+evaluations do not read), so an evaluation of a plan is on text the plan never saw.
 
 ``plan_for_budget`` runs (or finds in the cache directory) what the source needs and calls
 the planner (``pyadaq.plan.planner.plan_budget``). Results are cached under
@@ -32,18 +41,25 @@ from pyadaq._native import native
 from pyadaq._version import __version__
 from pyadaq.eval.analyze import analyze
 from pyadaq.eval.kl import compare
-from pyadaq.eval.texts import default_text
+from pyadaq.eval.texts import calibration_text
+from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.planner import plan_budget
 from pyadaq.report.machine import machine
-from pyadaq.runtime.kvconfig import LayerConfig
+from pyadaq.runtime.kv_transform import require_calibration
+from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
 from pyadaq.types import cache_type
 
-__all__ = ["DEFAULT_TYPES", "SOURCES", "cache_dir", "calibrate", "norm_sensitivities", "plan_for_budget"]
+__all__ = ["CALIBRATED_TYPES", "DEFAULT_TYPES", "SOURCES", "cache_dir", "calibrate", "default_types",
+           "norm_sensitivities", "plan_for_budget"]
 
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "kvq3", "kvq2")
-SOURCES = ("kl", "norms")
-CALIBRATION_VERSION = 1
+# With a KV calibration: the keys' transform-coded profiles at 4.5, 3.5 and 2.5 bits beside the
+# uniform types (the values' kvt2/kvt3/kvt4 lose to kvq2/kvq3 as V on the embedded model,
+# docs/CALIBRATION.md, and each type adds 2 runs per layer to a calibration).
+CALIBRATED_TYPES = ("f16", "q8_0", "kvt4s", "q4_0", "kvt3s", "kvq3", "kvt2s", "kvq2")
+SOURCES = ("kl", "norms", "spectra")
+CALIBRATION_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -56,19 +72,26 @@ def _key(*parts) -> str:
     return h.hexdigest()[:24]
 
 
+def default_types(source: str = "kl", kv_calibration=None) -> tuple:
+    """The candidate types a plan uses when none are named: with a KV calibration and a source
+    that knows the transform-coded types (kl, spectra), CALIBRATED_TYPES; else DEFAULT_TYPES."""
+    return CALIBRATED_TYPES if kv_calibration is not None and source != "norms" else DEFAULT_TYPES
+
+
 def calibration_path(info, types: Sequence[str] = DEFAULT_TYPES, text: str | None = None, n_ctx: int = 512,
-                     n_chunks: int = 2) -> Path:
+                     n_chunks: int = 2, kv_calibration=None) -> Path:
     """Where calibrate() caches its result for the model of `info` (a ModelInfo) and these arguments."""
     types = [cache_type(t).name for t in types]
-    text_sha = hashlib.sha256((text if text is not None else default_text()).encode()).hexdigest()
-    key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, types)
+    text_sha = hashlib.sha256((text if text is not None else calibration_text()).encode()).hexdigest()
+    fp = None if kv_calibration is None else kv_calibration.fingerprint
+    key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, types, fp)
     return cache_dir() / f"calibration-{key}.json"
 
 
-def calibration_items(info, types: Sequence[str]) -> tuple:
+def calibration_items(info, types: Sequence[str], kv_calibration=None) -> tuple:
     """(errors, jobs, configs) of a calibration: errors["k"|"v"][layer][type] prefilled with 0.0
     (f16, or a layer without a cache) and None (the type does not fit); jobs the (layer, "k"|"v",
-    type column) measured, one LayerConfig each in configs."""
+    type column) measured, one LayerConfig each in configs (Calibrated with a KV calibration)."""
     n_layer = info.n_layer
     cache_layers = set(info.cache_layers())
     errors = {"k": [[None] * len(types) for _ in range(n_layer)], "v": [[None] * len(types) for _ in range(n_layer)]}
@@ -87,14 +110,17 @@ def calibration_items(info, types: Sequence[str]) -> tuple:
                 tv = ["f16"] * n_layer
                 (tk if kind == "k" else tv)[il] = ct.name
                 jobs.append((il, kind, j))
-                configs.append(LayerConfig(f"{kind}{il}:{ct.name}", tuple(tk), tuple(tv)))
+                cfg = LayerConfig(f"{kind}{il}:{ct.name}", tuple(tk), tuple(tv))
+                configs.append(cfg if kv_calibration is None else Calibrated(cfg, kv_calibration))
     return errors, jobs, configs
 
 
 def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text: str | None = None,
               n_ctx: int = 512, n_chunks: int = 2, n_threads: int | None = None, progress: bool = True,
-              use_cache: bool = True) -> dict:
-    """KL divergence added by storing one layer's K or V in each type (all else f16).
+              use_cache: bool = True, kv_calibration=None) -> dict:
+    """KL divergence added by storing one layer's K or V in each type (all else f16), on `text`
+    (default: :func:`calibration_text`), in contexts with `kv_calibration`'s transforms when given
+    (a Calibration checked against the model; needed for transform-coded types).
 
     Returns {"settings", "types", "errors_k", "errors_v"}: errors_* are [n_layer][n_types]
     lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
@@ -102,16 +128,17 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
     """
     info = read_model_info(model_path)
     types = [cache_type(t).name for t in types]
-    text = text if text is not None else default_text()
+    require_calibration(types, kv_calibration)
+    text = text if text is not None else calibration_text()
     text_sha = hashlib.sha256(text.encode()).hexdigest()
-    path = calibration_path(info, types, text, n_ctx, n_chunks)
+    path = calibration_path(info, types, text, n_ctx, n_chunks, kv_calibration)
     if use_cache and path.exists():
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass  # unreadable: measure again
     t0 = time.time()
-    errors, jobs, configs = calibration_items(info, types)
+    errors, jobs, configs = calibration_items(info, types, kv_calibration)
     # the f16 reference once, then one context per configuration (kl.compare)
     measured = compare(str(model_path), configs, text=text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads,
                        progress=progress, store=use_cache)
@@ -121,7 +148,8 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
         "kind": "pyadaq-calibration", "version": CALIBRATION_VERSION,
         "settings": {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha,
                      "n_ctx": n_ctx, "chunks": measured["chunks"], "pyadaq": __version__, "machine": machine(),
-                     "seconds": time.time() - t0, "runs": len(jobs)},
+                     "seconds": time.time() - t0, "runs": len(jobs),
+                     "kv_calibration": None if kv_calibration is None else kv_calibration.fingerprint},
         "types": types, "errors_k": errors["k"], "errors_v": errors["v"],
     }
     if use_cache:
@@ -197,23 +225,50 @@ def calibration_floor(cal: dict) -> float:
 def plan_for_budget(model_path: str | Path, budget: float, *, types: Sequence[str] | None = None,
                     source: str = "kl", source_result: dict | None = None, method: str = "dp",
                     text: str | None = None, n_ctx: int = 512, n_chunks: int = 2,
-                    n_threads: int | None = None, progress: bool = True, use_cache: bool = True):
+                    n_threads: int | None = None, progress: bool = True, use_cache: bool = True,
+                    kv_calibration=None):
     """A KVPlan for `budget` average bits per cached value (scales included).
 
-    source: "kl" (calibration, measured KL per layer, K/V and type) or "norms" (activation
-    norms, rate-distortion model); source_result: a calibration or analysis dict to use
-    instead of running/caching one (its kind decides the source).
+    source: "kl" (calibration, measured KL per layer, K/V and type), "norms" (activation
+    norms, rate-distortion model) or "spectra" (a KV calibration's spectra, no run);
+    source_result: a calibration or analysis dict to use instead of running/caching one (its
+    kind decides the source). kv_calibration: a KV calibration (file, Calibration, or "default":
+    the model's default one, made and cached when missing) the plan's contexts will run with:
+    the kl source measures with its transforms, and types default to CALIBRATED_TYPES.
     """
     info = read_model_info(model_path)
-    types = [cache_type(t).name for t in (types or DEFAULT_TYPES)]
     if source not in SOURCES:
         raise ValueError(f"unknown sensitivity source '{source}': use one of {', '.join(SOURCES)}")
+    types = [cache_type(t).name for t in (types or default_types(source, kv_calibration))]
     check_budget_range(info, budget, types)
+    cal = kv_calibration_for(model_path, info, kv_calibration, progress)
+    if source == "spectra" and cal is None and source_result is None:
+        raise ValueError("the spectra source predicts errors from a KV calibration: pass kv_calibration "
+                         "(a file from `pyadaq calibrate`, or 'default')")
+    require_calibration(types, cal)
+    notes = {} if cal is None else {"kv_calibration": cal.fingerprint,
+                                    "kv_calibration_file": None if cal.path is None else str(cal.path)}
+    if source_result is None and source == "spectra":
+        from pyadaq.plan.spectra import predicted_errors
+
+        errors_k, errors_v = predicted_errors(cal, types)
+        return plan_budget(info, info.sha256, [1.0] * info.n_layer, [1.0] * info.n_layer, budget, types=types,
+                           method=method, errors_k=errors_k, errors_v=errors_v,
+                           sensitivity_source="calibration-spectra", notes=notes)
     if source_result is None:
         if source == "kl":
-            source_result = calibrate(model_path, types, text, n_ctx, n_chunks, n_threads, progress, use_cache)
+            source_result = calibrate(model_path, types, text, n_ctx, n_chunks, n_threads, progress, use_cache,
+                                      kv_calibration=cal)
         else:
             source_result = cached_analysis(model_path, text, n_ctx, max(n_chunks, 2), n_threads, progress, use_cache)
+    measured_with = source_result.get("settings", {}).get("kv_calibration")
+    if source_result.get("kind") == "pyadaq-calibration" and measured_with != (None if cal is None else
+                                                                               cal.fingerprint):
+        raise ValueError("the sensitivities were measured " + (
+            "without a KV calibration" if measured_with is None else f"with KV calibration {measured_with[:12]}…")
+            + (", the plan is for contexts without one" if cal is None else
+               f", the plan is for contexts with calibration {cal.fingerprint[:12]}…")
+            + ": measure them again for these contexts")
     errors_k, errors_v = errors_from(source_result, types)
     if errors_k is not None:
         n = len(errors_k)
@@ -225,7 +280,19 @@ def plan_for_budget(model_path: str | Path, budget: float, *, types: Sequence[st
     if len(sk) != info.n_layer:
         raise ValueError(f"the sensitivities cover {len(sk)} layers, the model has {info.n_layer}")
     return plan_budget(info, info.sha256, sk, sv, budget, types=types, method=method,
-                       errors_k=errors_k, errors_v=errors_v, sensitivity_source=label)
+                       errors_k=errors_k, errors_v=errors_v, sensitivity_source=label, notes=notes)
+
+
+def kv_calibration_for(model_path, info, kv_calibration, progress: bool = True):
+    """A KV calibration argument as a Calibration checked against the model: None stays None,
+    "default" is the model's default calibration (pyadaq.eval.calibration.calibrate, cached)."""
+    if kv_calibration is None:
+        return None
+    if isinstance(kv_calibration, str) and kv_calibration == "default":
+        from pyadaq.eval.calibration import calibrate as calibrate_kv
+
+        kv_calibration = calibrate_kv(model_path, progress=progress)
+    return calibration_for_model(kv_calibration, info)
 
 
 def check_budget_range(info, budget: float, types: Sequence[str]) -> None:

@@ -269,7 +269,7 @@ def _per_layer_array(name: str, v: Any, n_layer: int, n_types: int) -> np.ndarra
 def plan_budget(info: Any, sha256: str, sensitivity_k: Sequence[float], sensitivity_v: Sequence[float],
                 budget: float, types: Sequence[TypeSpec] | None = None, method: str = "dp",
                 errors_k: Any = None, errors_v: Any = None,
-                sensitivity_source: str | None = None) -> KVPlan:
+                sensitivity_source: str | None = None, notes: dict | None = None) -> KVPlan:
     """The plan with the least predicted error whose average bits per value stay within ``budget``.
 
     Items are the K and the V of each cache layer (all K items first, then all V), weighted by
@@ -278,7 +278,8 @@ def plan_budget(info: Any, sha256: str, sensitivity_k: Sequence[float], sensitiv
     ``[n_layer, len(types)]``, +inf for "not usable") when given, else the rate-distortion model
     of ``sensitivity_k`` / ``sensitivity_v`` (one per layer). ``types`` defaults to
     f16, q8_0, q4_0, kvq3, kvq2. ``sensitivity_source`` is recorded in the plan (default
-    "calibrated-kl" with measured errors, "activation-norm" without).
+    "calibrated-kl" with measured errors, "activation-norm" without); ``notes`` are added to the
+    plan's notes (for example the KV calibration it was made for).
 
     Layers without their own KV cache allocate nothing; they get the cheapest type in
     ``types`` that fits their head size (f16 when none does).
@@ -348,7 +349,7 @@ def plan_budget(info: Any, sha256: str, sensitivity_k: Sequence[float], sensitiv
     for pos, il in enumerate(layers):
         types_k[il] = cts[int(choice[pos])]
         types_v[il] = cts[int(choice[n + pos])]
-    notes: dict[str, Any] = {"types": names}
+    notes = {"types": names, **(notes or {})}
     if used != method:
         notes["fallback"] = f"{method} grid too large, used {used}"
     return make_plan(info, sha256, types_k, types_v, budget=float(budget), method=used, sensitivity=label,

@@ -1,8 +1,9 @@
 """Config specs: the one place a user's ``--configs`` string becomes runnable configurations.
 
 ``q8_0:kvq2`` is a uniform pair, ``plan:FILE`` a plan file checked against the model, and
-``budget:BITS[:kl|:norms]`` a plan made for a bit budget (calibrated, cached); any of them with
-``+cal`` runs with a KV calibration's transforms (the one the run names, else the model's
+``budget:BITS[:kl|:norms|:spectra]`` a plan made for a bit budget (calibrated, cached); any of
+them with ``+cal`` runs with a KV calibration's transforms (a budget is then also planned for
+them, among the transform-coded types too) (the one the run names, else the model's
 default calibration, made once and cached). :func:`parse_configs`
 checks the syntax and the type names without the model; :func:`resolve_configs` turns the
 result into the validated values of :mod:`pyadaq.runtime.kvconfig` for one model.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
-from pyadaq.plan.calibrate import plan_for_budget
+from pyadaq.plan.calibrate import SOURCES, plan_for_budget
 from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.types import cache_type
@@ -68,8 +69,9 @@ def parse_configs(spec: str) -> list:
                     float(bits)
                 except ValueError:
                     raise ValueError(f"config '{item}': '{bits}' is not a number of bits per value") from None
-                if source and source not in ("kl", "norms"):
-                    raise ValueError(f"config '{item}': the sensitivity source is kl or norms, not '{source}'")
+                if source and source not in SOURCES:
+                    raise ValueError(f"config '{item}': the sensitivity source is one of {', '.join(SOURCES)}, "
+                                     f"not '{source}'")
             out.append(LayerSpec(head, rest))
             continue
         if item.count(":") != 1:
@@ -83,12 +85,13 @@ def parse_configs(spec: str) -> list:
 
 
 def resolve_configs(configs: list, model_path: str, progress: bool = True, calibration=None,
-                    calibration_model: str | None = None) -> list:
+                    calibration_model: str | None = None, calibration_for_plans=None) -> list:
     """Turn LayerSpec entries into LayerConfig for this model (plans are loaded and checked,
     budgets planned) and CalSpec entries into Calibrated ones: with `calibration` (a file or a
     Calibration), else the default calibration (pyadaq.eval.calibration.calibrate, cached), of
     `calibration_model`, the model the configs run on (default: model_path; with --f32-weights
-    its float32 copy), and checked against it; uniform (k, v) pairs pass through."""
+    its float32 copy), and checked against it; uniform (k, v) pairs pass through. A budget with
+    ``+cal`` is planned for its calibration (calibration_for_plans, set by the +cal entry)."""
     info = read_model_info(model_path)
     cal_model = calibration_model or model_path
     out = []
@@ -99,7 +102,8 @@ def resolve_configs(configs: list, model_path: str, progress: bool = True, calib
 
                 calibration = calibrate(cal_model, progress=progress)
             calibration = calibration_for_model(calibration, read_model_info(cal_model))
-            out.append(Calibrated(resolve_configs([c.base], model_path, progress)[0], calibration))
+            out.append(Calibrated(resolve_configs([c.base], model_path, progress, calibration_for_plans=calibration)[0],
+                                  calibration))
             continue
         if not isinstance(c, LayerSpec):
             out.append(c)
@@ -108,6 +112,7 @@ def resolve_configs(configs: list, model_path: str, progress: bool = True, calib
             plan, _, _ = load_checked(c.arg, info)
         else:
             bits, _, source = c.arg.partition(":")
-            plan = plan_for_budget(model_path, float(bits), source=source or "kl", progress=progress)
+            plan = plan_for_budget(model_path, float(bits), source=source or "kl", progress=progress,
+                                   kv_calibration=calibration_for_plans)
         out.append(LayerConfig(c.label, tuple(plan.types_k), tuple(plan.types_v), float(plan.bits_per_value)))
     return out

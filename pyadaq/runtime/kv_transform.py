@@ -45,8 +45,8 @@ import numpy as np
 
 from pyadaq.types import cache_type
 
-__all__ = ["LayerTransform", "context_settings", "hadamard", "interleave", "kv_transforms", "require_calibration",
-           "transforms_values"]
+__all__ = ["LayerTransform", "context_settings", "hadamard", "interleave", "kv_transforms", "matrix_and_scale",
+           "part_components", "require_calibration", "transforms_values"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,9 @@ def _mix_groups(matrix, var, block: int, group: int = 8):
     return matrix, var
 
 
-def _for_type(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
+def matrix_and_scale(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
+    """(M [heads, d, d], s [heads, d] or None) of one layer's K or V part (its components:
+    :func:`part_components`) stored in cache type t: the cache holds ((x - mean) M) / s."""
     basis = comps.basis.astype(np.float64)
     if t.calibrated:
         if comps.head_size % t.block_size:
@@ -129,6 +131,12 @@ def _uncentered(comps):
     return Components(comps.mean, v[:, :, ::-1].astype(np.float32), np.clip(w[:, ::-1], 0, None).astype(np.float32))
 
 
+def part_components(calibration, il: int, is_v: bool):
+    """The components a layer's keys (their covariance: the key mean leaves the cache) or values
+    (their second moment: the value mean stays, :func:`_uncentered`) are stored by."""
+    return _uncentered(calibration.v[il]) if is_v else calibration.k[il]
+
+
 def transforms_values(types_v) -> bool:
     """Whether a calibrated context transforms its values: only when some layer's V type is
     transform-coded. Otherwise the values are left as they are (a transform gains them nothing,
@@ -144,11 +152,9 @@ def kv_transforms(calibration, types_k, types_v) -> list[LayerTransform]:
     out = []
     values = transforms_values(types_v)
     for il in calibration.layers():
-        parts = [(False, calibration.k[il], types_k[il])]
-        if values:
-            parts.append((True, _uncentered(calibration.v[il]), types_v[il]))
-        for is_v, comps, t in parts:
-            matrix, scale = _for_type(comps, cache_type(t))
+        for is_v in (False, True) if values else (False,):
+            comps, t = part_components(calibration, il, is_v), (types_v if is_v else types_k)[il]
+            matrix, scale = matrix_and_scale(comps, cache_type(t))
             out.append(LayerTransform(il, is_v, np.ascontiguousarray(matrix, dtype=np.float32),
                                       None if scale is None else np.ascontiguousarray(scale, dtype=np.float32),
                                       None if is_v else np.ascontiguousarray(comps.mean, dtype=np.float32)))
