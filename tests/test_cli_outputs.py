@@ -192,7 +192,8 @@ def test_chat_with_a_budget_announces_its_calibration_once(tiny_model, tmp_path,
     first = _pyadaq(env, *args, stdin="hello\n")
     assert first.returncode == 0, first.stderr
     err = " ".join(first.stderr.split())
-    assert "pyadaq chat: calibrating the sensitivities" in err and "`pyadaq chat --kv-plan plan.json --kv-calibration" in err
+    assert "pyadaq chat: calibrating the sensitivities" in err
+    assert "`pyadaq chat --kv-plan plan.json --kv-calibration" in err
     second = _pyadaq(env, *args, stdin="hello\n")
     assert second.returncode == 0, second.stderr
     assert "calibrating" not in second.stderr
