@@ -7,7 +7,7 @@ the right shape, no extra tensors are present (the loader rejects files with
 unused tensors), and all hyper-parameter keys have the GGUF types the loader
 expects.  Only the ``gguf`` Python package and numpy are needed.
 
-Two architectures are supported:
+Three architectures are supported:
 
 ``llama``
     Standard pre-norm llama: ``token_embd``, ``output_norm``, ``output``, and
@@ -23,6 +23,12 @@ Two architectures are supported:
     last layer of every period of ``swa_pattern`` layers uses full attention).
     In a sliding-window layer a query at position p sees keys at positions
     ``p - sliding_window < k <= p``.
+
+``qwen2``
+    The llama layout with attention biases (``attn_q/k/v.bias``), rope type NEOX
+    and Qwen 2's rope base: the key bias is a large per-head mean (std
+    ``_K_BIAS`` per channel, against keys of std ~1.5), as in the real models,
+    where it is what every quantization block of a key must carry.
 
 Vocabulary: a self-contained SentencePiece-style ("llama") vocabulary:
 ``<unk>``=0, ``<s>``=1 (BOS), ``</s>``=2 (EOS), the 256 byte tokens
@@ -79,7 +85,7 @@ __all__ = [
     "simple_tokenize",
 ]
 
-ARCHS = ("llama", "gemma3")
+ARCHS = ("llama", "gemma3", "qwen2")
 
 # llama.cpp token types (LLAMA_TOKEN_TYPE_*; gguf.TokenType)
 TT_NORMAL = 1
@@ -298,16 +304,18 @@ def build_config(
     if n_vocab < N_FIXED:
         raise ValueError(f"n_vocab must be >= {N_FIXED}, got {n_vocab}")
 
-    if arch == "llama":
+    if arch in ("llama", "qwen2"):
         if sliding_window not in (None, 0):
             raise ValueError("sliding_window is only supported for arch='gemma3' "
-                             "(llama.cpp's llama arch has no sliding-window attention)")
+                             f"(llama.cpp's {arch} arch has no sliding-window attention)")
         if swa_pattern is not None:
             raise ValueError("swa_pattern is only supported for arch='gemma3'")
+        qwen = arch == "qwen2"
         return TinyConfig(
             arch=arch, n_vocab=int(n_vocab), n_embd=int(n_embd), n_ff=int(n_ff), n_layer=int(n_layer),
             n_head=int(n_head), n_head_kv=int(n_head_kv), head_dim=int(head_dim),
-            n_ctx_train=int(n_ctx_train), rms_eps=1e-5, rope_freq_base=10000.0,
+            n_ctx_train=int(n_ctx_train), rms_eps=1e-6 if qwen else 1e-5,
+            rope_freq_base=1_000_000.0 if qwen else 10000.0,
             rope_freq_base_swa=None, sliding_window=0, swa_pattern=0, dtype=dtype, seed=int(seed),
             suppress_special=bool(suppress_special), swa_layers=tuple([False] * n_layer),
         )
@@ -354,6 +362,10 @@ def expected_tensors(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
         t[p + "attn_k.weight"] = (E, KV)
         t[p + "attn_v.weight"] = (E, KV)
         t[p + "attn_output.weight"] = (Q, E)
+        if cfg.arch == "qwen2":
+            t[p + "attn_q.bias"] = (Q,)
+            t[p + "attn_k.bias"] = (KV,)
+            t[p + "attn_v.bias"] = (KV,)
         if cfg.arch == "gemma3":
             t[p + "post_attention_norm.weight"] = (E,)
             t[p + "attn_k_norm.weight"] = (D,)
@@ -379,6 +391,9 @@ _QK_GAIN_LLAMA = 1.5   # llama: attention scores std ~ gain^2
 _O_GAIN_LLAMA = 2.0    # llama: attention output scale relative to the embeddings
 _BIAS_CHANNEL = 3.0    # value of the constant residual channel 0 (after gemma's sqrt(n_embd) scaling)
 _SUPPRESS = -10.0      # output weight on the bias channel for suppressed tokens
+_Q_BIAS = 0.5          # qwen2: std of the query bias per channel
+_K_BIAS = 3.0          # qwen2: std of the key bias per channel (a large per-head mean)
+_V_BIAS = 1.0          # qwen2: std of the value bias per channel
 
 
 def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
@@ -418,6 +433,10 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
         w[p + "attn_q.weight"] = normal((Q, E), qk_gain / math.sqrt(E))
         w[p + "attn_k.weight"] = normal((KV, E), qk_gain / math.sqrt(E))
         w[p + "attn_v.weight"] = normal((KV, E), 1.0 / math.sqrt(E))
+        if cfg.arch == "qwen2":
+            w[p + "attn_q.bias"] = normal((Q,), _Q_BIAS)
+            w[p + "attn_k.bias"] = normal((KV,), _K_BIAS)
+            w[p + "attn_v.bias"] = normal((KV,), _V_BIAS)
         wo = normal((E, Q), o_gain / math.sqrt(Q))
         if gemma:
             post_attn = ones(E)
@@ -667,7 +686,7 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
 
     Returns float32 logits of shape (T, n_vocab); row t predicts token t+1.
     This mirrors llama.cpp's graphs for these archs (models/llama.cpp,
-    models/gemma3.cpp) and so can be compared with ``llama_get_logits_ith``.
+    models/gemma3.cpp, models/qwen2.cpp) and so can be compared with ``llama_get_logits_ith``.
     ``n_swa`` overrides the sliding window (e.g. 0 to disable it).
     """
     cfg = read_config(path)
@@ -694,6 +713,10 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
         q = (h @ W[p + "attn_q.weight"].T).reshape(T, H, D)
         k = (h @ W[p + "attn_k.weight"].T).reshape(T, HKV, D)
         v = (h @ W[p + "attn_v.weight"].T).reshape(T, HKV, D)
+        if cfg.arch == "qwen2":
+            q = q + W[p + "attn_q.bias"].reshape(H, D)
+            k = k + W[p + "attn_k.bias"].reshape(HKV, D)
+            v = v + W[p + "attn_v.bias"].reshape(HKV, D)
         is_swa = gemma and sw > 0 and cfg.swa_layers[il]
         if gemma:
             q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
@@ -704,8 +727,9 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
             q = q / math.sqrt(D)  # f_attention_scale (model type is never 27B here)
             scale = 1.0
         else:
-            q = _rope(q, pos, cfg.rope_freq_base, "norm")
-            k = _rope(k, pos, cfg.rope_freq_base, "norm")
+            mode = "neox" if cfg.arch == "qwen2" else "norm"
+            q = _rope(q, pos, cfg.rope_freq_base, mode)
+            k = _rope(k, pos, cfg.rope_freq_base, mode)
             scale = 1.0 / math.sqrt(D)
         mask = causal.copy()
         if is_swa:
