@@ -1,7 +1,8 @@
 """The transform-coded KV-cache types kvt2/3/4 and kvt2s/3s/4s (native/src/pyadaq-kvt.c, the
 spec): the C level tables are the twin's Lloyd-Max levels bit for bit and satisfy the centroid
 condition; the numpy twin (pyadaq/quants_ref.py) writes the C reference's bytes and decodes its
-floats, on Gaussian data of every scale, zeros, NaN, infinities and huge values; the layout
+floats, on Gaussian data of every scale, zeros, NaN, infinities and huge values, the AVX2
+quantizer writes the reference's bytes and the AVX2 dequantization decodes its floats bit for bit; the layout
 decodes as written by hand; the error on a spectrum the profiles were made for is below a flat
 2- / 3- / 4-bit type's; the dot product with q8_0; a context refuses them without a
 calibration and runs them with one (K-shift included)."""
@@ -79,6 +80,47 @@ def test_twin_is_bit_exact(t):
         assert np.array_equal(y.view(np.uint32), qr.dequantize(t.name, c, len(x)).view(np.uint32)), name
         if name == "special":
             assert np.isfinite(y[:256]).all() and (y[:64] == 0).all()
+
+
+@per_type
+def test_avx2_dequantization_is_the_reference(t):
+    """The AVX2 path (what the registered to_float runs on a CPU with AVX2) gives the scalar
+    reference's floats bit for bit, on every case of the twin test."""
+    if NAT.base.pyadaq_dequant_impl_name(1) == FFI.NULL:
+        pytest.skip("no AVX2 on this CPU or build")
+    for name, x in _cases(t.id + 100).items():
+        c = c_quantize(t, x)
+        out = [np.zeros(len(x), np.float32) for _ in range(2)]
+        for impl, y in enumerate(out):
+            assert NAT.base.pyadaq_dequantize_impl(t.id, FFI.from_buffer(c), FFI.from_buffer("float[]", y),
+                                                   len(x), impl) == 0
+        assert np.array_equal(out[0].view(np.uint32), out[1].view(np.uint32)), name
+    assert NAT.base.pyadaq_dequantize_impl(t.id, FFI.from_buffer(c), FFI.from_buffer("float[]", out[0]), 63, 1) == -1
+    assert NAT.base.pyadaq_dequantize_impl(t.id, FFI.from_buffer(c), FFI.from_buffer("float[]", out[0]), 64, 7) == -2
+
+
+@per_type
+def test_avx2_quantization_is_the_reference(t):
+    """The AVX2 quantizer (8 trial scales per register; what the CPU backend's quantize_row runs)
+    writes the scalar reference's bytes, on every case of the twin test and on rows whose blocks
+    sit at a tie-prone spread of scales; the CPU backend's entry gives the same bytes."""
+    if NAT.base.pyadaq_dequant_impl_name(1) == FFI.NULL:
+        pytest.skip("no AVX2 on this CPU or build")
+    rng = np.random.default_rng(t.id + 7)
+    cases = {**_cases(t.id + 200),
+             "small-ints": rng.integers(-3, 4, 64 * 200).astype(np.float32),
+             "one-hot": np.eye(64, dtype=np.float32).reshape(-1) * 5}
+    for name, x in cases.items():
+        ref = c_quantize(t, x)
+        fast = np.zeros_like(ref)
+        assert NAT.base.pyadaq_kvt_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(fast), len(x), 1) == 0
+        assert np.array_equal(ref, fast), name
+        cpu = np.zeros_like(ref)
+        assert NAT.cpu.pyadaq_cpu_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(cpu), len(x)) == 0
+        assert np.array_equal(ref, cpu), name
+    assert NAT.base.pyadaq_kvt_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(fast), 32, 1) == -1
+    assert NAT.base.pyadaq_kvt_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(fast), 64, 7) == -2
+    assert NAT.base.pyadaq_kvt_quantize(2, FFI.from_buffer("float[]", x), FFI.from_buffer(fast), 64, 0) == -1
 
 
 @per_type

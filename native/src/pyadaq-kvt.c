@@ -77,11 +77,11 @@ static inline int kvt_nearest(float v, const float * mids, int n_mids) {
     return lo;
 }
 
-static void pyadaq_kvt_quantize_block(const float * x, uint8_t * out, const int * widths, const kvt_mids * mids) {
-    // a position's error counts 4^W times: under the profile's allocation, a direction given one
-    // bit more carries four times the variance, and so four times the weight in model coordinates
-    float xs[PYADAQ_KVT_QK];
-    float wt[PYADAQ_KVT_QK];
+// A block's inputs as the search sees them (non-finite values as 0) and their weights: a position's
+// error counts 4^W times: under the profile's allocation, a direction given one bit more carries
+// four times the variance, and so four times the weight in model coordinates. Returns the
+// weighted rms (0: nothing to scale).
+static float kvt_prepare(const float * x, const int * widths, float * xs, float * wt) {
     float ss = 0.0f;
     float sw = 0.0f;
     for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
@@ -90,31 +90,41 @@ static void pyadaq_kvt_quantize_block(const float * x, uint8_t * out, const int 
         ss += wt[j] * (xs[j] * xs[j]);
         sw += wt[j];
     }
-    float d = 0.0f;
-    if (ss > 0.0f) {
-        const float rms = sqrtf(ss / sw);
-        float best_err = INFINITY;
-        float best = rms;
-        for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
-            const float ds = rms * (PYADAQ_KVT_SEARCH_LO + (float) t * PYADAQ_KVT_SEARCH_STEP);
-            const float inv = 1.0f / ds;
-            float err = 0.0f;
-            for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
-                const int w = widths[j / PYADAQ_KVT_GROUP];
-                float e = xs[j];
-                if (w > 0) {
-                    const int i = kvt_nearest(xs[j] * inv, mids->m[w], (1 << w) - 1);
-                    e = xs[j] - ds * kvt_levels[w][i];
-                }
-                err += wt[j] * (e * e);
+    return ss > 0.0f ? sqrtf(ss / sw) : 0.0f;
+}
+
+// trial t's scale: rms * (LO + t * STEP)
+static inline float kvt_trial_scale(float rms, int t) {
+    return rms * (PYADAQ_KVT_SEARCH_LO + (float) t * PYADAQ_KVT_SEARCH_STEP);
+}
+
+// the scalar search: the trial scale with the least weighted squared error (the first on ties)
+static float kvt_search(const float * xs, const float * wt, const int * widths, const kvt_mids * mids, float rms) {
+    float best_err = INFINITY;
+    float best = rms;
+    for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
+        const float ds = kvt_trial_scale(rms, t);
+        const float inv = 1.0f / ds;
+        float err = 0.0f;
+        for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+            const int w = widths[j / PYADAQ_KVT_GROUP];
+            float e = xs[j];
+            if (w > 0) {
+                const int i = kvt_nearest(xs[j] * inv, mids->m[w], (1 << w) - 1);
+                e = xs[j] - ds * kvt_levels[w][i];
             }
-            if (err < best_err) {
-                best_err = err;
-                best = ds;
-            }
+            err += wt[j] * (e * e);
         }
-        d = best;
+        if (err < best_err) {
+            best_err = err;
+            best = ds;
+        }
     }
+    return best;
+}
+
+// the block's bytes for scale d: fp16 d, then per group its bit planes
+static void kvt_encode(const float * xs, float d, const int * widths, const kvt_mids * mids, uint8_t * out) {
     const ggml_half d16 = GGML_FP32_TO_FP16(d);
     memcpy(out, &d16, sizeof(d16));
     const float dd = GGML_FP16_TO_FP32(d16);
@@ -138,6 +148,13 @@ static void pyadaq_kvt_quantize_block(const float * x, uint8_t * out, const int 
     }
 }
 
+static void pyadaq_kvt_quantize_block(const float * x, uint8_t * out, const int * widths, const kvt_mids * mids) {
+    float xs[PYADAQ_KVT_QK];
+    float wt[PYADAQ_KVT_QK];
+    const float rms = kvt_prepare(x, widths, xs, wt);
+    kvt_encode(xs, rms > 0.0f ? kvt_search(xs, wt, widths, mids, rms) : 0.0f, widths, mids, out);
+}
+
 static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widths) {
     ggml_half d16;
     memcpy(&d16, in, sizeof(d16));
@@ -155,6 +172,175 @@ static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widt
         q += w;
     }
 }
+
+// The AVX2 dequantization (chosen at run time: ggml-base is built for the baseline ISA). Per group
+// of 8 values, each bit plane spreads to one bit per byte (kvt_spread: byte i of kvt_spread[b] is
+// bit i of b), so the 8 level indices are sum_k spread[plane k] << k; the levels of up to 5 bits
+// are then looked up with permutes of 8-level tables (blended on the higher index bits), those of
+// 6 and 7 bits gathered, and each is multiplied by d: the same single product d * level as the
+// reference's.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define PYADAQ_KVT_HAVE_AVX2 1
+
+#define KVT_S1(b) ((((uint64_t) (b) >> 0) & 1) | ((((uint64_t) (b) >> 1) & 1) << 8) |      \
+                   ((((uint64_t) (b) >> 2) & 1) << 16) | ((((uint64_t) (b) >> 3) & 1) << 24) | \
+                   ((((uint64_t) (b) >> 4) & 1) << 32) | ((((uint64_t) (b) >> 5) & 1) << 40) | \
+                   ((((uint64_t) (b) >> 6) & 1) << 48) | ((((uint64_t) (b) >> 7) & 1) << 56))
+#define KVT_S4(b)   KVT_S1(b), KVT_S1((b) + 1), KVT_S1((b) + 2), KVT_S1((b) + 3)
+#define KVT_S16(b)  KVT_S4(b), KVT_S4((b) + 4), KVT_S4((b) + 8), KVT_S4((b) + 12)
+#define KVT_S64(b)  KVT_S16(b), KVT_S16((b) + 16), KVT_S16((b) + 32), KVT_S16((b) + 48)
+static const uint64_t kvt_spread[256] = { KVT_S64(0), KVT_S64(64), KVT_S64(128), KVT_S64(192) };
+static_assert(sizeof(kvt_spread) == 256 * sizeof(uint64_t), "one spread per byte value");
+
+// levels[j * 8 .. j * 8 + 7] of one width as a register; lanes past the width's levels are 0
+__attribute__((target("avx2")))
+static inline __m256 kvt_level_octet(int w, int j) {
+    float t[8] = { 0 };
+    for (int i = 0; i < 8 && j * 8 + i < (1 << w); ++i) {
+        t[i] = kvt_levels[w][j * 8 + i];
+    }
+    return _mm256_loadu_ps(t);
+}
+
+__attribute__((target("avx2")))
+static void kvt_dequantize_row_avx2(const uint8_t * x, size_t block_bytes, float * y, int64_t k, const int * widths) {
+    // the level tables of the row's widths up to 5 bits, 8 levels per register
+    __m256 oct[8][4];
+    for (int g = 0; g < 8; ++g) {
+        for (int j = 0; j < 4; ++j) {
+            oct[g][j] = widths[g] >= 1 && widths[g] <= 5 && j * 8 < (1 << widths[g]) ? kvt_level_octet(widths[g], j)
+                                                                                      : _mm256_setzero_ps();
+        }
+    }
+    for (int64_t b = 0; b < k / PYADAQ_KVT_QK; ++b) {
+        const uint8_t * in = x + (size_t) b * block_bytes;
+        ggml_half d16;
+        memcpy(&d16, in, sizeof(d16));
+        const __m256 d = _mm256_set1_ps(GGML_FP16_TO_FP32(d16));
+        const uint8_t * q = in + 2;
+        float * yb = y + b * PYADAQ_KVT_QK;
+        for (int g = 0; g < 8; ++g) {
+            const int w = widths[g];
+            uint64_t packed = 0;
+            for (int kk = 0; kk < w; ++kk) {
+                packed |= kvt_spread[q[kk]] << kk;
+            }
+            q += w;
+            const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long) packed));
+            if (w == 0) {  // 0 itself, as in the reference (not d * 0: d may be infinite)
+                _mm256_storeu_ps(yb + g * PYADAQ_KVT_GROUP, _mm256_setzero_ps());
+                continue;
+            }
+            __m256 lv;
+            if (w <= 3) {
+                lv = _mm256_permutevar8x32_ps(oct[g][0], idx);
+            } else if (w <= 5) {
+                // index bit 3 picks the octet within a pair, bit 4 the pair
+                const __m256 hi3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                lv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(oct[g][0], idx),
+                                      _mm256_permutevar8x32_ps(oct[g][1], idx), hi3);
+                if (w == 5) {
+                    const __m256 up = _mm256_blendv_ps(_mm256_permutevar8x32_ps(oct[g][2], idx),
+                                                       _mm256_permutevar8x32_ps(oct[g][3], idx), hi3);
+                    lv = _mm256_blendv_ps(lv, up, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
+                }
+            } else {
+                lv = _mm256_i32gather_ps(kvt_levels[w], idx, 4);
+            }
+            _mm256_storeu_ps(yb + g * PYADAQ_KVT_GROUP, _mm256_mul_ps(d, lv));
+        }
+    }
+}
+
+// The index of the nearest level of 8 values at once (the number of midpoints each strictly
+// exceeds, as kvt_nearest): by counting for up to 4 bits, by a branchless binary search of the
+// 2^w - 1 sorted midpoints (gathered) above.
+__attribute__((target("avx2")))
+static inline __m256i kvt_nearest8(__m256 v, const float * mids, int w) {
+    __m256i i = _mm256_setzero_si256();
+    if (w <= 4) {
+        for (int m = 0; m < (1 << w) - 1; ++m) {
+            i = _mm256_sub_epi32(i, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(mids[m]), _CMP_GT_OQ)));
+        }
+        return i;
+    }
+    for (int step = 1 << (w - 1); step >= 1; step >>= 1) {
+        const __m256i probe = _mm256_add_epi32(i, _mm256_set1_epi32(step - 1));
+        const __m256 m = _mm256_i32gather_ps(mids, probe, 4);
+        const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(v, m, _CMP_GT_OQ));
+        i = _mm256_add_epi32(i, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
+    }
+    return i;
+}
+
+// kvt_search with 8 trials in the lanes of a register: each lane repeats the scalar search's float
+// operations for its trial in the same order (no fused multiply-add: this file is compiled with
+// -ffp-contract=off and the target has none), and the trials are compared in the same order, so
+// the scale found, and the block's bytes, are the reference's.
+__attribute__((target("avx2")))
+static float kvt_search_avx2(const float * xs, const float * wt, const int * widths, const kvt_mids * mids, float rms) {
+    static_assert(PYADAQ_KVT_SEARCH_N % 8 == 0, "the trials fill whole registers");
+    float errs[PYADAQ_KVT_SEARCH_N];
+    float scales[PYADAQ_KVT_SEARCH_N];
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int t0 = 0; t0 < PYADAQ_KVT_SEARCH_N; t0 += 8) {
+        const __m256 tf = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(t0), lane));
+        const __m256 ds = _mm256_mul_ps(_mm256_set1_ps(rms),
+                                        _mm256_add_ps(_mm256_set1_ps(PYADAQ_KVT_SEARCH_LO),
+                                                      _mm256_mul_ps(tf, _mm256_set1_ps(PYADAQ_KVT_SEARCH_STEP))));
+        const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), ds);
+        __m256 err = _mm256_setzero_ps();
+        for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+            const int w = widths[j / PYADAQ_KVT_GROUP];
+            const __m256 xv = _mm256_set1_ps(xs[j]);
+            __m256 e = xv;
+            if (w > 0) {
+                const __m256i i = kvt_nearest8(_mm256_mul_ps(xv, inv), mids->m[w], w);
+                e = _mm256_sub_ps(xv, _mm256_mul_ps(ds, _mm256_i32gather_ps(kvt_levels[w], i, 4)));
+            }
+            err = _mm256_add_ps(err, _mm256_mul_ps(_mm256_set1_ps(wt[j]), _mm256_mul_ps(e, e)));
+        }
+        _mm256_storeu_ps(errs + t0, err);
+        _mm256_storeu_ps(scales + t0, ds);
+    }
+    float best_err = INFINITY;
+    float best = rms;
+    for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
+        if (errs[t] < best_err) {
+            best_err = errs[t];
+            best = scales[t];
+        }
+    }
+    return best;
+}
+
+__attribute__((target("avx2")))
+static void pyadaq_kvt_quantize_block_avx2(const float * x, uint8_t * out, const int * widths, const kvt_mids * mids) {
+    float xs[PYADAQ_KVT_QK];
+    float wt[PYADAQ_KVT_QK];
+    const float rms = kvt_prepare(x, widths, xs, wt);
+    kvt_encode(xs, rms > 0.0f ? kvt_search_avx2(xs, wt, widths, mids, rms) : 0.0f, widths, mids, out);
+}
+#endif
+
+#ifdef PYADAQ_KVT_HAVE_AVX2
+#define PYADAQ_KVT_AVX2_CASE(lower)                                                                      \
+    if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
+        kvt_dequantize_row_avx2((const uint8_t *) x, sizeof(block_##lower), y, k, lower##_widths);       \
+        return 0;                                                                                        \
+    }
+#define PYADAQ_KVT_QUANTIZE_AVX2_CASE(lower)                                                             \
+    if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
+        for (int64_t i = 0; i < k / PYADAQ_KVT_QK; ++i) {                                                \
+            pyadaq_kvt_quantize_block_avx2(x + i * PYADAQ_KVT_QK, (uint8_t *) &b[i], lower##_widths, &mids); \
+        }                                                                                                \
+        return 0;                                                                                        \
+    }
+#else
+#define PYADAQ_KVT_AVX2_CASE(lower)
+#define PYADAQ_KVT_QUANTIZE_AVX2_CASE(lower)
+#endif
 
 #define PYADAQ_KVT_DEFINE(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                              \
     static const int lower##_widths[8] = { W0, W1, W2, W3, W4, W5, W6, W7 };                              \
@@ -174,8 +360,30 @@ static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widt
             kvt_dequantize_block((const uint8_t *) &b[i], y + i * PYADAQ_KVT_QK, lower##_widths);        \
         }                                                                                                \
     }                                                                                                    \
+    static int quantize_row_##lower##_impl(const float * x, void * y, int64_t k, int impl) {             \
+        kvt_mids mids;                                                                                   \
+        kvt_make_mids(&mids);                                                                            \
+        block_##lower * b = (block_##lower *) y;                                                         \
+        PYADAQ_KVT_QUANTIZE_AVX2_CASE(lower)                                                             \
+        if (impl != PYADAQ_IMPL_SCALAR) {                                                                \
+            return -2;                                                                                   \
+        }                                                                                                \
+        for (int64_t i = 0; i < k / PYADAQ_KVT_QK; ++i) {                                                \
+            pyadaq_kvt_quantize_block(x + i * PYADAQ_KVT_QK, (uint8_t *) &b[i], lower##_widths, &mids);  \
+        }                                                                                                \
+        return 0;                                                                                        \
+    }                                                                                                    \
+    static int dequantize_row_##lower##_impl(const void * x, float * y, int64_t k, int impl) {           \
+        if (impl == PYADAQ_IMPL_SCALAR) {                                                                \
+            dequantize_row_##lower##_ref(x, y, k);                                                       \
+            return 0;                                                                                    \
+        }                                                                                                \
+        PYADAQ_KVT_AVX2_CASE(lower)                                                                      \
+        return -2;                                                                                       \
+    }                                                                                                    \
     void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
-        dequantize_row_##lower##_ref(x, y, k);                                                           \
+        assert(k % PYADAQ_KVT_QK == 0);                                                                   \
+        dequantize_row_##lower##_impl(x, y, k, pyadaq_dequant_best());                                   \
     }                                                                                                    \
     size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
                             const float * imatrix) {                                                     \
@@ -183,3 +391,25 @@ static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widt
         return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
     }
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DEFINE)
+
+int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl) {
+    if (impl == PYADAQ_IMPL_BEST) {
+        impl = pyadaq_dequant_best();
+    }
+#define PYADAQ_KVT_DQ(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_DQ)
+#undef PYADAQ_KVT_DQ
+    return -1;
+}
+
+int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl) {
+    if (impl == PYADAQ_IMPL_BEST) {
+        impl = pyadaq_dequant_best();
+    }
+#define PYADAQ_KVT_QZ(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; return quantize_row_##lower##_impl(x, y, k, impl); }
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_QZ)
+#undef PYADAQ_KVT_QZ
+    return -1;
+}

@@ -224,8 +224,30 @@ static void pyadaq_quantize_block_mse_avx2(const float * x, uint8_t * blk, int q
 
 PYADAQ_TYPES(PYADAQ_DEFINE_CPU)
 
-// The transform-coded types: the reference quantizer, and the dot product with q8_0 through the
-// dequantized block (each 64-value block spans two q8_0 blocks).
+// The transform-coded types: the quantizer (ggml-base's AVX2 search where the CPU has it, the same
+// bytes as the reference), and the dot product with q8_0 through the dequantized block (each
+// 64-value block spans two q8_0 blocks).
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float pyadaq_kvt_dot32(const float * v, const int8_t * qs) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int j = 0; j < QK8_0; j += 8) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs + j))));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), q, acc);
+    }
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+#else
+static inline float pyadaq_kvt_dot32(const float * v, const int8_t * qs) {
+    float part = 0.0f;
+    for (int j = 0; j < QK8_0; ++j) {
+        part += v[j] * (float) qs[j];
+    }
+    return part;
+}
+#endif
+
 static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const block_q8_0 * y) {
     float sum = 0.0f;
     float v[PYADAQ_KVT_QK];
@@ -233,11 +255,7 @@ static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml
         deq((const uint8_t *) vx + (size_t) ib * block_bytes, v, PYADAQ_KVT_QK);
         for (int h = 0; h < PYADAQ_KVT_QK / QK8_0; ++h) {
             const block_q8_0 * yb = &y[ib * (PYADAQ_KVT_QK / QK8_0) + h];
-            float part = 0.0f;
-            for (int j = 0; j < QK8_0; ++j) {
-                part += v[h * QK8_0 + j] * (float) yb->qs[j];
-            }
-            sum += part * GGML_CPU_FP16_TO_FP32(yb->d);
+            sum += pyadaq_kvt_dot32(v + h * QK8_0, yb->qs) * GGML_CPU_FP16_TO_FP32(yb->d);
         }
     }
     return sum;
@@ -245,7 +263,7 @@ static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml
 
 #define PYADAQ_DEFINE_KVT_CPU(UPPER, lower, id, ...)                                                  \
     void quantize_row_##lower(const float * x, void * y, int64_t k) {                                \
-        quantize_row_##lower##_ref(x, y, k);                                                         \
+        pyadaq_kvt_quantize(GGML_TYPE_##UPPER, x, y, k, PYADAQ_IMPL_BEST);                           \
     }                                                                                                \
     void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,        \
                                      const void * vy, size_t by, int nrc) {                          \

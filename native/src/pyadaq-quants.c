@@ -196,7 +196,7 @@ static inline void dequantize_block_avx2(__m256 table, const uint8_t * qs, const
     }
 PYADAQ_TYPES(PYADAQ_DEFINE_AVX2_ROW)
 
-static int pyadaq_cpu_has_avx2(void) {
+int pyadaq_cpu_has_avx2(void) {
     static int has = -1;
     if (has < 0) {
         __builtin_cpu_init();
@@ -230,7 +230,7 @@ PYADAQ_TYPES(PYADAQ_DEFINE_REF)
 
 // The implementation a dequantization runs: the scalar reference, or AVX2 when the CPU has it
 // (ggml-base is built for the baseline ISA, so the choice is made at run time, once).
-static int pyadaq_dequant_best(void) {
+int pyadaq_dequant_best(void) {
 #ifdef PYADAQ_HAVE_AVX2_DEQUANT
     return pyadaq_cpu_has_avx2() ? PYADAQ_IMPL_AVX2 : PYADAQ_IMPL_SCALAR;
 #else
@@ -303,17 +303,7 @@ int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int i
     if (type == (id)) { if (k % (QK)) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
     PYADAQ_TYPES(PYADAQ_DQ)
 #undef PYADAQ_DQ
-    // the transform-coded types have the scalar reference only
-#define PYADAQ_KVT_DQ(UPPER, lower, id, ...)                                   \
-    if (type == (id)) {                                                        \
-        if (k % PYADAQ_KVT_QK) return -1;                                      \
-        if (impl != PYADAQ_IMPL_SCALAR && impl != pyadaq_dequant_best()) return -2; \
-        dequantize_row_##lower##_ref(x, y, k);                                 \
-        return 0;                                                              \
-    }
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_DQ)
-#undef PYADAQ_KVT_DQ
-    return -1;
+    return pyadaq_kvt_dequantize_impl(type, x, y, k, impl);
 }
 
 const char * pyadaq_dequant_impl_name(int impl) {

@@ -82,6 +82,10 @@ enum pyadaq_scale_rule {
 PYADAQ_KVT_TYPES(PYADAQ_KVT_BLOCK)
 // Copies the levels for `bits` (1..7) into out (n floats); returns their count, -1 otherwise.
 PYADAQ_API int pyadaq_kvt_levels(int bits, float * out, int n);
+// A transform-coded type's quantization with an explicit implementation (enum pyadaq_impl, below):
+// the scalar reference or AVX2 (the same bytes); the CPU backend's quantize_row runs the best.
+// Returns 0, -1 (not a kvt type, or k not whole blocks) or -2 (implementation not available).
+PYADAQ_API int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl);
 
 // Codebooks, ascending. n2/n3: Lloyd-Max levels of a unit Gaussian (what values
 // look like after upstream's Hadamard rotation) scaled to int8; u2/u3: uniform.
@@ -219,6 +223,12 @@ enum pyadaq_impl { PYADAQ_IMPL_SCALAR = 0, PYADAQ_IMPL_AVX2 = 1, PYADAQ_IMPL_BES
 PYADAQ_API int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl);
 PYADAQ_API const char * pyadaq_dequant_impl_name(int impl);
 PYADAQ_API int pyadaq_is_pyadaq_type(int type);
+// inside ggml-base: the implementation the registered to_float runs on this CPU, whether it has
+// AVX2 (x86 builds), and the transform-coded types' dispatch (pyadaq-kvt.c; -1: not a kvt type,
+// -2: implementation not available)
+int pyadaq_dequant_best(void);
+int pyadaq_cpu_has_avx2(void);
+int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl);
 
 // ggml-cpu: flash-attention ops with a quantized K or V that ran on the tiled path
 // (native/src/pyadaq-fa-cpu.cpp)
