@@ -1,7 +1,7 @@
 """The CUDA kernels' block arithmetic against the scalar reference, on any machine.
 
 native/cuda/pyadaq-kvq-block.h holds every computation the CUDA backend does on a kvq2/kvq3
-block: the quantizer of SET_ROWS and CPY, the two-value dequantization of GET_ROWS, CPY and
+block (native/cuda/pyadaq-kvt-block.h on a kvt block, checked the same way at the end): the quantizer of SET_ROWS and CPY, the two-value dequantization of GET_ROWS, CPY and
 the f16 conversion used by prompt-processing flash attention, and the packed int8 levels that
 the flash-attention vector kernel feeds to dp4a (K) and multiplies by the scale (V). The same
 header is compiled for the host (native/cuda/kvq-block-check.cpp); this test runs that build
@@ -74,3 +74,32 @@ def test_cuda_block_arithmetic_matches_reference(t, checker, tmp_path):
         assert np.array_equal(out["f16"][~nan], ref_h[~nan]), f"{case}: fp32 -> fp16 rounding"
         assert np.all((out["f16"][nan] & 0x7C00) == 0x7C00) and np.all(out["f16"][nan] & 0x3FF)
 
+
+
+KVT = [t for t in pyadaq.cache_types() if t.calibrated]
+
+
+@pytest.mark.parametrize("t", KVT, ids=[t.name for t in KVT])
+def test_cuda_kvt_block_arithmetic_matches_reference(t, checker, tmp_path):
+    """native/cuda/pyadaq-kvt-block.h (SET_ROWS/CPY quantizer, GET_ROWS/CPY/conversion
+    dequantization, the flash-attention kernel's unscaled levels) against the reference
+    (native/src/pyadaq-kvt.c): the same bytes, floats and levels, on the twin test's cases."""
+    from test_kvt import _cases
+
+    for case, x in _cases(t.id + 300).items():
+        src = tmp_path / "in.f32"
+        x.astype(np.float32).tofile(src)
+        subprocess.run([str(checker), str(t.id), str(src), str(tmp_path / "out")], check=True)
+        q = np.fromfile(tmp_path / "out.q", dtype=np.uint8)
+        ref_q = qr.quantize(t.name, x)
+        assert np.array_equal(q, ref_q), f"{t.name}/{case}: blocks differ from the reference's"
+        ref = qr.dequantize(t.name, ref_q, len(x))
+        deq = np.fromfile(tmp_path / "out.deq", dtype=np.float32)
+        assert np.array_equal(deq.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: dequantized values"
+        lev = np.fromfile(tmp_path / "out.lev", dtype=np.float32)
+        d = np.repeat(ref_q.reshape(len(x) // 64, -1)[:, :2].copy().view("<f2").astype(np.float32).reshape(-1), 64)
+        coded = np.tile(np.repeat(np.array(qr.KVT_TYPES[t.name].widths) > 0, 8), len(x) // 64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = d * lev
+        assert np.array_equal(scaled[coded].view(np.uint32), ref[coded].view(np.uint32)), f"{t.name}/{case}: levels"
+        assert (lev[~coded] == 0).all()

@@ -9,9 +9,16 @@
 //     OUT.lev  per 4 values, the int32 of packed int8 levels from pyadaq_kvq_get_levels4
 //              (flash attention's K.Q dp4a operand and V dequantization)
 //     OUT.f16  each input converted by pyadaq_f32_to_f16
+//
+//     kvq-block-check TYPE_ID IN.f32 OUT     (a transform-coded type, pyadaq-kvt-block.h)
+//
+// writes OUT.q (pyadaq_kvt_quantize_block), OUT.deq (pyadaq_kvt_dequant2) and OUT.lev (float32
+// levels without the scale, pyadaq_kvt_unscaled: flash attention's K.Q and V operands) for a
+// whole number of 64-value blocks.
 // Compile with -ffp-contract=off, as the reference is.
 
 #include "pyadaq-kvq-block.h"
+#include "pyadaq-kvt-block.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -56,9 +63,41 @@ static int run(const std::vector<float> & x, const std::string & out) {
     return 0;
 }
 
+template <int ID>
+static int run_kvt(const std::vector<float> & x, const std::string & out) {
+    typedef typename pyadaq_kvt_block<ID>::type block_t;
+    const size_t nb = x.size() / PYADAQ_KVT_QK;
+    std::vector<block_t> q(nb);
+    std::vector<float> deq(x.size());
+    std::vector<float> lev(x.size());
+    for (size_t b = 0; b < nb; ++b) {
+        pyadaq_kvt_quantize_block<ID>(x.data() + b * PYADAQ_KVT_QK, &q[b]);
+        for (int j = 0; j < PYADAQ_KVT_QK; j += 2) {
+            pyadaq_kvt_dequant2<ID>(&q[b], j, &deq[b * PYADAQ_KVT_QK + j], &deq[b * PYADAQ_KVT_QK + j + 1]);
+        }
+        for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+            lev[b * PYADAQ_KVT_QK + j] = pyadaq_kvt_unscaled<ID>(&q[b], j);
+        }
+    }
+    if (!write_all((out + ".q").c_str(), q) || !write_all((out + ".deq").c_str(), deq) ||
+        !write_all((out + ".lev").c_str(), lev)) {
+        std::fprintf(stderr, "cannot write %s.*\n", out.c_str());
+        return 1;
+    }
+    return 0;
+}
+
+static bool is_kvt(int id) {
+#define PYADAQ_KVT_IS(UPPER, lower, tid, ...) if (id == (tid)) return true;
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_IS)
+#undef PYADAQ_KVT_IS
+    return false;
+}
+
 int main(int argc, char ** argv) {
-    if (argc != 4 || (std::atoi(argv[1]) != 2 && std::atoi(argv[1]) != 3)) {
-        std::fprintf(stderr, "usage: %s 2|3 IN.f32 OUT\n", argv[0]);
+    const int mode = argc == 4 ? std::atoi(argv[1]) : 0;
+    if (mode != 2 && mode != 3 && !is_kvt(mode)) {
+        std::fprintf(stderr, "usage: %s 2|3|KVT_TYPE_ID IN.f32 OUT\n", argv[0]);
         return 2;
     }
     FILE * f = std::fopen(argv[2], "rb");
@@ -73,6 +112,15 @@ int main(int argc, char ** argv) {
         x.insert(x.end(), buf, buf + n);
     }
     std::fclose(f);
+    if (is_kvt(mode)) {
+        if (x.size() % PYADAQ_KVT_QK != 0) {
+            std::fprintf(stderr, "%zu values: not a whole number of %d-value blocks\n", x.size(), PYADAQ_KVT_QK);
+            return 1;
+        }
+#define PYADAQ_KVT_RUN(UPPER, lower, tid, ...) if (mode == (tid)) return run_kvt<tid>(x, argv[3]);
+        PYADAQ_KVT_TYPES(PYADAQ_KVT_RUN)
+#undef PYADAQ_KVT_RUN
+    }
     if (x.size() % PYADAQ_KVQ_QK != 0) {
         std::fprintf(stderr, "%zu values: not a whole number of %d-value blocks\n", x.size(), PYADAQ_KVQ_QK);
         return 1;
