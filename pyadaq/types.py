@@ -23,10 +23,17 @@ PYADAQ_RESEARCH_TYPES = {
     "kvq3_u32m": 113, "kvq3_u32": 114, "kvq3_n64": 115,
 }
 # Types whose cache writes and flash attention run on CUDA (f32 converts to f16 there); every
-# K/V pair among CUDA_FA_PAIR_TYPES has a compiled vector kernel, bf16 only with itself
-# (native/cmake/pyadaq_cuda.cmake, docs/CUDA.md).
-CUDA_CACHE_TYPES = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "kvq2", "kvq3"})
+# K/V pair among CUDA_FA_PAIR_TYPES has a compiled vector kernel, bf16 only with itself, and so
+# have the pairs of CUDA_KVT_FA_PAIRS: the keys' transform-coded profiles with the common values,
+# and the common keys with the values' profiles (native/cmake/pyadaq_cuda_pairs.cmake,
+# docs/CUDA.md).
 CUDA_FA_PAIR_TYPES = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "kvq2", "kvq3")
+CUDA_KVT_FA_PAIRS = tuple(
+    [f"{k}-{v}" for k in ("kvt2s", "kvt3s", "kvt4s")
+     for v in ("f16", "q8_0", "q4_0", "kvq2", "kvq3", "kvt2", "kvt3", "kvt4")]
+    + [f"{k}-{v}" for k in ("f16", "q8_0", "q4_0") for v in ("kvt2", "kvt3", "kvt4")])
+CUDA_CACHE_TYPES = frozenset({"f32", "bf16", *CUDA_FA_PAIR_TYPES,
+                              *(t for p in CUDA_KVT_FA_PAIRS for t in p.split("-"))})
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """The CUDA kernels' block arithmetic against the scalar reference, on any machine.
-
 native/cuda/pyadaq-kvq-block.h holds every computation the CUDA backend does on a kvq2/kvq3
-block (native/cuda/pyadaq-kvt-block.h on a kvt block, checked the same way at the end): the quantizer of SET_ROWS and CPY, the two-value dequantization of GET_ROWS, CPY and
-the f16 conversion used by prompt-processing flash attention, and the packed int8 levels that
-the flash-attention vector kernel feeds to dp4a (K) and multiplies by the scale (V). The same
-header is compiled for the host (native/cuda/kvq-block-check.cpp); this test runs that build
-on the bit-exactness cases of test_kernels.py and requires the reference's exact bytes and
-floats. What it cannot check without a GPU (the kernels' indexing, the device intrinsics, the
-denormal flushing of -use_fast_math) is checked by scripts/gpu-check.sh with test-backend-ops.
+block (native/cuda/pyadaq-kvt-block.h on a kvt block, checked the same way at the end): the
+quantizer of SET_ROWS and CPY, the two-value dequantization of GET_ROWS, CPY and the f16
+conversion used by prompt-processing flash attention, and the packed int8 levels that the flash-
+attention vector kernel feeds to dp4a (K) and multiplies by the scale (V). The same header is
+compiled for the host (native/cuda/kvq-block-check.cpp); this test runs that build on the bit-
+exactness cases of test_kernels.py and requires the reference's exact bytes and floats. What it
+cannot check without a GPU (the kernels' indexing, the device intrinsics, the denormal flushing
+of -use_fast_math) is checked by scripts/gpu-check.sh with test-backend-ops.
 """
 
 from __future__ import annotations

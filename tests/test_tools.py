@@ -314,17 +314,20 @@ def cuda_pairs_from_cmake(*defines: str) -> dict[str, list[str]]:
 
 def test_cuda_tables_are_the_builds():
     """pyadaq.types' CUDA tables are what a CUDA build compiles: CUDA_FA_PAIR_TYPES is the
-    build's PYADAQ_CUDA_FA_TYPES, every pair among them has a compiled vector kernel (the list
+    build's PYADAQ_CUDA_FA_TYPES, every pair among them and every pair of CUDA_KVT_FA_PAIRS
+    (and no other with a kvt type) has a compiled vector kernel (the list
     libllama's offload check gets), and CUDA_CACHE_TYPES is the types of the compiled pairs
     plus f32 (which CUDA converts to f16). This build has no CUDA, so the list comes from the
     build's own CMake code, run as a script."""
-    from pyadaq.types import CUDA_CACHE_TYPES, CUDA_FA_PAIR_TYPES
+    from pyadaq.types import CUDA_CACHE_TYPES, CUDA_FA_PAIR_TYPES, CUDA_KVT_FA_PAIRS
 
     cm = cuda_pairs_from_cmake()
     assert tuple(cm["fa_types"]) == CUDA_FA_PAIR_TYPES
     compiled = set(cm["compiled"])
-    assert len(compiled) == len(cm["compiled"]) == 65  # docs/CUDA.md: 37 upstream + 28 with kvq2/kvq3
+    # docs/CUDA.md: 37 upstream + 28 with kvq2/kvq3 + 33 with a kvt type
+    assert len(compiled) == len(cm["compiled"]) == 98
     assert {f"{k}-{v}" for k in CUDA_FA_PAIR_TYPES for v in CUDA_FA_PAIR_TYPES} <= compiled
+    assert {p for p in compiled if "kvt" in p} == set(CUDA_KVT_FA_PAIRS)
     in_pairs = {t for pair in compiled for t in pair.split("-")}
     assert in_pairs | {"f32"} == CUDA_CACHE_TYPES
     assert {p for p in compiled if "bf16" in p} == {"bf16-bf16"}  # bf16 only with itself
@@ -337,7 +340,8 @@ def test_cuda_tables_are_the_builds():
 def test_cuda_pairs_follow_the_build_options():
     """The list follows GGML_CUDA_FA_QUANTS and PYADAQ_CUDA_FA_TYPES as a build would."""
     assert "q4_0-bf16" in cuda_pairs_from_cmake("GGML_CUDA_FA_QUANTS=all")["compiled"]
-    small = cuda_pairs_from_cmake("GGML_CUDA_FA_QUANTS=q8_0-q8_0", "PYADAQ_CUDA_FA_TYPES=f16;kvq2")
+    small = cuda_pairs_from_cmake("GGML_CUDA_FA_QUANTS=q8_0-q8_0", "PYADAQ_CUDA_FA_TYPES=f16;kvq2",
+                                  "PYADAQ_CUDA_KVT=OFF")
     assert small["fa_types"] == ["f16", "kvq2"]
     assert sorted(small["compiled"]) == ["f16-f16", "f16-kvq2", "kvq2-f16", "kvq2-kvq2", "q8_0-q8_0"]
 

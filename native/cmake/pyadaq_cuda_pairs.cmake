@@ -8,6 +8,11 @@
 #   PYADAQ_CUDA_FA_HEAD_SIZES       the head sizes each pair is compiled for
 #   PYADAQ_CUDA_UPSTREAM_PAIRS      every "k-v" pair of PYADAQ_CUDA_FA_TYPES without a kvq type
 #   PYADAQ_CUDA_KVQ_PAIRS           every "k-v" pair with a kvq type
+#   PYADAQ_CUDA_KVT_PAIRS           the pairs with a transform-coded type: the keys' profiles
+#                                   (kvt2s, kvt3s, kvt4s) with every V of PYADAQ_CUDA_KVT_V, and
+#                                   the keys of PYADAQ_CUDA_KVT_K with the values' profiles
+#                                   (kvt2, kvt3, kvt4); instance files like the kvq pairs'
+#                                   (none with -DPYADAQ_CUDA_KVT=OFF)
 #   PYADAQ_CUDA_FA_QUANTS_DEFAULT   what pyadaq sets upstream's GGML_CUDA_FA_QUANTS to: the
 #                                   upstream pairs plus upstream's default bf16-bf16
 # and defines pyadaq_cuda_compiled_pairs(<out> <GGML_CUDA_FA_QUANTS>): every pair with a
@@ -31,6 +36,27 @@ else()
 endif()
 set(PYADAQ_CUDA_FA_HEAD_SIZES 64 128 256)
 set(PYADAQ_CUDA_KVQ_TYPES kvq2 kvq3)
+set(PYADAQ_CUDA_KVT_V f16 q8_0 q4_0 kvq2 kvq3 kvt2 kvt3 kvt4)
+set(PYADAQ_CUDA_KVT_K f16 q8_0 q4_0)
+if(NOT CMAKE_SCRIPT_MODE_FILE)
+    option(PYADAQ_CUDA_KVT "pyadaq: compile CUDA flash-attention vector kernels for the kvt pairs" ON)
+elseif(NOT DEFINED PYADAQ_CUDA_KVT)
+    set(PYADAQ_CUDA_KVT ON)
+endif()
+set(PYADAQ_CUDA_KVT_PAIRS "")
+foreach(_k kvt2s kvt3s kvt4s)
+    foreach(_v IN LISTS PYADAQ_CUDA_KVT_V)
+        list(APPEND PYADAQ_CUDA_KVT_PAIRS "${_k}-${_v}")
+    endforeach()
+endforeach()
+foreach(_k IN LISTS PYADAQ_CUDA_KVT_K)
+    foreach(_v kvt2 kvt3 kvt4)
+        list(APPEND PYADAQ_CUDA_KVT_PAIRS "${_k}-${_v}")
+    endforeach()
+endforeach()
+if(NOT PYADAQ_CUDA_KVT)
+    set(PYADAQ_CUDA_KVT_PAIRS "")
+endif()
 
 set(PYADAQ_CUDA_UPSTREAM_PAIRS "")
 set(PYADAQ_CUDA_KVQ_PAIRS "")
@@ -46,7 +72,7 @@ endforeach()
 set(PYADAQ_CUDA_FA_QUANTS_DEFAULT "${PYADAQ_CUDA_UPSTREAM_PAIRS};bf16-bf16")
 
 # Upstream compiles the pairs of GGML_CUDA_FA_QUANTS ("all": every pair of its quantized types,
-# bf16 and f16) and always f16-f16; pyadaq adds its kvq pairs.
+# bf16 and f16) and always f16-f16; pyadaq adds its kvq and kvt pairs.
 function(pyadaq_cuda_compiled_pairs out quants)
     set(_compiled "")
     foreach(_pair IN LISTS quants)
@@ -61,7 +87,7 @@ function(pyadaq_cuda_compiled_pairs out quants)
             list(APPEND _compiled "${_pair}")
         endif()
     endforeach()
-    list(APPEND _compiled ${PYADAQ_CUDA_KVQ_PAIRS} "f16-f16")
+    list(APPEND _compiled ${PYADAQ_CUDA_KVQ_PAIRS} ${PYADAQ_CUDA_KVT_PAIRS} "f16-f16")
     list(REMOVE_DUPLICATES _compiled)
     set(${out} "${_compiled}" PARENT_SCOPE)
 endfunction()

@@ -1,6 +1,6 @@
-// CPY between f32 and pyadaq's kvq types on CUDA: llama.cpp's K-shift (dequantize, rotate,
-// quantize again) and ggml_cpy/ggml_cast in general. One thread per block of 32 values; any
-// strides, like upstream's cpy kernels for q4_0 and friends.
+// CPY between f32 and pyadaq's kvq and kvt types on CUDA: llama.cpp's K-shift (dequantize,
+// rotate, quantize again) and ggml_cpy/ggml_cast in general. One thread per block (32 values for
+// kvq, 64 for kvt); any strides, like upstream's cpy kernels for q4_0 and friends.
 
 #include "pyadaq-cuda.cuh"
 
@@ -58,18 +58,53 @@ static __global__ void pyadaq_cpy_kvq(const char * __restrict__ cx, char * __res
     }
 }
 
+// The same for a transform-coded type (blocks of 64).
+template <int ID, bool QUANTIZE>
+static __global__ void pyadaq_cpy_kvt(const char * __restrict__ cx, char * __restrict__ cdst, const pyadaq_cpy_shape s) {
+    typedef typename pyadaq_kvt_block<ID>::type block_t;
+    const int64_t i = ((int64_t) blockDim.x * blockIdx.x + threadIdx.x) * PYADAQ_KVT_QK;
+    if (i >= s.ne) {
+        return;
+    }
+    int64_t i00, i01, i02, i03, i10, i11, i12, i13;
+    pyadaq_unravel(i, s.ne00, s.ne01, s.ne02, i00, i01, i02, i03);
+    pyadaq_unravel(i, s.ne10, s.ne11, s.ne12, i10, i11, i12, i13);
+    const char * src = cx + (QUANTIZE ? i00 : i00 / PYADAQ_KVT_QK) * s.nb00 + i01 * s.nb01 + i02 * s.nb02 + i03 * s.nb03;
+    char * dst = cdst + (QUANTIZE ? i10 / PYADAQ_KVT_QK : i10) * s.nb10 + i11 * s.nb11 + i12 * s.nb12 + i13 * s.nb13;
+
+    if constexpr (QUANTIZE) {
+        float x[PYADAQ_KVT_QK];
+        for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+            x[j] = *(const float *) (src + j * s.nb00);
+        }
+        pyadaq_kvt_quantize_block<ID>(x, (block_t *) dst);
+    } else {
+        for (int j = 0; j < PYADAQ_KVT_QK; j += 2) {
+            float v0, v1;
+            pyadaq_kvt_dequant2<ID>((const block_t *) src, j, &v0, &v1);
+            *(float *) (dst + (j + 0) * s.nb10) = v0;
+            *(float *) (dst + (j + 1) * s.nb10) = v1;
+        }
+    }
+}
+
+static int64_t pyadaq_cuda_block_size(ggml_type t) {
+    return pyadaq_cuda_is_kvt(t) ? PYADAQ_KVT_QK : PYADAQ_KVQ_QK;
+}
+
 bool pyadaq_cuda_cpy_supported(const ggml_tensor * src0, const ggml_tensor * src1) {
     const ggml_type a = src0->type;
     const ggml_type b = src1->type;
-    if (!((a == GGML_TYPE_F32 && pyadaq_cuda_is_kvq(b)) || (pyadaq_cuda_is_kvq(a) && b == GGML_TYPE_F32))) {
+    if (!((a == GGML_TYPE_F32 && pyadaq_cuda_is_pyadaq(b)) || (pyadaq_cuda_is_pyadaq(a) && b == GGML_TYPE_F32))) {
         return false;
     }
-    // one thread per block: a block of 32 values never straddles a row on either side
-    return src0->ne[0] % PYADAQ_KVQ_QK == 0 && src1->ne[0] % PYADAQ_KVQ_QK == 0;
+    // one thread per block: a block never straddles a row on either side
+    const int64_t qk = pyadaq_cuda_block_size(a == GGML_TYPE_F32 ? b : a);
+    return src0->ne[0] % qk == 0 && src1->ne[0] % qk == 0;
 }
 
 bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t stream) {
-    if (!pyadaq_cuda_is_kvq(src0->type) && !pyadaq_cuda_is_kvq(src1->type)) {
+    if (!pyadaq_cuda_is_pyadaq(src0->type) && !pyadaq_cuda_is_pyadaq(src1->type)) {
         return false;
     }
     GGML_ASSERT(pyadaq_cuda_cpy_supported(src0, src1)); // supports_op said so
@@ -83,16 +118,24 @@ bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t 
         src1->ne[0], src1->ne[1], src1->ne[2],
         (int64_t) src1->nb[0], (int64_t) src1->nb[1], (int64_t) src1->nb[2], (int64_t) src1->nb[3],
     };
-    const int64_t n_blocks = ne / PYADAQ_KVQ_QK;
+    const bool quantize = src0->type == GGML_TYPE_F32;
+    const ggml_type t = quantize ? src1->type : src0->type;
+    const int64_t n_blocks = ne / pyadaq_cuda_block_size(t);
     const int64_t grid = (n_blocks + PYADAQ_CPY_BLOCK_SIZE - 1) / PYADAQ_CPY_BLOCK_SIZE;
     GGML_ASSERT(grid <= INT_MAX);
 
     const char * x = (const char *) src0->data;
     char * y = (char *) src1->data;
-    const bool quantize = src0->type == GGML_TYPE_F32;
-    const bool kvq2 = (quantize ? src1->type : src0->type) == GGML_TYPE_KVQ2;
-    auto kernel = quantize ? (kvq2 ? pyadaq_cpy_kvq<2, true> : pyadaq_cpy_kvq<3, true>)
-                           : (kvq2 ? pyadaq_cpy_kvq<2, false> : pyadaq_cpy_kvq<3, false>);
+    void (*kernel)(const char *, char *, const pyadaq_cpy_shape) = nullptr;
+    switch (t) {
+        case GGML_TYPE_KVQ2: kernel = quantize ? pyadaq_cpy_kvq<2, true> : pyadaq_cpy_kvq<2, false>; break;
+        case GGML_TYPE_KVQ3: kernel = quantize ? pyadaq_cpy_kvq<3, true> : pyadaq_cpy_kvq<3, false>; break;
+#define PYADAQ_CPY_KVT_CASE(UPPER, lower, id, ...) \
+        case GGML_TYPE_##UPPER: kernel = quantize ? pyadaq_cpy_kvt<id, true> : pyadaq_cpy_kvt<id, false>; break;
+        PYADAQ_KVT_TYPES(PYADAQ_CPY_KVT_CASE)
+#undef PYADAQ_CPY_KVT_CASE
+        default: GGML_ABORT("pyadaq_cuda_cpy: not a pyadaq type");
+    }
     kernel<<<grid, PYADAQ_CPY_BLOCK_SIZE, 0, stream>>>(x, y, s);
     CUDA_CHECK(cudaGetLastError());
     return true;

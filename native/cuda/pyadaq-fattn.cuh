@@ -1,5 +1,5 @@
-// pyadaq's kvq types in the CUDA flash-attention vector kernel: the K.Q dot product and the V
-// dequantization. Included by fattn-common.cuh (patch 0007) after its vec_dot_KQ_t and
+// pyadaq's kvq and kvt types in the CUDA flash-attention vector kernel: the K.Q dot product and
+// the V dequantization. Included by fattn-common.cuh (patch 0007) after its vec_dot_KQ_t and
 // dequantize_V_t typedefs, next to upstream's functions of the same shape.
 
 #pragma once
@@ -74,12 +74,91 @@ static __device__ __forceinline__ void pyadaq_dequantize_V_kvq(const void * __re
     }
 }
 
+// K.Q for one K row of a transform-coded type: the float levels of each thread's 4 K values times
+// the int8 of Q, then the scales of both (a kvt block of 64 spans two q8_1 blocks of Q; each
+// thread's Q_ds is that of the Q block holding its 4 values).
+template <int D, int nthreads, int ID>
+static __device__ __forceinline__ float pyadaq_vec_dot_fattn_vec_KQ_kvt(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+
+    typedef typename pyadaq_kvt_block<ID>::type block_t;
+    const block_t * K = (const block_t *) K_c;
+    GGML_UNUSED(Q_v);
+    static_assert(D % PYADAQ_KVT_QK == 0, "head size must be a multiple of the kvt block");
+    constexpr int ints_per_block = PYADAQ_KVT_QK / (int) sizeof(int);
+
+    float sum = 0.0f;
+
+#pragma unroll
+    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
+        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
+
+        const int ib = k_KQ / ints_per_block;
+        const int j0 = 4 * (k_KQ % ints_per_block);
+
+        const int q = Q_q8[k_KQ_0/nthreads];
+        const int8_t * q8 = (const int8_t *) &q;
+        float s = 0.0f;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            s += pyadaq_kvt_unscaled<ID>(K + ib, j0 + l) * (float) q8[l];
+        }
+
+        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
+        sum += pyadaq_f16_to_f32(K[ib].d) * Q_ds.x * s;
+    }
+
+    return sum;
+}
+
+// ne values of one V row of a transform-coded type starting at i0 (ne = 2 or 4, i0 % ne == 0:
+// one group of 8), as half or float: d * level as the reference computes it, 0 for a width of 0.
+template <typename T, int ne, int ID>
+static __device__ __forceinline__ void pyadaq_dequantize_V_kvt(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    typedef typename pyadaq_kvt_block<ID>::type block_t;
+    const block_t * x = (const block_t *) vx;
+    static_assert(ne == 2 || ne == 4, "bad ne");
+
+    const int64_t ib = i0 / PYADAQ_KVT_QK;
+    const int     j0 = i0 % PYADAQ_KVT_QK;
+
+    float v[ne];
+#pragma unroll
+    for (int l = 0; l < ne; l += 2) {
+        pyadaq_kvt_dequant2<ID>(x + ib, j0 + l, &v[l], &v[l + 1]);
+    }
+#ifdef FP16_AVAILABLE
+    if constexpr (std::is_same_v<T, half>) {
+#pragma unroll
+        for (int l0 = 0; l0 < ne; l0 += 2) {
+            ((half2 *) dst)[l0/2] = make_half2(__float2half(v[l0 + 0]), __float2half(v[l0 + 1]));
+        }
+    } else
+#endif // FP16_AVAILABLE
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+        for (int l = 0; l < ne; ++l) {
+            ((float *) dst)[l] = v[l];
+        }
+    } else {
+        static_assert(std::is_same_v<T, void>, "bad type");
+    }
+}
+
 // Branches for fattn-common.cuh's get_vec_dot_KQ / get_dequantize_V.
 template <ggml_type type_K, int D, int nthreads>
 constexpr __device__ vec_dot_KQ_t pyadaq_get_vec_dot_KQ() {
-    return pyadaq_vec_dot_fattn_vec_KQ_kvq<D, nthreads, pyadaq_cuda_kvq_bits(type_K)>;
+    if constexpr (pyadaq_cuda_is_kvt(type_K)) {
+        return pyadaq_vec_dot_fattn_vec_KQ_kvt<D, nthreads, (int) type_K>;
+    } else {
+        return pyadaq_vec_dot_fattn_vec_KQ_kvq<D, nthreads, pyadaq_cuda_kvq_bits(type_K)>;
+    }
 }
 template <ggml_type type_V, typename T, int ne>
 constexpr __device__ dequantize_V_t pyadaq_get_dequantize_V() {
-    return pyadaq_dequantize_V_kvq<T, ne, pyadaq_cuda_kvq_bits(type_V)>;
+    if constexpr (pyadaq_cuda_is_kvt(type_V)) {
+        return pyadaq_dequantize_V_kvt<T, ne, (int) type_V>;
+    } else {
+        return pyadaq_dequantize_V_kvq<T, ne, pyadaq_cuda_kvq_bits(type_V)>;
+    }
 }

@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pyadaq.types import CUDA_FA_PAIR_TYPES, cache_types
+    from pyadaq.types import CUDA_FA_PAIR_TYPES, CUDA_KVT_FA_PAIRS, cache_types
 
     import llama_cpp
 
@@ -21,6 +21,8 @@ def run(args) -> int:
     gpu = "This build has a GPU backend" if llama_cpp.llama_supports_gpu_offload() else \
         "This build is CPU-only (CUDA: `make install CMAKE_ARGS=-DGGML_CUDA=ON`)"
     print(f"\nCUDA: the cache's writes and flash attention run on an NVIDIA GPU; every K/V pair among "
-          f"{', '.join(CUDA_FA_PAIR_TYPES)} has a compiled generation kernel. Other types keep a GPU "
+          f"{', '.join(CUDA_FA_PAIR_TYPES)} has a compiled generation kernel, and so have "
+          f"{len(CUDA_KVT_FA_PAIRS)} pairs with a kvt type (keys kvt2s/kvt3s/kvt4s with values f16, q8_0, q4_0, "
+          f"kvq2, kvq3, kvt2-4; keys f16, q8_0, q4_0 with values kvt2-4). Other types keep a GPU "
           f"model's cache in CPU memory (offload_kqv=False). {gpu}.")
     return 0
