@@ -1,4 +1,5 @@
 """The CUDA kernels' block arithmetic against the scalar reference, on any machine.
+
 native/cuda/pyadaq-kvq-block.h holds every computation the CUDA backend does on a kvq2/kvq3
 block (native/cuda/pyadaq-kvt-block.h on a kvt block, checked the same way at the end): the
 quantizer of SET_ROWS and CPY, the two-value dequantization of GET_ROWS, CPY and the f16
