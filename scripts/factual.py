@@ -1,5 +1,6 @@
-"""Answers people see: 30 short factual questions answered greedily through the chat template,
-with an f16 cache and with each K:V config, and how many answers match f16's.
+"""Answers people see: 30 short factual questions answered greedily in the plain "User: /
+Assistant:" transcript of `pyadaq chat` (for models without a chat template, like the embedded
+one), with an f16 cache and with each K:V config, and how many answers match f16's.
 
     python scripts/factual.py [--model M] [--configs q8_0:kvq2,kvt4s:kvq2+cal] [--json OUT]
 
@@ -70,8 +71,10 @@ def answers(model: str, cfg, calibration, max_tokens: int) -> list[str]:
     try:
         out = []
         for q, _ in QUESTIONS:
-            r = llm.create_chat_completion([{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0.0)
-            out.append(r["choices"][0]["message"]["content"].strip())
+            # the transcript `pyadaq chat` gives a model without a chat template (the embedded one)
+            r = llm(f"User: {q}\nAssistant:", max_tokens=max_tokens, temperature=0.0,
+                    stop=["\nUser:", "User:", "\nAssistant:"])
+            out.append(r["choices"][0]["text"].strip())
             llm.reset()
         return out
     finally:
