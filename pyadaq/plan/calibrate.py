@@ -252,9 +252,7 @@ def plan_for_budget(model_path: str | Path, budget: float, *, types: Sequence[st
         from pyadaq.plan.spectra import predicted_errors
 
         errors_k, errors_v = predicted_errors(cal, types)
-        return plan_budget(info, info.sha256, [1.0] * info.n_layer, [1.0] * info.n_layer, budget, types=types,
-                           method=method, errors_k=errors_k, errors_v=errors_v,
-                           sensitivity_source="calibration-spectra", notes=notes)
+        return _plan(info, budget, types, method, errors_k, errors_v, None, None, "calibration-spectra", notes)
     if source_result is None:
         if source == "kl":
             source_result = calibrate(model_path, types, text, n_ctx, n_chunks, n_threads, progress, use_cache,
@@ -271,14 +269,19 @@ def plan_for_budget(model_path: str | Path, budget: float, *, types: Sequence[st
             + ": measure them again for these contexts")
     errors_k, errors_v = errors_from(source_result, types)
     if errors_k is not None:
-        n = len(errors_k)
+        return _plan(info, budget, types, method, errors_k, errors_v, None, None, "calibrated-kl", notes)
+    sk, sv = norm_sensitivities(source_result)
+    return _plan(info, budget, types, method, None, None, sk, sv, "activation-norm", notes)
+
+
+def _plan(info, budget, types, method, errors_k, errors_v, sk, sv, label: str, notes: dict):
+    """plan_budget with per-item errors (errors_k/v, [n_layer, n_types]) or per-layer
+    sensitivities (sk/sv), after checking that they cover the model's layers."""
+    n = len(errors_k) if errors_k is not None else len(sk)
+    if n != info.n_layer:
+        raise ValueError(f"the sensitivities cover {n} layers, the model has {info.n_layer}")
+    if errors_k is not None:
         sk = sv = [1.0] * n
-        label = "calibrated-kl"
-    else:
-        sk, sv = norm_sensitivities(source_result)
-        label = "activation-norm"
-    if len(sk) != info.n_layer:
-        raise ValueError(f"the sensitivities cover {len(sk)} layers, the model has {info.n_layer}")
     return plan_budget(info, info.sha256, sk, sv, budget, types=types, method=method,
                        errors_k=errors_k, errors_v=errors_v, sensitivity_source=label, notes=notes)
 
