@@ -15,11 +15,11 @@ differs by more than --ppl-tol (relative, default 0.5 %) or a mean KL divergence
 than --kl-tol (relative, default 5 %; differences below --kl-abs-tol count as equal, since a
 KL near zero, as for f16:f16, is only the rounding noise of the stored 16-bit reference).
 
-llama-perplexity is built from the same pinned, patched source as pyadaq's libraries:
+llama-perplexity is built from the same pinned, patched source as pyadaq's libraries and
+installed with the package (pyadaq/bin, `pyadaq tool llama-perplexity`), which is the one used
+unless --llama-perplexity names another (for example one in a CMake build tree's bin/):
 
-    cmake -S . -B build/tools -G Ninja -DCMAKE_BUILD_TYPE=Release -DPYADAQ_BUILD_TOOLS=ON
-    ninja -C build/tools llama-perplexity
-    python scripts/crosscheck_perplexity.py --llama-perplexity build/tools/bin/llama-perplexity
+    python scripts/crosscheck_perplexity.py
 
 Settings that llama-perplexity would otherwise choose differently from pyadaq are passed
 explicitly: -b N_CTX -ub min(N_CTX, 512) (one sequence per batch, as pyadaq; the default
@@ -73,22 +73,31 @@ def tool_env(binary: Path) -> dict:
     for k in list(env):
         if k.startswith("LLAMA_ARG_"):  # common's environment overrides of command-line options
             del env[k]
-    # The build tree links with RUNPATH, which LD_LIBRARY_PATH would override: make sure the
-    # libllama built next to the tool is the one it loads.
-    lib_dir = str(binary.resolve().parent)
+    # The tools link with RUNPATH, which LD_LIBRARY_PATH would override: make sure the
+    # libllama built with the tool is the one it loads.
+    lib = _tool_lib(binary)
     old = env.get("LD_LIBRARY_PATH")
-    env["LD_LIBRARY_PATH"] = lib_dir + (os.pathsep + old if old else "")
+    env["LD_LIBRARY_PATH"] = str(lib.parent if lib else binary.resolve().parent) + (os.pathsep + old if old else "")
     return env
 
 
-def tool_build_info(binary: Path) -> str | None:
-    """The pyadaq build string compiled into the libllama next to the tool, if it is found."""
-    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
-        lib = binary.resolve().parent / name
-        if lib.exists():
-            m = _RE_BUILD.search(lib.read_bytes())
-            return m.group(0).decode(errors="replace") if m else None
+def _tool_lib(binary: Path) -> Path | None:
+    """The libllama built with the tool: beside it (a build tree's bin/) or in ../lib (pyadaq/bin)."""
+    here = binary.resolve().parent
+    for d in (here, here.parent / "lib"):
+        for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+            if (d / name).exists():
+                return d / name
     return None
+
+
+def tool_build_info(binary: Path) -> str | None:
+    """The pyadaq build string compiled into the tool's libllama, if it is found."""
+    lib = _tool_lib(binary)
+    if lib is None:
+        return None
+    m = _RE_BUILD.search(lib.read_bytes())
+    return m.group(0).decode(errors="replace") if m else None
 
 
 def _patchset(info: str | None) -> str | None:
@@ -160,7 +169,8 @@ def rel_diff(a: float, b: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-perplexity", required=True, type=Path, help="the llama-perplexity binary")
+    ap.add_argument("--llama-perplexity", type=Path,
+                    help="the llama-perplexity binary (default: the one installed with pyadaq)")
     ap.add_argument("--model", help="GGUF model (default: pyadaq's embedded Gemma 3 270M)")
     ap.add_argument("--ctx", type=int, default=512, help="context size = chunk length (default 512)")
     ap.add_argument("--chunks", type=int, default=4, help="number of chunks (default 4)")
@@ -182,9 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     binary = args.llama_perplexity
+    if binary is None:
+        from pyadaq.tools import ToolNotBuiltError, tool_path
+
+        try:
+            binary = tool_path("llama-perplexity")
+        except ToolNotBuiltError as e:
+            ap.error(str(e))
     if not (binary.is_file() and os.access(binary, os.X_OK)):
-        ap.error(f"{binary} is not an executable file (build it: cmake -DPYADAQ_BUILD_TOOLS=ON, "
-                 "ninja llama-perplexity)")
+        ap.error(f"{binary} is not an executable file")
     if args.ctx < 4 or args.chunks < 1:
         ap.error("--ctx must be at least 4 and --chunks at least 1")
     scored = args.chunks * (args.ctx - 1 - args.ctx // 2)
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     elif _patchset(tool_info) != _patchset(py_info):
         msg = f"llama-perplexity's libllama is '{tool_info}', pyadaq's is '{py_info}'"
         if not args.allow_build_mismatch:
-            print(f"error: {msg}: rebuild build/tools (or pass --allow-build-mismatch)", file=sys.stderr)
+            print(f"error: {msg}: rebuild it (or pass --allow-build-mismatch)", file=sys.stderr)
             return 2
         print(f"warning: {msg}", file=sys.stderr)
 

@@ -7,7 +7,7 @@
 # Steps (each can be rerun alone; they share build/gpu and the output folder):
 #   build   cmake + ninja: pyadaq's libraries with -DGGML_CUDA=ON for this machine's GPU
 #           (CMAKE_CUDA_ARCHITECTURES=native unless CUDA_ARCH is set), plus llama-perplexity and
-#           test-backend-ops (PYADAQ_BUILD_TOOLS=ON). Records the build time and the number of
+#           test-backend-ops (PYADAQ_TEST_BACKEND_OPS=ON; the tools are built by default). Records the build time and the number of
 #           flash-attention vector-kernel instances (build.json). A step cut off by a time limit
 #           continues where ninja stopped (build.json then has the last run's time only).
 #   ops     llama.cpp's test-backend-ops, CUDA0 against the CPU backend: SET_ROWS, GET_ROWS and
@@ -91,7 +91,7 @@ step_build() {
     local arch=${CUDA_ARCH:-native} t0
     t0=$(date +%s)
     cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
-        -DCMAKE_CUDA_ARCHITECTURES="$arch" -DPYADAQ_BUILD_TOOLS=ON | tee "$out/build-configure.log"
+        -DCMAKE_CUDA_ARCHITECTURES="$arch" -DPYADAQ_TEST_BACKEND_OPS=ON | tee "$out/build-configure.log"
     ninja -C "$build" llama ggml ggml-cuda test-backend-ops llama-perplexity 2>&1 | tail -n 20
     local secs=$(( $(date +%s) - t0 ))
     local inst

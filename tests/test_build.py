@@ -75,6 +75,35 @@ def test_patches_apply_once_then_skip(pristine, tmp_path):
     assert "KVQ2" not in (pristine / "ggml" / "include" / "ggml.h").read_text()
 
 
+def test_changed_patch_set_rewrites_only_the_files_that_change(pristine, tmp_path):
+    """A new patch set (here: the stamp names another one) is applied to pristine copies beside
+    the tree; a file whose result is what it already holds keeps its time stamp (so that a build
+    does not recompile everything behind a header), one that differs is rewritten and touched."""
+    import os
+
+    dst = tmp_path / "llama.cpp"
+    assert run_patch(pristine, dst).returncode == 0
+    stamp = dst / ".pyadaq-patchset"
+    lines = stamp.read_text().splitlines()
+    stamp.write_text("\n".join(["0123456789abcdef", *lines[1:]]))
+    header = dst / "ggml" / "include" / "ggml.h"
+    other = dst / _touched_files()[-1]
+    assert other != header
+    old = 1_000_000_000
+    for p in (header, other):
+        os.utime(p, (old, old))
+    expected = other.read_bytes()
+    other.write_bytes(expected + b"// left by an older patch set\n")
+    os.utime(other, (old, old))
+    res = run_patch(pristine, dst)
+    assert res.returncode == 0, res.stderr
+    assert "1 patched file(s) changed" in res.stdout + res.stderr
+    assert header.stat().st_mtime == old and "GGML_TYPE_KVQ2      = 100" in header.read_text()
+    assert other.read_bytes() == expected and other.stat().st_mtime > old
+    assert stamp.read_text().splitlines()[0] == lines[0]
+    assert not (tmp_path / "llama.cpp.pyadaq-staging").exists()
+
+
 def test_patch_that_does_not_apply_stops_the_build(pristine, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(pristine, src)

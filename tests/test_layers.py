@@ -25,6 +25,7 @@ RANKS = {
     "pyadaq.model": 2,
     "pyadaq.report": 2,
     "pyadaq.runtime": 3,
+    "pyadaq.tools": 3,
     "pyadaq.eval": 4,
     "pyadaq.plan": 5,
     "pyadaq.llama": 6,

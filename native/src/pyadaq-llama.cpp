@@ -105,6 +105,60 @@ PYADAQ_API int64_t pyadaq_kv_capture_skipped(const struct pyadaq_kv_capture * ca
 // context has no KV cache pyadaq can read.
 PYADAQ_API int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, char * err, size_t err_size);
 
+// Cache type names for llama.cpp's tools (native/patches/0011: -ctk/-ctv of the common
+// argument parser and of llama-bench). pyadaq_kv_cache_type_from_name() returns the type of one
+// of pyadaq's cache types that runs without a calibration (kvq2, kvq3), or GGML_TYPE_COUNT; for a
+// name of pyadaq's that the tools cannot use (the calibrated kvt types, the research variants) it
+// also sets *why (when why is not null) to a sentence saying so. pyadaq_kv_cache_type_names():
+// the usable names, comma-separated, for the tools' help texts.
+PYADAQ_API enum ggml_type pyadaq_kv_cache_type_from_name(const char * name, const char ** why);
+PYADAQ_API const char * pyadaq_kv_cache_type_names(void);
+
+}
+
+namespace {
+
+// pyadaq's cache types that llama.cpp's tools accept (no calibration needed); the calibrated
+// types are recognized by the "kvt" prefix of their names, the research variants by "_"
+constexpr ggml_type tool_cache_types[] = { GGML_TYPE_KVQ2, GGML_TYPE_KVQ3 };
+
+} // namespace
+
+ggml_type pyadaq_kv_cache_type_from_name(const char * name, const char ** why) {
+    if (why != nullptr) {
+        *why = nullptr;
+    }
+    if (name == nullptr) {
+        return GGML_TYPE_COUNT;
+    }
+    for (ggml_type t : tool_cache_types) {
+        if (strcmp(ggml_type_name(t), name) == 0) {
+            return t;
+        }
+    }
+    for (int t = GGML_TYPE_KVQ2; t < GGML_TYPE_COUNT; ++t) {
+        const char * tn = ggml_type_name((ggml_type) t);
+        if (tn == nullptr || strcmp(tn, name) != 0 || why == nullptr) {
+            continue;
+        }
+        *why = strncmp(name, "kvt", 3) == 0
+            ? "is one of pyadaq's calibrated types: it needs a KV calibration (pyadaq calibrate), which "
+              "llama.cpp's tools cannot load; use it through pyadaq (pyadaq eval/chat/serve --engine python, "
+              "pyadaq.Llama(kv_calibration=...))"
+            : "is a research variant of pyadaq's kvq types, not a cache type for use";
+    }
+    return GGML_TYPE_COUNT;
+}
+
+const char * pyadaq_kv_cache_type_names(void) {
+    static const std::string names = [] {
+        std::string s;
+        for (ggml_type t : tool_cache_types) {
+            s += std::string(s.empty() ? "" : ", ") + ggml_type_name(t);
+        }
+        return s;
+    }();
+    return names.c_str();
 }
 
 int64_t pyadaq_kv_cache_bytes(const struct llama_context * ctx) {

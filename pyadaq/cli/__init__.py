@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         plan_cmd,
         results,
         serve_cmd,
+        tool_cmd,
         types_cmd,
     )
 
     for mod in (analyze_cmd, bench_cmd, cache_cmd, calibrate_cmd, chat_cmd, demo, eval_cmd, formats, plan_cmd,
-                results, serve_cmd, types_cmd):
+                results, serve_cmd, tool_cmd, types_cmd):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
     from pyadaq.runtime.offload import KVOffloadError
