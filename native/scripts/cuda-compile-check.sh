@@ -76,7 +76,7 @@ echo "cuda-compile-check: cuBLAS headers from $cublas_inc"
 start=$(date +%s)
 cmake -S "$here" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_CUDA_COMPILER="$nvcc" \
-    -DPYADAQ_CUDA_COMPILE_ONLY=ON -DPYADAQ_CUBLAS_INCLUDE_DIR="$cublas_inc" >"$build.configure.log" 2>&1 || {
+    -DPYADAQ_CUDA_COMPILE_ONLY=ON -DPYADAQ_TOOLS=OFF -DPYADAQ_CUBLAS_INCLUDE_DIR="$cublas_inc" >"$build.configure.log" 2>&1 || {
     cat "$build.configure.log" >&2
     exit 1
 }
