@@ -94,6 +94,8 @@ int32_t pyadaq_kv_transform_layers(void * ctx);
 int64_t pyadaq_kv_transform_bytes(void * ctx);
 int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
 int32_t pyadaq_kv_offload_check(void * ctx, char * err, size_t err_size);
+int32_t pyadaq_kv_plan_file(const char * path, char * err, size_t err_size);
+void pyadaq_kv_plan_env(int32_t use);
 
 void *  pyadaq_kv_capture_new(void * model);
 void    pyadaq_kv_capture_free(void * cap);
@@ -151,6 +153,10 @@ class Native:
         self.base = self.ffi.dlopen(str(_lib("ggml-base")))
         self.cpu = self.ffi.dlopen(str(_lib("ggml-cpu")))
         self.build_info = self._check_build()
+        # PYADAQ_KV_PLAN is for llama.cpp's tools (and other programs on these libraries); here
+        # plans are given as kv_plan= / --kv-plan and checked in Python, so libllama must not
+        # apply one from the environment to every context behind the caller's back
+        self.llama.pyadaq_kv_plan_env(0)
 
     def _check_build(self) -> dict:
         try:

@@ -82,3 +82,68 @@ def test_cache_type_help_lists_pyadaqs_types():
     r = _run(tool_command("llama-cli", ["--help"]), env=tool_env(), timeout=60)
     text = " ".join((r.stdout + r.stderr).split())  # the help wraps its lines
     assert "allowed values: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, kvq2, kvq3" in text
+
+
+# ------------------------------------------------------------------------------------------
+# per-layer plans: --kv-plan in the common argument parser, PYADAQ_KV_PLAN for every program
+# ------------------------------------------------------------------------------------------
+
+
+def _plan(model, types_k, types_v, path):
+    from pyadaq.model.header import file_sha256, read_model_info
+    from pyadaq.runtime.kvplan import make_plan
+
+    make_plan(read_model_info(model), file_sha256(model), types_k, types_v).save(path)
+    return path
+
+
+def _perplexity(model, tmp_path, *args, env=None):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    # -v: the tools show libllama's own log (the per-layer types, the reasons) only with it
+    return _run(tool_command("llama-perplexity", ["-m", str(model), "-f", str(text), "-c", "64", "--chunks", "2",
+                                                  "-b", "64", "-t", "2", "-fa", "on", "-v", *args]),
+                env=tool_env(env), timeout=300)
+
+
+def test_plan_file_sets_the_types_of_every_layer(tiny_model, tmp_path):
+    model = tiny_model(head_dim=64, n_layer=4)
+    plan = _plan(model, ["q8_0", "kvq3", "q4_0", "f16"], ["kvq2", "q8_0", "kvq3", "kvq2"], tmp_path / "plan.json")
+    want = "per-layer K/V cache types: q8_0/kvq2 kvq3/q8_0 q4_0/kvq3 f16/kvq2"
+    r = _perplexity(model, tmp_path, "--kv-plan", str(plan))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert want in r.stderr and "Final estimate: PPL" in r.stdout + r.stderr
+    # the same through the environment, for programs without the option (llama-bench, others)
+    r = _perplexity(model, tmp_path, env=dict(os.environ, PYADAQ_KV_PLAN=str(plan)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert want in r.stderr
+    # and pyadaq's Python ignores the variable (plans there are kv_plan=)
+    code = ("import pyadaq, sys; llm = pyadaq.Llama(sys.argv[1], n_ctx=64, cache_type_k='q8_0', cache_type_v='q8_0',"
+            " verbose=False); print([t.name for t in sum(llm.context_layer_types(), [])])")
+    r = _run([sys.executable, "-c", code, str(model)], env=dict(os.environ, PYADAQ_KV_PLAN=str(plan)), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kvq" not in r.stdout and "q8_0" in r.stdout
+
+
+def test_bad_plans_are_errors_not_aborts(tiny_model, tmp_path):
+    model = tiny_model(head_dim=64, n_layer=4)
+    other = _plan(tiny_model(head_dim=64, n_layer=2), ["q8_0"] * 2, ["kvq2"] * 2, tmp_path / "other.json")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"version": 1, "types_k": [')
+    kvt = tmp_path / "kvt.json"
+    d = json.loads(_plan(model, ["q8_0"] * 4, ["kvq2"] * 4, tmp_path / "ok.json").read_text())
+    d["types_v"][1] = "kvt2"
+    kvt.write_text(json.dumps(d))
+    cases = [
+        (["--kv-plan", str(other)], None, "was made for a model with 2 layers"),
+        (["--kv-plan", str(corrupt)], None, "is not a plan file: it is not valid JSON"),
+        (["--kv-plan", str(tmp_path / "missing.json")], None, "plan file not found"),
+        (["--kv-plan", str(kvt)], None, "layer 1 of 'types_v': 'kvt2' is one of pyadaq's calibrated types"),
+        ([], str(other), "was made for a model with 2 layers"),
+        ([], str(corrupt), "PYADAQ_KV_PLAN: "),
+    ]
+    for args, env_plan, message in cases:
+        env = dict(os.environ, PYADAQ_KV_PLAN=env_plan) if env_plan else None
+        r = _perplexity(model, tmp_path, *args, env=env)
+        assert r.returncode > 0, (args, env_plan, r.returncode, r.stderr[-2000:])
+        assert message in " ".join(r.stderr.split()), (args, env_plan, r.stderr[-2000:])

@@ -16,12 +16,18 @@
 #include "pyadaq-llama.h"
 #include "pyadaq-quants.h"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -111,6 +117,19 @@ PYADAQ_API int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, cha
 // name of pyadaq's that the tools cannot use (the calibrated kvt types, the research variants) it
 // also sets *why (when why is not null) to a sentence saying so. pyadaq_kv_cache_type_names():
 // the usable names, comma-separated, for the tools' help texts.
+// A plan file (`pyadaq plan --out FILE`) for processes other than pyadaq's Python: llama.cpp's
+// tools (`--kv-plan FILE` in the common argument parser, native/patches/0013) or any program,
+// through the environment variable PYADAQ_KV_PLAN, read at the first context creation. Every
+// context created afterwards without per-layer types of its own (pyadaq_next_context_layer_types)
+// gets the plan's types, once they have been checked against its model as pyadaq's Python checks
+// them (layer count, head sizes, KV head counts, the types' block sizes); a plan that does not fit
+// makes llama_init_from_model() fail with the reason in the log, never abort.
+// pyadaq_kv_plan_file() reads and checks the file now (0, or -1 with the reason in err); a null
+// or empty path clears it. pyadaq_kv_plan_env(0) ignores PYADAQ_KV_PLAN (pyadaq's Python does
+// this: it takes plans as kv_plan=).
+PYADAQ_API int32_t pyadaq_kv_plan_file(const char * path, char * err, size_t err_size);
+PYADAQ_API void pyadaq_kv_plan_env(int32_t use);
+
 PYADAQ_API enum ggml_type pyadaq_kv_cache_type_from_name(const char * name, const char ** why);
 PYADAQ_API const char * pyadaq_kv_cache_type_names(void);
 
@@ -189,9 +208,10 @@ struct layer_types {
 struct context_settings {
     layer_types types;  // empty: the context's uniform types
     int32_t attn_rot[2] = { -1, -1 };  // K, V
+    std::string error;  // a plan file that does not fit the model: the context is refused
 
     bool has_types() const { return !types.k.empty(); }
-    bool empty() const { return !has_types() && attn_rot[0] < 0 && attn_rot[1] < 0; }
+    bool empty() const { return !has_types() && attn_rot[0] < 0 && attn_rot[1] < 0 && error.empty(); }
 };
 
 // filled by pyadaq_next_context_*; taken by the next llama_init_from_model on this thread
@@ -279,6 +299,210 @@ int32_t pyadaq_next_context_layer_types(const struct llama_model * model, int32_
     return 0;
 }
 
+// --- a plan file (llama.cpp's tools, PYADAQ_KV_PLAN) --------------------------------------
+
+namespace {
+
+constexpr int plan_version = 1;  // pyadaq/runtime/kvplan.py PLAN_VERSION
+
+struct file_plan {
+    std::string path;
+    std::string model_name;
+    layer_types types;
+    std::vector<int64_t> head_k, head_v, n_head_kv;
+};
+
+std::mutex g_plan_mutex;
+bool g_plan_env = true;         // read PYADAQ_KV_PLAN at the first context creation
+bool g_plan_set = false;        // pyadaq_kv_plan_file() was called, or the variable was read
+std::shared_ptr<const file_plan> g_plan;
+std::string g_plan_error;       // the file could not be used (every context is refused)
+
+// a cache type by name, for a plan: upstream's and pyadaq's uncalibrated ones
+ggml_type plan_type(const std::string & name, std::string & err) {
+    for (int t = 0; t < GGML_TYPE_KVQ2; ++t) {
+        const char * tn = ggml_type_name((ggml_type) t);
+        if (tn != nullptr && name == tn && is_cache_type(t)) {
+            return (ggml_type) t;
+        }
+    }
+    const char * why = nullptr;
+    const ggml_type t = pyadaq_kv_cache_type_from_name(name.c_str(), &why);
+    if (t == GGML_TYPE_COUNT) {
+        err = "'" + name + "' " + (why != nullptr ? why : "is not a KV cache type");
+    }
+    return t;
+}
+
+bool read_plan(const std::string & path, file_plan & out, std::string & err) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        err = "plan file not found or not readable: " + path;
+        return false;
+    }
+    std::stringstream ss;
+    ss << f.rdbuf();
+    nlohmann::json d;
+    try {
+        d = nlohmann::json::parse(ss.str());
+    } catch (const std::exception & e) {
+        err = path + " is not a plan file: it is not valid JSON (" + e.what() + "); make one with `pyadaq plan`";
+        return false;
+    }
+    const std::string where = path + ": ";
+    if (!d.is_object()) {
+        err = where + "expected a JSON object with the plan's fields";
+        return false;
+    }
+    if (d.contains("version") && d["version"] != plan_version) {
+        err = where + "plan format version " + d["version"].dump() + " is not supported (this build reads version " +
+              std::to_string(plan_version) + "); make the plan again with `pyadaq plan`";
+        return false;
+    }
+    for (const char * key : { "types_k", "types_v", "n_layer", "head_sizes_k", "head_sizes_v", "n_head_kv" }) {
+        if (!d.contains(key)) {
+            err = where + "missing key " + key;
+            return false;
+        }
+    }
+    if (!d["n_layer"].is_number_integer() || d["n_layer"].get<int64_t>() < 1) {
+        err = where + "'n_layer' must be an integer >= 1";
+        return false;
+    }
+    const size_t n_layer = d["n_layer"].get<size_t>();
+    for (const char * key : { "types_k", "types_v", "head_sizes_k", "head_sizes_v", "n_head_kv" }) {
+        if (!d[key].is_array() || d[key].size() != n_layer) {
+            err = where + "'" + key + "' must be a list with one entry per layer (n_layer = " + std::to_string(n_layer) + ")";
+            return false;
+        }
+    }
+    for (size_t il = 0; il < n_layer; ++il) {
+        for (int is_v = 0; is_v < 2; ++is_v) {
+            const auto & name = d[is_v ? "types_v" : "types_k"][il];
+            if (!name.is_string()) {
+                err = where + "'" + (is_v ? "types_v" : "types_k") + "'[" + std::to_string(il) + "] must be a cache type name";
+                return false;
+            }
+            std::string why;
+            const ggml_type t = plan_type(name.get<std::string>(), why);
+            if (t == GGML_TYPE_COUNT) {
+                err = where + "layer " + std::to_string(il) + " of '" + (is_v ? "types_v" : "types_k") + "': " + why;
+                return false;
+            }
+            (is_v ? out.types.v : out.types.k).push_back(t);
+        }
+        const std::pair<const char *, std::vector<int64_t> *> shapes[] = {
+            { "head_sizes_k", &out.head_k }, { "head_sizes_v", &out.head_v }, { "n_head_kv", &out.n_head_kv } };
+        for (const auto & [key, dst] : shapes) {
+            const auto & x = d[key][il];
+            if (!x.is_number_integer() || x.get<int64_t>() < 0) {
+                err = where + "'" + key + "' must hold integers >= 0";
+                return false;
+            }
+            dst->push_back(x.get<int64_t>());
+        }
+    }
+    out.path = path;
+    if (d.contains("model_name") && d["model_name"].is_string()) {
+        out.model_name = d["model_name"].get<std::string>();
+    }
+    return true;
+}
+
+// the same checks as pyadaq/runtime/kvplan.py check_plan(), "" when the plan fits
+std::string plan_mismatch(const file_plan & p, const llama_model & model) {
+    const auto & hp = model.hparams;
+    const std::string made_for = p.model_name.empty() ? "another model" : p.model_name;
+    if (p.types.k.size() != hp.n_layer()) {
+        return p.path + " was made for a model with " + std::to_string(p.types.k.size()) + " layers (" + made_for +
+               "), this model has " + std::to_string(hp.n_layer()) + " layers: make a plan for this model with `pyadaq plan`";
+    }
+    std::vector<std::string> diffs;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        const int64_t ours[3] = { hp.n_embd_head_k(il), hp.n_embd_head_v(il), hp.n_head_kv(il) };
+        const int64_t theirs[3] = { p.head_k[il], p.head_v[il], p.n_head_kv[il] };
+        const char * what[3] = { "K head size", "V head size", "KV head count" };
+        for (int i = 0; i < 3; ++i) {
+            if (ours[i] != theirs[i]) {
+                diffs.push_back("layer " + std::to_string(il) + " " + what[i] + " " + std::to_string(theirs[i]) +
+                                " in the plan, " + std::to_string(ours[i]) + " in this model");
+            }
+        }
+    }
+    if (!diffs.empty()) {
+        std::string msg = p.path + " was made for a model with other layer shapes (" + made_for + ") than this model: ";
+        for (size_t i = 0; i < diffs.size() && i < 3; ++i) {
+            msg += (i ? "; " : "") + diffs[i];
+        }
+        if (diffs.size() > 3) {
+            msg += " (and " + std::to_string(diffs.size() - 3) + " more differences)";
+        }
+        return msg + "; make a plan for this model with `pyadaq plan`";
+    }
+    const std::string why = check_against_model(p.types, model);
+    return why.empty() ? "" : p.path + ": " + why;
+}
+
+// the plan for a context being made (nothing when there is none)
+void plan_for_context(const llama_model & model, context_settings & s) {
+    std::shared_ptr<const file_plan> plan;
+    std::string error;
+    {
+        std::lock_guard<std::mutex> lock(g_plan_mutex);
+        if (!g_plan_set && g_plan_env) {
+            g_plan_set = true;
+            const char * env = getenv("PYADAQ_KV_PLAN");
+            if (env != nullptr && env[0] != '\0') {
+                auto p = std::make_shared<file_plan>();
+                if (read_plan(env, *p, g_plan_error)) {
+                    g_plan = p;
+                } else {
+                    g_plan_error = "PYADAQ_KV_PLAN: " + g_plan_error;
+                }
+            }
+        }
+        plan = g_plan;
+        error = g_plan_error;
+    }
+    if (!error.empty()) {
+        s.error = error;
+        return;
+    }
+    if (plan == nullptr) {
+        return;
+    }
+    s.error = plan_mismatch(*plan, model);
+    if (s.error.empty()) {
+        s.types = plan->types;
+        LLAMA_LOG_INFO("%s: per-layer K/V cache types from %s\n", __func__, plan->path.c_str());
+    }
+}
+
+} // namespace
+
+int32_t pyadaq_kv_plan_file(const char * path, char * err, size_t err_size) {
+    std::lock_guard<std::mutex> lock(g_plan_mutex);
+    g_plan_set = true;
+    g_plan = nullptr;
+    g_plan_error.clear();
+    if (path == nullptr || path[0] == '\0') {
+        return 0;
+    }
+    auto p = std::make_shared<file_plan>();
+    std::string why;
+    if (!read_plan(path, *p, why)) {
+        set_err(err, err_size, why);
+        return -1;
+    }
+    g_plan = p;
+    return 0;
+}
+
+void pyadaq_kv_plan_env(int32_t use) {
+    std::lock_guard<std::mutex> lock(g_plan_mutex);
+    g_plan_env = use != 0;
+}
+
 void pyadaq_next_context_attn_rot(int32_t mode) {
     pyadaq_next_context_attn_rot_kv(mode, mode);
 }
@@ -298,7 +522,9 @@ int32_t pyadaq_next_context_pending(void) {
 }
 
 pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
-    (void) model;
+    if (!t_next.has_types() && model != nullptr) {
+        plan_for_context(*model, t_next);
+    }
     if (!t_next.empty()) {
         t_active = new context_settings(std::move(t_next));
     }
@@ -320,6 +546,10 @@ bool pyadaq_attn_rot_disable(bool is_v, bool env_disable) {
 }
 
 bool pyadaq_layer_types_check(const llama_model & model, llama_context_params & params) {
+    if (t_active != nullptr && !t_active->error.empty()) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, t_active->error.c_str());
+        return false;
+    }
     if (t_active == nullptr || !t_active->has_types()) {
         return true;
     }
