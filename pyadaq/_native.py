@@ -96,6 +96,9 @@ int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int3
 int32_t pyadaq_kv_offload_check(void * ctx, char * err, size_t err_size);
 int32_t pyadaq_kv_plan_file(const char * path, char * err, size_t err_size);
 void pyadaq_kv_plan_env(int32_t use);
+size_t ggml_backend_dev_count(void);
+void * ggml_backend_dev_get(size_t index);
+int ggml_backend_dev_type(void * device);
 
 void *  pyadaq_kv_capture_new(void * model);
 void    pyadaq_kv_capture_free(void * cap);
@@ -152,6 +155,7 @@ class Native:
         self.llama = self.ffi.dlopen(str(_lib("llama")))
         self.base = self.ffi.dlopen(str(_lib("ggml-base")))
         self.cpu = self.ffi.dlopen(str(_lib("ggml-cpu")))
+        self.ggml = self.ffi.dlopen(str(_lib("ggml")))
         self.build_info = self._check_build()
         # PYADAQ_KV_PLAN is for llama.cpp's tools (and other programs on these libraries); here
         # plans are given as kv_plan= / --kv-plan and checked in Python, so libllama must not
@@ -199,6 +203,13 @@ class Native:
         traits.from_float_ref(self.ffi.from_buffer("float[]", x), self.ffi.from_buffer(buf), n)
         traits.to_float(self.ffi.from_buffer(buf), self.ffi.from_buffer("float[]", out), n)
         return out
+
+    def gpu_devices(self) -> int:
+        """The GPU devices ggml has (llama_supports_gpu_offload() is also true for a build with
+        the RPC backend, which pyadaq's always has, without any GPU)."""
+        gpu = 1  # GGML_BACKEND_DEVICE_TYPE_GPU (CPU 0, GPU 1, IGPU 2, ...)
+        return sum(self.ggml.ggml_backend_dev_type(self.ggml.ggml_backend_dev_get(i)) == gpu
+                   for i in range(self.ggml.ggml_backend_dev_count()))
 
     def type_name(self, type_id: int) -> str | None:
         p = self.base.ggml_type_name(type_id)

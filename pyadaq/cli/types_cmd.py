@@ -10,15 +10,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pyadaq._native import native
     from pyadaq.types import CUDA_FA_PAIR_TYPES, CUDA_KVT_FA_PAIRS, cache_types
-
-    import llama_cpp
 
     print(f"{'name':<11} {'id':>4} {'block':>5} {'bytes':>5} {'bits/value':>10}  {'CUDA':<4}  origin")
     for t in cache_types(research=args.research):
         print(f"{t.name:<11} {t.id:>4} {t.block_size:>5} {t.type_size:>5} {t.bits_per_value:>10.3f}  "
               f"{'yes' if t.cuda else '-':<4}  {t.origin}{' (research)' if t.research else ''}")
-    gpu = "This build has a GPU backend" if llama_cpp.llama_supports_gpu_offload() else \
+    gpu = "This build has a GPU backend" if native().gpu_devices() else \
         "This build is CPU-only (CUDA: `make install CMAKE_ARGS=-DGGML_CUDA=ON`)"
     print(f"\nCUDA: the cache's writes and flash attention run on an NVIDIA GPU; every K/V pair among "
           f"{', '.join(CUDA_FA_PAIR_TYPES)} has a compiled generation kernel, and so have "

@@ -82,7 +82,7 @@ class PeakRSS:
 
 
 def gpu_offload() -> bool:
-    return bool(_L.llama_supports_gpu_offload())
+    return native().gpu_devices() > 0
 
 
 def context_size(depth: int, n_prompt: int, n_gen: int) -> int:

@@ -32,7 +32,7 @@ def gpu_names() -> list:
     import shutil
     import subprocess
 
-    if not native().llama_cpp.llama_supports_gpu_offload() or shutil.which("nvidia-smi") is None:
+    if not native().gpu_devices() or shutil.which("nvidia-smi") is None:
         return []
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
