@@ -57,11 +57,11 @@ def tool_path(name: str) -> Path:
     return path
 
 
-def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """An environment in which a tool loads pyadaq's libraries: ``pyadaq/lib`` first on
-    LD_LIBRARY_PATH (which would otherwise override the tools' RUNPATH)."""
+def tool_env(env: dict[str, str] | None = None, libs: str | os.PathLike | None = None) -> dict[str, str]:
+    """An environment in which a tool loads pyadaq's libraries: ``libs`` (default
+    ``pyadaq/lib``) first on LD_LIBRARY_PATH (which would otherwise override the tools' RUNPATH)."""
     env = dict(os.environ if env is None else env)
-    libs = str(lib_dir())
+    libs = str(lib_dir() if libs is None else libs)
     rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libs]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([libs, *rest])
     return env
@@ -93,7 +93,7 @@ def exec_tool(name: str, args: Sequence[str] = ()) -> int:
     """Run tool ``name``: on POSIX the process becomes the tool (its signals and exit status are
     the tool's); elsewhere it runs as a child and its exit status is returned."""
     argv = tool_command(name, args)
-    if len(argv) > len(args) + 1:
+    if _needs_model(name, args):
         print(f"pyadaq tool {name}: no model given, using the embedded one: {argv[2]}", file=sys.stderr)
     env = tool_env()
     sys.stdout.flush()

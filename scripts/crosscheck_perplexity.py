@@ -73,12 +73,11 @@ def tool_env(binary: Path) -> dict:
     for k in list(env):
         if k.startswith("LLAMA_ARG_"):  # common's environment overrides of command-line options
             del env[k]
-    # The tools link with RUNPATH, which LD_LIBRARY_PATH would override: make sure the
-    # libllama built with the tool is the one it loads.
+    # the libllama built with the tool first (LD_LIBRARY_PATH would override its RUNPATH)
+    from pyadaq.tools import tool_env as libraries_first
+
     lib = _tool_lib(binary)
-    old = env.get("LD_LIBRARY_PATH")
-    env["LD_LIBRARY_PATH"] = str(lib.parent if lib else binary.resolve().parent) + (os.pathsep + old if old else "")
-    return env
+    return libraries_first(env, libs=lib.parent if lib else binary.resolve().parent)
 
 
 def _tool_lib(binary: Path) -> Path | None:

@@ -117,6 +117,9 @@ PYADAQ_API int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, cha
 // name of pyadaq's that the tools cannot use (the calibrated kvt types, the research variants) it
 // also sets *why (when why is not null) to a sentence saying so. pyadaq_kv_cache_type_names():
 // the usable names, comma-separated, for the tools' help texts.
+PYADAQ_API enum ggml_type pyadaq_kv_cache_type_from_name(const char * name, const char ** why);
+PYADAQ_API const char * pyadaq_kv_cache_type_names(void);
+
 // A plan file (`pyadaq plan --out FILE`) for processes other than pyadaq's Python: llama.cpp's
 // tools (`--kv-plan FILE` in the common argument parser, native/patches/0013) or any program,
 // through the environment variable PYADAQ_KV_PLAN, read at the first context creation. Every
@@ -130,15 +133,12 @@ PYADAQ_API int32_t pyadaq_kv_offload_check(const struct llama_context * ctx, cha
 PYADAQ_API int32_t pyadaq_kv_plan_file(const char * path, char * err, size_t err_size);
 PYADAQ_API void pyadaq_kv_plan_env(int32_t use);
 
-PYADAQ_API enum ggml_type pyadaq_kv_cache_type_from_name(const char * name, const char ** why);
-PYADAQ_API const char * pyadaq_kv_cache_type_names(void);
-
 }
 
 namespace {
 
-// pyadaq's cache types that llama.cpp's tools accept (no calibration needed); the calibrated
-// types are recognized by the "kvt" prefix of their names, the research variants by "_"
+// pyadaq's cache types that llama.cpp's tools accept (no calibration needed); of its other
+// names, those with the "kvt" prefix are the calibrated types, the rest research variants
 constexpr ggml_type tool_cache_types[] = { GGML_TYPE_KVQ2, GGML_TYPE_KVQ3 };
 
 } // namespace
