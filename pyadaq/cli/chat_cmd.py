@@ -1,7 +1,8 @@
 """`pyadaq chat`: talk to a local GGUF model with the KV-cache types of your choice.
 
 Answers stream as they come. Models with a chat template get it; base models without one
-(the embedded Gemma 3 270M is one) continue a plain "User: / Assistant:" transcript. The
+(the embedded Gemma 3 270M is one) continue a plain "User: / Assistant:" transcript under a
+short system line (pyadaq.model.chat_template; --system replaces it, --system "" drops it). The
 conversation stays in the KV cache between turns: each turn evaluates only the new tokens
 (llama-cpp-python reuses the cached prefix). Commands: /stats (cache types, KV size against
 f16, prompt and generation speed of the last answer), /reset (forget the conversation),
@@ -31,11 +32,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-# A base model continues the transcript; without a first line saying what the assistant does,
-# small base models tend to echo the question (Gemma 3 270M does). --system "" drops it.
-BASE_SYSTEM = "The assistant answers questions correctly and briefly."
-
-
 class Chat:
     """One conversation with a model; turn() streams the answer to `out`."""
 
@@ -46,7 +42,6 @@ class Chat:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
-        self.template = bool((llm.metadata or {}).get("tokenizer.chat_template"))
         self.messages: list = []
         self.last: dict = {}
 
@@ -54,44 +49,38 @@ class Chat:
         self.messages = []
         self.last = {}
 
-    def _prompt(self, user: str) -> str:
-        system = self.system if self.system is not None else BASE_SYSTEM
-        head = f"{system}\n\n" if system else ""
-        turns = "".join(f"User: {m['user']}\nAssistant: {m['assistant']}\n" for m in self.messages)
-        return f"{head}{turns}User: {user}\nAssistant:"
-
     def turn(self, user: str, out) -> str:
         from pyadaq._native import native
+        from pyadaq.model import chat_template
 
         L = native().llama_cpp
         ctx = self.llm._ctx.ctx
         L.llama_perf_context_reset(ctx)
         t0 = time.perf_counter()
-        if self.template:
-            msgs = ([{"role": "system", "content": self.system}] if self.system else [])
-            for m in self.messages:
-                msgs += [{"role": "user", "content": m["user"]}, {"role": "assistant", "content": m["assistant"]}]
-            msgs.append({"role": "user", "content": user})
-            stream = self.llm.create_chat_completion(msgs, max_tokens=self.max_tokens, temperature=self.temperature,
-                                                     seed=self.seed, stream=True)
+        # a model without a chat template gets pyadaq's transcript (pyadaq.model.chat_template)
+        # (an empty system message drops the transcript's default system line; a model's own
+        # template gets no empty system message)
+        fallback = not chat_template.has_chat_template(self.llm.metadata)
+        keep = self.system if self.system is not None and (self.system or fallback) else None
+        msgs = [{"role": "system", "content": keep}] if keep is not None else []
+        for m in self.messages:
+            msgs += [{"role": "user", "content": m["user"]}, {"role": "assistant", "content": m["assistant"]}]
+        msgs.append({"role": "user", "content": user})
+        stream = self.llm.create_chat_completion(msgs, max_tokens=self.max_tokens, temperature=self.temperature,
+                                                 seed=self.seed, stream=True)
 
-            def pieces():
-                for ch in stream:
-                    yield ch["choices"][0]["delta"].get("content") or ""
-        else:
-            stream = self.llm.create_completion(self._prompt(user), max_tokens=self.max_tokens,
-                                                temperature=self.temperature, seed=self.seed, stream=True,
-                                                stop=["\nUser:", "User:", "\nAssistant:"])
+        def pieces():
+            for ch in stream:
+                yield ch["choices"][0]["delta"].get("content") or ""
 
-            def pieces():
-                for ch in stream:
-                    yield ch["choices"][0]["text"]
         answer = []
         interrupted = False
         try:
-            for i, piece in enumerate(pieces()):
-                if i == 0 and not self.template:
+            for piece in pieces():
+                if not answer:  # the transcript's answer starts after "Assistant:" with a space
                     piece = piece.lstrip()
+                    if not piece:
+                        continue
                 answer.append(piece)
                 out.write(piece)
                 out.flush()

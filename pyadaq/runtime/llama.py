@@ -41,6 +41,7 @@ import os
 from typing import Any, Union
 
 from pyadaq._native import creation_lock, native
+from pyadaq.model import chat_template
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime.context import default_gpu_layers
@@ -317,6 +318,11 @@ class Llama(llama_cpp.Llama):
         except KVOffloadError:
             self.close()
             raise
+        # a model without a chat template of its own gets pyadaq's transcript (llama-cpp-python would
+        # fall back to llama-2's format, which base models answer with nothing)
+        if (kwargs.get("chat_format") is None and kwargs.get("chat_handler") is None
+                and not chat_template.has_chat_template(self.metadata)):
+            self.chat_handler = template_chat_handler(self, chat_template.template_text(), (chat_template.STOP,))
 
     # --- KV cache size ------------------------------------------------------------------
     def _ctx_ptr(self) -> int:
@@ -409,3 +415,22 @@ class Llama(llama_cpp.Llama):
         return (f"{type(self).__name__}({str(path)!r}, cache_type_k='{getattr(self, 'cache_type_k', None)}', "
                 f"cache_type_v='{getattr(self, 'cache_type_v', None)}')")
 
+
+
+def template_chat_handler(llm: llama_cpp.Llama, template: str, stop: tuple[str, ...] = ()):
+    """llama-cpp-python's chat handler for a Jinja chat template (as llama.cpp reads one: bos_token,
+    eos_token, messages, add_generation_prompt), generation also stopped at each string of `stop`."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    class Formatter(Jinja2ChatFormatter):
+        def __call__(self, **kwargs):
+            result = super().__call__(**kwargs)
+            result.stop = [*result.stop, *stop]
+            return result
+
+    def text(token: int) -> str:
+        return llm._model.token_get_text(token) if token != -1 else ""
+
+    bos = text(llm.token_bos()) if llm._model.add_bos_token() else ""
+    return Formatter(template=template, eos_token=text(llm.token_eos()), bos_token=bos,
+                     stop_token_ids=[llm.token_eos()]).to_chat_handler()
