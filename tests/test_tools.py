@@ -111,8 +111,9 @@ def server(tiny_model, child_env, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w")  # noqa: SIM115  (closed at teardown; a pipe nobody reads would fill up)
-    proc = subprocess.Popen([sys.executable, "-m", "pyadaq", "serve", "--model", str(tiny_model()), "--port",
-                             str(port), "--ctx", "512", "--threads", "1"], env=child_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "pyadaq", "serve", "--engine", "python", "--model",
+                             str(tiny_model()), "--port", str(port), "--ctx", "512", "--threads", "1"],
+                            env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -141,13 +142,13 @@ def test_serve_models(server, tiny_model):
     assert json.loads(text)["data"][0]["id"] == Path(tiny_model()).name
 
 
-def test_serve_chat_completion(server):
+def test_serve_chat_completion(server, tiny_model):
     base, _, _ = server
     status, text = _request(base + "/v1/chat/completions",
                             {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0})
     assert status == 200, text
     res = json.loads(text)
-    assert res["object"] == "chat.completion"
+    assert res["object"] == "chat.completion" and res["model"] == Path(tiny_model()).name  # not its path
     assert res["usage"]["completion_tokens"] == 4 and res["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -161,15 +162,18 @@ def test_serve_streamed_completion(server):
     assert len(chunks) >= 4 and all(c["object"] == "text_completion" for c in chunks)
 
 
-@pytest.mark.parametrize("raw, code", [
-    (b'{"messages": 5}', 422),
-    (b"this is not json", 400),
-    (b'{"messages": [{"role": "nobody", "content": 1}]}', 422),
+@pytest.mark.parametrize("raw, code, message", [
+    (b'{"messages": 5}', 422, "messages: Input should be a valid list"),
+    (b"this is not json", 400, "request body is not JSON"),
+    (b"", 400, "request body is empty"),
+    (b'{"messages": [{"role": "nobody", "content": 1}]}', 422, "messages.0"),
 ])
-def test_serve_malformed_requests_are_4xx_and_it_stays_up(server, raw, code):
+def test_serve_malformed_requests_are_4xx_and_it_stays_up(server, raw, code, message):
     base, _, proc = server
-    status, _ = _request(base + "/v1/chat/completions", raw=raw)
+    status, text = _request(base + "/v1/chat/completions", raw=raw)
     assert status == code
+    error = json.loads(text)["error"]["message"]
+    assert message in error and ".py" not in error and "/" not in error  # no server file paths
     assert proc.poll() is None
     assert _request(base + "/v1/models")[0] == 200
 
