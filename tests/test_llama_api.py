@@ -362,6 +362,8 @@ def test_getstate_uses_cache_type_names(tiny_model):
         clone = pickle.loads(pickle.dumps(llm))
         try:
             assert clone.cache_type_v.name == "kvq2" and clone.kv_cache_bytes == llm.kv_cache_bytes
+            # the tiny model has no chat template: the clone gets its own fallback handler
+            assert clone.chat_handler is not None and clone.chat_handler is not llm.chat_handler
         finally:
             clone.close()
     finally:

@@ -283,3 +283,24 @@ def print_eval_table(out: dict) -> None:
         if has_pk:
             line += f"  {100 * r['passkey_mean']:5.1f}%"
         print(line)
+
+
+def check_port(host: str, port: int) -> None:
+    """ValueError unless a server can listen on host:port (a TCP port, a resolvable host, free)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port} is not a TCP port")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host}: {e}") from None
+    family, _, _, _, addr = infos[0]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.bind(addr)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} "
+                         "(is another server running there?)") from None
+    finally:
+        s.close()

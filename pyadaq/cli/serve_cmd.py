@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -36,24 +35,6 @@ def add_parser(sub) -> None:
     p.add_argument("--log", metavar="FILE", help="llama-server's log (default: in pyadaq's cache directory)")
     p.add_argument("--verbose", action="store_true", help="llama-server's log on the terminal")
     p.set_defaults(func=run)
-
-
-def check_port(host: str, port: int) -> None:
-    if not 0 < port < 65536:
-        raise ValueError(f"--port {port} is not a TCP port")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ValueError(f"cannot listen on {host}: {e}") from None
-    family, _, _, _, addr = infos[0]
-    s = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        s.bind(addr)
-    except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} "
-                         "(is another server running there?)") from None
-    finally:
-        s.close()
 
 
 def make_app(llm, alias: str, host: str, port: int):
@@ -203,7 +184,7 @@ def run(args) -> int:
     except ImportError as e:
         raise ImportError(f"pyadaq serve --engine python needs the server extra: pip install 'pyadaq[server]' "
                           f"({e})") from None
-    from pyadaq.cli._common import load_llama_from_args
+    from pyadaq.cli._common import check_port, load_llama_from_args
     from pyadaq.runtime.llama import template_chat_handler
 
     check_port(args.host, args.port)

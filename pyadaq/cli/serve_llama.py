@@ -103,7 +103,7 @@ def _die_with_parent() -> None:
 
 
 def run_server(args) -> int:
-    from pyadaq.cli.serve_cmd import check_port
+    from pyadaq.cli._common import check_port
     from pyadaq.tools import tool_command, tool_env
 
     check_port(args.host, args.port)

@@ -323,6 +323,7 @@ class Llama(llama_cpp.Llama):
         if (kwargs.get("chat_format") is None and kwargs.get("chat_handler") is None
                 and not chat_template.has_chat_template(self.metadata)):
             self.chat_handler = template_chat_handler(self, chat_template.template_text(), (chat_template.STOP,))
+            self._fallback_chat_handler = self.chat_handler
 
     # --- KV cache size ------------------------------------------------------------------
     def _ctx_ptr(self) -> int:
@@ -402,6 +403,11 @@ class Llama(llama_cpp.Llama):
         state = super().__getstate__()
         state.pop("type_k", None)
         state.pop("type_v", None)
+        # the fallback handler is a closure over this Llama: the clone's __init__ installs its own
+        fallback = getattr(self, "_fallback_chat_handler", None)
+        if fallback is not None and state.get("chat_handler") is fallback:
+            state["chat_handler"] = None
+            state["chat_format"] = None  # llama_cpp's guess ("llama-2"), which __init__ replaced
         state["cache_type_k"] = self.cache_type_k.name
         state["cache_type_v"] = self.cache_type_v.name
         if self.kv_plan is not None:
