@@ -99,6 +99,9 @@ void pyadaq_kv_plan_env(int32_t use);
 size_t ggml_backend_dev_count(void);
 void * ggml_backend_dev_get(size_t index);
 int ggml_backend_dev_type(void * device);
+void * ggml_backend_dev_backend_reg(void * device);
+const char * ggml_backend_reg_name(void * reg);
+int32_t pyadaq_next_model_rpc_servers(const char * endpoints, char * err, size_t err_size);
 
 void *  pyadaq_kv_capture_new(void * model);
 void    pyadaq_kv_capture_free(void * cap);
@@ -205,11 +208,17 @@ class Native:
         return out
 
     def gpu_devices(self) -> int:
-        """The GPU devices ggml has (llama_supports_gpu_offload() is also true for a build with
-        the RPC backend, which pyadaq's always has, without any GPU)."""
+        """The local GPU devices ggml has (llama_supports_gpu_offload() is also true for a build
+        with the RPC backend, which pyadaq's always has, without any GPU; RPC servers do not count)."""
         gpu = 1  # GGML_BACKEND_DEVICE_TYPE_GPU (CPU 0, GPU 1, IGPU 2, ...)
-        return sum(self.ggml.ggml_backend_dev_type(self.ggml.ggml_backend_dev_get(i)) == gpu
-                   for i in range(self.ggml.ggml_backend_dev_count()))
+        count = 0
+        for i in range(self.ggml.ggml_backend_dev_count()):
+            dev = self.ggml.ggml_backend_dev_get(i)
+            # an RPC server (pyadaq.Llama(rpc_servers=...)) is a device of type GPU too
+            reg = self.ggml.ggml_backend_dev_backend_reg(dev)
+            rpc = self.ffi.string(self.ggml.ggml_backend_reg_name(reg)) == b"RPC"
+            count += self.ggml.ggml_backend_dev_type(dev) == gpu and not rpc
+        return count
 
     def type_name(self, type_id: int) -> str | None:
         p = self.base.ggml_type_name(type_id)

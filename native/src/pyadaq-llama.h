@@ -15,8 +15,10 @@
 #include "llama.h"
 
 #include <cstdint>
+#include <vector>
 
 struct llama_model;
+struct llama_device;
 
 // Takes this thread's pending settings for the lifetime of the object (one
 // llama_init_from_model call); they are consumed whether the call succeeds or not.
@@ -49,3 +51,8 @@ bool pyadaq_kv_any_quantized(bool is_v, ggml_type uniform);
 // them on the CPU, silently). pyadaq's Python layer raises an error instead
 // (pyadaq_kv_offload_check).
 void pyadaq_kv_offload_warn(const llama_context * ctx);
+
+// Called by llama.cpp's device selection at model load (llama_prepare_model_devices) with the
+// devices it chose by default: drops the RPC devices of servers registered by
+// pyadaq_next_model_rpc_servers() (pyadaq-rpc.cpp) that the model being loaded did not name.
+void pyadaq_model_devices(std::vector<llama_device> & devices);

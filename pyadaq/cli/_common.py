@@ -101,10 +101,14 @@ def add_model_options(p) -> None:
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's choice)")
     p.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU when built with one (default all)")
+    p.add_argument("--rpc", metavar="HOST:PORT,...",
+                   help="put the model's layers (and their KV cache) on these `pyadaq tool rpc-server` processes")
 
 
 def load_llama_from_args(args, **extra):
     """load_llama with the options of add_model_options."""
+    if getattr(args, "rpc", None):
+        extra.setdefault("rpc_servers", args.rpc)
     return load_llama(args.command, args.model, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                       kv_plan=args.kv_plan, kv_budget=args.kv_budget, ctx=args.ctx, threads=args.threads,
                       gpu_layers=args.gpu_layers, kv_calibration=args.kv_calibration, **extra)

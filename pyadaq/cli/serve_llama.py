@@ -74,6 +74,15 @@ def server_args(args) -> tuple[list[str], str]:
         argv += ["-t", str(args.threads)]
     if args.gpu_layers is not None:
         argv += ["-ngl", "all" if args.gpu_layers < 0 else str(args.gpu_layers)]
+    if args.rpc:
+        from pyadaq.runtime import rpc
+
+        servers = rpc.parse_servers(args.rpc)
+        rpc.check_servers(servers)  # llama-server would abort on a server it cannot reach
+        argv += ["--rpc", ",".join(servers)]
+        what_rpc = f", layers on {len(servers)} RPC server(s)"
+    else:
+        what_rpc = ""
     if args.chat_template_file:
         if not Path(args.chat_template_file).is_file():
             raise ValueError(f"chat template file not found: {args.chat_template_file}")
@@ -81,7 +90,7 @@ def server_args(args) -> tuple[list[str], str]:
     elif not has_chat_template(info.metadata):
         # the same fallback as pyadaq.Llama's: a transcript, ended at the next "User:"
         argv += ["--chat-template-file", str(template_path()), "-r", STOP]
-    return argv, f"{alias} with KV cache {types}, {args.parallel} slots of {per_slot} tokens"
+    return argv, f"{alias} with KV cache {types}, {args.parallel} slots of {per_slot} tokens{what_rpc}"
 
 
 def _get(url: str, timeout: float = 2.0):

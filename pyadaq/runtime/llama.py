@@ -30,6 +30,11 @@ coordinates (native/src/pyadaq-kv-transform.h). A missing or corrupt file raises
 :class:`~pyadaq.model.calibration.CalibrationMismatchError`, both before any context exists; a
 state saved under one calibration (or none) does not load under another (``ValueError``).
 
+Other machines: ``rpc_servers="host1:50052,host2:50052"`` puts the model's layers, with their KV
+cache in the requested types, on ``pyadaq tool rpc-server`` processes (:mod:`pyadaq.runtime.rpc`;
+every layer unless ``n_gpu_layers`` is given). A server that does not answer ggml's RPC handshake
+raises :class:`pyadaq.runtime.rpc.RPCServerError` before anything is loaded.
+
 llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``TypeError``: use
 ``cache_type_k`` / ``cache_type_v``, which take a name (case-insensitive), a ggml id or a
 :class:`pyadaq.CacheType`.
@@ -38,12 +43,14 @@ llama_cpp's own ``type_k`` / ``type_v`` (raw ggml ids) are refused with a ``Type
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Union
 
 from pyadaq._native import creation_lock, native
 from pyadaq.model import chat_template
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
+from pyadaq.runtime import rpc
 from pyadaq.runtime.context import default_gpu_layers
 from pyadaq.runtime.kv_transform import context_settings
 from pyadaq.runtime.kvplan import load_checked
@@ -257,6 +264,7 @@ class Llama(llama_cpp.Llama):
         kv_calibration: Calibration | str | os.PathLike | None = None,
         allow_cpu_fallback: bool = False,
         allow_long_context: bool = False,
+        rpc_servers: str | Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         for raw, ours in (("type_k", "cache_type_k"), ("type_v", "cache_type_v")):
@@ -293,8 +301,12 @@ class Llama(llama_cpp.Llama):
             if any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
                 kwargs["flash_attn"] = True
         kwargs.setdefault("verbose", False)
+        servers = rpc.parse_servers(rpc_servers) if rpc_servers is not None else []
+        if servers:
+            rpc.check_servers(servers)  # ggml's RPC client would abort the process on a bad server
         if "n_gpu_layers" not in kwargs:
-            kwargs["n_gpu_layers"] = default_gpu_layers()  # 0 (llama_cpp's default) unless $PYADAQ_GPU_LAYERS
+            # every layer on the RPC servers; else 0 (llama_cpp's default) unless $PYADAQ_GPU_LAYERS
+            kwargs["n_gpu_layers"] = -1 if servers else default_gpu_layers()
 
         self.cache_type_k: CacheType = tk
         self.cache_type_v: CacheType = tv
@@ -303,10 +315,14 @@ class Llama(llama_cpp.Llama):
         self.kv_plan = plan
         self.kv_calibration: Calibration | None = calibration
         self.model_info: ModelInfo = info
+        self.rpc_servers: list[str] = servers
         # the per-layer types go to the context llama_cpp.Llama creates on this thread (it loads the
         # model, then creates one context); model loading and context creation run one at a time
-        with creation_lock, next_context(layers_k, layers_v, attn_rot=rot, transforms=transforms):
+        with creation_lock, rpc.next_model_servers(servers), \
+                next_context(layers_k, layers_v, attn_rot=rot, transforms=transforms):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
+            rpc.hold(servers)
+            self._rpc_held = True
         got = context_transform_layers(self._ctx_ptr())
         if calibration is not None and got != len(calibration.layers()):
             self.close()
@@ -375,6 +391,9 @@ class Llama(llama_cpp.Llama):
         # __del__ calls close(); after a validation error super().__init__ never ran
         if hasattr(self, "_stack"):
             super().close()
+        if getattr(self, "_rpc_held", False):
+            self._rpc_held = False
+            rpc.release(self.rpc_servers)
 
     def save_state(self):
         state = super().save_state()
@@ -410,6 +429,8 @@ class Llama(llama_cpp.Llama):
             state["chat_format"] = None  # llama_cpp's guess ("llama-2"), which __init__ replaced
         state["cache_type_k"] = self.cache_type_k.name
         state["cache_type_v"] = self.cache_type_v.name
+        if self.rpc_servers:
+            state["rpc_servers"] = ",".join(self.rpc_servers)
         if self.kv_plan is not None:
             state["kv_plan"] = self.kv_plan
         if self.kv_calibration is not None:
