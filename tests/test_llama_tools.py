@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import pyadaq
+from pyadaq._native import lib_dir
 from pyadaq.tools import TOOLS, bin_dir, tool_command, tool_env, tool_path
 
 PYADAQ = [sys.executable, "-m", "pyadaq"]
@@ -147,3 +148,33 @@ def test_bad_plans_are_errors_not_aborts(tiny_model, tmp_path):
         r = _perplexity(model, tmp_path, *args, env=env)
         assert r.returncode > 0, (args, env_plan, r.returncode, r.stderr[-2000:])
         assert message in " ".join(r.stderr.split()), (args, env_plan, r.stderr[-2000:])
+
+
+# the log thread of llama.cpp's common library: what a tool logs just before it exits is written
+# out (patch 0014), and exiting never waits forever on it
+_FULL_LOG_QUEUE = """
+import ctypes, os, sys
+lib = ctypes.CDLL(os.path.join(sys.argv[1], "libllama-common.so"))
+lib._Z15common_log_mainv.restype = ctypes.c_void_p
+add = lib._Z14common_log_addP10common_log14ggml_log_levelPKcz
+# the log's writer thread is created by the first common_log_main() and inherits this thread's
+# policy: on one CPU at SCHED_IDLE it stays off the CPU while this thread logs, so the entries
+# pile up to a full queue (capacity 512) before the process exits
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+log = ctypes.c_void_p(lib._Z15common_log_mainv())
+os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+for i in range(511):
+    add(log, 4, b"entry %d\\n", ctypes.c_int(i))  # GGML_LOG_LEVEL_ERROR: to stderr
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux scheduling policies")
+def test_a_full_log_queue_is_written_out_at_exit():
+    # upstream's pause() at exit turned a full queue into an empty-looking one and joined a thread
+    # that never ended (CI hung in llama-perplexity); each run here hung that way more often than not
+    for _ in range(4):
+        r = _run([sys.executable, "-c", _FULL_LOG_QUEUE, str(lib_dir())],
+                 timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stderr.splitlines() == [f"entry {i}" for i in range(511)]
