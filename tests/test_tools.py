@@ -227,6 +227,25 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
     assert proc.returncode in (0, 1) and "K=q8_0, V=kvq2 generation vs f16/f16 at depth 256" in proc.stdout
 
 
+def test_bench_swa_window_only(tiny_model, tmp_path, capsys):
+    # an iSWA model: with --no-swa-full its sliding-window layers cache their window only (as in
+    # llama-bench and llama-server), so at depth 1024 the cache is smaller than with the default
+    model = tiny_model(arch="gemma3", n_layer=4, sliding_window=64)
+    sizes = {}
+    for flag in ([], ["--no-swa-full"]):
+        out_json = tmp_path / f"b{len(flag)}.json"
+        assert main(["bench", "--model", str(model), "--configs", "q8_0:kvq2", "--depths", "1024", "--n-prompt", "16",
+                     "--batch", "16", "--n-gen", "2", "--reps", "1", "--threads", "1", "--json", str(out_json),
+                     "--markdown", str(tmp_path / f"B{len(flag)}.md"), *flag]) == 0
+        res = json.loads(out_json.read_text())
+        assert res["swa_full"] is not bool(flag)
+        sizes[bool(flag)] = {r["config"]: r["kv_bytes"] for r in res["results"]}
+    for cfg in ("f16:f16", "q8_0:kvq2"):
+        assert sizes[True][cfg] < 0.7 * sizes[False][cfg], sizes
+    assert "only their window (--no-swa-full)" in (tmp_path / "B1.md").read_text()
+    assert "only their window" not in (tmp_path / "B0.md").read_text()
+
+
 def test_bench_one_repetition_has_no_spread(tiny_model, tmp_path, capsys):
     rc = main(["bench", "--model", str(tiny_model()), "--configs", "q8_0:kvq2", "--depths", "0",
                "--n-prompt", "16", "--n-gen", "2", "--reps", "1", "--threads", "1",

@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--batch", type=int, default=512, help="tokens per decode call for pp (default 512)")
+    p.add_argument("--no-swa-full", dest="swa_full", action="store_false",
+                   help="sliding-window layers (Gemma 3 and other iSWA models) keep only their window, as in "
+                        "llama-server and llama-bench (default: the whole context, llama.cpp's library default and "
+                        "pyadaq.Llama's)")
     p.add_argument("--gpu-layers", type=int, help="layers on the GPU (default: all when built with a GPU backend)")
     p.add_argument("--json", help="write the figures and the run's settings here")
     p.add_argument("--plot", help="write a PNG plot here (speed against depth per config)")
@@ -102,7 +106,7 @@ def run(args) -> int:
         configs = resolve_configs(configs, model, calibration=args.kv_calibration)
         t0 = time.time()
         res = run_bench(model, configs, depths, args.n_prompt, args.n_gen, args.reps, args.threads, args.batch,
-                        n_gpu_layers=args.gpu_layers)
+                        n_gpu_layers=args.gpu_layers, swa_full=args.swa_full)
         res["settings"] = {
             "model": model, "model_name": Path(model).name, "model_sha256": info.sha256, "pyadaq": __version__,
             "native": native().build_info["info"], "machine": machine(), "backend": res["backend"],

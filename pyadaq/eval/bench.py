@@ -1,8 +1,9 @@
 """Prompt-processing and generation speed per K/V configuration and context depth.
 
 Measured the way llama.cpp's llama-bench measures "pp512 @ d4096" and "tg128 @ d4096": the
-cache is first filled with `depth` tokens (not timed), then `n_prompt` tokens are decoded in
-batches of n_batch (prompt processing) or `n_gen` tokens one at a time (generation), timed.
+cache is first filled with `depth` tokens (not timed), each test runs once untimed (a warm-up, as
+llama-bench's), then `n_prompt` tokens are decoded in batches of n_batch (prompt processing) or
+`n_gen` tokens one at a time (generation), timed.
 Between repetitions the timed tokens are removed from the cache again (llama_memory_seq_rm),
 so every repetition starts at the same depth. Tokens are random ids (speed does not depend on
 which tokens they are).
@@ -92,10 +93,12 @@ def context_size(depth: int, n_prompt: int, n_gen: int) -> int:
 
 def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: int = 512, n_gen: int = 64,
               reps: int = 3, n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
-              progress: bool = True, n_gpu_layers: int | None = None) -> dict:
+              progress: bool = True, n_gpu_layers: int | None = None, swa_full: bool = True) -> dict:
     """Speed of each config at each depth. Returns {"results": [{config fields, "depth",
     "pp_tps": [per rep], "tg_tps": [...], "pp_mean", "pp_std", "tg_mean", "tg_std", "kv_bytes",
-    "n_ctx"}], ...}. n_prompt or n_gen may be 0 to skip that test."""
+    "n_ctx"}], ...}. n_prompt or n_gen may be 0 to skip that test. swa_full: the sliding-window
+    layers of a model that has them keep the whole context (llama.cpp's library default, and
+    pyadaq.Llama's) or only their window (False: llama-server's and llama-bench's choice)."""
     quiet_native_logs()
     depths = [int(d) for d in depths]
     if n_gpu_layers is None:  # everything on the GPU when the library has a GPU backend
@@ -112,8 +115,9 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
             for depth in depths:
                 n_ctx = context_size(depth, n_prompt, n_gen)
                 rss.reset()
-                ctx = open_context(model, cfg, n_ctx, n_threads)
                 step = min(n_batch, n_ctx)
+                # the context's batch as llama-bench's (-b = -ub = n_batch)
+                ctx = open_context(model, cfg, n_ctx, n_threads, n_batch=step, swa_full=swa_full)
 
                 def decode(toks, pos0, ctx=ctx, step=step):
                     ctx.decode(toks, pos0, logits_from=len(toks) - 1, step=step)
@@ -121,6 +125,14 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
                 try:
                     if depth:
                         decode(rng.integers(0, n_vocab, depth), 0)
+                    # one untimed run of each test first, as llama-bench does: the first decode of a
+                    # shape allocates and faults in the compute buffers
+                    if n_prompt:
+                        decode(rng.integers(0, n_vocab, n_prompt), depth)
+                        ctx.drop_from(depth)
+                    if n_gen:
+                        decode(rng.integers(0, n_vocab, 1), depth)
+                        ctx.drop_from(depth)
                     pp, tg = [], []
                     for _ in range(reps):
                         if n_prompt:
@@ -168,7 +180,7 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
             "noisy_baseline": noisy_baseline(results),
             "weight_bytes": weight_bytes,
             "depths": depths, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
-            "n_batch": n_batch, "configs": [config_label(c) for c in configs], "results": results}
+            "n_batch": n_batch, "swa_full": swa_full, "configs": [config_label(c) for c in configs], "results": results}
 
 
 def relative_sd(r: dict, key: str) -> float | None:

@@ -52,7 +52,9 @@ def render_bench(res: dict, command: str, mem_bandwidth_gbps: float | None = Non
         f"{s['date']} in {s['seconds']:.0f} s. pp{res['n_prompt']}: prompt processing of {res['n_prompt']} tokens "
         f"in batches of {res['n_batch']}; tg{res['n_gen']}: {res['n_gen']} tokens generated one at a time; both "
         f"with `depth` tokens already in the cache, {reps} repetition{'s' if reps != 1 else ''} ({spread}), "
-        "flash attention on. The ratios are to f16/f16 at the same depth in the same run. Peak RSS growth: "
+        "flash attention on"
+        + ("" if res.get("swa_full", True) else "; sliding-window layers keep only their window (--no-swa-full)")
+        + ". The ratios are to f16/f16 at the same depth in the same run. Peak RSS growth: "
         "the process's peak resident memory over the context's life (cache, compute buffers, scratch), above "
         "what it was before the context was created."),
         "",

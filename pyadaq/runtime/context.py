@@ -132,12 +132,15 @@ class Context:
 
     def __init__(self, model: Model, cache_type_k: str | int | CacheType, cache_type_v: str | int | CacheType,
                  n_ctx: int, n_threads: int | None = None, attn_rot: bool = True, flash_attn: bool = True,
-                 layer_types: tuple | None = None, cb_eval=None, kv_calibration=None):
+                 layer_types: tuple | None = None, cb_eval=None, kv_calibration=None, n_batch: int | None = None,
+                 swa_full: bool = True):
         """layer_types: optional (types_k, types_v), one cache type per layer, used instead of
         cache_type_k/cache_type_v for the layers' tensors (pyadaq.layer_types). cb_eval: an
         optional (callback, user_data) pair of C pointers for llama.cpp's evaluation callback.
         kv_calibration: a calibration (or its file) for this model; the cache then stores each
-        layer's K and V in the calibration's coordinates."""
+        layer's K and V in the calibration's coordinates. n_batch: the most tokens one decode call
+        takes (default n_ctx). swa_full: sliding-window layers keep the whole context (llama.cpp's
+        default) or only their window."""
         self.ptr = None
         self.calibration = None if kv_calibration is None else calibration_for_model(kv_calibration, model.info)
         self.model = model
@@ -145,8 +148,9 @@ class Context:
         self.v = cache_type(cache_type_v)
         p = _llama_cpp.llama_context_default_params()
         p.n_ctx = n_ctx
-        p.n_batch = n_ctx
-        p.n_ubatch = min(n_ctx, 512)
+        p.n_batch = min(n_batch or n_ctx, n_ctx)
+        p.n_ubatch = min(p.n_batch, 512)
+        p.swa_full = swa_full
         p.n_seq_max = 1
         threads = n_threads or max(1, os.cpu_count() or 1)
         p.n_threads = threads

@@ -52,16 +52,18 @@ def config_label(cfg) -> str:
     return f"{cfg[0]}:{cfg[1]}"
 
 
-def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True, flash_attn: bool = True):
+def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True, flash_attn: bool = True,
+                 n_batch: int | None = None, swa_full: bool = True):
     """A Context for a uniform (k, v) pair, a LayerConfig, or either of them Calibrated."""
     cal = None
     if isinstance(cfg, Calibrated):
         cfg, cal = cfg.base, cfg.calibration
     if isinstance(cfg, LayerConfig):
         return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot, flash_attn=flash_attn,
-                       layer_types=(list(cfg.types_k), list(cfg.types_v)), kv_calibration=cal)
+                       layer_types=(list(cfg.types_k), list(cfg.types_v)), kv_calibration=cal, n_batch=n_batch,
+                       swa_full=swa_full)
     return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot,
-                   flash_attn=flash_attn, kv_calibration=cal)
+                   flash_attn=flash_attn, kv_calibration=cal, n_batch=n_batch, swa_full=swa_full)
 
 
 def config_row(cfg) -> dict:
