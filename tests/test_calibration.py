@@ -95,6 +95,47 @@ def test_file_round_trip_and_model_check(model, tiny_model, cache, tmp_path):
         check_for_model(back, other)
 
 
+def test_first_token_rows(model, cache, tmp_path):
+    """A calibration records what every sequence that starts with BOS caches at position 0 (layer
+    0 against numpy), writes and reads them back; a format-1 file (without them) is still read,
+    a later format is refused."""
+    import dataclasses
+
+    import gguf
+
+    cal = calibrate(model, TEXT, n_ctx=256, n_chunks=1, n_threads=1, progress=False)
+    m = Model(str(model))
+    try:
+        bos = int(m.tokenize("", add_bos=True)[0])
+    finally:
+        m.close()
+    assert cal.first_token == bos
+    _, k, v = layer0_kv(model, np.array([bos]), 256)
+    for got, want in ((cal.k_first[0], k[0]), (cal.v_first[0], v[0])):
+        assert got.shape == (2, 64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    back = read_calibration(cal.path)
+    assert back.first_token == bos and back.fingerprint == cal.fingerprint
+    for il in cal.layers():
+        assert np.array_equal(back.k_first[il], cal.k_first[il]) and np.array_equal(back.v_first[il], cal.v_first[il])
+
+    def with_format(path, version):
+        r = gguf.GGUFReader(str(path), "r+")
+        r.fields["pyadaq.format"].parts[-1][0] = version
+        r.data.flush()
+        del r
+
+    old = dataclasses.replace(cal, first_token=None, k_first=None, v_first=None, path=None)
+    write_calibration(old, tmp_path / "v1.gguf")
+    with_format(tmp_path / "v1.gguf", 1)
+    v1 = read_calibration(tmp_path / "v1.gguf")
+    assert v1.first_token is None and v1.v_first is None and v1.fingerprint != cal.fingerprint
+    assert np.array_equal(v1.v[0].basis, cal.v[0].basis)
+    with_format(tmp_path / "v1.gguf", 3)
+    with pytest.raises(CalibrationFileError, match="calibration format 3, this pyadaq reads 1, 2"):
+        read_calibration(tmp_path / "v1.gguf")
+
+
 def test_cache_is_used_and_a_damaged_entry_measured_again(model, cache):
     cal = calibrate(model, TEXT, n_ctx=256, n_chunks=1, n_threads=1, progress=False)
     path = cached_path(model, TEXT, 256, 1)

@@ -376,7 +376,7 @@ def test_quantized_layers_get_the_rotation(setup):
     """A calibrated q4_0 layer: principal directions, then the Hadamard blocks; an f16 layer:
     the principal directions alone; values only with a kvt V type somewhere (then in the
     directions of their second moment about 0, their mean kept)."""
-    from pyadaq.runtime.kv_transform import _uncentered
+    from pyadaq.runtime.kv_transform import _about
 
     m, cals = setup
     cal = cals["pca"]
@@ -386,9 +386,33 @@ def test_quantized_layers_get_the_rotation(setup):
     assert np.allclose(tf[(il0, False)].matrix, cal.k[il0].basis @ hadamard(cal.k[il0].head_size), atol=1e-6)
     assert (il0, True) not in tf
     tf = {(t.layer, t.is_v): t for t in kv_transforms(cal, ["q4_0"] + ["f16"] * (n - 1), ["kvt2"] + ["f16"] * (n - 1))}
-    assert np.allclose(tf[(il0 + 1, True)].matrix, _uncentered(cal.v[il0 + 1]).basis)
+    zero = np.zeros_like(cal.v[il0 + 1].mean)
+    assert np.allclose(tf[(il0 + 1, True)].matrix, _about(cal.v[il0 + 1], zero).basis)
     assert tf[(il0, False)].scale is None
-    assert np.array_equal(tf[(il0, False)].mean, cal.k[il0].mean) and tf[(il0, True)].mean is None
+    assert np.array_equal(tf[(il0, False)].mean, cal.k[il0].mean) and tf[(il0 + 1, True)].mean is None
+    # a kvt part takes out the first token's row (when the model adds BOS), else nothing for values
+    if cal.v_first is not None:
+        assert np.array_equal(tf[(il0, True)].mean, cal.v_first[il0])
+    else:
+        assert tf[(il0, True)].mean is None
+
+
+def test_first_token_is_stored_exactly(setup):
+    """With the first-token rows of the calibration, kvt caches store BOS's key and value as
+    zeros, which they keep exactly: at position 0 (BOS attends to itself alone) the logits are
+    the f32 ones; a calibration without those rows (format 1) quantizes BOS like any token."""
+    m, cals = setup
+    cal = cals["pca"]
+    if not m.adds_bos:
+        assert cal.first_token is None and cal.v_first is None
+        return
+    toks = _toks(m, 64)
+    assert int(toks[0]) == cal.first_token
+    ref = _logits(m, "f32", "f32", toks, flash_attn=False)[0]
+    new = np.abs(_logits(m, "kvt2s", "kvt2", toks, cal=cal)[0] - ref).max()
+    old = np.abs(_logits(m, "kvt2s", "kvt2", toks, cal=dataclasses.replace(cal, first_token=None, k_first=None,
+                                                                           v_first=None))[0] - ref).max()
+    assert new < 0.02 * old, (new, old)
 
 
 def test_context_shift_with_scales_and_means(setup):

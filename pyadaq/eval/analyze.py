@@ -34,7 +34,8 @@ from pyadaq.model.header import TruncatedModelError, read_model_info
 from pyadaq.report.machine import machine
 from pyadaq.runtime.context import Context, Model, quiet_native_logs
 
-__all__ = ["Moments", "activation_stats", "analyze", "capture_moments", "verdict", "weight_norms"]
+__all__ = ["Moments", "activation_stats", "analyze", "capture_moments", "first_token_rows", "verdict",
+           "weight_norms"]
 
 
 def weight_norms(model_path: str | Path, progress: bool = True) -> list[dict]:
@@ -120,15 +121,42 @@ def capture_moments(model_path: str | Path, text: str | None = None, n_ctx: int 
     """Reads `text` (default: pydoc topics) in n_chunks chunks of n_ctx tokens, each from an
     empty f16 cache, and returns (tokens read, chunks read, per layer {"k": Moments, "v": Moments})
     ({} for a layer without a KV cache of its own that computed no K/V)."""
-    n = native()
-    quiet_native_logs()
     text = text if text is not None else default_text()
-    info = read_model_info(model_path)
     model = Model(str(model_path))
-    cap = n.llama.pyadaq_kv_capture_new(n.ffi.cast("void *", model.ptr))
     try:
         toks = model.tokenize(text, add_bos=True)
         parts = chunks(toks, n_ctx, n_chunks, int(toks[0]) if model.adds_bos else None)
+        layers = _capture(model, read_model_info(model_path), parts, n_ctx, n_threads, progress, desc)
+        return int(sum(len(p) for p in parts)), len(parts), layers
+    finally:
+        model.close()
+
+
+def first_token_rows(model_path: str | Path, n_threads: int | None = None) -> tuple[int, dict] | None:
+    """What every sequence that starts with the model's BOS token caches at position 0: (the BOS
+    token id, per layer with a cache of its own {"k": [heads, d], "v": [heads, d]}), the rows
+    of BOS read alone (keys after RoPE, which is the identity at position 0); None when the
+    model's vocabulary adds no BOS token."""
+    model = Model(str(model_path))
+    try:
+        if not model.adds_bos:
+            return None
+        bos = int(model.tokenize("", add_bos=True)[0])
+        layers = _capture(model, read_model_info(model_path), [np.array([bos], dtype=np.int32)], 256, n_threads,
+                          False, "")
+        return bos, {il: {kind: m.sum.astype(np.float32) for kind, m in row.items()}
+                     for il, row in enumerate(layers) if row}
+    finally:
+        model.close()
+
+
+def _capture(model: Model, info, parts: list, n_ctx: int, n_threads, progress: bool,
+             desc: str) -> list[dict[str, Moments]]:
+    """The K/V moments per layer of `parts` (token arrays), each read from an empty f16 cache."""
+    n = native()
+    quiet_native_logs()
+    cap = n.llama.pyadaq_kv_capture_new(n.ffi.cast("void *", model.ptr))
+    try:
         cb = int(n.ffi.cast("uintptr_t", n.ffi.addressof(n.llama, "pyadaq_kv_capture_eval_cb")))
         ctx = Context(model, "f16", "f16", n_ctx, n_threads, cb_eval=(cb, int(n.ffi.cast("uintptr_t", cap))))
         try:
@@ -159,10 +187,9 @@ def capture_moments(model_path: str | Path, text: str | None = None, n_ctx: int 
                     n.llama.pyadaq_kv_capture_sum(cap, is_v, il, h, n.ffi.cast("double *", sums[h].ctypes.data), d)
                 row[kind] = Moments(rows, gram, sums)
             layers.append(row)
-        return int(sum(len(p) for p in parts)), len(parts), layers
+        return layers
     finally:
         n.llama.pyadaq_kv_capture_free(cap)
-        model.close()
 
 
 def activation_stats(model_path: str | Path, text: str | None = None, n_ctx: int = 512, n_chunks: int = 4,

@@ -15,9 +15,10 @@ from pathlib import Path
 from pyadaq import _paths
 from pyadaq._native import native
 from pyadaq._version import __version__
-from pyadaq.eval.analyze import capture_moments
+from pyadaq.eval.analyze import capture_moments, first_token_rows
 from pyadaq.eval.texts import calibration_text
 from pyadaq.model.calibration import (
+    FORMAT,
     Calibration,
     CalibrationFileError,
     read_calibration,
@@ -41,7 +42,7 @@ def _text_sha(text: str) -> str:
 
 
 def _cached_path(info, text: str, n_ctx: int, n_chunks: int) -> Path:
-    key = json.dumps(["kv-calibration", 1, info.sha256, _text_sha(text), n_ctx, n_chunks,
+    key = json.dumps(["kv-calibration", FORMAT, info.sha256, _text_sha(text), n_ctx, n_chunks,
                       native().build_info["info"]])
     return cache_dir() / f"{info.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.gguf"
 
@@ -58,6 +59,7 @@ def _measure(model_path, info, text: str, n_ctx: int, n_chunks: int, n_threads, 
                                              desc="calibrating (K/V means and principal components)")
     k = {il: m["k"].components() for il, m in enumerate(layers) if m}
     v = {il: m["v"].components() for il, m in enumerate(layers) if m}
+    first = first_token_rows(model_path, n_threads)  # None: the model adds no BOS token
     return Calibration(
         model_sha256=info.sha256, model_name=info.name or info.path.name, architecture=info.architecture,
         n_layer=info.n_layer,
@@ -67,6 +69,9 @@ def _measure(model_path, info, text: str, n_ctx: int, n_chunks: int, n_threads, 
         tokens=tuple(m["k"].rows if m else 0 for m in layers), text_sha256=_text_sha(text), text_tokens=tokens,
         n_ctx=n_ctx, chunks=n_read, pyadaq_version=__version__, build=native().build_info["info"],
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), k=k, v=v,
+        first_token=None if first is None else first[0],
+        k_first=None if first is None else {il: rows["k"] for il, rows in first[1].items()},
+        v_first=None if first is None else {il: rows["v"] for il, rows in first[1].items()},
     )
 
 

@@ -5,7 +5,7 @@ read them.
 
 The file is a GGUF file (written and read with the ``gguf`` package):
 
-* metadata ``pyadaq.kind = "kv-calibration"`` and ``pyadaq.format = 1``; the model it belongs
+* metadata ``pyadaq.kind = "kv-calibration"`` and ``pyadaq.format = 2``; the model it belongs
   to (``pyadaq.model.sha256``, ``.name``, ``.architecture``, ``.n_layer``); per layer (arrays
   over all layers, 0 where a layer has no cache of its own) ``pyadaq.n_head_kv``,
   ``pyadaq.head_size_k``, ``pyadaq.head_size_v``, ``pyadaq.tokens``; the text
@@ -14,7 +14,14 @@ The file is a GGUF file (written and read with the ``gguf`` package):
 * per layer with a cache, for X in k, v: ``blk.N.X_mean`` [heads, d] (float32),
   ``blk.N.X_basis`` [heads, d, d] (float32; ``basis[h][:, j]`` is head h's j-th principal
   direction, by descending variance) and ``blk.N.X_var`` [heads, d] (float32, the variance
-  along each direction, descending).
+  along each direction, descending);
+* when the model's vocabulary adds a BOS token: ``pyadaq.first_token`` (its id) and, per layer
+  with a cache, ``blk.N.k_first`` and ``blk.N.v_first`` [heads, d] (float32), the key and value
+  that every sequence starting with that token caches at position 0. Attention puts much of its
+  weight on that token (up to half in Gemma 3's global layers), so the transforms store the
+  other rows relative to it and it exactly (pyadaq.runtime.kv_transform).
+
+Format 1 files (without the first-token rows) are still read.
 
 ``read_calibration`` checks everything it reads (kind, version, shapes against the metadata,
 finite values, orthonormal bases, descending variances) and raises ``CalibrationFileError``
@@ -34,7 +41,8 @@ from pyadaq._atomic import atomic_path
 from pyadaq.model.header import ModelInfo
 
 KIND = "kv-calibration"
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: no first-token rows
 ARCH = "pyadaq-kv-calibration"
 
 __all__ = [
@@ -124,14 +132,17 @@ class Calibration:
     k: dict[int, Components]
     v: dict[int, Components]
     path: Path | None = None
+    first_token: int | None = None  # the BOS token whose rows k_first / v_first are; None: not recorded
+    k_first: dict[int, np.ndarray] | None = None  # per layer [heads, d]
+    v_first: dict[int, np.ndarray] | None = None
 
     def layers(self) -> list[int]:
         return sorted(self.k)
 
     @property
     def fingerprint(self) -> str:
-        """Hex sha256 of the transforms (every layer's K and V means and bases): two calibrations
-        with the same fingerprint store a cache in the same coordinates."""
+        """Hex sha256 of the transforms (every layer's K and V means, bases and first-token rows):
+        two calibrations with the same fingerprint store a cache in the same coordinates."""
         fp = self.__dict__.get("_fingerprint")
         if fp is None:
             import hashlib
@@ -141,6 +152,9 @@ class Calibration:
                 for comps in (self.k[il], self.v[il]):
                     h.update(np.ascontiguousarray(comps.mean, dtype=np.float32).tobytes())
                     h.update(np.ascontiguousarray(comps.basis, dtype=np.float32).tobytes())
+                if self.k_first is not None:
+                    for rows in (self.k_first[il], self.v_first[il]):
+                        h.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
             fp = h.hexdigest()
             object.__setattr__(self, "_fingerprint", fp)
         return fp
@@ -170,11 +184,16 @@ def write_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
             w.add_string("pyadaq.version", cal.pyadaq_version)
             w.add_string("pyadaq.build", cal.build)
             w.add_string("pyadaq.created", cal.created)
+            if cal.first_token is not None:
+                w.add_uint32("pyadaq.first_token", cal.first_token)
             for il in cal.layers():
                 for kind, comps in (("k", cal.k[il]), ("v", cal.v[il])):
                     w.add_tensor(f"blk.{il}.{kind}_mean", np.ascontiguousarray(comps.mean, dtype=np.float32))
                     w.add_tensor(f"blk.{il}.{kind}_basis", np.ascontiguousarray(comps.basis, dtype=np.float32))
                     w.add_tensor(f"blk.{il}.{kind}_var", np.ascontiguousarray(comps.var, dtype=np.float32))
+                    if cal.first_token is not None:
+                        rows = (cal.k_first if kind == "k" else cal.v_first)[il]
+                        w.add_tensor(f"blk.{il}.{kind}_first", np.ascontiguousarray(rows, dtype=np.float32))
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
@@ -208,8 +227,12 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
     if _field(reader, "pyadaq.kind", spath) != KIND:
         raise CalibrationFileError(f"{spath}: not a pyadaq KV calibration file", spath)
     version = _field(reader, "pyadaq.format", spath)
-    if version != FORMAT:
-        raise CalibrationFileError(f"{spath}: calibration format {version}, this pyadaq reads {FORMAT}", spath)
+    if version not in READS:
+        raise CalibrationFileError(f"{spath}: calibration format {version}, this pyadaq reads "
+                                   f"{', '.join(map(str, READS))}", spath)
+    first_token = None
+    if version >= 2 and "pyadaq.first_token" in reader.fields:
+        first_token = int(_field(reader, "pyadaq.first_token", spath))
     meta = {k: _field(reader, f"pyadaq.{k}", spath) for k in (
         "model.sha256", "model.name", "model.architecture", "model.n_layer", "n_head_kv", "head_size_k",
         "head_size_v", "tokens", "text.sha256", "text.tokens", "n_ctx", "chunks", "version", "build", "created")}
@@ -222,27 +245,32 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
                                        "values, one per layer", spath)
         per_layer[key] = tuple(int(x) for x in vals)
     tensors = {t.name: t for t in reader.tensors}
+
+    def tensor(name: str, shape: tuple) -> np.ndarray:
+        t = tensors.get(name)
+        if t is None:
+            raise CalibrationFileError(f"{spath}: tensor '{name}' is missing", spath)
+        a = np.asarray(t.data)
+        if a.dtype != np.float32 or a.size != int(np.prod(shape)):
+            raise CalibrationFileError(f"{spath}: tensor '{name}' should hold {shape} float32 values, "
+                                       f"has {a.size} {a.dtype}", spath)
+        a = a.reshape(shape)
+        if not np.isfinite(a).all():
+            raise CalibrationFileError(f"{spath}: tensor '{name}' has non-finite values", spath)
+        return np.array(a)
+
     comps: dict[str, dict[int, Components]] = {"k": {}, "v": {}}
+    first: dict[str, dict[int, np.ndarray]] = {"k": {}, "v": {}}
     for il in range(n_layer):
         heads = per_layer["n_head_kv"][il]
         if heads == 0:
             continue
         for kind in ("k", "v"):
             d = per_layer[f"head_size_{kind}"][il]
-            arrs = {}
-            for part, shape in (("mean", (heads, d)), ("basis", (heads, d, d)), ("var", (heads, d))):
-                name = f"blk.{il}.{kind}_{part}"
-                t = tensors.get(name)
-                if t is None:
-                    raise CalibrationFileError(f"{spath}: tensor '{name}' is missing", spath)
-                a = np.asarray(t.data)
-                if a.dtype != np.float32 or a.size != int(np.prod(shape)):
-                    raise CalibrationFileError(f"{spath}: tensor '{name}' should hold {shape} float32 values, "
-                                               f"has {a.size} {a.dtype}", spath)
-                a = a.reshape(shape)
-                if not np.isfinite(a).all():
-                    raise CalibrationFileError(f"{spath}: tensor '{name}' has non-finite values", spath)
-                arrs[part] = np.array(a)
+            arrs = {part: tensor(f"blk.{il}.{kind}_{part}", shape)
+                    for part, shape in (("mean", (heads, d)), ("basis", (heads, d, d)), ("var", (heads, d)))}
+            if first_token is not None:
+                first[kind][il] = tensor(f"blk.{il}.{kind}_first", (heads, d))
             basis, var = arrs["basis"], arrs["var"]
             eye_err = np.abs(np.einsum("hji,hjk->hik", basis.astype(np.float64), basis) - np.eye(d)).max()
             if eye_err > 1e-3:
@@ -257,7 +285,9 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
         architecture=str(meta["model.architecture"]), n_layer=n_layer, **per_layer,
         text_sha256=str(meta["text.sha256"]), text_tokens=int(meta["text.tokens"]), n_ctx=int(meta["n_ctx"]),
         chunks=int(meta["chunks"]), pyadaq_version=str(meta["version"]), build=str(meta["build"]),
-        created=str(meta["created"]), k=comps["k"], v=comps["v"], path=p,
+        created=str(meta["created"]), k=comps["k"], v=comps["v"], path=p, first_token=first_token,
+        k_first=first["k"] if first_token is not None else None,
+        v_first=first["v"] if first_token is not None else None,
     )
 
 

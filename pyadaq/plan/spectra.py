@@ -14,7 +14,8 @@ Gaussian with the calibration's spectrum:
   error is the sum over positions of s_j**2 times the type's error at that position of a block of
   unit Gaussians (``position_errors``: its bit profile).
 
-Keys are measured about their mean (it leaves the cache), values about 0 (their mean stays).
+Each part is measured about what its context subtracts (pyadaq.runtime.kv_transform.part_offset:
+the key mean, nothing for values, the first token's rows for transform-coded types).
 The errors of all types come from the same formats (ggml's reference quantizer and to_float, on
 a fixed seed), so they rank the types by what they do to Gaussian data. Real values are not
 Gaussian (a few sink tokens carry most of the attention), so where it matters the measured KL
@@ -81,6 +82,5 @@ def predicted_errors(calibration, types: Sequence) -> tuple[np.ndarray, np.ndarr
     out = [np.zeros((calibration.n_layer, len(cts))), np.zeros((calibration.n_layer, len(cts)))]
     for il in calibration.layers():
         for is_v in (False, True):
-            comps = part_components(calibration, il, is_v)
-            out[is_v][il] = [_part_error(comps, t) for t in cts]
+            out[is_v][il] = [_part_error(part_components(calibration, il, is_v, t), t) for t in cts]
     return out[0], out[1]

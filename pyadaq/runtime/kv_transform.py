@@ -24,16 +24,23 @@ otherwise they keep llama.cpp's rotation. Per cache type:
   K=q8_0 with V=kvt3: KL 0.055 mixed on 2 chunks, 0.09-0.12 for every unmixed variant;
   docs/CALIBRATION.md).
 
-Values keep their mean, so their directions and scales are those of the second moment about 0
-(covariance + mean mean^T), not of the covariance: a direction of little variance but a large
-mean would otherwise be divided by a tiny scale.
+What each part subtracts before its transform (its offset, added back to attention's output for
+values; for keys it shifts every logit of a query alike, which softmax ignores), and so the
+point about which its directions and scales are taken (the second moment about the offset:
+covariance + (mean - offset)(mean - offset)^T), :func:`part_offset`:
 
-The key mean comes out of the cache (except in layers with soft-capped logits or attention sinks,
-where libllama keeps it). The value mean stays: attention puts much of its weight on a few
-"sink" tokens (BOS first) whose values are near zero, and taking the mean out makes exactly
-those values large. On the embedded model, 2 chunks of 512, K f16 with V kvq2: KL 0.084
-without a calibration, 0.087 with principal directions and the rotation, 0.134 when the value
-mean comes out too (docs/CALIBRATION.md).
+* transform-coded types, when the calibration recorded them: the key and value that a sequence
+  starting with the model's BOS token caches at position 0. Attention puts much of its weight on
+  that token (about half in the global layers of Gemma 3), so its row should be stored exactly,
+  and relative to itself it is stored as zeros, which every format keeps exactly. On the
+  embedded model (scripts' measurement in docs/CALIBRATION.md) this is what made kvt values
+  better than the rotated flat types instead of worse: their squared error per token was half
+  of kvq2's, but the BOS row, unlike the data the directions were fitted to, came back with 5
+  times kvq2's error, and in the global layers that row carries half the attention;
+* otherwise: the key mean for keys (libllama keeps it in layers with soft-capped logits or
+  attention sinks, where the identity does not hold), nothing for values. Taking the value mean
+  out makes the near-zero values of the sink tokens large (K f16 with V kvq2 on the embedded
+  model, 2 chunks of 512: KL 0.084 without a calibration, 0.134 with the value mean out).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import numpy as np
 from pyadaq.types import cache_type
 
 __all__ = ["LayerTransform", "context_settings", "hadamard", "interleave", "kv_transforms", "matrix_and_scale",
-           "part_components", "require_calibration", "transforms_values"]
+           "part_components", "part_offset", "require_calibration", "transforms_values"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class LayerTransform:
     is_v: bool
     matrix: np.ndarray  # [heads, d, d], orthonormal columns: the cache's coordinates
     scale: np.ndarray | None  # [heads, d] or None (all 1)
-    mean: np.ndarray | None  # [heads, d], or None: the cache keeps it
+    mean: np.ndarray | None  # [heads, d]: the offset taken out (part_offset), or None
     inverse: np.ndarray | None = None  # [heads, d, d]: the inverse of matrix (None: its transpose)
 
 
@@ -119,22 +126,37 @@ def matrix_and_scale(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
     return basis @ hadamard(comps.head_size), None
 
 
-def _uncentered(comps):
-    """The same data's principal directions about 0 instead of about the mean (the eigenbasis of
-    the second-moment matrix covariance + mean mean^T, by descending second moment): the values,
-    whose mean stays in the cache, are stored in these."""
+def _about(comps, offset):
+    """The same data's principal directions about `offset` [heads, d] instead of about the mean:
+    the eigenbasis of the second moment about it, covariance + (mean - offset)(mean - offset)^T,
+    by descending second moment (the mean field stays the data's mean)."""
     from pyadaq.model.calibration import Components
 
-    m = comps.mean.astype(np.float64)
+    m = comps.mean.astype(np.float64) - offset.astype(np.float64)
     second = comps.covariance().astype(np.float64) + m[:, :, None] * m[:, None, :]
     w, v = np.linalg.eigh(0.5 * (second + second.transpose(0, 2, 1)))
     return Components(comps.mean, v[:, :, ::-1].astype(np.float32), np.clip(w[:, ::-1], 0, None).astype(np.float32))
 
 
-def part_components(calibration, il: int, is_v: bool):
-    """The components a layer's keys (their covariance: the key mean leaves the cache) or values
-    (their second moment: the value mean stays, :func:`_uncentered`) are stored by."""
-    return _uncentered(calibration.v[il]) if is_v else calibration.k[il]
+def part_offset(calibration, il: int, is_v: bool, t=None) -> np.ndarray | None:
+    """What a layer's K or V part stored in cache type `t` subtracts before its transform
+    ([heads, d]; None: nothing): see the module doc."""
+    first = calibration.v_first if is_v else calibration.k_first
+    if t is not None and cache_type(t).calibrated and first is not None:
+        return first[il]
+    return None if is_v else calibration.k[il].mean
+
+
+def part_components(calibration, il: int, is_v: bool, t=None):
+    """The components a layer's keys or values in cache type `t` are stored by: those of the
+    data about :func:`part_offset` (the keys' covariance when the offset is their mean)."""
+    comps = calibration.v[il] if is_v else calibration.k[il]
+    offset = part_offset(calibration, il, is_v, t)
+    if offset is None:
+        return _about(comps, np.zeros_like(comps.mean))
+    if offset is comps.mean:
+        return comps
+    return _about(comps, offset)
 
 
 def transforms_values(types_v) -> bool:
@@ -153,11 +175,12 @@ def kv_transforms(calibration, types_k, types_v) -> list[LayerTransform]:
     values = transforms_values(types_v)
     for il in calibration.layers():
         for is_v in (False, True) if values else (False,):
-            comps, t = part_components(calibration, il, is_v), (types_v if is_v else types_k)[il]
+            t = (types_v if is_v else types_k)[il]
+            comps, offset = part_components(calibration, il, is_v, t), part_offset(calibration, il, is_v, t)
             matrix, scale = matrix_and_scale(comps, cache_type(t))
             out.append(LayerTransform(il, is_v, np.ascontiguousarray(matrix, dtype=np.float32),
                                       None if scale is None else np.ascontiguousarray(scale, dtype=np.float32),
-                                      None if is_v else np.ascontiguousarray(comps.mean, dtype=np.float32)))
+                                      None if offset is None else np.ascontiguousarray(offset, dtype=np.float32)))
     return out
 
 
