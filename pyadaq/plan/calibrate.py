@@ -57,7 +57,7 @@ DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "kvq3", "kvq2")
 # With a KV calibration: the keys' transform-coded profiles at 4.5, 3.5 and 2.5 bits beside the
 # uniform types (the values' kvt2/kvt3/kvt4 lose to kvq2/kvq3 as V on the embedded model,
 # docs/CALIBRATION.md, and each type adds 2 runs per layer to a calibration).
-CALIBRATED_TYPES = ("f16", "q8_0", "kvt4s", "q4_0", "kvt3s", "kvq3", "kvt2s", "kvq2")
+CALIBRATED_TYPES = ("f16", "q8_0", "kvt4s", "kvt4", "q4_0", "kvt3s", "kvt3", "kvq3", "kvt2s", "kvt2", "kvq2")
 SOURCES = ("kl", "norms", "spectra")
 CALIBRATION_VERSION = 2
 
