@@ -48,3 +48,22 @@ def test_embedded_copy_from_the_environment(embedded_model, tiny_model, tmp_path
     monkeypatch.setenv("PYADAQ_EMBEDDED_MODEL", str(tmp_path / "missing.gguf"))
     with pytest.raises(EmbeddedModelError, match="no such file"):
         embedded_model_path()
+
+
+def test_demo(cache, capsys):
+    """`pyadaq demo` (README's first command): an answer with 4.5-bit keys and 2.5-bit values in
+    the model's KV calibration (made here, in an empty cache), and the KL table, where that pair
+    costs far less than q4_0 keys with kvq2 values at the same 3.5 bits per value."""
+    from pyadaq.cli import main
+
+    assert main(["demo", "--chunks", "1", "--tokens", "12", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache: K=kvt4s, V=kvt2 in the model's KV calibration (3.5 bits per value" in out
+    answer = out.split("> What are the three primary colors?", 1)[1].strip().splitlines()[0]
+    assert answer.strip()
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("f16:f16", "q4_0:kvq2", "kvt4s:kvt2+cal", "q8_0:kvt2+cal")}
+    assert set(rows) == {"f16:f16", "q4_0:kvq2", "kvt4s:kvt2+cal", "q8_0:kvt2+cal"}
+    kl = {name: float(r[4]) for name, r in rows.items()}
+    assert kl["f16:f16"] == 0.0
+    assert kl["kvt4s:kvt2+cal"] < 0.5 * kl["q4_0:kvq2"]

@@ -160,9 +160,9 @@ def test_profiles_beat_flat_bits_on_their_spectrum():
 
 
 @per_type
-def test_vec_dot_q8_0(t):
-    rng = np.random.default_rng(t.id)
-    n = 256
+@pytest.mark.parametrize("n", [256, 640])  # 640: 10 blocks, dequantized 8 and 2 at a time
+def test_vec_dot_q8_0(t, n):
+    rng = np.random.default_rng(t.id + n)
     x = rng.standard_normal(n).astype(np.float32)
     y = rng.standard_normal(n).astype(np.float32)
     qx = c_quantize(t, x)

@@ -193,24 +193,21 @@ static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widt
 static const uint64_t kvt_spread[256] = { KVT_S64(0), KVT_S64(64), KVT_S64(128), KVT_S64(192) };
 static_assert(sizeof(kvt_spread) == 256 * sizeof(uint64_t), "one spread per byte value");
 
-// levels[j * 8 .. j * 8 + 7] of one width as a register; lanes past the width's levels are 0
-__attribute__((target("avx2")))
-static inline __m256 kvt_level_octet(int w, int j) {
-    float t[8] = { 0 };
-    for (int i = 0; i < 8 && j * 8 + i < (1 << w); ++i) {
-        t[i] = kvt_levels[w][j * 8 + i];
-    }
-    return _mm256_loadu_ps(t);
-}
+// the levels of the widths up to 5 bits, each padded with zeros to 32: octet j of width w (levels
+// j * 8 .. j * 8 + 7, as a register) is kvt_levels_padded[w] + 8 * j. A constant table, so that a
+// call for one block (the K.Q dot product dequantizes block by block) builds nothing.
+static const float kvt_levels_padded[6][32] = {
+    { 0 }, PYADAQ_KVT_LEVELS_1, PYADAQ_KVT_LEVELS_2, PYADAQ_KVT_LEVELS_3, PYADAQ_KVT_LEVELS_4, PYADAQ_KVT_LEVELS_5,
+};
 
 __attribute__((target("avx2")))
 static void kvt_dequantize_row_avx2(const uint8_t * x, size_t block_bytes, float * y, int64_t k, const int * widths) {
     // the level tables of the row's widths up to 5 bits, 8 levels per register
     __m256 oct[8][4];
     for (int g = 0; g < 8; ++g) {
+        const float * t = kvt_levels_padded[widths[g] >= 1 && widths[g] <= 5 ? widths[g] : 0];
         for (int j = 0; j < 4; ++j) {
-            oct[g][j] = widths[g] >= 1 && widths[g] <= 5 && j * 8 < (1 << widths[g]) ? kvt_level_octet(widths[g], j)
-                                                                                      : _mm256_setzero_ps();
+            oct[g][j] = _mm256_loadu_ps(t + 8 * j);
         }
     }
     for (int64_t b = 0; b < k / PYADAQ_KVT_QK; ++b) {

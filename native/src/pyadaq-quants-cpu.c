@@ -248,13 +248,18 @@ static inline float pyadaq_kvt_dot32(const float * v, const int8_t * qs) {
 }
 #endif
 
+// up to this many blocks are dequantized in one call (a head of up to 512 values at once)
+#define PYADAQ_KVT_DOT_BLOCKS 8
+
 static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const block_q8_0 * y) {
     float sum = 0.0f;
-    float v[PYADAQ_KVT_QK];
-    for (int ib = 0; ib < n / PYADAQ_KVT_QK; ++ib) {
-        deq((const uint8_t *) vx + (size_t) ib * block_bytes, v, PYADAQ_KVT_QK);
-        for (int h = 0; h < PYADAQ_KVT_QK / QK8_0; ++h) {
-            const block_q8_0 * yb = &y[ib * (PYADAQ_KVT_QK / QK8_0) + h];
+    float v[PYADAQ_KVT_DOT_BLOCKS * PYADAQ_KVT_QK];
+    const int nb = n / PYADAQ_KVT_QK;
+    for (int ib0 = 0; ib0 < nb; ib0 += PYADAQ_KVT_DOT_BLOCKS) {
+        const int m = nb - ib0 < PYADAQ_KVT_DOT_BLOCKS ? nb - ib0 : PYADAQ_KVT_DOT_BLOCKS;
+        deq((const uint8_t *) vx + (size_t) ib0 * block_bytes, v, (int64_t) m * PYADAQ_KVT_QK);
+        for (int h = 0; h < m * (PYADAQ_KVT_QK / QK8_0); ++h) {
+            const block_q8_0 * yb = &y[ib0 * (PYADAQ_KVT_QK / QK8_0) + h];
             sum += pyadaq_kvt_dot32(v + h * QK8_0, yb->qs) * GGML_CPU_FP16_TO_FP32(yb->d);
         }
     }

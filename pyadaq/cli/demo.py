@@ -1,11 +1,13 @@
-"""`pyadaq demo`: one chat answer from the embedded model with K=q8_0 and V=kvq2 (the 2-bit
-type), then the KV size and the KL divergence against an f16 cache of a few configurations."""
+"""`pyadaq demo`: one chat answer from the embedded model with 4.5-bit keys and 2.5-bit values in
+the model's KV calibration (K=kvt4s, V=kvt2: 3.5 bits per value; the calibration is made once,
+about a minute on 2 cores, and cached), then the KV size and the KL divergence against an f16
+cache of a few configurations."""
 
 from __future__ import annotations
 
 import sys
 
-CONFIGS = [("f16", "f16"), ("q8_0", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "kvq3"), ("q8_0", "kvq2"), ("q4_0", "kvq2")]
+CONFIGS = "f16:f16,q8_0:q4_0,q4_0:q4_0,q8_0:kvq2,q4_0:kvq2,q8_0:kvt2+cal,kvt4s:kvt2+cal"
 
 
 def add_parser(sub) -> None:
@@ -19,14 +21,20 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pyadaq.cli._common import announce, counted, load_llama, missing_reference
+    from pyadaq.cli._common import announce, counted, load_llama, missing_reference, resolve_model
     from pyadaq.cli.chat_cmd import Chat
     from pyadaq.eval.kl import cache_root, compare
+    from pyadaq.plan.calibrate import kv_calibration_for
+    from pyadaq.plan.spec import parse_configs, resolve_configs
     from pyadaq.report.markdown import fixed
 
-    model, info, llm = load_llama("demo", args.model, cache_type_k="q8_0", cache_type_v="kvq2", ctx=2048,
-                                  threads=args.threads, seed=0)
-    print(f"model: {model}\nKV cache: K=q8_0, V=kvq2 ({llm.cache_type_v.bits_per_value:g} bits per V value)\n")
+    model, info = resolve_model(args.model)
+    calibration = kv_calibration_for(model, info, "default")
+    model, info, llm = load_llama("demo", model, cache_type_k="kvt4s", cache_type_v="kvt2", ctx=2048,
+                                  threads=args.threads, kv_calibration=calibration, seed=0)
+    bits = (llm.cache_type_k.bits_per_value + llm.cache_type_v.bits_per_value) / 2
+    print(f"model: {model}\nKV cache: K=kvt4s, V=kvt2 in the model's KV calibration ({bits:g} bits per value; "
+          f"{calibration.path})\n")
     print(f"> {args.prompt}")
     try:
         chat = Chat(llm, max_tokens=args.tokens, temperature=0.0)
@@ -34,18 +42,20 @@ def run(args) -> int:
         print(chat.stats())
     finally:
         llm.close()
-    announce("demo", f"the KL table ({len(CONFIGS)} configurations on {counted(args.chunks, 'chunk')} of "
+    n_configs = len(parse_configs(CONFIGS))
+    announce("demo", f"the KL table ({n_configs} configurations on {counted(args.chunks, 'chunk')} of "
              "512 tokens)",
-             len(CONFIGS) * args.chunks + missing_reference(info, 512, args.chunks), model, 512, args.threads,
+             n_configs * args.chunks + missing_reference(info, 512, args.chunks), model, 512, args.threads,
              kept=f"The f16 reference is cached in {cache_root()} (later runs skip it).",
              faster="`pyadaq demo --chunks 1`" if args.chunks > 1 else None,
-             faster_passes=len(CONFIGS) + missing_reference(info, 512, 1))
+             faster_passes=n_configs + missing_reference(info, 512, 1))
     print(f"\nKL divergence against an f16 cache, {counted(args.chunks, 'chunk')} of 512 tokens of pydoc_data.topics "
           "(`pyadaq eval` for more):")
-    res = compare(model, CONFIGS, n_ctx=512, n_chunks=args.chunks, n_threads=args.threads, store=True)
+    configs = resolve_configs(parse_configs(CONFIGS), model, calibration=calibration)
+    res = compare(model, configs, n_ctx=512, n_chunks=args.chunks, n_threads=args.threads, store=True)
     f16 = res["f16_kv_bytes"]
-    print(f"{'K:V':<11} {'bits/value':>10} {'KV MiB':>8} {'of f16':>7} {'KL mean':>9} {'top-1':>7}")
+    print(f"{'K:V':<15} {'bits/value':>10} {'KV MiB':>8} {'of f16':>7} {'KL mean':>9} {'top-1':>7}")
     for r in res["results"]:
-        print(f"{r['config']:<11} {r['bits_per_value']:>10.2f} {r['kv_bytes'] / 2**20:>8.2f} "
+        print(f"{r['config']:<15} {r['bits_per_value']:>10.2f} {r['kv_bytes'] / 2**20:>8.2f} "
               f"{r['kv_bytes'] / f16:>7.0%} {fixed(max(r['kl_mean'], 0.0), 4):>9} {r['top1']:>7.1%}")
     return 0
