@@ -1,6 +1,9 @@
 """`pyadaq calibrate`: per layer and KV head, the mean and principal components of the keys (as
-cached: after RoPE) and of the values while the model reads a text, written as a GGUF calibration
-file. The default text is the second half of pydoc_data.topics, which evaluations do not read."""
+cached: after RoPE) and of the values while the model reads a text, and the key and value of the
+BOS token at position 0, written as a GGUF calibration file. The default text is the second half
+of pydoc_data.topics (as short chat exchanges, then as prose), which evaluations do not read. A
+calibration fits the kind of text it reads and the positions it reaches: give --text like the
+text the model will read and --ctx at least its context."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--text", help="UTF-8 text file the model reads (default: the second half of "
-                                  "pydoc_data.topics)")
+                                  "pydoc_data.topics, as chat exchanges and as prose)")
     p.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"tokens per chunk (default {DEFAULT_CTX})")
     p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, help=f"chunks to read (default {DEFAULT_CHUNKS})")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")

@@ -18,7 +18,8 @@ otherwise they keep llama.cpp's rotation. Per cache type:
   d/64 blocks of 64) holds direction p * d/64 + b, and s = the square root of each direction's
   variance (at least 1e-6 of the largest): every stored value has unit variance on the
   calibration text, and every block sees the same descending spectrum, which the type's bit
-  profile follows. The directions that share a bit width (one group of 8 positions in every
+  profile follows (the values' profiles take the square root of that scale, :data:`WHITENING`).
+  The directions that share a bit width (one group of 8 positions in every
   block) are then mixed by a Hadamard rotation and share their root mean variance as scale: a
   principal coordinate alone is far from Gaussian, a mix of a few is closer (embedded model,
   K=q8_0 with V=kvt3: KL 0.055 mixed on 2 chunks, 0.09-0.12 for every unmixed variant;
@@ -108,6 +109,14 @@ def _mix_groups(matrix, var, block: int, group: int = 8):
     return matrix, var
 
 
+# How far each transform-coded type whitens: s = sd ** WHITENING. The keys' profiles (kvt*s) divide
+# every direction by its standard deviation; the values' profiles (kvt2/kvt3/kvt4) by its square
+# root: whitened values fit the calibration's own kind of text best and other kinds worse, half
+# whitened ones lose nothing measurable on held-out prose and less on chat exchanges
+# (docs/CALIBRATION.md, "Values on other text").
+WHITENING = {"kvt2": 0.5, "kvt3": 0.5, "kvt4": 0.5}
+
+
 def matrix_and_scale(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
     """(M [heads, d, d], s [heads, d] or None) of one layer's K or V part (its components:
     :func:`part_components`) stored in cache type t: the cache holds ((x - mean) M) / s."""
@@ -120,7 +129,7 @@ def matrix_and_scale(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
         var = np.maximum(comps.var.astype(np.float64), 1e-6 * comps.var.max(axis=1, keepdims=True))
         var = np.maximum(var, 1e-30)
         matrix, var = _mix_groups(basis[:, :, order], var[:, order], t.block_size)
-        return matrix, np.sqrt(var)
+        return matrix, np.sqrt(var) ** WHITENING.get(t.name, 1.0)
     if not t.quantized:
         return basis, None
     return basis @ hadamard(comps.head_size), None
