@@ -397,6 +397,20 @@ def test_quantized_layers_get_the_rotation(setup):
         assert tf[(il0, True)].mean is None
 
 
+def test_values_profiles_half_whiten(setup):
+    """The same directions and groups for both profiles; the values' kvt2 divides by the square
+    root of what the keys' kvt2s divides by (pyadaq.runtime.kv_transform.WHITENING)."""
+    from pyadaq.runtime.kv_transform import matrix_and_scale, part_components
+
+    _, cals = setup
+    cal = cals["pca"]
+    comps = part_components(cal, cal.layers()[0], True, "kvt2")
+    mk, sk = matrix_and_scale(comps, pyadaq.cache_type("kvt2s"))
+    mv, sv = matrix_and_scale(comps, pyadaq.cache_type("kvt2"))
+    assert np.array_equal(mk, mv)
+    assert np.allclose(sv, np.sqrt(sk)) and not np.allclose(sv, sk)
+
+
 def test_first_token_is_stored_exactly(setup):
     """With the first-token rows of the calibration, kvt caches store BOS's key and value as
     zeros, which they keep exactly: at position 0 (BOS attends to itself alone) the logits are
