@@ -141,6 +141,7 @@ bool        ggml_is_quantized(int type);
 size_t      ggml_row_size(int type, int64_t ne);
 
 int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int impl, float * out);
+int pyadaq_cpu_vec_dot_f32(int type, int n, const void * x, const float * y, float * out);
 int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k);
 int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k);
 const char * pyadaq_cpu_simd(void);

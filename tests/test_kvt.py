@@ -161,20 +161,20 @@ def test_profiles_beat_flat_bits_on_their_spectrum():
 
 @per_type
 @pytest.mark.parametrize("n", [256, 640])  # 640: 10 blocks, dequantized 8 and 2 at a time
-def test_vec_dot_q8_0(t, n):
+def test_vec_dot_f32(t, n):
+    """The CPU dot product takes the query side in float (vec_dot_type F32): the dequantized
+    row times y, here against float64."""
     rng = np.random.default_rng(t.id + n)
     x = rng.standard_normal(n).astype(np.float32)
-    y = rng.standard_normal(n).astype(np.float32)
+    # a query of a whitened key's spectrum: q8_0 (one scale per 32 values) would zero most of it
+    y = (rng.standard_normal(n) * np.geomspace(1.0, 1e-3, n)).astype(np.float32)
     qx = c_quantize(t, x)
-    qy = np.zeros(n // 32 * 34, np.uint8)
-    assert NAT.cpu.pyadaq_cpu_quantize_q8_0(FFI.from_buffer("float[]", y), FFI.from_buffer(qy), n) == 0
-    blocks = qy.reshape(-1, 34)
-    yd = (np.ascontiguousarray(blocks[:, :2]).view("<f2").astype(np.float32)
-          * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
-    want = float(np.dot(c_dequantize(t, qx, n).astype(np.float64), yd))
+    want = float(np.dot(c_dequantize(t, qx, n).astype(np.float64), y.astype(np.float64)))
     out = FFI.new("float *")
-    assert NAT.cpu.pyadaq_cpu_vec_dot_q8_0(t.id, n, FFI.from_buffer(qx), FFI.from_buffer(qy), 1, out) == 0
-    assert abs(out[0] - want) < 1e-4 * max(1.0, abs(want))
+    assert NAT.cpu.pyadaq_cpu_vec_dot_f32(t.id, n, FFI.from_buffer(qx), FFI.from_buffer("float[]", y), out) == 0
+    assert abs(out[0] - want) < 1e-5 * max(1e-3, float(np.abs(c_dequantize(t, qx, n) * y).sum()))
+    assert NAT.cpu.pyadaq_cpu_vec_dot_f32(t.id, n - 32, FFI.from_buffer(qx), FFI.from_buffer("float[]", y), out) == -1
+    assert NAT.cpu.pyadaq_cpu_vec_dot_f32(8, n, FFI.from_buffer(qx), FFI.from_buffer("float[]", y), out) == -1  # q8_0
     spare = np.zeros_like(qx)
     assert NAT.cpu.pyadaq_cpu_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(spare), 32) == -1
 

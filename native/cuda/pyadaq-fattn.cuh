@@ -74,38 +74,41 @@ static __device__ __forceinline__ void pyadaq_dequantize_V_kvq(const void * __re
     }
 }
 
-// K.Q for one K row of a transform-coded type: the float levels of each thread's 4 K values times
-// the int8 of Q, then the scales of both (a kvt block of 64 spans two q8_1 blocks of Q; each
-// thread's Q_ds is that of the Q block holding its 4 values).
+// K.Q for one K row of a transform-coded type, with Q as the f16 K path has it (fattn-vec.cuh's
+// K_float_Q, patch 0007), not rounded to q8_1: whitened keys weigh Q's small components as much
+// as its large ones, and one int8 scale per 32 values of Q lost them (on the CPU, generation with
+// kvt keys fell into repeated digits until Q stayed in float there too). Each thread takes the
+// pairs of K values that the f16 path's Q registers hold: cpy_ne pairs per step, nthreads steps
+// apart; each pair is d * level, as the reference computes it.
 template <int D, int nthreads, int ID>
 static __device__ __forceinline__ float pyadaq_vec_dot_fattn_vec_KQ_kvt(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
 
     typedef typename pyadaq_kvt_block<ID>::type block_t;
     const block_t * K = (const block_t *) K_c;
-    GGML_UNUSED(Q_v);
+    GGML_UNUSED(Q_q8);
+    GGML_UNUSED(Q_ds_v);
     static_assert(D % PYADAQ_KVT_QK == 0, "head size must be a multiple of the kvt block");
-    constexpr int ints_per_block = PYADAQ_KVT_QK / (int) sizeof(int);
+
+    constexpr int cpy_nb = ggml_cuda_get_max_cpy_bytes();
+    constexpr int cpy_ne = cpy_nb / 4;
 
     float sum = 0.0f;
 
 #pragma unroll
-    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
-        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
-
-        const int ib = k_KQ / ints_per_block;
-        const int j0 = 4 * (k_KQ % ints_per_block);
-
-        const int q = Q_q8[k_KQ_0/nthreads];
-        const int8_t * q8 = (const int8_t *) &q;
-        float s = 0.0f;
+    for (int k_KQ_0 = 0; k_KQ_0 < D/2; k_KQ_0 += nthreads*cpy_ne) {
 #pragma unroll
-        for (int l = 0; l < 4; ++l) {
-            s += pyadaq_kvt_unscaled<ID>(K + ib, j0 + l) * (float) q8[l];
+        for (int k_KQ_1 = 0; k_KQ_1 < cpy_ne; ++k_KQ_1) {
+            const int i = 2 * (k_KQ_0 + (threadIdx.x % nthreads)*cpy_ne + k_KQ_1);  // the pair's first value
+            float a, b;
+            pyadaq_kvt_dequant2<ID>(K + i / PYADAQ_KVT_QK, i % PYADAQ_KVT_QK, &a, &b);
+#ifdef V_DOT2_F32_F16_AVAILABLE
+            const float2 q = __half22float2(((const half2 *) Q_v)[k_KQ_0/nthreads + k_KQ_1]);
+#else
+            const float2 q = ((const float2 *) Q_v)[k_KQ_0/nthreads + k_KQ_1];
+#endif // V_DOT2_F32_F16_AVAILABLE
+            sum += a * q.x + b * q.y;
         }
-
-        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
-        sum += pyadaq_f16_to_f32(K[ib].d) * Q_ds.x * s;
     }
 
     return sum;

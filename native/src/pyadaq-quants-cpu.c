@@ -225,43 +225,43 @@ static void pyadaq_quantize_block_mse_avx2(const float * x, uint8_t * blk, int q
 PYADAQ_TYPES(PYADAQ_DEFINE_CPU)
 
 // The transform-coded types: the quantizer (ggml-base's AVX2 search where the CPU has it, the same
-// bytes as the reference), and the dot product with q8_0 through the dequantized block (each
-// 64-value block spans two q8_0 blocks).
+// bytes as the reference), and the dot product with a float row (vec_dot_type F32, see
+// pyadaq-quants.h) through the dequantized blocks, up to 8 blocks per call.
 #if defined(__AVX2__) && defined(__FMA__)
-static inline float pyadaq_kvt_dot32(const float * v, const int8_t * qs) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int j = 0; j < QK8_0; j += 8) {
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs + j))));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), q, acc);
+static inline float pyadaq_dot_f32(const float * a, const float * b, int n) {
+    __m256 acc0 = _mm256_setzero_ps();
+    __m256 acc1 = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
     }
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
     const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 #else
-static inline float pyadaq_kvt_dot32(const float * v, const int8_t * qs) {
-    float part = 0.0f;
-    for (int j = 0; j < QK8_0; ++j) {
-        part += v[j] * (float) qs[j];
+static inline float pyadaq_dot_f32(const float * a, const float * b, int n) {
+    float sum = 0.0f;
+    for (int j = 0; j < n; ++j) {
+        sum += a[j] * b[j];
     }
-    return part;
+    return sum;
 }
 #endif
 
 // up to this many blocks are dequantized in one call (a head of up to 512 values at once)
 #define PYADAQ_KVT_DOT_BLOCKS 8
+static_assert(PYADAQ_KVT_QK % 16 == 0, "the float dot product takes 16 values per step");
 
-static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const block_q8_0 * y) {
+static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const float * y) {
     float sum = 0.0f;
     float v[PYADAQ_KVT_DOT_BLOCKS * PYADAQ_KVT_QK];
     const int nb = n / PYADAQ_KVT_QK;
     for (int ib0 = 0; ib0 < nb; ib0 += PYADAQ_KVT_DOT_BLOCKS) {
         const int m = nb - ib0 < PYADAQ_KVT_DOT_BLOCKS ? nb - ib0 : PYADAQ_KVT_DOT_BLOCKS;
         deq((const uint8_t *) vx + (size_t) ib0 * block_bytes, v, (int64_t) m * PYADAQ_KVT_QK);
-        for (int h = 0; h < m * (PYADAQ_KVT_QK / QK8_0); ++h) {
-            const block_q8_0 * yb = &y[ib0 * (PYADAQ_KVT_QK / QK8_0) + h];
-            sum += pyadaq_kvt_dot32(v + h * QK8_0, yb->qs) * GGML_CPU_FP16_TO_FP32(yb->d);
-        }
+        sum += pyadaq_dot_f32(v, y + (size_t) ib0 * PYADAQ_KVT_QK, m * PYADAQ_KVT_QK);
     }
     return sum;
 }
@@ -270,18 +270,19 @@ static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml
     void quantize_row_##lower(const float * x, void * y, int64_t k) {                                \
         pyadaq_kvt_quantize(GGML_TYPE_##UPPER, x, y, k, PYADAQ_IMPL_BEST);                           \
     }                                                                                                \
-    void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,        \
-                                     const void * vy, size_t by, int nrc) {                          \
+    void ggml_vec_dot_##lower##_f32(int n, float * s, size_t bs, const void * vx, size_t bx,         \
+                                    const void * vy, size_t by, int nrc) {                           \
         assert(nrc == 1);                                                                            \
         assert(n % PYADAQ_KVT_QK == 0);                                                              \
         (void) bs; (void) bx; (void) by; (void) nrc;                                                 \
-        *s = pyadaq_kvt_vec_dot(n, vx, sizeof(block_##lower), dequantize_row_##lower, (const block_q8_0 *) vy); \
+        *s = pyadaq_kvt_vec_dot(n, vx, sizeof(block_##lower), dequantize_row_##lower, (const float *) vy); \
     }
 PYADAQ_KVT_TYPES(PYADAQ_DEFINE_KVT_CPU)
 
 // Test entry points (pyadaq/_native.py). `impl`: 0 = the generic C path, 1 = the path the
 // CPU backend uses (AVX2 where compiled in). Returns -1 for a type that is not pyadaq's.
 PYADAQ_API int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int impl, float * out);
+PYADAQ_API int pyadaq_cpu_vec_dot_f32(int type, int n, const void * x, const float * y, float * out);
 PYADAQ_API int pyadaq_cpu_quantize_q8_0(const float * x, void * y, int64_t k);
 PYADAQ_API int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k);
 PYADAQ_API const char * pyadaq_cpu_simd(void);
@@ -302,8 +303,13 @@ int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int
     }
     PYADAQ_TYPES(PYADAQ_VD)
 #undef PYADAQ_VD
+    return -1;
+}
+
+int pyadaq_cpu_vec_dot_f32(int type, int n, const void * x, const float * y, float * out) {
+    ggml_cpu_init();
 #define PYADAQ_KVT_VD(UPPER, lower, id, ...) \
-    if (type == (id)) { if (n % PYADAQ_KVT_QK) return -1; ggml_vec_dot_##lower##_q8_0(n, out, 0, x, 0, y, 0, 1); return 0; }
+    if (type == (id)) { if (n % PYADAQ_KVT_QK) return -1; ggml_vec_dot_##lower##_f32(n, out, 0, x, 0, y, 0, 1); return 0; }
     PYADAQ_KVT_TYPES(PYADAQ_KVT_VD)
 #undef PYADAQ_KVT_VD
     return -1;

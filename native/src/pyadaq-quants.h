@@ -135,7 +135,15 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE)
     void ggml_vec_dot_##lower##_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx,                 \
                                      const void * vy, size_t by, int nrc);
 PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
-#define PYADAQ_KVT_DECLARE_CPU(UPPER, lower, id, ...) PYADAQ_DECLARE_CPU(UPPER, lower, id, 64, 0, 0, 0)
+// The transform-coded types' dot product takes the other side in float (vec_dot_type F32): their
+// keys are whitened, so a query in the cache's coordinates spans the keys' whole spectrum, and
+// rounding it to q8_0 (one scale per 32 values) would lose its small components, which whitened
+// keys weigh as much as the large ones (free-running generation with kvt4s keys on the embedded
+// model fell into repeated digits).
+#define PYADAQ_KVT_DECLARE_CPU(UPPER, lower, id, ...)                                                         \
+    void quantize_row_##lower(const float * x, void * y, int64_t k);                                          \
+    void ggml_vec_dot_##lower##_f32(int n, float * s, size_t bs, const void * vx, size_t bx,                  \
+                                    const void * vy, size_t by, int nrc);
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
 
 // Registration rows spliced into upstream's tables by the patches in native/patches.
@@ -185,7 +193,13 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
         .vec_dot_type = GGML_TYPE_Q8_0,                                      \
         .nrows        = 1,                                                   \
     },
-#define PYADAQ_KVT_TRAITS_CPU_ROW(UPPER, lower, id, ...) PYADAQ_TRAITS_CPU_ROW(UPPER, lower, id, 64, 0, 0, 0)
+#define PYADAQ_KVT_TRAITS_CPU_ROW(UPPER, lower, id, ...)                     \
+    [GGML_TYPE_##UPPER] = {                                                  \
+        .from_float   = quantize_row_##lower,                                \
+        .vec_dot      = ggml_vec_dot_##lower##_f32,                          \
+        .vec_dot_type = GGML_TYPE_F32,                                       \
+        .nrows        = 1,                                                   \
+    },
 #define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW)
 
 #define PYADAQ_CASE_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) case GGML_TYPE_##UPPER:
