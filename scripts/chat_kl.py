@@ -11,7 +11,9 @@ config) against f16's: KL mean ± standard error over tokens, and top-1 agreemen
 --set general (default): 30 general-knowledge questions that scripts/factual.py does not ask
 (the set that chose the values' whitening in pyadaq/runtime/kv_transform.py); --set factual:
 the questions of scripts/factual.py. Configs are `pyadaq eval` specs (+cal: the model's default
-KV calibration, or --kv-calibration FILE).
+KV calibration, or --kv-calibration FILE). --values-whitening A: the values' kvt profiles scale
+each component by sd ** A instead of the default (pyadaq.runtime.kv_transform.WHITENING; 1 whitens
+fully, as the keys' profiles do): the comparison that chose the default.
 """
 
 from __future__ import annotations
@@ -70,8 +72,15 @@ def main(argv=None) -> int:
     ap.add_argument("--set", choices=("general", "factual"), default="general")
     ap.add_argument("--kv-calibration", metavar="FILE")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens of each f16 answer (default 16)")
+    ap.add_argument("--values-whitening", type=float, metavar="A",
+                    help="the values' kvt profiles scale by sd ** A (default: kv_transform.WHITENING)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.values_whitening is not None:
+        from pyadaq.runtime import kv_transform
+
+        for name in kv_transform.WHITENING:
+            kv_transform.WHITENING[name] = args.values_whitening
 
     from tqdm import tqdm
 
@@ -121,8 +130,10 @@ def main(argv=None) -> int:
         print(f"{r['config']:<20} KL {r['kl_mean']:.4f} ± {r['kl_stderr']:.4f}  top-1 {100 * r['top1']:.1f} %  "
               f"({r['tokens']} tokens)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "set": args.set, "questions": questions,
-                                               "machine": machine(), "results": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({
+            "command": "python scripts/chat_kl.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "model": model, "set": args.set, "values_whitening": args.values_whitening,
+            "questions": questions, "machine": machine(), "results": rows}, indent=1))
         print(f"wrote {args.json}")
     return 0
 
