@@ -12,7 +12,8 @@ from pyadaq.eval.calibration import calibrate
 def main() -> None:
     path = pyadaq.embedded_model_path()
     cal = calibrate(path, progress=False)
-    for k, v in (("f16", "f16"), ("q4_0", "kvq2"), ("kvt4s", "q4_0"), ("kvt4s", "kvq2")):
+    for k, v in (("f16", "f16"), ("q4_0", "kvq2"), ("kvt4s", "q4_0"), ("kvt4s", "kvq2"), ("q8_0", "kvt2"),
+                 ("kvt4s", "kvt2")):
         llm = pyadaq.Llama(path, kv_calibration=cal, cache_type_k=k, cache_type_v=v, n_ctx=4096, swa_full=False)
         try:
             print(f"{k}:{v}  KV cache {llm.kv_cache_bytes / 2**20:6.2f} MiB  transforms "

@@ -9,11 +9,11 @@ config) against f16's: KL mean ± standard error over tokens, and top-1 agreemen
                               [--kv-calibration FILE] [--json OUT]
 
 --set general (default): 30 general-knowledge questions that scripts/factual.py does not ask
-(the set that chose the values' whitening in pyadaq/runtime/kv_transform.py); --set factual:
+(the set on which half-whitened values were tried, pyadaq/runtime/kv_transform.py); --set factual:
 the questions of scripts/factual.py. Configs are `pyadaq eval` specs (+cal: the model's default
 KV calibration, or --kv-calibration FILE). --values-whitening A: the values' kvt profiles scale
-each component by sd ** A instead of the default (pyadaq.runtime.kv_transform.WHITENING; 1 whitens
-fully, as the keys' profiles do): the comparison that chose the default.
+each component by sd ** A instead of whitening it fully (pyadaq.runtime.kv_transform.WHITENING):
+the comparison of docs/CALIBRATION.md, "Values on other text".
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ def main(argv=None) -> int:
     if args.values_whitening is not None:
         from pyadaq.runtime import kv_transform
 
-        for name in kv_transform.WHITENING:
-            kv_transform.WHITENING[name] = args.values_whitening
+        kv_transform.WHITENING.update(dict.fromkeys(("kvt2", "kvt3", "kvt4"), args.values_whitening))
 
     from tqdm import tqdm
 

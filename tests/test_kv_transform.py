@@ -397,9 +397,11 @@ def test_quantized_layers_get_the_rotation(setup):
         assert tf[(il0, True)].mean is None
 
 
-def test_values_profiles_half_whiten(setup):
-    """The same directions and groups for both profiles; the values' kvt2 divides by the square
-    root of what the keys' kvt2s divides by (pyadaq.runtime.kv_transform.WHITENING)."""
+def test_whitening_exponent(setup, monkeypatch):
+    """The same directions and groups for both profiles, each direction divided by its standard
+    deviation; a WHITENING exponent of 0.5 for kvt2 divides by the square root of that
+    (pyadaq.runtime.kv_transform.WHITENING, scripts/chat_kl.py --values-whitening)."""
+    from pyadaq.runtime import kv_transform
     from pyadaq.runtime.kv_transform import matrix_and_scale, part_components
 
     _, cals = setup
@@ -407,8 +409,11 @@ def test_values_profiles_half_whiten(setup):
     comps = part_components(cal, cal.layers()[0], True, "kvt2")
     mk, sk = matrix_and_scale(comps, pyadaq.cache_type("kvt2s"))
     mv, sv = matrix_and_scale(comps, pyadaq.cache_type("kvt2"))
-    assert np.array_equal(mk, mv)
-    assert np.allclose(sv, np.sqrt(sk)) and not np.allclose(sv, sk)
+    assert np.array_equal(mk, mv) and np.array_equal(sk, sv)
+    assert sk.min() > 0 and sk.max() > 2 * sk.min()  # the calibration's spectrum, not ones
+    monkeypatch.setitem(kv_transform.WHITENING, "kvt2", 0.5)
+    mh, sh = matrix_and_scale(comps, pyadaq.cache_type("kvt2"))
+    assert np.array_equal(mh, mk) and np.allclose(sh, np.sqrt(sk))
 
 
 def test_first_token_is_stored_exactly(setup):

@@ -18,7 +18,7 @@ otherwise they keep llama.cpp's rotation. Per cache type:
   d/64 blocks of 64) holds direction p * d/64 + b, and s = the square root of each direction's
   variance (at least 1e-6 of the largest): every stored value has unit variance on the
   calibration text, and every block sees the same descending spectrum, which the type's bit
-  profile follows (the values' profiles take the square root of that scale, :data:`WHITENING`).
+  profile follows (:data:`WHITENING`).
   The directions that share a bit width (one group of 8 positions in every
   block) are then mixed by a Hadamard rotation and share their root mean variance as scale: a
   principal coordinate alone is far from Gaussian, a mix of a few is closer (embedded model,
@@ -109,12 +109,12 @@ def _mix_groups(matrix, var, block: int, group: int = 8):
     return matrix, var
 
 
-# How far each transform-coded type whitens: s = sd ** WHITENING. The keys' profiles (kvt*s) divide
-# every direction by its standard deviation; the values' profiles (kvt2/kvt3/kvt4) by its square
-# root: whitened values fit the calibration's own kind of text best and other kinds worse, half
-# whitened ones lose nothing measurable on held-out prose and less on chat exchanges
-# (docs/CALIBRATION.md, "Values on other text").
-WHITENING = {"kvt2": 0.5, "kvt3": 0.5, "kvt4": 0.5}
+# How far each transform-coded type whitens: s = sd ** WHITENING.get(type, 1). Every profile
+# divides each direction by its standard deviation. Half-whitened values (0.5) were tried: 19 %
+# less KL on short chat exchanges, but pass-key retrieval at 4096 tokens fell from 83 % to 50 %
+# (f16: 80 %) and held-out prose got no better (docs/CALIBRATION.md, "Values on other text").
+# scripts/chat_kl.py --values-whitening reruns the comparison.
+WHITENING: dict[str, float] = {}
 
 
 def matrix_and_scale(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
