@@ -41,11 +41,6 @@ GENERAL = [
 ]
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _llama(model: str, cfg):
     import pyadaq
     from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
@@ -62,7 +57,7 @@ def _llama(model: str, cfg):
 def _scores(llm, tokens) -> np.ndarray:
     llm.reset()
     llm.eval(tokens)
-    return _log_softmax(np.array(llm.scores[:len(tokens)], dtype=np.float64))
+    return np.array(llm.scores[:len(tokens)], dtype=np.float64)
 
 
 def main(argv=None) -> int:
@@ -83,6 +78,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
+    from pyadaq.eval.metrics import token_kl
     from pyadaq.model.embedded import embedded_model_path
     from pyadaq.plan.spec import parse_configs, resolve_configs
     from pyadaq.report.machine import machine
@@ -115,7 +111,7 @@ def main(argv=None) -> int:
             kls, top = [], []
             for toks, r in zip(texts, refs):
                 g = _scores(llm, toks)
-                kls.extend((np.exp(r) * (r - g)).sum(-1)[1:].tolist())  # after BOS
+                kls.extend(token_kl(r[1:], g[1:]).tolist())  # after BOS
                 top.extend((r.argmax(-1) == g.argmax(-1))[1:].tolist())
         finally:
             llm.close()

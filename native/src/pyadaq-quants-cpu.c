@@ -9,6 +9,7 @@
 #include "ggml-impl.h"
 #include "quants.h"
 #include "simd-mappings.h"
+#include "vec.h"
 
 #include "pyadaq-quants.h"
 
@@ -226,33 +227,9 @@ PYADAQ_TYPES(PYADAQ_DEFINE_CPU)
 
 // The transform-coded types: the quantizer (ggml-base's AVX2 search where the CPU has it, the same
 // bytes as the reference), and the dot product with a float row (vec_dot_type F32, see
-// pyadaq-quants.h) through the dequantized blocks, up to 8 blocks per call.
-#if defined(__AVX2__) && defined(__FMA__)
-static inline float pyadaq_dot_f32(const float * a, const float * b, int n) {
-    __m256 acc0 = _mm256_setzero_ps();
-    __m256 acc1 = _mm256_setzero_ps();
-    for (int j = 0; j < n; j += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
-    }
-    const __m256 acc = _mm256_add_ps(acc0, acc1);
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-}
-#else
-static inline float pyadaq_dot_f32(const float * a, const float * b, int n) {
-    float sum = 0.0f;
-    for (int j = 0; j < n; ++j) {
-        sum += a[j] * b[j];
-    }
-    return sum;
-}
-#endif
-
+// pyadaq-quants.h): up to 8 blocks dequantized at a time, then ggml's float dot product.
 // up to this many blocks are dequantized in one call (a head of up to 512 values at once)
 #define PYADAQ_KVT_DOT_BLOCKS 8
-static_assert(PYADAQ_KVT_QK % 16 == 0, "the float dot product takes 16 values per step");
 
 static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const float * y) {
     float sum = 0.0f;
@@ -261,7 +238,9 @@ static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml
     for (int ib0 = 0; ib0 < nb; ib0 += PYADAQ_KVT_DOT_BLOCKS) {
         const int m = nb - ib0 < PYADAQ_KVT_DOT_BLOCKS ? nb - ib0 : PYADAQ_KVT_DOT_BLOCKS;
         deq((const uint8_t *) vx + (size_t) ib0 * block_bytes, v, (int64_t) m * PYADAQ_KVT_QK);
-        sum += pyadaq_dot_f32(v, y + (size_t) ib0 * PYADAQ_KVT_QK, m * PYADAQ_KVT_QK);
+        float part;
+        ggml_vec_dot_f32(m * PYADAQ_KVT_QK, &part, 0, v, 0, y + (size_t) ib0 * PYADAQ_KVT_QK, 0, 1);
+        sum += part;
     }
     return sum;
 }

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-
-def default_text() -> str:
-    """English prose every Python install carries: the topics of the standard library's pydoc."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
+_SEP = "\n\n"
 
 
 def _topics() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[k] for k in sorted(topics)]
+
+
+def default_text() -> str:
+    """English prose every Python install carries: the topics of the standard library's pydoc."""
+    return _SEP.join(_topics())
 
 
 def _transcript(topic: str) -> str:
@@ -51,5 +51,5 @@ def calibration_text() -> str:
     for topic in _topics():
         if start >= half:
             chats.append(_transcript(topic))
-        start += len(topic) + 2
-    return "\n".join(chats) + "\n\n" + text[half:]
+        start += len(topic) + len(_SEP)
+    return "\n".join(chats) + _SEP + text[half:]
