@@ -364,6 +364,34 @@ def test_scaled_transforms_are_exact(setup):
         assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+def test_small_batches_are_exact(setup):
+    """A batch of up to 32 tokens (generation) takes the values' transform through out_prod from
+    the matrix stored by rows, a larger one through mul_mat with its transposed copy
+    (pyadaq-kv-transform.cpp): random matrices, means and scales on keys and values, f32 caches;
+    batches of 1 and of 5 tokens after a prompt of 100 give the uncalibrated logits."""
+    m, cals = setup
+    rng = np.random.default_rng(5)
+    cal = cals["random"]
+    transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-2, 2, c.mean.shape)).astype(np.float32),
+                                 c.mean) for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
+    toks = _toks(m, 120)
+    ref = _logits(m, "f32", "f32", toks, flash_attn=False)
+    ctx = _raw_context(m, "f32", "f32", transforms)
+    batch = Batch(512)
+    rows = []
+    try:
+        batch.decode(ctx, toks[:100], 0)
+        for pos, n in [(p, 1) for p in range(100, 105)] + [(p, 5) for p in range(105, 120, 5)]:
+            batch.decode(ctx, toks[pos:pos + n], pos, logits_from=0)
+            rows += [np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(m.n_vocab,)).copy() for i in range(n)]
+    finally:
+        batch.close()
+        L.llama_free(ctx)
+    got = np.stack(rows)
+    assert np.abs(got - ref[100:]).max() < _tolerance(m, toks, ref, cal)
+    assert (got.argmax(1) == ref[100:].argmax(1)).all()
+
+
 def test_hadamard_blocks():
     for d, first in ((64, 64), (96, 64), (128, 128), (80, 64), (256, 256)):
         h = hadamard(d)

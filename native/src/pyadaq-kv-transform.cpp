@@ -50,7 +50,8 @@ PYADAQ_API int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx);
 // one side (K or V) of a layer's transform, as ggml_mul_mat's first operands
 struct pyadaq_kv_part {
     ggml_tensor * u = nullptr;     // [d, d, n_head_kv]: row j of head h is column j of M, so that
-                                   // mul_mat(u, x) gives x . M
+                                   // mul_mat(u, x) gives x . M; with `rows`, row j is row j of M
+    bool rows = false;             // u holds M row by row (see forward and inverse)
     ggml_tensor * mean = nullptr;  // [d, n_head_kv]: the mean taken out (nullptr: kept)
     ggml_tensor * s = nullptr;     // [d, n_head_kv]: the scales (nullptr: all 1)
     ggml_tensor * n = nullptr;     // [d, d, n_head_kv]: row i is column i of N (nullptr: N = M^T)
@@ -127,18 +128,34 @@ ggml_tensor * scaled(ggml_context * ctx, ggml_tensor * y, ggml_tensor * s, bool 
     return ggml_reshape_3d(ctx, y4, d, y->ne[1], y->ne[2]);
 }
 
+// A batch of at most this many tokens takes x . M from M stored by rows with out_prod (which
+// contracts its operands' rows); a larger one copies M transposed and uses mul_mat's blocked
+// kernels, the copy shared by the batch's tokens. (In generation the copy of M, 256 KiB a layer
+// on the embedded model, cost more than the product itself.)
+constexpr int64_t PYADAQ_TF_OUT_PROD_TOKENS = 32;
+
 // x [d, heads, tokens] -> ((x - mean) . M) op s per head, [d, heads, tokens] contiguous; heads is
 // a multiple of the matrices' head count (query heads: their group's KV head); op: * for
-// queries (mul_scale), / for keys and values
+// queries (mul_scale), / for keys and values. u: M as mul_mat's first operand, or M by rows
+// (rows: the values' layout, which the inverse uses as it is).
 ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * mean, ggml_tensor * s,
-                      bool mul_scale) {
+                      bool mul_scale, bool rows = false) {
     const int64_t d = u->ne[0];
     GGML_ASSERT(x->ne[0] == d && x->ne[3] == 1);
     if (mean != nullptr) {
         GGML_ASSERT(x->ne[1] == mean->ne[1]);
         x = ggml_sub(ctx, x, ggml_reshape_3d(ctx, mean, d, mean->ne[1], 1));
     }
-    ggml_tensor * y = ggml_mul_mat(ctx, u, ggml_permute(ctx, x, 0, 2, 1, 3));  // [d, tokens, heads]
+    ggml_tensor * xp = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
+    ggml_tensor * y = nullptr;
+    if (!rows) {
+        y = ggml_mul_mat(ctx, u, xp);
+    } else if (x->ne[2] <= PYADAQ_TF_OUT_PROD_TOKENS) {
+        // y[m, t] = sum_k M[k][m] x[k, t]: out_prod(u, x^T) sums over both operands' rows
+        y = ggml_out_prod(ctx, u, ggml_cont(ctx, ggml_transpose(ctx, xp)));
+    } else {
+        y = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, u)), xp);
+    }
     if (s != nullptr) {
         y = scaled(ctx, y, s, mul_scale);
     }
@@ -146,14 +163,16 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
 }
 
 // x~ [d, heads, tokens] -> (x~ * s) . N per head, contiguous (the mean is added by the caller);
-// n: N as mul_mat's first operand, or nullptr for N = M^T
-ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * s, ggml_tensor * n) {
-    GGML_ASSERT(x->ne[0] == u->ne[0] && x->ne[3] == 1);
+// N as mul_mat's first operand: part.n, else M^T (part.u by rows as it is, or transposed)
+ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, const pyadaq_kv_part & part) {
+    GGML_ASSERT(x->ne[0] == part.u->ne[0] && x->ne[3] == 1);
     ggml_tensor * p = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
-    if (s != nullptr) {
-        p = scaled(ctx, ggml_cont(ctx, p), s, true);
+    if (part.s != nullptr) {
+        p = scaled(ctx, ggml_cont(ctx, p), part.s, true);
     }
-    ggml_tensor * ut = n != nullptr ? n : ggml_cont(ctx, ggml_transpose(ctx, u));  // rows of M: x~ . M^T
+    ggml_tensor * ut = part.n != nullptr ? part.n
+                       : part.rows       ? part.u
+                                         : ggml_cont(ctx, ggml_transpose(ctx, part.u));  // rows of M: x~ . M^T
     ggml_tensor * y = ggml_mul_mat(ctx, ut, p);
     return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
@@ -176,7 +195,8 @@ std::vector<float> transposed(const std::vector<float> & m, int32_t n_head, int3
 }
 
 // the tensors of one side of a layer's transform (c: its calibration; nullptr: none), named
-// pyadaq_<x><side>_l<il>
+// pyadaq_<x><side>_l<il>. The values' M without an explicit inverse is stored by rows: their
+// inverse, on every query head of every batch, then reads it as it is.
 void make_part(ggml_context * ctx, pyadaq_kv_part & part, const layer_calib * c, int64_t d, int64_t n_head_kv,
                bool drop_mean, char side, uint32_t il) {
     if (c == nullptr) {
@@ -192,6 +212,7 @@ void make_part(ggml_context * ctx, pyadaq_kv_part & part, const layer_calib * c,
     part.mean = drop_mean ? add("m", false) : nullptr;
     part.s = c->scale.empty() ? nullptr : add("s", false);
     part.n = c->inverse.empty() ? nullptr : add("n", true);
+    part.rows = side == 'v' && part.n == nullptr;
 }
 
 // uploads one side's values into its tensors (after the buffer is allocated)
@@ -199,8 +220,12 @@ void fill_part(const pyadaq_kv_part & part, const layer_calib * c) {
     if (c == nullptr) {
         return;
     }
-    const auto rows = transposed(c->basis, c->n_head, c->d);
-    ggml_backend_tensor_set(part.u, rows.data(), 0, ggml_nbytes(part.u));
+    if (part.rows) {
+        ggml_backend_tensor_set(part.u, c->basis.data(), 0, ggml_nbytes(part.u));
+    } else {
+        const auto rows = transposed(c->basis, c->n_head, c->d);
+        ggml_backend_tensor_set(part.u, rows.data(), 0, ggml_nbytes(part.u));
+    }
     if (part.mean != nullptr) {
         ggml_backend_tensor_set(part.mean, c->mean.data(), 0, ggml_nbytes(part.mean));
     }
@@ -395,7 +420,7 @@ void pyadaq_attn_transform_in(ggml_context * ctx0, const pyadaq_kv_transform * t
         }
     }
     if (tf->v.u != nullptr && *v != nullptr) {
-        *v = forward(ctx0, *v, tf->v.u, tf->v.mean, tf->v.s, false);
+        *v = forward(ctx0, *v, tf->v.u, tf->v.mean, tf->v.s, false, tf->v.rows);
     }
 }
 
@@ -408,7 +433,7 @@ ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_tra
     const int64_t n_head = cur->ne[0] / d;
     GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
     ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
-    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->v.u, tf->v.s, tf->v.n);
+    ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->v);
     if (tf->v.mean != nullptr) {
         // query head h = g * group + j belongs to KV head g
         y = ggml_reshape_4d(ctx0, y, d, n_head / tf->n_head_kv, tf->n_head_kv, n_tokens);
@@ -431,7 +456,7 @@ ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_te
     if (rot != nullptr) {
         x = llama_mul_mat_hadamard(ctx, x, rot);  // its own inverse
     }
-    x = inverse(ctx, x, tf->k.u, tf->k.s, tf->k.n);
+    x = inverse(ctx, x, tf->k);
     if (tf->k.mean != nullptr) {
         x = ggml_add(ctx, x, ggml_reshape_3d(ctx, tf->k.mean, d, tf->n_head_kv, 1));
     }
@@ -441,7 +466,7 @@ ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_te
 ggml_tensor * pyadaq_kv_shift_end(ggml_context * ctx, ggml_tensor * x, ggml_tensor * k, ggml_tensor * rot) {
     const auto tf = find(k);
     GGML_ASSERT(tf != nullptr && tf->k.u != nullptr);
-    ggml_tensor * y = forward(ctx, x, tf->k.u, tf->k.mean, tf->k.s, false);
+    ggml_tensor * y = forward(ctx, x, tf->k.u, tf->k.mean, tf->k.s, false, tf->k.rows);
     if (rot != nullptr) {
         y = llama_mul_mat_hadamard(ctx, y, rot);
     }
