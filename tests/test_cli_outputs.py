@@ -146,6 +146,44 @@ def test_results_writes_under_the_current_directory(tmp_path, monkeypatch, capsy
     assert "![KL divergence against bits per value](results-matrix.png)" in md
 
 
+def test_results_calibrated_section_is_measured_and_rendered(tiny_model, tmp_path, cache, capsys):
+    """`results --from-json M --calibrated` measures the kvt matrix with the model's default
+    calibration on M's text, context and chunks, writes its JSON, and RESULTS.md gets a section
+    whose figures are that JSON's; rendering again from the saved JSON gives the same section."""
+    from pyadaq.cli.calibrated_results import K_TYPES, V_TYPES
+
+    path = tiny_model(arch="llama", head_dim=64, n_head_kv=2, dtype="f32")
+    matrix = tmp_path / "m.json"
+    flat = "q8_0:kvq2,q8_0:kvq3,kvq2:q8_0,q4_0:kvq2,q4_0:q4_0"
+    assert main(["eval", "--model", str(path), "--ctx", "64", "--chunks", "2", "--threads", "1",
+                 "--configs", flat, "--json", str(matrix)]) == 0
+    out = tmp_path / "out"
+    assert main(["results", "--from-json", str(matrix), "--calibrated", "--out", str(out)]) == 0
+    cr = json.loads((out / "results-calibrated.json").read_text())
+    assert [r["config"] for r in cr["results"]] == [f"{k}:{v}+cal" for k in K_TYPES for v in V_TYPES]
+    assert cr["calibration"]["held_out"] and cr["chunks"] == 2 and cr["settings"]["ctx"] == 64
+    assert len({r["calibration_fingerprint"] for r in cr["results"]}) == 1
+    md = (out / "RESULTS.md").read_text()
+    section = md[md.index("## Calibrated transform coding"):]
+    by = {r["config"]: r for r in cr["results"]}
+    kvt = by["kvt4s:kvt2+cal"]
+    assert "| **kvt4s** |" in section and f"{kvt['kl_mean']:.4f}" in section
+    assert (f"K=kvt4s with V=kvt2 against K=kvt2s with V=kvt4 (both 3.50 bits per value): KL "
+            f"{kvt['kl_mean']:.4f}") in section
+    q = json.loads(matrix.read_text())["results"]
+    kvq2 = next(r for r in q if r["config"] == "q4_0:kvq2")
+    assert f"kvt4s:kvt2 (calibrated) against q4_0:kvq2 (3.50 bits per value): KL {kvt['kl_mean']:.4f}" in section
+    assert f"{kvq2['kl_mean']:.4f}" in section
+    assert "kvt3s:kvt2 (calibrated)" not in section  # kvq3:kvq2 is not in this matrix run
+    q8 = by["q8_0:kvt4+cal"]
+    assert (f"K=q8_0 with V=kvt4 against K=kvt4s with V=q8_0 (both 6.50 bits per value): "
+            f"KL {q8['kl_mean']:.4f}") in section
+    capsys.readouterr()
+    assert main(["results", "--from-json", str(matrix), "--out", str(out)]) == 0
+    again = (out / "RESULTS.md").read_text()
+    assert again[again.index("## Calibrated transform coding"):] == section
+
+
 def test_formats_writes_under_out_and_announces(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc = main(["formats", "--model", str(tiny_model()), "--configs", "q8_0:kvq2", "--chunks", "1",

@@ -46,6 +46,12 @@ def add_parser(sub) -> None:
     p.add_argument("--adaptive-json", default="results-adaptive.json",
                    help="adaptive figures, in --out: written by --adaptive, read when rendering if present "
                         "(default %(default)s)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="also measure the calibrated section: the K x V matrix of the transform-coded kvt types "
+                        "with the model's default KV calibration (written to --calibrated-json)")
+    p.add_argument("--calibrated-json", default="results-calibrated.json",
+                   help="calibrated figures, in --out: written by --calibrated, read when rendering if present "
+                        "(default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -59,6 +65,7 @@ def run(args) -> int:
     require_plots()  # results always plots: say so before the run, not after it
     out = out_dir(args.out)
     json_path, plot_path, adaptive_path = out / args.json, out / args.plot, out / args.adaptive_json
+    calibrated_path = out / args.calibrated_json
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if args.from_json:
         src = args.from_json
@@ -68,7 +75,7 @@ def run(args) -> int:
         from pyadaq.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
-    if not args.from_json or args.adaptive:
+    if not args.from_json or args.adaptive or args.calibrated:
         announce_work(args, model, res["chunks"] if args.from_json else args.chunks, budgets)
     if not args.from_json:
         from pyadaq.eval.run import evaluate
@@ -95,7 +102,18 @@ def run(args) -> int:
         adaptive = measure(res, budgets, adaptive_path, out)
     elif adaptive_path.exists():
         adaptive = json.loads(adaptive_path.read_text())
+    calibrated = None
+    if args.calibrated:
+        from pyadaq.cli.calibrated_results import measure as measure_calibrated
+
+        calibrated = measure_calibrated(res, calibrated_path)
+    elif calibrated_path.exists():
+        calibrated = json.loads(calibrated_path.read_text())
     text = render(res, src, args.out, os.path.relpath(plot_path, out))
+    if calibrated is not None:
+        from pyadaq.cli.calibrated_results import render_calibrated
+
+        text += "\n" + render_calibrated(calibrated, res, args.out)
     if adaptive is not None:
         from pyadaq.cli.adaptive_results import render_adaptive
 
@@ -129,7 +147,13 @@ def announce_work(args, model: str, chunks: int, budgets: list) -> None:
         what, more = adaptive_work(info, budgets, chunks)
         work.append(what)
         passes += more
-    cached = "f16 reference and the calibration" if args.adaptive else "f16 reference"
+    if args.calibrated:
+        from pyadaq.cli.calibrated_results import work as calibrated_work
+
+        what, more = calibrated_work(chunks)
+        work.append(what)
+        passes += more
+    cached = "f16 reference and the calibration" if args.adaptive or args.calibrated else "f16 reference"
     announce("results", "; ".join(work), passes, model, CTX,
              kept=f"The {cached} stay cached in {cache_base()} for later runs; the figures go to {args.out}/.",
              faster=None if args.from_json else f"`pyadaq results --from-json {Path(args.out) / args.json}` "

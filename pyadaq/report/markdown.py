@@ -116,12 +116,14 @@ def upsert_preamble(document: str, preamble: str) -> str:
     return preamble.rstrip("\n") + "\n" + ("\n" + rest + "\n" if rest else "")
 
 
-def kv_grid(by: dict, key: str, fmt: str) -> list[str]:
-    """A Markdown K x V table of one figure of the results ``by[(k, v)]``."""
-    rows = ["| K \\ V | " + " | ".join(MATRIX) + " |", "|---|" + "---:|" * len(MATRIX)]
-    for k in MATRIX:
+def kv_grid(by: dict, key: str, fmt: str, ks: list | None = None, vs: list | None = None) -> list[str]:
+    """A Markdown K x V table of one figure of the results ``by[(k, v)]``; rows ks and columns vs
+    (default: the matrix's types)."""
+    ks, vs = ks or MATRIX, vs or MATRIX
+    rows = ["| K \\ V | " + " | ".join(vs) + " |", "|---|" + "---:|" * len(vs)]
+    for k in ks:
         cells = []
-        for v in MATRIX:
+        for v in vs:
             r = by.get((k, v))
             ok = r is not None and r.get(key) is not None
             cells.append(_no_negative_zero(fmt.format(r[key])) if ok else "–")
