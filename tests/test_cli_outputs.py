@@ -198,6 +198,27 @@ def test_formats_writes_under_out_and_announces(tiny_model, tmp_path, monkeypatc
     assert "pyadaq-results/formats.json" in err
 
 
+def test_formats_measures_calibrated_kvt_types(tiny_model, tmp_path, cache, capsys):
+    """`formats --configs K:V+cal` runs the kvt types with the model's default calibration; the
+    table names each profile and says calibrated; a kvt type without +cal is refused before
+    any native code (one line, exit 2)."""
+    path = str(tiny_model(arch="llama", head_dim=64, n_head_kv=2, dtype="f32"))
+    out = tmp_path / "f"
+    assert main(["formats", "--model", path, "--configs", "q8_0:kvt2+cal,kvt4s:q8_0+cal,q8_0:kvq2", "--chunks", "1",
+                 "--ctx", "64", "--out", str(out)]) == 0
+    res = json.loads((out / "formats.json").read_text())
+    assert [r["config"] for r in res["results"]] == ["q8_0:kvt2+cal", "kvt4s:q8_0+cal", "q8_0:kvq2"]
+    assert res["results"][0]["calibrated"] and 0 < res["results"][0]["kl_mean"] < 5
+    table = (out / "formats-table.md").read_text()
+    assert "| q8_0 | kvt2 | 2.50 | bit profile 4,3,3,2,2,2,1,1, block 64, searched scale (calibrated) |" in table
+    assert f"{res['results'][0]['kl_mean']:.4f}" in table
+    assert "The model's default KV calibration stays cached" in " ".join(capsys.readouterr().err.split())
+    assert main(["formats", "--model", path, "--configs", "q8_0:kvt2", "--chunks", "1", "--ctx", "64",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "calibration" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------
 # long jobs are announced, unless their result is cached
 # ------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=20)
-    p.add_argument("--configs", help="K:V pairs to run instead of the candidate list, e.g. q8_0:kvq2,q8_0:kvq3")
+    p.add_argument("--configs", help="K:V pairs to run instead of the candidate list, e.g. q8_0:kvq2,q8_0:kvq3; "
+                                      "K:V+cal runs a pair with the model's default KV calibration (the "
+                                      "transform-coded kvt types need it)")
     p.add_argument("--no-rot", action="store_true", help="disable upstream's attention rotation")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"directory for the files below (default ./{DEFAULT_OUT})")
@@ -48,15 +50,25 @@ def run(args) -> int:
         from pyadaq.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
-    from pyadaq.plan.spec import parse_configs
+    from pyadaq.cli._common import check_configs
+    from pyadaq.plan.spec import parse_configs, resolve_configs
 
-    configs = parse_configs(args.configs) if args.configs else [("q8_0", v) for v in CANDIDATES_V] + EXTRA
+    if args.configs:
+        from pyadaq.model.header import read_model_info
+
+        configs = parse_configs(args.configs)
+        check_configs(configs, read_model_info(model))  # before the calibration or any native code
+        configs = resolve_configs(configs, model)  # +cal: the model's default calibration (made once, cached)
+    else:
+        configs = [("q8_0", v) for v in CANDIDATES_V] + EXTRA
     out = out_dir(args.out)
     json_path, table_path, plot_path = out / args.json, out / args.table, out / args.plot
     announce("formats", f"KL divergence of {counted(len(configs), 'K/V pair')} on "
              f"{counted(args.chunks, 'chunk')} of {args.ctx} tokens, with the f16 reference",
              (len(configs) + 1) * args.chunks, model, args.ctx,
-             kept=f"Nothing is cached; the figures go to {json_path}, {table_path} and {plot_path}.",
+             kept=("The model's default KV calibration stays cached; " if any(
+                 getattr(c, "calibration", None) is not None for c in configs) else "Nothing is cached; ")
+             + f"the figures go to {json_path}, {table_path} and {plot_path}.",
              faster="fewer pairs (`--configs`) or chunks (`--chunks`)")
     t0 = time.time()
     res = compare(model, configs, n_ctx=args.ctx, n_chunks=args.chunks, attn_rot=not args.no_rot)
@@ -67,7 +79,8 @@ def run(args) -> int:
             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["results"]:
         v = cache_type(r["v"])
-        rows.append(f"| {r['k']} | {r['v']} | {v.bits_per_value:.2f} | {describe(v.name)} | "
+        cal = " (calibrated)" if r.get("calibrated") else ""
+        rows.append(f"| {r['k']} | {r['v']} | {v.bits_per_value:.2f} | {describe(v.name)}{cal} | "
                     f"{r['kl_mean']:.4f} ± {r['kl_stderr']:.4f} | {r['kl_p99']:.3f} | {100 * r['top1']:.1f} % | "
                     f"{r['ppl']:.3f} | {r['kv_bytes']:,} |")
     table = "\n".join(rows)
@@ -82,6 +95,10 @@ def run(args) -> int:
 
 
 def describe(name: str) -> str:
+    from pyadaq.quants_ref import KVT_TYPES
+
+    if name in KVT_TYPES:
+        return f"bit profile {','.join(map(str, KVT_TYPES[name].widths))}, block 64, searched scale"
     return {
         "kvq2": "Lloyd-Max levels, block 32, MSE-fitted scale",
         "kvq3": "Lloyd-Max levels, block 32, MSE-fitted scale",
