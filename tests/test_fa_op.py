@@ -42,6 +42,7 @@ size_t ggml_quantize_chunk(int type, const float * src, void * dst, int64_t star
 void ggml_cpu_init(void);
 int ggml_graph_compute_with_ctx(struct ggml_context * ctx, struct ggml_cgraph * cgraph, int n_threads);
 int64_t pyadaq_cpu_fa_tiled(void);
+int64_t pyadaq_cpu_fa_decode(void);
 """
 
 GGML_F32, GGML_F16, GGML_PREC_F32 = 0, 1, 10
@@ -122,7 +123,8 @@ def _quantize(ffi, base, type_name: str, x: np.ndarray) -> tuple[bytes, np.ndarr
 
 def _mask(case: Case, rng) -> np.ndarray | None:
     """(mask heads, n_q, n_kv) of 0 / -inf: a causal window whose queries end the sequence, with
-    random holes, a fully masked query row and a KV tile that no query of the first tile sees."""
+    random holes, a fully masked query row (unless there is only one) and a KV tile that no query of
+    the first tile sees."""
     if case.mask == "none":
         return None
     heads = case.n_head_kv * case.gqa if case.mask == "per-head" else 1
@@ -130,7 +132,8 @@ def _mask(case: Case, rng) -> np.ndarray | None:
     m = np.where(np.arange(case.n_kv)[None, :] <= pos_q[:, None], 0.0, -np.inf)
     m = np.repeat(m[None], heads, axis=0)
     m[rng.random(m.shape) < 0.1] = -np.inf
-    m[:, case.n_q // 2, :] = -np.inf
+    if case.n_q > 1:  # (a single query fully masked would test nothing but zeros)
+        m[:, case.n_q // 2, :] = -np.inf
     return m
 
 
@@ -207,30 +210,67 @@ def _run(ggml, case: Case, seed: int = 0):
             base.ggml_flash_attn_ext_add_sinks(out, ts)
         graph = base.ggml_new_graph(ctx)
         base.ggml_build_forward_expand(graph, out)
-        before = int(cpu.pyadaq_cpu_fa_tiled())
+        before, before_dec = int(cpu.pyadaq_cpu_fa_tiled()), int(cpu.pyadaq_cpu_fa_decode())
         assert cpu.ggml_graph_compute_with_ctx(ctx, graph, case.threads) == 0
         ran = int(cpu.pyadaq_cpu_fa_tiled()) - before
+        ran_dec = int(cpu.pyadaq_cpu_fa_decode()) - before_dec
         got = np.frombuffer(ffi.buffer(base.ggml_get_data(out), base.ggml_nbytes(out)), dtype=np.float32)
         got = got.reshape(case.n_q, h_q, case.dv).astype(np.float64)
     finally:
         base.ggml_free(ctx)
-    return got, _reference(case, q.astype(np.float64), k_ref, v_ref, mask, sinks), ran
+    return got, _reference(case, q.astype(np.float64), k_ref, v_ref, mask, sinks), ran, ran_dec
 
 
-@pytest.mark.parametrize("case", [Case("kvt2s", "kvt4", n_q=1, n_kv=300), Case("kvq2", "kvt3", n_q=1, mask="none")],
-                         ids=str)
-def test_one_query_runs_the_per_row_path(ggml, case):
-    """Generation (one query): upstream's per-row kernel, K through the type's vec_dot with the
-    query rounded to q8_0 (so a looser bound), V through its to_float."""
-    got, want, ran = _run(ggml, case)
-    assert ran == 0
+# generation: batches of up to 16 queries with a quantized V
+DECODE_CASES = [
+    Case("kvt2s", "kvt4", n_q=1, n_kv=300),
+    Case("kvt4s", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000, threads=2),
+    Case("kvt3s", "kvt3", dk=128, dv=128, n_head_kv=2, gqa=2, n_q=3, n_kv=700, threads=3, mask="per-head"),
+    Case("f32", "kvt2", n_q=1, n_kv=513, threads=1, mask="none"),
+    Case("kvq2", "kvt3", n_q=1, mask="none"),
+    Case("q8_0", "kvq2", dk=128, dv=128, n_head_kv=1, gqa=8, n_q=1, n_kv=600, threads=2),
+    Case("q4_0", "q4_0", n_q=4, n_kv=257, threads=3, max_bias=8.0),
+    Case("f16", "kvq3", n_q=2, n_kv=300, softcap=10.0),
+    Case("q8_0", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1024, sinks=True, threads=2),
+    Case("kvt4s", "q8_0", n_q=16, n_kv=200, sinks=True, mask="none", permuted_q=True, threads=2),
+    Case("q4_0", "kvq2", gqa=3, n_q=5, n_kv=90, threads=3),  # fewer KV rows than a chunk
+]
+
+
+def _float_dot(name: str) -> bool:
+    """Whether K's dot product takes the query in float (kvt types, f32), or rounds it first."""
+    return name == "f32" or name.startswith("kvt")
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_generation_kernel_matches_numpy(ggml, case):
+    """Generation with a quantized V runs pyadaq's grouped kernel (the query heads of a GQA group
+    share each dequantized row, the KV sequence split among the threads): attention in float64 from
+    the same dequantized K and V, to float rounding where K's dot product takes Q in float, within
+    what rounding Q to the vec_dot type costs otherwise (upstream's per-row path, the same bound);
+    a fully masked query row gives zeros."""
+    got, want, ran, ran_dec = _run(ggml, case)
+    assert (ran, ran_dec) == (0, 1), "the op did not run on pyadaq's generation kernel"
     assert np.isfinite(got).all()
+    err = np.abs(got - want).max()
+    bound = 2e-5 if _float_dot(case.k) else 2e-2
+    assert err < bound * max(1.0, np.abs(want).max()), f"max abs error {err:.3g}"
+    assert np.abs(want).max() > 0.1, "the case must produce output"
+    if case.mask != "none" and not case.sinks and case.n_q > 1:
+        assert not got[case.n_q // 2].any(), "a fully masked query row must give zeros"
+
+
+@pytest.mark.parametrize("case", [Case("q8_0", "f16", n_q=1, n_kv=300), Case("kvt4s", "f32", n_q=2)], ids=str)
+def test_generation_with_float_values_stays_upstream(ggml, case):
+    """f16 and f32 values keep upstream's per-row path (which adds f16 values in f16)."""
+    got, want, ran, ran_dec = _run(ggml, case)
+    assert (ran, ran_dec) == (0, 0)
     assert np.abs(got - want).max() < 2e-2 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_tiled_kernel_matches_numpy(ggml, case):
-    got, want, ran = _run(ggml, case)
+    got, want, ran, _ = _run(ggml, case)
     assert ran == 1, "the op did not run on pyadaq's tiled kernel"
     assert np.isfinite(got).all()
     # float32 GEMMs and expf against float64: a few ulps of the outputs' scale
@@ -244,6 +284,6 @@ def test_short_batch_is_not_taken(ggml):
     """Fewer queries than a tile (generation, short batches) stay on upstream's per-row path,
     which rounds Q to the K type's dot-product type: close, but not the tiled kernel's figures."""
     case = Case("q8_0", "kvq2", n_q=32)
-    got, want, ran = _run(ggml, case)
-    assert ran == 0
+    got, want, ran, ran_dec = _run(ggml, case)
+    assert ran == 0 and ran_dec == 0
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

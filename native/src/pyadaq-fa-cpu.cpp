@@ -19,7 +19,17 @@
 // with f16/f32. f16/f16 and f32/f32 keep upstream's kernel; generation (one query) keeps the
 // per-row path.
 //
-// PYADAQ_FA_TILED=0 switches it off (the per-row path then runs, as upstream).
+// Generation (a batch of up to PYADAQ_FA_DECODE_ROWS queries) with a quantized V has a kernel of its
+// own here too. Upstream's per-row path walks the KV sequence once per query head, so with
+// grouped-query attention every K and V row of a group is converted once per head of the group (4
+// times on the embedded model), and a transform-coded type's dequantization is most of that cost.
+// This kernel takes the heads of a group together: each KV row is dequantized once and used for all
+// of them. The arithmetic per query row is upstream's (K through the type's vec_dot with Q in the
+// vec_dot type, V dequantized and added in f32, the same online softmax); the KV sequence is split
+// into chunks that the threads share, each chunk's (max, sum, accumulator) is written to the work
+// buffer, and the chunks are combined at the end, as upstream's split-KV path does for f16 caches.
+//
+// PYADAQ_FA_TILED=0 switches both off (the per-row path then runs, as upstream).
 
 #include "pyadaq-fa-cpu.h"
 #include "pyadaq-quants.h"
@@ -39,6 +49,10 @@
 #define PYADAQ_FA_MAX_ROW 4096
 // query tiles of one unit of work: the accumulators each thread holds at once
 #define PYADAQ_FA_UNIT_TILES 4
+// generation: batches of at most this many query rows take the grouped kernel
+#define PYADAQ_FA_DECODE_ROWS 16
+// generation: query heads x rows of one unit of work, at most
+#define PYADAQ_FA_DECODE_HR 1024
 
 namespace {
 
@@ -51,7 +65,8 @@ constexpr int64_t LINE_F32 = 256 / sizeof(float);
 static_assert(QT > 0 && KT > 0 && NT > 0, "tile sizes");
 static_assert(NT <= 16, "a unit's accumulators must stay small");
 
-int64_t g_tiled;  // ops with a quantized K or V that ran on this kernel (for the tests)
+int64_t g_tiled;   // ops with a quantized K or V that ran on the tiled kernel (for the tests)
+int64_t g_decode;  // ops that ran on the generation kernel (for the tests)
 
 bool enabled() {
     static int on = -1;
@@ -394,6 +409,301 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// generation: the query heads of a GQA group together, the KV sequence in chunks shared by threads
+// ---------------------------------------------------------------------------------------------
+
+// KV rows per chunk, at least (fewer chunks than threads rather than chunks this short)
+constexpr int64_t DEC_MIN_CHUNK = 128;
+
+// query heads h0..h0+g-1 (h0 a multiple of g) that share one K head and one V head
+int64_t head_group(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) {
+    int64_t a = q->ne[2] / k->ne[2], b = q->ne[2] / v->ne[2];
+    while (b) {
+        const int64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+// Whether the generation kernel computes the op: f32 queries, a short batch, a quantized V (f16 and
+// f32 values stay upstream's, which adds f16 values in f16), a K type with a dot product.
+bool decode_applies(const ggml_tensor * dst) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < 1 || q->ne[1] > PYADAQ_FA_DECODE_ROWS ||
+        k->ne[0] > PYADAQ_FA_MAX_ROW || v->ne[0] > PYADAQ_FA_MAX_ROW || !quantized_packable(v->type)) {
+        return false;
+    }
+    if (q->ne[2] % k->ne[2] != 0 || q->ne[2] % v->ne[2] != 0 ||
+        head_group(q, k, v) * q->ne[1] > PYADAQ_FA_DECODE_HR) {
+        return false;
+    }
+    const auto * kt = ggml_get_type_traits_cpu(k->type);
+    if (kt->vec_dot == nullptr) {
+        return false;
+    }
+    if (kt->vec_dot_type != GGML_TYPE_F32) {
+        return ggml_get_type_traits_cpu(kt->vec_dot_type)->from_float != nullptr;
+    }
+    return k->type == GGML_TYPE_F32 || quantized_packable(k->type);  // K rows in float, dequantized once
+}
+
+// How the op is cut into units (sequence, head group, KV chunk) and where each lives in the work
+// buffer: per thread its scratch, then per unit its partial results.
+struct dec_shape {
+    int64_t g, n_hg, hr;      // heads per group, head groups, query rows x heads of a unit
+    int64_t n_chunks, chunk;  // KV chunks and their length
+    int64_t n_units;
+    int64_t q_floats;         // floats that one query row takes in the K type's vec_dot type (0: f32, read in place)
+    int64_t thread_floats;    // scratch per thread, whole cache lines
+    int64_t unit_floats;      // partials per unit: M[hr], S[hr], VKQ[hr][DV]
+};
+
+dec_shape make_dec_shape(const ggml_tensor * dst, int nth) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    dec_shape d{};
+    d.g    = head_group(q, k, v);
+    d.n_hg = q->ne[2] / d.g;
+    d.hr   = d.g * q->ne[1];
+    const int64_t nek1  = k->ne[1];
+    const int64_t outer = q->ne[3] * d.n_hg;
+    d.n_chunks = 1;
+    if (outer < 4 * nth) {
+        d.n_chunks = std::max<int64_t>(1, std::min<int64_t>((4 * nth + outer - 1) / outer, nek1 / DEC_MIN_CHUNK));
+    }
+    d.chunk   = (nek1 + d.n_chunks - 1) / d.n_chunks;
+    d.n_units = outer * d.n_chunks;
+    const ggml_type vdt = ggml_get_type_traits_cpu(k->type)->vec_dot_type;
+    d.q_floats = vdt == GGML_TYPE_F32 ? 0
+                                      : (int64_t) ((ggml_row_size(vdt, k->ne[0]) + sizeof(float) - 1) / sizeof(float));
+    const int64_t t = k->ne[0] + v->ne[0] + d.hr * d.q_floats;  // K row, V row, converted queries
+    d.thread_floats = (t + LINE_F32 - 1) / LINE_F32 * LINE_F32;
+    d.unit_floats   = d.hr * (2 + v->ne[0]);
+    return d;
+}
+
+size_t dec_work_bytes(const dec_shape & d, int nth) {
+    return (size_t) (d.thread_floats * nth + d.unit_floats * d.n_units) * sizeof(float);
+}
+
+void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, const dec_shape & d, int64_t u,
+                     float * partials) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * v    = dst->src[2];
+    const ggml_tensor * mask = dst->src[3];
+
+    const int64_t DK = k->ne[0];
+    const int64_t DV = v->ne[0];
+    const int64_t N  = q->ne[1];
+
+    float scale         = 1.0f;
+    float max_bias      = 0.0f;
+    float logit_softcap = 0.0f;
+    memcpy(&scale,         (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&max_bias,      (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&logit_softcap, (const float *) dst->op_params + 2, sizeof(float));
+    if (logit_softcap != 0) {
+        scale /= logit_softcap;
+    }
+    const uint32_t n_head      = q->ne[2];
+    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
+    const float    m0          = powf(2.0f, -(max_bias       ) / n_head_log2);
+    const float    m1          = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+
+    const auto *            kt       = ggml_get_type_traits_cpu(k->type);
+    const bool              k_float  = kt->vec_dot_type == GGML_TYPE_F32;
+    const ggml_vec_dot_t    kq_dot   = kt->vec_dot;
+    const ggml_from_float_t q_conv   = k_float ? nullptr : ggml_get_type_traits_cpu(kt->vec_dot_type)->from_float;
+    const ggml_to_float_t   k_to_f32 = k->type == GGML_TYPE_F32 ? nullptr : ggml_get_type_traits(k->type)->to_float;
+    const ggml_to_float_t   v_to_f32 = ggml_get_type_traits(v->type)->to_float;
+
+    const int64_t c   = u % d.n_chunks;
+    const int64_t hg  = (u / d.n_chunks) % d.n_hg;
+    const int64_t iq3 = u / (d.n_chunks * d.n_hg);
+    const int64_t h0  = hg * d.g;
+    const int64_t ik2 = h0 / (q->ne[2] / k->ne[2]);
+    const int64_t iv2 = h0 / (q->ne[2] / v->ne[2]);
+    const int64_t ik3 = iq3 / (q->ne[3] / k->ne[3]);
+    const int64_t iv3 = iq3 / (q->ne[3] / v->ne[3]);
+    const int64_t ic0 = c * d.chunk;
+    const int64_t ic1 = std::min(k->ne[1], ic0 + d.chunk);
+
+    float * K32 = (float *) params->wdata + params->ith * d.thread_floats;
+    float * V32 = K32 + DK;
+    float * Qc  = V32 + DV;
+
+    float * M   = partials + u * d.unit_floats;
+    float * S   = M + d.hr;
+    float * VKQ = S + d.hr;
+
+    // query row r of head h0 + j is item j * N + r
+    const void *        qrow[PYADAQ_FA_DECODE_HR];
+    const ggml_fp16_t * mrow[PYADAQ_FA_DECODE_HR];
+    float               slope[PYADAQ_FA_DECODE_HR];
+    float               mv[PYADAQ_FA_DECODE_HR];
+    for (int64_t j = 0; j < d.g; ++j) {
+        const int64_t h  = h0 + j;
+        const float   sl = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2 * (h - n_head_log2) + 1))
+                                           : 1.0f;
+        for (int64_t r = 0; r < N; ++r) {
+            const int64_t i  = j * N + r;
+            const char *  pq = (const char *) q->data + r * q->nb[1] + h * q->nb[2] + iq3 * q->nb[3];
+            if (k_float) {
+                qrow[i] = pq;
+            } else {
+                q_conv((const float *) pq, Qc + i * d.q_floats, DK);
+                qrow[i] = Qc + i * d.q_floats;
+            }
+            mrow[i] = mask ? (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1] +
+                                                    (h % mask->ne[2]) * mask->nb[2] +
+                                                    (iq3 % mask->ne[3]) * mask->nb[3])
+                           : nullptr;
+            slope[i] = sl;
+            M[i]     = -INFINITY;
+            S[i]     = 0.0f;
+        }
+    }
+    memset(VKQ, 0, d.hr * DV * sizeof(float));
+
+    for (int64_t ic = ic0; ic < ic1; ++ic) {
+        bool any = false;
+        for (int64_t i = 0; i < d.hr; ++i) {
+            mv[i] = mrow[i] ? slope[i] * GGML_CPU_FP16_TO_FP32(mrow[i][ic]) : 0.0f;
+            any |= mv[i] != -INFINITY;
+        }
+        if (!any) {
+            continue;  // no query of the group sees this row: nothing of it is read
+        }
+        const char *  k_data = (const char *) k->data + ic * k->nb[1] + ik2 * k->nb[2] + ik3 * k->nb[3];
+        const char *  v_data = (const char *) v->data + ic * v->nb[1] + iv2 * v->nb[2] + iv3 * v->nb[3];
+        const float * kf     = nullptr;
+        if (k_float) {
+            if (k_to_f32 == nullptr) {
+                kf = (const float *) k_data;
+            } else {
+                k_to_f32(k_data, K32, DK);
+                kf = K32;
+            }
+        }
+        v_to_f32(v_data, V32, DV);
+        for (int64_t i = 0; i < d.hr; ++i) {
+            if (mv[i] == -INFINITY) {
+                continue;
+            }
+            float s;
+            if (k_float) {
+                ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, (const float *) qrow[i], 0, 1);
+            } else {
+                kq_dot((int) DK, &s, 0, k_data, 0, qrow[i], 0, 1);
+            }
+            s = s * scale;
+            if (logit_softcap != 0.0f) {
+                s = logit_softcap * tanhf(s);
+            }
+            s += mv[i];
+            float ms = 1.0f;  // upon a new maximum, the accumulator and the sum are scaled by this
+            float vs = 1.0f;  // expf(s - M)
+            if (s > M[i]) {
+                const float Mold = M[i];
+                M[i] = s;
+                ms   = expf(Mold - s);
+                ggml_vec_scale_f32((int) DV, VKQ + i * DV, ms);
+            } else {
+                vs = expf(s - M[i]);
+            }
+            ggml_vec_mad_f32((int) DV, VKQ + i * DV, V32, vs);
+            S[i] = S[i] * ms + vs;
+        }
+    }
+}
+
+// Query row r of head h of sequence iq3: its chunks combined, the sink added, written to dst.
+// acc: DV floats of scratch.
+void finish_decode_row(ggml_tensor * dst, const dec_shape & d, int64_t iq3, int64_t h, int64_t r,
+                       const float * partials, float * acc) {
+    const ggml_tensor * q     = dst->src[0];
+    const ggml_tensor * v     = dst->src[2];
+    const ggml_tensor * sinks = dst->src[4];
+    const int64_t       DV    = v->ne[0];
+    const int64_t       i     = (h % d.g) * q->ne[1] + r;
+    const int64_t       u0    = (iq3 * d.n_hg + h / d.g) * d.n_chunks;
+
+    float Mx = -INFINITY;
+    for (int64_t c = 0; c < d.n_chunks; ++c) {
+        Mx = fmaxf(Mx, partials[(u0 + c) * d.unit_floats + i]);
+    }
+    float S = 0.0f;
+    memset(acc, 0, DV * sizeof(float));
+    if (Mx != -INFINITY) {
+        for (int64_t c = 0; c < d.n_chunks; ++c) {
+            const float * P  = partials + (u0 + c) * d.unit_floats;
+            const float   Mc = P[i];
+            if (Mc == -INFINITY) {
+                continue;
+            }
+            const float f = expf(Mc - Mx);
+            S += P[d.hr + i] * f;
+            ggml_vec_mad_f32((int) DV, acc, P + 2 * d.hr + i * DV, f);
+        }
+    }
+    if (sinks) {
+        const float s  = ((const float *) sinks->data)[h];
+        float       ms = 1.0f;
+        float       vs = 1.0f;
+        if (s > Mx) {
+            ms = expf(Mx - s);
+            ggml_vec_scale_f32((int) DV, acc, ms);
+        } else {
+            vs = expf(s - Mx);
+        }
+        S = S * ms + vs;
+    }
+    ggml_vec_scale_f32((int) DV, acc, S == 0.0f ? 0.0f : 1.0f / S);
+    // permute(0, 2, 1, 3)
+    const int64_t ne1 = dst->ne[1];
+    const int64_t ne2 = dst->ne[2];
+    memcpy((char *) dst->data + (iq3 * ne2 * ne1 + h + r * ne1) * dst->nb[1], acc, dst->nb[1]);
+}
+
+void run_decode(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    GGML_ASSERT(q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type));
+    GGML_ASSERT(q->ne[0] == k->ne[0] && dst->ne[0] == v->ne[0] && dst->nb[0] == sizeof(float));
+    GGML_ASSERT(q->ne[3] % k->ne[3] == 0 && q->ne[3] % v->ne[3] == 0);
+
+    const int       ith = params->ith;
+    const int       nth = params->nth;
+    const dec_shape d   = make_dec_shape(dst, nth);
+    GGML_ASSERT(dec_work_bytes(d, nth) <= params->wsize);
+    float * partials = (float *) params->wdata + nth * d.thread_floats;
+
+    if (ith == 0) {
+        __atomic_add_fetch(&g_decode, 1, __ATOMIC_RELAXED);
+        ggml_threadpool_chunk_set(params->threadpool, nth);
+    }
+    ggml_barrier(params->threadpool);
+    for (int64_t u = ith; u < d.n_units; u = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+        run_decode_unit(params, dst, d, u, partials);
+    }
+    ggml_barrier(params->threadpool);
+
+    float *       acc   = (float *) params->wdata + ith * d.thread_floats + k->ne[0];  // the thread's V row
+    const int64_t N     = q->ne[1];
+    const int64_t items = q->ne[3] * q->ne[2] * N;
+    for (int64_t it = ith; it < items; it += nth) {
+        finish_decode_row(dst, d, it / (N * q->ne[2]), (it / N) % q->ne[2], it % N, partials, acc);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -402,7 +712,14 @@ int64_t pyadaq_cpu_fa_tiled(void) {
     return __atomic_load_n(&g_tiled, __ATOMIC_RELAXED);
 }
 
+int64_t pyadaq_cpu_fa_decode(void) {
+    return __atomic_load_n(&g_decode, __ATOMIC_RELAXED);
+}
+
 size_t pyadaq_fa_tiled_work_size(const struct ggml_tensor * node, int n_tasks) {
+    if (decode_applies(node)) {
+        return dec_work_bytes(make_dec_shape(node, n_tasks), n_tasks);
+    }
     if (!applies(node)) {
         return 0;
     }
@@ -410,7 +727,14 @@ size_t pyadaq_fa_tiled_work_size(const struct ggml_tensor * node, int n_tasks) {
 }
 
 bool pyadaq_fa_tiled(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-    if (params->use_ref || !applies(dst)) {
+    if (params->use_ref) {
+        return false;
+    }
+    if (decode_applies(dst)) {
+        run_decode(params, dst);
+        return true;
+    }
+    if (!applies(dst)) {
         return false;
     }
     const ggml_tensor * q = dst->src[0];

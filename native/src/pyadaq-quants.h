@@ -247,6 +247,8 @@ int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, i
 // ggml-cpu: flash-attention ops with a quantized K or V that ran on the tiled path
 // (native/src/pyadaq-fa-cpu.cpp)
 PYADAQ_API int64_t pyadaq_cpu_fa_tiled(void);
+// Flash-attention ops that ran on its generation kernel (grouped query heads, split KV), likewise.
+PYADAQ_API int64_t pyadaq_cpu_fa_decode(void);
 
 #ifdef __cplusplus
 }
