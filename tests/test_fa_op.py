@@ -70,7 +70,7 @@ class Case:
     n_q: int = 100
     n_kv: int = 200
     threads: int = 2
-    mask: str = "causal"  # "causal", "none", "per-head"
+    mask: str = "causal"  # "causal", "none", "per-head", "window" (causal, the last 64 positions)
     max_bias: float = 0.0
     softcap: float = 0.0
     sinks: bool = False
@@ -129,7 +129,11 @@ def _mask(case: Case, rng) -> np.ndarray | None:
         return None
     heads = case.n_head_kv * case.gqa if case.mask == "per-head" else 1
     pos_q = case.n_kv - case.n_q + np.arange(case.n_q)
-    m = np.where(np.arange(case.n_kv)[None, :] <= pos_q[:, None], 0.0, -np.inf)
+    kv = np.arange(case.n_kv)[None, :]
+    seen = kv <= pos_q[:, None]
+    if case.mask == "window":  # a sliding window: most of the cache hidden from every query
+        seen &= kv > pos_q[:, None] - 64
+    m = np.where(seen, 0.0, -np.inf)
     m = np.repeat(m[None], heads, axis=0)
     m[rng.random(m.shape) < 0.1] = -np.inf
     if case.n_q > 1:  # (a single query fully masked would test nothing but zeros)
@@ -234,6 +238,9 @@ DECODE_CASES = [
     Case("q8_0", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1024, sinks=True, threads=2),
     Case("kvt4s", "q8_0", n_q=16, n_kv=200, sinks=True, mask="none", permuted_q=True, threads=2),
     Case("q4_0", "kvq2", gqa=3, n_q=5, n_kv=90, threads=3),  # fewer KV rows than a chunk
+    # sliding windows: the chunks split the rows any query sees, not the whole cache
+    Case("q8_0", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000, mask="window", threads=2),
+    Case("kvq2", "kvq2", n_q=4, n_kv=600, mask="window", threads=3),
 ]
 
 

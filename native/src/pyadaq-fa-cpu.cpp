@@ -456,11 +456,12 @@ bool decode_applies(const ggml_tensor * dst) {
 // buffer: per thread its scratch, then per unit its partial results.
 struct dec_shape {
     int64_t g, n_hg, hr;      // heads per group, head groups, query rows x heads of a unit
-    int64_t n_chunks, chunk;  // KV chunks and their length
+    int64_t n_chunks;         // chunks of each group's visible KV rows
     int64_t n_units;
     int64_t q_floats;         // floats that one query row takes in the K type's vec_dot type (0: f32, read in place)
     int64_t thread_floats;    // scratch per thread, whole cache lines
     int64_t unit_floats;      // partials per unit: M[hr], S[hr], VKQ[hr][DV]
+    int64_t outer;            // sequences x head groups: each has its visible rows [lo, hi) (two int64)
 };
 
 dec_shape make_dec_shape(const ggml_tensor * dst, int nth) {
@@ -473,11 +474,11 @@ dec_shape make_dec_shape(const ggml_tensor * dst, int nth) {
     d.hr   = d.g * q->ne[1];
     const int64_t nek1  = k->ne[1];
     const int64_t outer = q->ne[3] * d.n_hg;
+    d.outer    = outer;
     d.n_chunks = 1;
     if (outer < 4 * nth) {
         d.n_chunks = std::max<int64_t>(1, std::min<int64_t>((4 * nth + outer - 1) / outer, nek1 / DEC_MIN_CHUNK));
     }
-    d.chunk   = (nek1 + d.n_chunks - 1) / d.n_chunks;
     d.n_units = outer * d.n_chunks;
     const ggml_type vdt = ggml_get_type_traits_cpu(k->type)->vec_dot_type;
     d.q_floats = vdt == GGML_TYPE_F32 ? 0
@@ -488,12 +489,54 @@ dec_shape make_dec_shape(const ggml_tensor * dst, int nth) {
     return d;
 }
 
+// the units' partials, rounded up so that the ranges after them are 8-byte aligned
+int64_t partial_floats(const dec_shape & d) {
+    return (d.unit_floats * d.n_units + 1) / 2 * 2;
+}
+
 size_t dec_work_bytes(const dec_shape & d, int nth) {
-    return (size_t) (d.thread_floats * nth + d.unit_floats * d.n_units) * sizeof(float);
+    return (size_t) (d.thread_floats * nth + partial_floats(d)) * sizeof(float) + 2 * sizeof(int64_t) * d.outer;
+}
+
+// The KV rows [lo, hi) outside which the mask hides every row from every query of head group hg of
+// sequence iq3 (all rows without a mask): the chunks split these, so that a sliding window's few
+// visible rows are shared by the threads like a whole sequence.
+void visible_rows(const ggml_tensor * dst, const dec_shape & d, int64_t iq3, int64_t hg, int64_t * lo, int64_t * hi) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * mask = dst->src[3];
+    const int64_t       nek1 = k->ne[1];
+    if (mask == nullptr) {
+        *lo = 0;
+        *hi = nek1;
+        return;
+    }
+    const ggml_fp16_t neg_inf = GGML_CPU_FP32_TO_FP16(-INFINITY);
+    int64_t a = nek1, b = 0;
+    for (int64_t j = 0; j < d.g; ++j) {
+        const int64_t h = hg * d.g + j;
+        for (int64_t r = 0; r < q->ne[1]; ++r) {
+            const ggml_fp16_t * mp = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1] +
+                                                            (h % mask->ne[2]) * mask->nb[2] +
+                                                            (iq3 % mask->ne[3]) * mask->nb[3]);
+            int64_t first = 0;
+            while (first < a && mp[first] == neg_inf) {
+                ++first;
+            }
+            a = first;
+            int64_t last = nek1;
+            while (last > b && mp[last - 1] == neg_inf) {
+                --last;
+            }
+            b = last;
+        }
+    }
+    *lo = a;
+    *hi = std::max(a, b);
 }
 
 void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, const dec_shape & d, int64_t u,
-                     float * partials) {
+                     float * partials, const int64_t * ranges) {
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * k    = dst->src[1];
     const ggml_tensor * v    = dst->src[2];
@@ -532,8 +575,12 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     const int64_t iv2 = h0 / (q->ne[2] / v->ne[2]);
     const int64_t ik3 = iq3 / (q->ne[3] / k->ne[3]);
     const int64_t iv3 = iq3 / (q->ne[3] / v->ne[3]);
-    const int64_t ic0 = c * d.chunk;
-    const int64_t ic1 = std::min(k->ne[1], ic0 + d.chunk);
+    // this unit's chunk of the group's visible rows
+    const int64_t lo    = ranges[2 * (iq3 * d.n_hg + hg)];
+    const int64_t hi    = ranges[2 * (iq3 * d.n_hg + hg) + 1];
+    const int64_t chunk = (hi - lo + d.n_chunks - 1) / d.n_chunks;
+    const int64_t ic0   = std::min(hi, lo + c * chunk);
+    const int64_t ic1   = std::min(hi, ic0 + chunk);
 
     float * K32 = (float *) params->wdata + params->ith * d.thread_floats;
     float * V32 = K32 + DK;
@@ -684,15 +731,19 @@ void run_decode(const ggml_compute_params * params, ggml_tensor * dst) {
     const int       nth = params->nth;
     const dec_shape d   = make_dec_shape(dst, nth);
     GGML_ASSERT(dec_work_bytes(d, nth) <= params->wsize);
-    float * partials = (float *) params->wdata + nth * d.thread_floats;
+    float *   partials = (float *) params->wdata + nth * d.thread_floats;
+    int64_t * ranges   = (int64_t *) (partials + partial_floats(d));
 
     if (ith == 0) {
         __atomic_add_fetch(&g_decode, 1, __ATOMIC_RELAXED);
         ggml_threadpool_chunk_set(params->threadpool, nth);
     }
+    for (int64_t o = ith; o < d.outer; o += nth) {
+        visible_rows(dst, d, o / d.n_hg, o % d.n_hg, ranges + 2 * o, ranges + 2 * o + 1);
+    }
     ggml_barrier(params->threadpool);
     for (int64_t u = ith; u < d.n_units; u = ggml_threadpool_chunk_add(params->threadpool, 1)) {
-        run_decode_unit(params, dst, d, u, partials);
+        run_decode_unit(params, dst, d, u, partials, ranges);
     }
     ggml_barrier(params->threadpool);
 
