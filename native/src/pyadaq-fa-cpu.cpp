@@ -19,8 +19,8 @@
 // with f16/f32. f16/f16 and f32/f32 keep upstream's kernel; generation (one query) keeps the
 // per-row path.
 //
-// Generation (a batch of up to PYADAQ_FA_DECODE_ROWS queries) with a quantized V has a kernel of its
-// own here too. Upstream's per-row path walks the KV sequence once per query head, so with
+// Generation (a batch of up to PYADAQ_FA_DECODE_ROWS queries) with a quantized V and a transform-coded
+// K or V has a kernel of its own here too. Upstream's per-row path walks the KV sequence once per query head, so with
 // grouped-query attention every K and V row of a group is converted once per head of the group (4
 // times on the embedded model), and a transform-coded type's dequantization is most of that cost.
 // This kernel takes the heads of a group together: each KV row is dequantized once and used for all
@@ -428,14 +428,29 @@ int64_t head_group(const ggml_tensor * q, const ggml_tensor * k, const ggml_tens
     return a;
 }
 
+// a transform-coded (kvt) type: one whose rows cost far more to dequantize than to use
+bool is_kvt(ggml_type type) {
+#define PYADAQ_FA_IS_KVT(UPPER, lower, id, ...) \
+    if (type == GGML_TYPE_##UPPER) {            \
+        return true;                            \
+    }
+    PYADAQ_KVT_TYPES(PYADAQ_FA_IS_KVT)
+#undef PYADAQ_FA_IS_KVT
+    return false;
+}
+
 // Whether the generation kernel computes the op: f32 queries, a short batch, a quantized V (f16 and
-// f32 values stay upstream's, which adds f16 values in f16), a K type with a dot product.
+// f32 values stay upstream's, which adds f16 values in f16), a K type with a dot product, and a kvt
+// type on either side. With flat types only (q8_0, q4_0, kvq2/kvq3: a row converts about as fast as
+// it is used) sharing the conversion gained nothing measurable against upstream's path
+// (docs/CALIBRATION.md, section Speed), so they keep it.
 bool decode_applies(const ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
     if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < 1 || q->ne[1] > PYADAQ_FA_DECODE_ROWS ||
-        k->ne[0] > PYADAQ_FA_MAX_ROW || v->ne[0] > PYADAQ_FA_MAX_ROW || !quantized_packable(v->type)) {
+        k->ne[0] > PYADAQ_FA_MAX_ROW || v->ne[0] > PYADAQ_FA_MAX_ROW || !quantized_packable(v->type) ||
+        !(is_kvt(k->type) || is_kvt(v->type))) {
         return false;
     }
     if (q->ne[2] % k->ne[2] != 0 || q->ne[2] % v->ne[2] != 0 ||
