@@ -158,6 +158,50 @@ void pack_row(ggml_type type, const void * src, float * dst, int64_t stride, int
     }
 }
 
+// The op's scalar parameters as both kernels use them (upstream's definitions): the scale of the
+// scores (divided by the soft-cap when there is one) and each query head's ALiBi slope.
+struct op_params {
+    float    scale;
+    float    max_bias;
+    float    logit_softcap;
+    uint32_t n_head_log2;
+    float    m0, m1;
+
+    explicit op_params(const ggml_tensor * dst) {
+        memcpy(&scale,         (const float *) dst->op_params + 0, sizeof(float));
+        memcpy(&max_bias,      (const float *) dst->op_params + 1, sizeof(float));
+        memcpy(&logit_softcap, (const float *) dst->op_params + 2, sizeof(float));
+        if (logit_softcap != 0) {
+            scale /= logit_softcap;
+        }
+        n_head_log2 = 1u << (uint32_t) floor(log2((uint32_t) dst->src[0]->ne[2]));
+        m0          = powf(2.0f, -(max_bias       ) / n_head_log2);
+        m1          = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+    }
+
+    float slope(int64_t h) const {
+        return max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2 * (h - n_head_log2) + 1)) : 1.0f;
+    }
+};
+
+// the mask's row for query row iq1 of head h of sequence iq3
+const ggml_fp16_t * mask_row(const ggml_tensor * mask, int64_t iq1, int64_t h, int64_t iq3) {
+    return (const ggml_fp16_t *) ((const char *) mask->data + iq1 * mask->nb[1] + (h % mask->ne[2]) * mask->nb[2] +
+                                  (iq3 % mask->ne[3]) * mask->nb[3]);
+}
+
+// consecutive query heads h0..h0+g-1 (h0 a multiple of g) share a K head and a V head when g
+// divides both broadcast factors: the largest such g
+int64_t head_group(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) {
+    int64_t a = q->ne[2] / k->ne[2], b = q->ne[2] / v->ne[2];
+    while (b) {
+        const int64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
 // How the op's query tiles are grouped into units.
 struct shape {
     int64_t heads;      // query heads per unit, all on the same K head and V head
@@ -171,17 +215,7 @@ int64_t count_units(const ggml_tensor * q, int64_t heads, int64_t pos_tiles, int
 }
 
 shape make_shape(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, int nth) {
-    const int64_t rk2 = q->ne[2] / k->ne[2];
-    const int64_t rv2 = q->ne[2] / v->ne[2];
-    // consecutive query heads h0..h0+g-1 (h0 a multiple of g) share a K head and a V head when g
-    // divides both broadcast factors
-    int64_t a = rk2, b = rv2;
-    while (b) {
-        const int64_t t = a % b;
-        a = b;
-        b = t;
-    }
-    const int64_t group = a;
+    const int64_t group = head_group(q, k, v);
     const int64_t n_pos = (q->ne[1] + QT - 1) / QT;
 
     int64_t heads = 1;
@@ -230,19 +264,7 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
     const int64_t N    = q->ne[1];
     const int64_t nek1 = k->ne[1];
 
-    float scale         = 1.0f;
-    float max_bias      = 0.0f;
-    float logit_softcap = 0.0f;
-    memcpy(&scale,         (const float *) dst->op_params + 0, sizeof(float));
-    memcpy(&max_bias,      (const float *) dst->op_params + 1, sizeof(float));
-    memcpy(&logit_softcap, (const float *) dst->op_params + 2, sizeof(float));
-    if (logit_softcap != 0) {
-        scale /= logit_softcap;
-    }
-    const uint32_t n_head      = q->ne[2];
-    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
-    const float    m0          = powf(2.0f, -(max_bias       ) / n_head_log2);
-    const float    m1          = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+    const op_params op(dst);
 
     // which tiles
     const int64_t n_pu  = (sh.n_pos + sh.pos_tiles - 1) / sh.pos_tiles;
@@ -269,7 +291,7 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
             t.iq2   = h;
             t.iq3   = iq3;
             t.rows  = std::min(QT, N - t.iq1);
-            t.slope = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2 * (h - n_head_log2) + 1)) : 1.0f;
+            t.slope = op.slope(h);
             t.Q     = tb;
             t.VKQ   = tb + QT * DK;
             t.S     = t.VKQ + QT * DV;
@@ -307,9 +329,7 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
             if (mask) {
                 bool can_skip = true;
                 for (int64_t r = 0; r < t.rows; ++r) {
-                    const ggml_fp16_t * mp = (const ggml_fp16_t *) ((const char *) mask->data + (t.iq1 + r) * mask->nb[1] +
-                                                                    (t.iq2 % mask->ne[2]) * mask->nb[2] +
-                                                                    (t.iq3 % mask->ne[3]) * mask->nb[3]);
+                    const ggml_fp16_t * mp = mask_row(mask, t.iq1 + r, t.iq2, t.iq3);
                     float * m32 = mask32 + r * KT;
                     for (int64_t c = 0; c < kv_tile; ++c) {
                         m32[c] = t.slope * GGML_CPU_FP16_TO_FP32(mp[ic + c]);
@@ -334,10 +354,10 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
 
             memset(KQ, 0, t.rows * KT * sizeof(float));
             simd_gemm(KQ, t.Q, K32, (int) t.rows, (int) DK, (int) KT);
-            ggml_vec_scale_f32((int) (t.rows * KT), KQ, scale);
-            if (logit_softcap != 0.0f) {
+            ggml_vec_scale_f32((int) (t.rows * KT), KQ, op.scale);
+            if (op.logit_softcap != 0.0f) {
                 ggml_vec_tanh_f32((int) (t.rows * KT), KQ, KQ);
-                ggml_vec_scale_f32((int) (t.rows * KT), KQ, logit_softcap);
+                ggml_vec_scale_f32((int) (t.rows * KT), KQ, op.logit_softcap);
             }
             if (mask) {
                 ggml_vec_add_f32((int) (t.rows * KT), KQ, KQ, mask32);
@@ -416,17 +436,6 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
 
 // KV rows per chunk, at least (fewer chunks than threads rather than chunks this short)
 constexpr int64_t DEC_MIN_CHUNK = 128;
-
-// query heads h0..h0+g-1 (h0 a multiple of g) that share one K head and one V head
-int64_t head_group(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) {
-    int64_t a = q->ne[2] / k->ne[2], b = q->ne[2] / v->ne[2];
-    while (b) {
-        const int64_t t = a % b;
-        a = b;
-        b = t;
-    }
-    return a;
-}
 
 // a transform-coded (kvt) type: one whose rows cost far more to dequantize than to use
 bool is_kvt(ggml_type type) {
@@ -531,9 +540,7 @@ void visible_rows(const ggml_tensor * dst, const dec_shape & d, int64_t iq3, int
     for (int64_t j = 0; j < d.g; ++j) {
         const int64_t h = hg * d.g + j;
         for (int64_t r = 0; r < q->ne[1]; ++r) {
-            const ggml_fp16_t * mp = (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1] +
-                                                            (h % mask->ne[2]) * mask->nb[2] +
-                                                            (iq3 % mask->ne[3]) * mask->nb[3]);
+            const ggml_fp16_t * mp = mask_row(mask, r, h, iq3);
             int64_t first = 0;
             while (first < a && mp[first] == neg_inf) {
                 ++first;
@@ -561,19 +568,7 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     const int64_t DV = v->ne[0];
     const int64_t N  = q->ne[1];
 
-    float scale         = 1.0f;
-    float max_bias      = 0.0f;
-    float logit_softcap = 0.0f;
-    memcpy(&scale,         (const float *) dst->op_params + 0, sizeof(float));
-    memcpy(&max_bias,      (const float *) dst->op_params + 1, sizeof(float));
-    memcpy(&logit_softcap, (const float *) dst->op_params + 2, sizeof(float));
-    if (logit_softcap != 0) {
-        scale /= logit_softcap;
-    }
-    const uint32_t n_head      = q->ne[2];
-    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
-    const float    m0          = powf(2.0f, -(max_bias       ) / n_head_log2);
-    const float    m1          = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+    const op_params op(dst);
 
     const auto *            kt       = ggml_get_type_traits_cpu(k->type);
     const bool              k_float  = kt->vec_dot_type == GGML_TYPE_F32;
@@ -612,8 +607,7 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     float               mv[PYADAQ_FA_DECODE_HR];
     for (int64_t j = 0; j < d.g; ++j) {
         const int64_t h  = h0 + j;
-        const float   sl = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2 * (h - n_head_log2) + 1))
-                                           : 1.0f;
+        const float   sl = op.slope(h);
         for (int64_t r = 0; r < N; ++r) {
             const int64_t i  = j * N + r;
             const char *  pq = (const char *) q->data + r * q->nb[1] + h * q->nb[2] + iq3 * q->nb[3];
@@ -623,10 +617,7 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
                 q_conv((const float *) pq, Qc + i * d.q_floats, DK);
                 qrow[i] = Qc + i * d.q_floats;
             }
-            mrow[i] = mask ? (const ggml_fp16_t *) ((const char *) mask->data + r * mask->nb[1] +
-                                                    (h % mask->ne[2]) * mask->nb[2] +
-                                                    (iq3 % mask->ne[3]) * mask->nb[3])
-                           : nullptr;
+            mrow[i]  = mask ? mask_row(mask, r, h, iq3) : nullptr;
             slope[i] = sl;
             M[i]     = -INFINITY;
             S[i]     = 0.0f;
@@ -665,9 +656,9 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
             } else {
                 kq_dot((int) DK, &s, 0, k_data, 0, qrow[i], 0, 1);
             }
-            s = s * scale;
-            if (logit_softcap != 0.0f) {
-                s = logit_softcap * tanhf(s);
+            s = s * op.scale;
+            if (op.logit_softcap != 0.0f) {
+                s = op.logit_softcap * tanhf(s);
             }
             s += mv[i];
             float ms = 1.0f;  // upon a new maximum, the accumulator and the sum are scaled by this

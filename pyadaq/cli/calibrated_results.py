@@ -41,6 +41,7 @@ def work(n_chunks: int) -> tuple:
 def measure(res: dict, json_out: Path) -> dict:
     """Measure the calibrated matrix for the flat matrix run `res` (same model, text, context,
     chunks and rotation setting); its figures go to json_out."""
+    from pyadaq.eval.calibration import _text_sha
     from pyadaq.eval.run import evaluate
     from pyadaq.eval.texts import calibration_text, default_text
     from pyadaq.model.header import read_model_info
@@ -50,7 +51,7 @@ def measure(res: dict, json_out: Path) -> dict:
     model = s["model"]
     info = read_model_info(model)
     text = default_text()
-    if s.get("text_sha256") and s["text_sha256"] != _sha256(text):
+    if s.get("text_sha256") and s["text_sha256"] != _text_sha(text):
         raise ValueError("the matrix run read another text than the default one; measure the calibrated matrix "
                          "with a matrix run of the default text")
     t0 = time.time()
@@ -63,15 +64,9 @@ def measure(res: dict, json_out: Path) -> dict:
                           "text_tokens": cal.text_tokens, "n_ctx": cal.n_ctx, "chunks": cal.chunks,
                           "created": cal.created, "seconds": t_cal,
                           # made from the held-out half (the default calibration text), not another text
-                          "held_out": cal.text_sha256 == _sha256(calibration_text())}
+                          "held_out": cal.text_sha256 == _text_sha(calibration_text())}
     Path(json_out).write_text(json.dumps(out, indent=1))
     return out
-
-
-def _sha256(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _line(a: dict, b: dict) -> str:
