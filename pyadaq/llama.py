@@ -18,6 +18,7 @@ from typing import Any
 
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.calibrate import check_budget_range, default_types, kv_calibration_for, plan_for_budget
+from pyadaq.plan.planner import Budget
 from pyadaq.runtime import llama as _runtime
 
 __all__ = ["Llama"]
@@ -25,13 +26,14 @@ __all__ = ["Llama"]
 
 class Llama(_runtime.Llama):
     __doc__ = (_runtime.Llama.__doc__ or "") + """
-    ``kv_budget`` (bits per value; ``kv_budget_source`` "kl", "spectra" or "norms") plans the
+    ``kv_budget`` (bits per value, or "K/V" with one budget per side such as "q8_0/2.5";
+    ``kv_budget_source`` "kl", "spectra" or "norms") plans the
     per-layer types for that budget (:func:`pyadaq.plan.calibrate.plan_for_budget`, cached)
     instead of ``kv_plan``, with ``kv_calibration`` (default: the model's default calibration;
     False: none). A budget outside what the types reach raises before anything is measured.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, kv_budget: float | None = None,
+    def __init__(self, model_path: str | os.PathLike, *, kv_budget: float | str | None = None,
                  kv_budget_source: str = "kl", **kwargs: Any) -> None:
         if kv_budget is not None:
             if kwargs.get("kv_plan") is not None:
@@ -41,14 +43,16 @@ class Llama(_runtime.Llama):
                     "pass either cache_type_k/cache_type_v (one K and one V type for every layer) or a plan "
                     "(kv_plan/kv_budget: a type per layer), not both: a plan sets every layer's K and V type"
                 )
-            if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
-                raise TypeError(f"kv_budget is a number of bits per value, not {type(kv_budget).__name__}")
+            if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float, str)):
+                raise TypeError(f"kv_budget is a number of bits per value or a 'K/V' string such as 'q8_0/2.5', "
+                                f"not {type(kv_budget).__name__}")
+            kv_budget = Budget.parse(kv_budget)
             spec = kwargs.get("kv_calibration")
             spec = None if spec is False else "default" if spec is None else spec
             info = read_model_info(model_path)
-            check_budget_range(info, float(kv_budget), default_types(kv_budget_source, spec))
+            check_budget_range(info, kv_budget, default_types(kv_budget_source, spec))
             cal = kv_calibration_for(model_path, info, spec)
-            kwargs["kv_plan"] = plan_for_budget(model_path, float(kv_budget), source=kv_budget_source,
+            kwargs["kv_plan"] = plan_for_budget(model_path, kv_budget, source=kv_budget_source,
                                                 kv_calibration=cal)
             kwargs["kv_calibration"] = cal
         elif kwargs.get("kv_calibration") is False:

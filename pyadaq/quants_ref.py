@@ -148,6 +148,7 @@ KVT_TYPES: dict[str, KvtSpec] = {
         KvtSpec("kvt2s", 105, (5, 3, 3, 2, 2, 2, 1, 0)),
         KvtSpec("kvt3s", 106, (6, 4, 4, 3, 3, 3, 2, 1)),
         KvtSpec("kvt4s", 107, (7, 5, 4, 4, 4, 4, 3, 3)),
+        KvtSpec("kvt1", 108, (3, 2, 2, 1, 1, 1, 0, 0)),
     )
 }
 

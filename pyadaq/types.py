@@ -17,7 +17,8 @@ UPSTREAM_CACHE_TYPES = {
 PYADAQ_CACHE_TYPES = {"kvq2": 100, "kvq3": 101}
 # Transform-coded types (native/src/pyadaq-kvt.c): bits that fall along each head's principal
 # components; they hold whitened, interleaved coordinates, so they need a calibration.
-PYADAQ_CALIBRATED_TYPES = {"kvt2": 102, "kvt3": 103, "kvt4": 104, "kvt2s": 105, "kvt3s": 106, "kvt4s": 107}
+PYADAQ_CALIBRATED_TYPES = {"kvt2": 102, "kvt3": 103, "kvt4": 104, "kvt2s": 105, "kvt3s": 106, "kvt4s": 107,
+                           "kvt1": 108}
 PYADAQ_RESEARCH_TYPES = {
     "kvq2_u32m": 110, "kvq2_u32": 111, "kvq2_n64": 112,
     "kvq3_u32m": 113, "kvq3_u32": 114, "kvq3_n64": 115,
@@ -30,8 +31,8 @@ PYADAQ_RESEARCH_TYPES = {
 CUDA_FA_PAIR_TYPES = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "kvq2", "kvq3")
 CUDA_KVT_FA_PAIRS = tuple(
     [f"{k}-{v}" for k in ("kvt2s", "kvt3s", "kvt4s")
-     for v in ("f16", "q8_0", "q4_0", "kvq2", "kvq3", "kvt2", "kvt3", "kvt4")]
-    + [f"{k}-{v}" for k in ("f16", "q8_0", "q4_0") for v in ("kvt2", "kvt3", "kvt4")])
+     for v in ("f16", "q8_0", "q4_0", "kvq2", "kvq3", "kvt1", "kvt2", "kvt3", "kvt4")]
+    + [f"{k}-{v}" for k in ("f16", "q8_0", "q4_0") for v in ("kvt1", "kvt2", "kvt3", "kvt4")])
 CUDA_CACHE_TYPES = frozenset({"f32", "bf16", *CUDA_FA_PAIR_TYPES,
                               *(t for p in CUDA_KVT_FA_PAIRS for t in p.split("-"))})
 

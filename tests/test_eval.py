@@ -10,7 +10,7 @@ import pytest
 from pyadaq.cli import main
 from pyadaq.eval.kl import ReferenceStore, chunks, compare
 from pyadaq.eval.metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax, token_kl
-from pyadaq.plan.spec import parse_configs
+from pyadaq.plan.spec import CalSpec, LayerSpec, parse_configs
 
 TEXT = " ".join(f"The {w} sat on the mat and looked at the {v} for a while." for w, v in
                 zip(["cat", "dog", "bird", "fox"] * 60, ["sun", "moon", "tree", "house", "river"] * 48))
@@ -52,8 +52,11 @@ def test_stored_logprobs_keep_kl():
 
 def test_parse_configs():
     assert parse_configs("Q8_0:kvq2, f16:F16") == [("q8_0", "kvq2"), ("f16", "f16")]
+    assert parse_configs("budget:3.0,budget:q8_0/2.5+cal,budget:4.5/2.5:spectra") == [
+        LayerSpec("budget", "3.0"), CalSpec(LayerSpec("budget", "q8_0/2.5")), LayerSpec("budget", "4.5/2.5:spectra")]
     for bad, msg in [("q8_0", "is not K:V"), ("q8_0:q4_0:f16", "is not K:V"), ("q9_0:f16", "unknown"),
-                     ("", "no configs")]:
+                     ("", "no configs"), ("budget:lots", "not a number"), ("budget:q9_0/2.5", "neither"),
+                     ("budget:4.5/2.5/1", "is not K/V"), ("budget:3.0:kll", "sensitivity source")]:
         with pytest.raises(ValueError, match=msg):
             parse_configs(bad)
 

@@ -99,6 +99,7 @@ CASES = [
     # the transform-coded types (block 64)
     Case("kvt4s", "kvt2", dk=128, dv=128),
     Case("kvt3s", "kvt3", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=130, threads=3),
+    Case("kvt2s", "kvt1", dk=128, dv=128, n_q=70, threads=2),
 ]
 
 
@@ -238,6 +239,7 @@ DECODE_CASES = [
     Case("q8_0", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1024, sinks=True, threads=2),
     Case("kvt4s", "q8_0", n_q=16, n_kv=200, sinks=True, mask="none", permuted_q=True, threads=2),
     Case("kvt2s", "kvq2", gqa=3, n_q=5, n_kv=90, threads=3),  # fewer KV rows than a chunk
+    Case("q8_0", "kvt1", dk=128, dv=128, n_head_kv=1, gqa=4, n_q=2, n_kv=400, threads=2),  # two 0-bit groups
     # sliding windows: the chunks split the rows any query sees, not the whole cache
     Case("q8_0", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000, mask="window", threads=2),
     Case("kvt3s", "q4_0", n_q=4, n_kv=600, mask="window", threads=3),

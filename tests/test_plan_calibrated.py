@@ -107,6 +107,25 @@ def test_kl_calibration_runs_with_the_transforms(setup, cache):
         plan_for_budget(path, 12.0, types=TYPES[:2], source_result=res)
 
 
+def test_calibration_measures_only_the_types_it_has_not(setup, cache):
+    """A calibration with more types measures only the new ones (2 runs per cache layer each)
+    and keeps the figures it had; one with types it has measured runs nothing."""
+    path, cal, _ = setup
+    kw = dict(n_ctx=64, n_chunks=1, n_threads=1, progress=False, kv_calibration=cal)
+    n = len(pyadaq.read_model_info(path).cache_layers())
+    first = calibrate(path, ["f16", "kvt2"], TEXT, **kw)
+    assert first["settings"]["runs"] == 2 * n
+    more = calibrate(path, ["kvt1", "f16", "kvt2"], TEXT, **kw)
+    assert more["types"] == ["kvt1", "f16", "kvt2"] and more["settings"]["runs"] == 4 * n
+    for old, new in zip(first["errors_k"] + first["errors_v"], more["errors_k"] + more["errors_v"]):
+        assert new[1:] == old  # kept, not measured again
+    assert sum(r[0] for r in more["errors_v"]) > sum(r[2] for r in more["errors_v"]) > 0  # 1.5 bits cost more
+    again = calibrate(path, ["kvt2", "kvt1"], TEXT, **kw)
+    assert again["settings"]["runs"] == 4 * n and again["types"] == ["kvt2", "kvt1"]
+    assert [r[1] for r in again["errors_v"]] == [r[0] for r in more["errors_v"]]
+    assert len(list((cache / "adaptive").glob("calibration-*.json"))) == 1
+
+
 def test_spectra_plan_is_the_best_for_its_errors(setup):
     """The spectra source plans without a run: the least predicted error within each budget
     (brute force), more budget never more error, and the transform-coded key profiles win over
@@ -181,6 +200,15 @@ def test_plan_cli_with_calibration(setup, tmp_path, capsys):
     # the plan runs with its calibration (and kvt types refuse to run without one)
     llm = pyadaq.Llama(str(path), kv_plan=str(out), kv_calibration=str(f), n_ctx=128, n_threads=1)
     llm.close()
+    # one budget per side: keys q8_0, values 2.0 bits on average (kvt1 with kvt2 or more)
+    assert main(["plan", "--model", str(path), "--budget", "q8_0/2.0", "--sensitivity", "spectra",
+                 "--kv-calibration", str(f), "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["types_k"]) == {"q8_0"} and "kvt1" in saved["types_v"]
+    assert saved["notes"]["budget_k_v"] == "q8_0/2" and "(budget q8_0/2)" in capsys.readouterr().out
+    assert main(["plan", "--model", str(path), "--budget", "q8_0/1.0", "--sensitivity", "spectra",
+                 "--kv-calibration", str(f), "--out", str(tmp_path / "x.json")]) != 0
+    assert "the V side of budget q8_0/1 bits per value is outside" in capsys.readouterr().err
     assert main(["plan", "--model", str(path), "--budget", "3.0", "--sensitivity", "spectra",
                  "--out", str(tmp_path / "x.json")]) != 0
     assert "--kv-calibration" in capsys.readouterr().err

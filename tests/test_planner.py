@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pyadaq
-from pyadaq.plan.planner import optimize, plan_budget, rate_distortion_errors
+from pyadaq.plan.planner import Budget, optimize, plan_budget, rate_distortion_errors
 from pyadaq.runtime.kvplan import KVPlan, PlanFileError, PlanMismatchError, check_plan, make_plan
 
 RTOL = 1e-9
@@ -470,3 +470,64 @@ def test_plan_budget_head_sizes_and_non_cache_layers(info4):
     check_plan(plan, info)
     with pytest.raises(ValueError, match="outside what the types"):
         plan_budget(info, "abc", [5.0] * 4, [1.0] * 4, 4.0, types=["f16", "q4_0", "kvq2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets per side (K/V)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, label, total, k, v", [
+    ("3.0", "3", 3.0, None, None), (4.5, "4.5", 4.5, None, None), ("q8_0/2.5", "q8_0/2.5", None, "q8_0", 2.5),
+    (" 4.5 / 2.50 ", "4.5/2.5", None, 4.5, 2.5), ("Q4_0/kvq2", "q4_0/kvq2", None, "q4_0", "kvq2")])
+def test_budget_parse(text, label, total, k, v):
+    b = Budget.parse(text)
+    assert (b.total, b.k, b.v, b.label) == (total, k, v, label)
+    assert Budget.parse(b.label) == b and Budget.parse(b) is b
+
+
+@pytest.mark.parametrize("text, match", [
+    ("lots", "not a number"), ("-1", "not a positive number"), ("nan", "not a positive number"),
+    ("4.5/2.5/1", "is not K/V"), ("/2.5", "is not K/V"), ("q9_0/2.5", "the K side 'q9_0' is neither"),
+    ("4.5/0", "V side"), ("4.5/", "is not K/V")])
+def test_budget_parse_rejects(text, match):
+    with pytest.raises(ValueError, match=match):
+        Budget.parse(text)
+    with pytest.raises(TypeError, match="not bool"):
+        Budget.parse(True)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_plan_budget_per_side_is_the_best_plan_of_each_side(info4, seed):
+    """"K/V": each side is the least-error plan within its own budget (brute force over the
+    5**4 plans of its 4 items), whatever the other side's errors; a type name fixes that side."""
+    rng = np.random.default_rng(seed)
+    types = ["f16", "q8_0", "q4_0", "kvq3", "kvq2"]
+    bits = np.array([pyadaq.cache_type(t).bits_per_value for t in types])
+    ek, ev = rng.uniform(0, 1, (4, 5)), rng.uniform(0, 1, (4, 5))
+    ek[:, 0] = ev[:, 0] = 0.0
+    w = np.full(4, 256)
+    for kb, vb in ((4.5, 2.5), (8.5, 3.0), (3.0, 6.0), ("q8_0", 2.75), (5.0, "kvq3")):
+        plan = plan_budget(info4, "abc", [1.0] * 4, [1.0] * 4, f"{kb}/{vb}", types=types, errors_k=ek, errors_v=ev)
+        for side, b, errs, got in (("K", kb, ek, plan.types_k), ("V", vb, ev, plan.types_v)):
+            if isinstance(b, str):
+                assert got == [b] * 4
+                continue
+            best, _ = brute_force(errs, w, bits, b)
+            assert sum(errs[i, types.index(t)] for i, t in enumerate(got)) == pytest.approx(best, rel=1e-12), side
+            assert sum(pyadaq.cache_type(t).bits_per_value for t in got) / 4 <= b + 1e-12
+        bk = pyadaq.cache_type(kb).bits_per_value if isinstance(kb, str) else kb
+        bv = pyadaq.cache_type(vb).bits_per_value if isinstance(vb, str) else vb
+        assert plan.budget == pytest.approx((bk + bv) / 2) and plan.bits_per_value <= plan.budget + 1e-12
+        assert plan.notes["budget_k_v"] == Budget.parse(f"{kb}/{vb}").label
+        check_plan(plan, info4, "abc")
+
+
+def test_plan_budget_per_side_bad_inputs(info4):
+    kw = dict(types=["q4_0", "kvq2"])
+    with pytest.raises(ValueError, match=r"the V side of budget 2 bits per value is outside .*: 2\.5 to 4\.5"):
+        plan_budget(info4, "abc", [1.0] * 4, [1.0] * 4, "4.5/2", **kw)
+    with pytest.raises(ValueError, match="q8_0 among the types"):
+        plan_budget(info4, "abc", [1.0] * 4, [1.0] * 4, "q8_0/2.5", **kw)
+    with pytest.raises(ValueError, match="not bool"):
+        plan_budget(info4, "abc", [1.0] * 4, [1.0] * 4, True, **kw)

@@ -11,7 +11,7 @@
 #   PYADAQ_CUDA_KVT_PAIRS           the pairs with a transform-coded type: the keys' profiles
 #                                   (kvt2s, kvt3s, kvt4s) with every V of PYADAQ_CUDA_KVT_V, and
 #                                   the keys of PYADAQ_CUDA_KVT_K with the values' profiles
-#                                   (kvt2, kvt3, kvt4); instance files like the kvq pairs'
+#                                   (kvt1, kvt2, kvt3, kvt4); instance files like the kvq pairs'
 #                                   (none with -DPYADAQ_CUDA_KVT=OFF)
 #   PYADAQ_CUDA_FA_QUANTS_DEFAULT   what pyadaq sets upstream's GGML_CUDA_FA_QUANTS to: the
 #                                   upstream pairs plus upstream's default bf16-bf16
@@ -36,7 +36,7 @@ else()
 endif()
 set(PYADAQ_CUDA_FA_HEAD_SIZES 64 128 256)
 set(PYADAQ_CUDA_KVQ_TYPES kvq2 kvq3)
-set(PYADAQ_CUDA_KVT_V f16 q8_0 q4_0 kvq2 kvq3 kvt2 kvt3 kvt4)
+set(PYADAQ_CUDA_KVT_V f16 q8_0 q4_0 kvq2 kvq3 kvt1 kvt2 kvt3 kvt4)
 set(PYADAQ_CUDA_KVT_K f16 q8_0 q4_0)
 if(NOT CMAKE_SCRIPT_MODE_FILE)
     option(PYADAQ_CUDA_KVT "pyadaq: compile CUDA flash-attention vector kernels for the kvt pairs" ON)
@@ -50,7 +50,7 @@ foreach(_k kvt2s kvt3s kvt4s)
     endforeach()
 endforeach()
 foreach(_k IN LISTS PYADAQ_CUDA_KVT_K)
-    foreach(_v kvt2 kvt3 kvt4)
+    foreach(_v kvt1 kvt2 kvt3 kvt4)
         list(APPEND PYADAQ_CUDA_KVT_PAIRS "${_k}-${_v}")
     endforeach()
 endforeach()

@@ -9,7 +9,7 @@
 //     the int8 levels) and V dequantization.
 // The arithmetic is in pyadaq-kvq-block.h and pyadaq-kvt-block.h, shared with a host test.
 //
-// kvq2, kvq3 and the transform-coded kvt2/kvt3/kvt4/kvt2s/kvt3s/kvt4s run on CUDA; the research
+// kvq2, kvq3 and the transform-coded kvt1/kvt2/kvt3/kvt4/kvt2s/kvt3s/kvt4s run on CUDA; the research
 // candidates of docs/FORMATS.md are CPU-only (pyadaq refuses them for a GPU-resident cache at
 // context creation).
 
@@ -31,7 +31,7 @@ static constexpr __host__ __device__ int pyadaq_cuda_kvq_bits(ggml_type t) {
 }
 static constexpr __host__ __device__ bool pyadaq_cuda_is_kvt(ggml_type t) {
     return t == GGML_TYPE_KVT2 || t == GGML_TYPE_KVT3 || t == GGML_TYPE_KVT4 ||
-           t == GGML_TYPE_KVT2S || t == GGML_TYPE_KVT3S || t == GGML_TYPE_KVT4S;
+           t == GGML_TYPE_KVT2S || t == GGML_TYPE_KVT3S || t == GGML_TYPE_KVT4S || t == GGML_TYPE_KVT1;
 }
 // any of pyadaq's types that run on CUDA
 static constexpr __host__ __device__ bool pyadaq_cuda_is_pyadaq(ggml_type t) {
@@ -83,7 +83,8 @@ PYADAQ_KVT_TYPES(PYADAQ_CUDA_KVT_DEQUANTIZE)
     case GGML_TYPE_KVQ3: return FN<PYADAQ_KVQ_QK, PYADAQ_CUDA_QR, pyadaq_cuda_dequantize_kvq3>; \
     PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT2, kvt2) PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT3, kvt3)  \
     PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT4, kvt4) PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT2S, kvt2s) \
-    PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT3S, kvt3s) PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT4S, kvt4s)
+    PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT3S, kvt3s) PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT4S, kvt4s) \
+    PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT1, kvt1)
 
 #define PYADAQ_CUDA_KVT_GET_ROWS_CASE(UPPER, lower)                                                      \
     case GGML_TYPE_##UPPER:                                                                            \
@@ -102,11 +103,13 @@ PYADAQ_KVT_TYPES(PYADAQ_CUDA_KVT_DEQUANTIZE)
         break;                                                                                         \
     PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT2, kvt2) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT3, kvt3)                  \
     PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT4, kvt4) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT2S, kvt2s)                \
-    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT3S, kvt3s) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT4S, kvt4s)
+    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT3S, kvt3s) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT4S, kvt4s)                \
+    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT1, kvt1)
 
 // Plain case labels (supports_op lists).
 #define PYADAQ_CUDA_TYPE_CASES case GGML_TYPE_KVQ2: case GGML_TYPE_KVQ3: case GGML_TYPE_KVT2: \
-    case GGML_TYPE_KVT3: case GGML_TYPE_KVT4: case GGML_TYPE_KVT2S: case GGML_TYPE_KVT3S: case GGML_TYPE_KVT4S:
+    case GGML_TYPE_KVT3: case GGML_TYPE_KVT4: case GGML_TYPE_KVT2S: case GGML_TYPE_KVT3S: case GGML_TYPE_KVT4S: \
+    case GGML_TYPE_KVT1:
 
 // set-rows.cu's branches after its kvq3 one (its local variable names).
 #define PYADAQ_CUDA_KVT_SET_ROWS_BRANCH(UPPER, lower, id, ...)                                        \

@@ -1,4 +1,4 @@
-// Block-level arithmetic of the transform-coded types (kvt2, kvt3, kvt4, kvt2s, kvt3s, kvt4s)
+// Block-level arithmetic of the transform-coded types (kvt1, kvt2, kvt3, kvt4, kvt2s, kvt3s, kvt4s)
 // shared by the CUDA kernels and a host-side test, as pyadaq-kvq-block.h is for kvq2/kvq3.
 //
 // The reference is native/src/pyadaq-kvt.c: a block of 64 values is an fp16 scale d and 8 groups

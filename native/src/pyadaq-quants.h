@@ -60,14 +60,16 @@ enum pyadaq_scale_rule {
 // Lloyd-Max levels of a unit Gaussian for W bits (W = 0: 0).
 //   X(UPPER, lower, id, W0..W7)
 // kvt2/3/4: the profile of values (2.5, 3.5, 4.5 bits per value, scale included); kvt2s/3s/4s: a
-// steeper one, for keys, whose spectra fall faster (docs/CALIBRATION.md).
+// steeper one, for keys, whose spectra fall faster (docs/CALIBRATION.md); kvt1: 1.5 bits per value,
+// the rung below kvt2 for plans that give a layer's values fewer bits so others get more.
 #define PYADAQ_KVT_TYPES(X)                            \
     X(KVT2,  kvt2,  102, 4, 3, 3, 2, 2, 2, 1, 1)       \
     X(KVT3,  kvt3,  103, 5, 4, 4, 3, 3, 3, 2, 2)       \
     X(KVT4,  kvt4,  104, 6, 5, 5, 4, 4, 4, 3, 3)       \
     X(KVT2S, kvt2s, 105, 5, 3, 3, 2, 2, 2, 1, 0)       \
     X(KVT3S, kvt3s, 106, 6, 4, 4, 3, 3, 3, 2, 1)       \
-    X(KVT4S, kvt4s, 107, 7, 5, 4, 4, 4, 4, 3, 3)
+    X(KVT4S, kvt4s, 107, 7, 5, 4, 4, 4, 4, 3, 3)       \
+    X(KVT1,  kvt1,  108, 3, 2, 2, 1, 1, 1, 0, 0)
 #define PYADAQ_KVT_QK       64
 #define PYADAQ_KVT_GROUP    8
 #define PYADAQ_KVT_MAX_BITS 7
@@ -166,7 +168,7 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
     X(55) X(56) X(57) X(58) X(59) X(60) X(61) X(62) X(63) X(64) X(65) X(66) \
     X(67) X(68) X(69) X(70) X(71) X(72) X(73) X(74) X(75) X(76) X(77) X(78) \
     X(79) X(80) X(81) X(82) X(83) X(84) X(85) X(86) X(87) X(88) X(89) X(90) \
-    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99) X(108) X(109)
+    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99) X(109)
 #define PYADAQ_UNUSED_ROW(id)                                                \
     [id] = {                                                                 \
         .type_name      = "unused type id " #id " (reserved by pyadaq)",   \

@@ -94,7 +94,8 @@ def add_model_options(p) -> None:
     p.add_argument("--cache-type-k", default="q8_0", help="K cache type (default q8_0)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--cache-type-v", help="V cache type (default kvq2)")
-    g.add_argument("--kv-budget", type=float, help="average bits per cached value: a per-layer plan")
+    g.add_argument("--kv-budget", help="average bits per cached value: a per-layer plan; K/V for one budget per "
+                   "side, a side a number or a type (q8_0/2.5: keys q8_0, values 2.5 bits on average)")
     g.add_argument("--kv-plan", help="per-layer plan file from `pyadaq plan`")
     p.add_argument("--kv-calibration", metavar="FILE",
                    help="KV calibration from `pyadaq calibrate`: the cache stores K and V in its coordinates")
@@ -115,7 +116,7 @@ def load_llama_from_args(args, **extra):
 
 
 def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_type_v: str | None = None,
-               kv_plan=None, kv_budget: float | None = None, ctx: int = 4096, threads: int | None = None,
+               kv_plan=None, kv_budget: float | str | None = None, ctx: int = 4096, threads: int | None = None,
                gpu_layers: int = -1, kv_calibration=None, **extra):
     """(model path, ModelInfo, pyadaq.Llama) for a command, every check done before native code."""
     from pyadaq.llama import Llama
@@ -134,6 +135,7 @@ def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_ty
     if kv_plan or kv_budget is not None:
         if kv_budget is not None:
             from pyadaq.plan.calibrate import check_budget_range, default_types, kv_calibration_for
+            from pyadaq.plan.planner import Budget
 
             # what Llama(kv_budget=...) calibrates: pyadaq.plan.calibrate.plan_for_budget's defaults,
             # for the KV calibration given, else the model's default one
@@ -142,7 +144,7 @@ def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_ty
             if "kv_calibration" not in extra:
                 extra["kv_calibration"] = kv_calibration_for(model, info, "default")
             announce_calibration(command, model, types, 512, 2, kv_calibration=extra["kv_calibration"],
-                                 faster=f"`pyadaq plan --budget {kv_budget:g} --sensitivity spectra "
+                                 faster=f"`pyadaq plan --budget {Budget.parse(kv_budget).label} --sensitivity spectra "
                                         f"--kv-calibration default`, then `pyadaq {command} --kv-plan plan.json "
                                         f"--kv-calibration {extra['kv_calibration'].path}`", faster_passes=0)
         kw.update(kv_plan=kv_plan, kv_budget=kv_budget)
@@ -220,13 +222,12 @@ def missing_reference(info, n_ctx: int, n_chunks: int, text: str | None = None) 
 def calibration_work(info, types: Sequence[str], n_ctx: int, n_chunks: int, kv_calibration=None) -> tuple:
     """(runs, forward passes) a calibration (pyadaq.plan.calibrate.calibrate, default text, with
     `kv_calibration`'s transforms when given) still needs: (0, 0) when its result is cached."""
-    from pyadaq.plan.calibrate import calibration_items, calibration_path
-    from pyadaq.types import cache_type
+    from pyadaq.plan.calibrate import calibration_items, missing_types
 
-    types = [cache_type(t).name for t in types]
-    if calibration_path(info, types, None, n_ctx, n_chunks, kv_calibration).exists():
+    todo = missing_types(info, types, None, n_ctx, n_chunks, kv_calibration)
+    _, jobs, _ = calibration_items(info, todo, kv_calibration)
+    if not jobs:
         return 0, 0
-    _, jobs, _ = calibration_items(info, types, kv_calibration)
     return len(jobs), len(jobs) * n_chunks + missing_reference(info, n_ctx, n_chunks)
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="per-layer K/V cache types for a bit budget", description=__doc__)
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
-    p.add_argument("--budget", type=float, required=True,
-                   help="average bits per cached value, scales included (q4_0/q4_0 is 4.5)")
+    p.add_argument("--budget", required=True,
+                   help="average bits per cached value, scales included (q4_0/q4_0 is 4.5); K/V for one budget "
+                        "per side, each a number or a type (q8_0/2.5: keys q8_0, values 2.5 bits on average)")
     p.add_argument("--from", dest="source_file",
                    help="a `pyadaq analyze --json` file (norm-based sensitivities) or a calibration "
                         "JSON (--save-calibration); default: measure (see --sensitivity)")
@@ -45,9 +46,11 @@ def run(args) -> int:
         kv_calibration_for,
         plan_for_budget,
     )
+    from pyadaq.plan.planner import Budget
     from pyadaq.runtime.kv_transform import require_calibration
     from pyadaq.types import cache_type
 
+    args.budget = Budget.parse(args.budget)
     model, info, _ = model_and_text(args.model, getattr(args, "text", None))
     if args.sensitivity == "spectra" and not args.kv_calibration:
         raise ValueError("--sensitivity spectra predicts errors from a KV calibration: give --kv-calibration FILE "
@@ -76,9 +79,9 @@ def run(args) -> int:
     elif args.sensitivity == "kl":
         from pyadaq.cli._common import announce_calibration
 
-        faster = (f"`pyadaq plan --budget {args.budget:g} --sensitivity norms` (sensitivities from the activation "
+        faster = (f"`pyadaq plan --budget {args.budget.label} --sensitivity norms` (sensitivities from the activation "
                   "norms, no calibration)" if kv_cal is None else
-                  f"`pyadaq plan --budget {args.budget:g} --sensitivity spectra --kv-calibration "
+                  f"`pyadaq plan --budget {args.budget.label} --sensitivity spectra --kv-calibration "
                   f"{args.kv_calibration}` (errors the calibration's spectra predict, no run)")
         announce_calibration("plan", model, types, args.ctx, args.chunks, args.threads, faster=faster,
                              faster_passes=max(args.chunks, 2) if kv_cal is None else 0, kv_calibration=kv_cal)
@@ -100,7 +103,8 @@ def run(args) -> int:
 
 
 def print_plan(plan) -> None:
-    print(f"\nplan for {plan.model_name}: {plan.bits_per_value:.3f} bits per value (budget {plan.budget}), "
+    budget = plan.notes.get("budget_k_v", plan.budget) if isinstance(plan.notes, dict) else plan.budget
+    print(f"\nplan for {plan.model_name}: {plan.bits_per_value:.3f} bits per value (budget {budget}), "
           f"{plan.bytes_per_token} bytes per token, sensitivities: {plan.sensitivity}, method {plan.method}")
     print(f"{'layer':>5}  {'K':<6} {'V':<6}")
     for il, (k, v) in enumerate(zip(plan.types_k, plan.types_v)):

@@ -31,11 +31,13 @@ def _types_and_plan(args, info, model: str) -> tuple[list[str], str]:
     if args.kv_budget is not None:
         from pyadaq._paths import cache_dir
         from pyadaq.plan.calibrate import check_budget_range, default_types, plan_for_budget
+        from pyadaq.plan.planner import Budget
 
         types = default_types("kl", None)
         check_budget_range(info, args.kv_budget, types)
         plan = plan_for_budget(model, args.kv_budget, kv_calibration=None)
-        path = cache_dir("serve") / f"plan-{info.sha256[:16]}-{args.kv_budget:g}.json"
+        label = Budget.parse(args.kv_budget).label.replace("/", "-")
+        path = cache_dir("serve") / f"plan-{info.sha256[:16]}-{label}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         plan.save(path)
         args.kv_plan = str(path)

@@ -22,7 +22,8 @@ evaluations do not read), so an evaluation of a plan is on text the plan never s
 ``plan_for_budget`` runs (or finds in the cache directory) what the source needs and calls
 the planner (``pyadaq.plan.planner.plan_budget``). Results are cached under
 ``~/.cache/pyadaq/adaptive`` (``$PYADAQ_CACHE_DIR/adaptive``), keyed by the model's sha256,
-the text, the context size, the chunk count, the types and pyadaq's native build.
+the text, the context size, the chunk count and pyadaq's native build; a calibration with more
+types measures only the ones not yet in the cache.
 """
 
 from __future__ import annotations
@@ -44,20 +45,21 @@ from pyadaq.eval.kl import compare
 from pyadaq.eval.texts import calibration_text
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
-from pyadaq.plan.planner import plan_budget
+from pyadaq.plan.planner import Budget, plan_budget
 from pyadaq.report.machine import machine
 from pyadaq.runtime.kv_transform import require_calibration
 from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
 from pyadaq.types import cache_type
 
 __all__ = ["CALIBRATED_TYPES", "DEFAULT_TYPES", "SOURCES", "cache_dir", "calibrate", "default_types",
-           "norm_sensitivities", "plan_for_budget"]
+           "missing_types", "norm_sensitivities", "plan_for_budget"]
 
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "kvq3", "kvq2")
-# With a KV calibration: the keys' transform-coded profiles at 4.5, 3.5 and 2.5 bits beside the
-# uniform types (the values' kvt2/kvt3/kvt4 lose to kvq2/kvq3 as V on the embedded model,
-# docs/CALIBRATION.md, and each type adds 2 runs per layer to a calibration).
-CALIBRATED_TYPES = ("f16", "q8_0", "kvt4s", "kvt4", "q4_0", "kvt3s", "kvt3", "kvq3", "kvt2s", "kvt2", "kvq2")
+# With a KV calibration: the transform-coded profiles at 4.5, 3.5, 2.5 and 1.5 bits beside the
+# uniform types (each type adds 2 runs per layer to a calibration; kvt1, the rung below 2.5 bits,
+# lets a plan take bits from the layers that need them least).
+CALIBRATED_TYPES = ("f16", "q8_0", "kvt4s", "kvt4", "q4_0", "kvt3s", "kvt3", "kvq3", "kvt2s", "kvt2", "kvq2",
+                    "kvt1")
 SOURCES = ("kl", "norms", "spectra")
 CALIBRATION_VERSION = 2
 
@@ -78,14 +80,46 @@ def default_types(source: str = "kl", kv_calibration=None) -> tuple:
     return CALIBRATED_TYPES if kv_calibration is not None and source != "norms" else DEFAULT_TYPES
 
 
-def calibration_path(info, types: Sequence[str] = DEFAULT_TYPES, text: str | None = None, n_ctx: int = 512,
-                     n_chunks: int = 2, kv_calibration=None) -> Path:
-    """Where calibrate() caches its result for the model of `info` (a ModelInfo) and these arguments."""
-    types = [cache_type(t).name for t in types]
+def calibration_path(info, text: str | None = None, n_ctx: int = 512, n_chunks: int = 2,
+                     kv_calibration=None) -> Path:
+    """Where calibrate() caches its results for the model of `info` (a ModelInfo) and these
+    arguments: one file, whatever the types, that grows by the types measured."""
     text_sha = hashlib.sha256((text if text is not None else calibration_text()).encode()).hexdigest()
     fp = None if kv_calibration is None else kv_calibration.fingerprint
-    key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, types, fp)
+    key = _key("calibrate", CALIBRATION_VERSION, info.sha256, text_sha, n_ctx, n_chunks, fp)
     return cache_dir() / f"calibration-{key}.json"
+
+
+def _read_cached(path: Path) -> dict | None:
+    """A cached calibration, or None when there is none or it cannot be read (measured again)."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(res, dict) and res.get("kind") == "pyadaq-calibration"
+          and isinstance(res.get("types"), list) and isinstance(res.get("errors_k"), list)
+          and isinstance(res.get("errors_v"), list))
+    return res if ok else None
+
+
+def missing_types(info, types: Sequence[str], text: str | None = None, n_ctx: int = 512, n_chunks: int = 2,
+                  kv_calibration=None) -> list[str]:
+    """The types among `types` that the cached calibration for these arguments has not measured
+    (all of them when nothing is cached)."""
+    names = [cache_type(t).name for t in types]
+    cached = _read_cached(calibration_path(info, text, n_ctx, n_chunks, kv_calibration))
+    have = set() if cached is None else set(cached["types"])
+    return [t for t in names if t not in have]
+
+
+def _columns(res: dict, types: Sequence[str]) -> dict:
+    """`res` (a calibration) with only the columns of `types`, in that order."""
+    col = {t: j for j, t in enumerate(res["types"])}
+
+    def pick(rows):
+        return [[r[col[t]] for t in types] for r in rows]
+
+    return {**res, "types": list(types), "errors_k": pick(res["errors_k"]), "errors_v": pick(res["errors_v"])}
 
 
 def calibration_items(info, types: Sequence[str], kv_calibration=None) -> tuple:
@@ -124,38 +158,48 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
 
     Returns {"settings", "types", "errors_k", "errors_v"}: errors_* are [n_layer][n_types]
     lists of mean KL divergence against an f16 cache (0 for f16 itself; None for a type whose
-    block size does not fit the layer). Cached on disk unless use_cache is False.
+    block size does not fit the layer). Cached on disk unless use_cache is False: one file for
+    these arguments, whatever the types; a later call measures only the types it has not measured.
     """
     info = read_model_info(model_path)
     types = [cache_type(t).name for t in types]
     require_calibration(types, kv_calibration)
     text = text if text is not None else calibration_text()
     text_sha = hashlib.sha256(text.encode()).hexdigest()
-    path = calibration_path(info, types, text, n_ctx, n_chunks, kv_calibration)
-    if use_cache and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass  # unreadable: measure again
+    path = calibration_path(info, text, n_ctx, n_chunks, kv_calibration)
+    cached = _read_cached(path) if use_cache else None
+    todo = [t for t in types if cached is None or t not in cached["types"]]
+    if not todo:
+        return _columns(cached, types)
     t0 = time.time()
-    errors, jobs, configs = calibration_items(info, types, kv_calibration)
-    # the f16 reference once, then one context per configuration (kl.compare)
-    measured = compare(str(model_path), configs, text=text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads,
-                       progress=progress, store=use_cache)
-    for (il, kind, j), row in zip(jobs, measured["results"]):
-        errors[kind][il][j] = float(row["kl_mean"])
-    res = {
+    errors, jobs, configs = calibration_items(info, todo, kv_calibration)
+    chunks = n_chunks
+    if configs:
+        # the f16 reference once, then one context per configuration (kl.compare)
+        measured = compare(str(model_path), configs, text=text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads,
+                           progress=progress, store=use_cache)
+        chunks = measured["chunks"]
+        for (il, kind, j), row in zip(jobs, measured["results"]):
+            errors[kind][il][j] = float(row["kl_mean"])
+    new = {
         "kind": "pyadaq-calibration", "version": CALIBRATION_VERSION,
         "settings": {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha,
-                     "n_ctx": n_ctx, "chunks": measured["chunks"], "pyadaq": __version__, "machine": machine(),
+                     "n_ctx": n_ctx, "chunks": chunks, "pyadaq": __version__, "machine": machine(),
                      "seconds": time.time() - t0, "runs": len(jobs),
                      "kv_calibration": None if kv_calibration is None else kv_calibration.fingerprint},
-        "types": types, "errors_k": errors["k"], "errors_v": errors["v"],
+        "types": todo, "errors_k": errors["k"], "errors_v": errors["v"],
     }
+    if cached is not None:  # the columns measured before, then the new ones
+        new = {**new, "settings": {**cached["settings"], "seconds": cached["settings"].get("seconds", 0) +
+                                   new["settings"]["seconds"],
+                                   "runs": cached["settings"].get("runs", 0) + len(jobs)},
+               "types": cached["types"] + todo,
+               "errors_k": [a + b for a, b in zip(cached["errors_k"], errors["k"])],
+               "errors_v": [a + b for a, b in zip(cached["errors_v"], errors["v"])]}
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(res))
-    return res
+        atomic_write_text(path, json.dumps(new))
+    return _columns(new, types)
 
 
 def norm_sensitivities(analysis: dict) -> tuple[list[float], list[float]]:
@@ -222,12 +266,13 @@ def calibration_floor(cal: dict) -> float:
     return float(np.median(least)) if least else 0.0
 
 
-def plan_for_budget(model_path: str | Path, budget: float, *, types: Sequence[str] | None = None,
+def plan_for_budget(model_path: str | Path, budget, *, types: Sequence[str] | None = None,
                     source: str = "kl", source_result: dict | None = None, method: str = "dp",
                     text: str | None = None, n_ctx: int = 512, n_chunks: int = 2,
                     n_threads: int | None = None, progress: bool = True, use_cache: bool = True,
                     kv_calibration=None):
-    """A KVPlan for `budget` average bits per cached value (scales included).
+    """A KVPlan for `budget` average bits per cached value (scales included): a number for K and
+    V together, or a Budget / "K/V" string such as "q8_0/2.5" (pyadaq.plan.planner.Budget).
 
     source: "kl" (calibration, measured KL per layer, K/V and type), "norms" (activation
     norms, rate-distortion model) or "spectra" (a KV calibration's spectra, no run);
@@ -298,10 +343,18 @@ def kv_calibration_for(model_path, info, kv_calibration, progress: bool = True):
     return calibration_for_model(kv_calibration, info)
 
 
-def check_budget_range(info, budget: float, types: Sequence[str]) -> None:
-    """A budget outside what the types can reach: ValueError before anything is measured."""
+def check_budget_range(info, budget, types: Sequence[str]) -> None:
+    """A budget (a number, a Budget or a "K/V" string) outside what the types can reach, or a
+    side named by a type not among them: ValueError before anything is measured."""
+    b = Budget.parse(budget)
     bits = [cache_type(t).bits_per_value for t in types]
     lo, hi = min(bits), max(bits)
-    if not (lo - 1e-9 <= float(budget) <= hi + 1e-9):
-        raise ValueError(f"budget {budget} bits per value is outside what the types {', '.join(types)} can "
-                         f"reach: {lo:g} to {hi:g} bits per value")
+    names = [cache_type(t).name for t in types]
+    for what, side in (("", b.total),) if not b.split else (("the K side of ", b.k), ("the V side of ", b.v)):
+        if isinstance(side, str):
+            if side not in names:
+                raise ValueError(f"budget {b.label}: {side} is not among the types {', '.join(names)}")
+            continue
+        if not (lo - 1e-9 <= float(side) <= hi + 1e-9):
+            raise ValueError(f"{what}budget {b.label} bits per value is outside what the types {', '.join(types)} "
+                             f"can reach: {lo:g} to {hi:g} bits per value")

@@ -12,6 +12,11 @@ Two parts:
 * :func:`plan_budget`: the optimizer applied to a model (:class:`pyadaq.model.header.ModelInfo`),
   giving a :class:`pyadaq.runtime.kvplan.KVPlan` (the plan file and its checks live there).
 
+A budget (:class:`Budget`) is one number for K and V together ("3.0": the plan moves bits
+between keys and values as well as between layers) or one per side, written ``K/V``: each side
+a number of bits (that side's layers share it) or a type name (every layer of that side in that
+type), as in "q8_0/2.5" (keys q8_0, values 2.5 bits per value on average) or "4.5/2.5".
+
 Bits per value always include the scales (q4_0 is 4.5, kvq2 2.5), so a plan's
 ``bits_per_value`` is exactly ``8 * bytes_per_token / values_per_token``. Only the layers that
 own a KV cache (``ModelInfo.cache_layers()``) count; the others share another layer's cache
@@ -33,6 +38,7 @@ from pyadaq.types import CacheType, cache_type
 __all__ = [
     "DEFAULT_TYPES",
     "DP_MAX_CELLS",
+    "Budget",
     "optimize",
     "plan_budget",
     "rate_distortion_errors",
@@ -48,6 +54,84 @@ _BUDGET_RTOL = 1e-9
 _MAX_SCALE_LOG2 = 6
 
 TypeSpec = Union[str, int, CacheType]
+
+
+def _bits_value(text: str, what: str) -> float:
+    try:
+        b = float(text)
+    except ValueError:
+        raise ValueError(f"{what}: '{text}' is not a number of bits per value") from None
+    if not math.isfinite(b) or b <= 0:
+        raise ValueError(f"{what}: '{text}' is not a positive number of bits per value")
+    return b
+
+
+class Budget:
+    """A bit budget: ``total`` bits per value for K and V together, or one budget per side
+    (``k``, ``v``), each a number of bits per value or a cache type name (that side uniform).
+
+    ``Budget.parse`` reads a number, "3.0", "q8_0/2.5" or "4.5/2.5" (or returns a Budget as is);
+    ``label`` writes it back. Raises ValueError for anything else (an unknown type name, a
+    non-positive number, a third part)."""
+
+    __slots__ = ("k", "total", "v")
+
+    def __init__(self, total: float | None = None, k: float | str | None = None, v: float | str | None = None):
+        if (total is None) == (k is None or v is None) or (k is None) != (v is None):
+            raise ValueError("a budget is a total, or a K and a V budget")
+        self.total, self.k, self.v = total, k, v
+
+    @classmethod
+    def parse(cls, x: Any) -> Budget:
+        if isinstance(x, Budget):
+            return x
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating, str)):
+            raise TypeError(f"a budget is a number of bits per value or a 'K/V' string, not {type(x).__name__}")
+        if not isinstance(x, str):
+            return cls(total=_bits_value(str(x), "budget"))
+        text = x.strip()
+        if "/" not in text:
+            return cls(total=_bits_value(text, f"budget '{x}'"))
+        parts = [p.strip() for p in text.split("/")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"budget '{x}' is not K/V (for example q8_0/2.5 or 4.5/2.5)")
+
+        def side(p: str, which: str) -> float | str:
+            try:
+                float(p)
+            except ValueError:
+                try:
+                    return cache_type(p).name
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"budget '{x}': the {which} side '{p}' is neither a number of bits per value "
+                                     f"nor a cache type ({e})") from None
+            return _bits_value(p, f"budget '{x}', {which} side")
+
+        return cls(k=side(parts[0], "K"), v=side(parts[1], "V"))
+
+    @property
+    def split(self) -> bool:
+        return self.total is None
+
+    @property
+    def label(self) -> str:
+        def fmt(b):
+            return b if isinstance(b, str) else f"{b:g}"
+
+        return fmt(self.total) if not self.split else f"{fmt(self.k)}/{fmt(self.v)}"
+
+    def sides(self) -> tuple:
+        """(k, v) with type names turned into their bits per value."""
+        return tuple(cache_type(b).bits_per_value if isinstance(b, str) else float(b) for b in (self.k, self.v))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Budget) and (self.total, self.k, self.v) == (other.total, other.k, other.v)
+
+    def __hash__(self) -> int:
+        return hash((self.total, self.k, self.v))
+
+    def __repr__(self) -> str:
+        return f"Budget({self.label!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,11 +350,23 @@ def _per_layer_array(name: str, v: Any, n_layer: int, n_types: int) -> np.ndarra
     return a
 
 
+def _check_reach(errors: np.ndarray, w: np.ndarray, bits: np.ndarray, budget: float, names: list, model: str,
+                 what: str) -> None:
+    allowed = np.isfinite(errors)
+    lo = sum(int(w[i]) * float(bits[allowed[i]].min()) for i in range(len(w))) / float(w.sum())
+    hi = sum(int(w[i]) * float(bits[allowed[i]].max()) for i in range(len(w))) / float(w.sum())
+    if not (lo * (1 - _BUDGET_RTOL) <= float(budget) <= hi * (1 + _BUDGET_RTOL)):
+        raise ValueError(f"{what}budget {budget:g} bits per value is outside what the types {', '.join(names)} can "
+                         f"reach on {model}: {lo:g} to {hi:g} bits per value")
+
+
 def plan_budget(info: Any, sha256: str, sensitivity_k: Sequence[float], sensitivity_v: Sequence[float],
-                budget: float, types: Sequence[TypeSpec] | None = None, method: str = "dp",
+                budget: float | str | Budget, types: Sequence[TypeSpec] | None = None, method: str = "dp",
                 errors_k: Any = None, errors_v: Any = None,
                 sensitivity_source: str | None = None, notes: dict | None = None) -> KVPlan:
-    """The plan with the least predicted error whose average bits per value stay within ``budget``.
+    """The plan with the least predicted error whose average bits per value stay within ``budget``:
+    a number (K and V together), or a :class:`Budget` or "K/V" string (each side on its own, a
+    side given as a type name in that type for every layer).
 
     Items are the K and the V of each cache layer (all K items first, then all V), weighted by
     their values per token (n_head_kv * head size). A type whose block size does not divide an
@@ -328,15 +424,34 @@ def plan_budget(info: Any, sha256: str, sensitivity_k: Sequence[float], sensitiv
         raise ValueError(f"{model_name(info)} has no layer with its own KV cache, so there is nothing to plan")
     errors = np.array(rows)
     w = np.array(weights, dtype=np.int64)
-    allowed = np.isfinite(errors)
-    lo = sum(int(w[i]) * float(bits[allowed[i]].min()) for i in range(len(w))) / float(w.sum())
-    hi = sum(int(w[i]) * float(bits[allowed[i]].max()) for i in range(len(w))) / float(w.sum())
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) \
-            or not (lo * (1 - _BUDGET_RTOL) <= float(budget) <= hi * (1 + _BUDGET_RTOL)):
-        raise ValueError(f"budget {budget!r} bits per value is outside what the types {', '.join(names)} can "
-                         f"reach on {model_name(info)}: {lo:g} to {hi:g} bits per value")
-
-    choice, used = _optimize(errors, w, bits, float(budget), method, names)
+    try:
+        b = Budget.parse(budget)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    n = len(layers)
+    if not b.split:
+        _check_reach(errors, w, bits, b.total, names, model_name(info), "")
+        choice, used = _optimize(errors, w, bits, b.total, method, names)
+        total = b.total
+    else:
+        choice, used = np.zeros(len(w), dtype=np.int64), method
+        for lo, which, side in ((0, "K", b.k), (n, "V", b.v)):
+            e = errors[lo:lo + n].copy()
+            if isinstance(side, str):
+                if side not in names:
+                    raise ValueError(f"budget {b.label}: {which} in {side} needs {side} among the types "
+                                     f"({', '.join(names)})")
+                j = names.index(side)
+                if not np.isfinite(e[:, j]).all():
+                    raise ValueError(f"budget {b.label}: {side} cannot hold every layer's {which} cache on "
+                                     f"{model_name(info)} (head size)")
+                choice[lo:lo + n] = j
+                continue
+            _check_reach(e, w[lo:lo + n], bits, float(side), names, model_name(info), f"the {which} side of ")
+            choice[lo:lo + n], side_used = _optimize(e, w[lo:lo + n], bits, float(side), method, names)
+            used = side_used if side_used != method else used
+        bk, bv = b.sides()
+        total = (bk * float(w[:n].sum()) + bv * float(w[n:].sum())) / float(w.sum())
     predicted = float(errors[np.arange(len(choice)), choice].sum())
 
     def cheapest_fitting(head: int) -> CacheType:
@@ -345,12 +460,13 @@ def plan_budget(info: Any, sha256: str, sensitivity_k: Sequence[float], sensitiv
 
     types_k = [cheapest_fitting(hk[il]) for il in range(n_layer)]
     types_v = [cheapest_fitting(hv[il]) for il in range(n_layer)]
-    n = len(layers)
     for pos, il in enumerate(layers):
         types_k[il] = cts[int(choice[pos])]
         types_v[il] = cts[int(choice[n + pos])]
     notes = {"types": names, **(notes or {})}
+    if b.split:
+        notes["budget_k_v"] = b.label
     if used != method:
         notes["fallback"] = f"{method} grid too large, used {used}"
-    return make_plan(info, sha256, types_k, types_v, budget=float(budget), method=used, sensitivity=label,
+    return make_plan(info, sha256, types_k, types_v, budget=float(total), method=used, sensitivity=label,
                      predicted_error=predicted, notes=notes)

@@ -1,7 +1,8 @@
 """Config specs: the one place a user's ``--configs`` string becomes runnable configurations.
 
 ``q8_0:kvq2`` is a uniform pair, ``plan:FILE`` a plan file checked against the model, and
-``budget:BITS[:kl|:norms|:spectra]`` a plan made for a bit budget (calibrated, cached); any of
+``budget:BITS[:kl|:norms|:spectra]`` a plan made for a bit budget (calibrated, cached; BITS a
+number, or K/V with one budget per side such as ``budget:q8_0/2.5``); any of
 them with ``+cal`` runs with a KV calibration's transforms (a budget is then also planned for
 them, among the transform-coded types too) (the one the run names, else the model's
 default calibration, made once and cached). :func:`parse_configs`
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.calibrate import SOURCES, plan_for_budget
+from pyadaq.plan.planner import Budget
 from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.types import cache_type
@@ -66,9 +68,9 @@ def parse_configs(spec: str) -> list:
             if head == "budget":
                 bits, _, source = rest.partition(":")
                 try:
-                    float(bits)
-                except ValueError:
-                    raise ValueError(f"config '{item}': '{bits}' is not a number of bits per value") from None
+                    Budget.parse(bits)
+                except ValueError as e:
+                    raise ValueError(f"config '{item}': {e}") from None
                 if source and source not in SOURCES:
                     raise ValueError(f"config '{item}': the sensitivity source is one of {', '.join(SOURCES)}, "
                                      f"not '{source}'")
@@ -112,7 +114,7 @@ def resolve_configs(configs: list, model_path: str, progress: bool = True, calib
             plan, _, _ = load_checked(c.arg, info)
         else:
             bits, _, source = c.arg.partition(":")
-            plan = plan_for_budget(model_path, float(bits), source=source or "kl", progress=progress,
+            plan = plan_for_budget(model_path, bits, source=source or "kl", progress=progress,
                                    kv_calibration=calibration_for_plans)
         out.append(LayerConfig(c.label, tuple(plan.types_k), tuple(plan.types_v), float(plan.bits_per_value)))
     return out

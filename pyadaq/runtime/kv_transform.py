@@ -13,7 +13,7 @@ otherwise they keep llama.cpp's rotation. Per cache type:
   directions followed by a Hadamard rotation (of the largest power-of-two blocks that make up
   the head size), s = 1: the mean comes out, and every block still sees values of one size,
   as with llama.cpp's own rotation, which a calibrated context does not use for its keys;
-* a transform-coded type (kvt2, kvt3, kvt4 and the steep kvt*s, :attr:`CacheType.calibrated`):
+* a transform-coded type (kvt1, kvt2, kvt3, kvt4 and the steep kvt*s, :attr:`CacheType.calibrated`):
   the principal directions interleaved by rank, so that position p of block b (of the head's
   d/64 blocks of 64) holds direction p * d/64 + b, and s = the square root of each direction's
   variance (at least 1e-6 of the largest): every stored value has unit variance on the
