@@ -111,7 +111,7 @@ def test_calibration_measures_only_the_types_it_has_not(setup, cache):
     """A calibration with more types measures only the new ones (2 runs per cache layer each)
     and keeps the figures it had; one with types it has measured runs nothing."""
     path, cal, _ = setup
-    kw = dict(n_ctx=64, n_chunks=1, n_threads=1, progress=False, kv_calibration=cal)
+    kw = {"n_ctx": 64, "n_chunks": 1, "n_threads": 1, "progress": False, "kv_calibration": cal}
     n = len(pyadaq.read_model_info(path).cache_layers())
     first = calibrate(path, ["f16", "kvt2"], TEXT, **kw)
     assert first["settings"]["runs"] == 2 * n

@@ -524,7 +524,7 @@ def test_plan_budget_per_side_is_the_best_plan_of_each_side(info4, seed):
 
 
 def test_plan_budget_per_side_bad_inputs(info4):
-    kw = dict(types=["q4_0", "kvq2"])
+    kw = {"types": ["q4_0", "kvq2"]}
     with pytest.raises(ValueError, match=r"the V side of budget 2 bits per value is outside .*: 2\.5 to 4\.5"):
         plan_budget(info4, "abc", [1.0] * 4, [1.0] * 4, "4.5/2", **kw)
     with pytest.raises(ValueError, match="q8_0 among the types"):

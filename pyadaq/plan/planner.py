@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
@@ -66,6 +67,7 @@ def _bits_value(text: str, what: str) -> float:
     return b
 
 
+@dataclass(frozen=True)
 class Budget:
     """A bit budget: ``total`` bits per value for K and V together, or one budget per side
     (``k``, ``v``), each a number of bits per value or a cache type name (that side uniform).
@@ -74,12 +76,13 @@ class Budget:
     ``label`` writes it back. Raises ValueError for anything else (an unknown type name, a
     non-positive number, a third part)."""
 
-    __slots__ = ("k", "total", "v")
+    total: float | None = None
+    k: float | str | None = None
+    v: float | str | None = None
 
-    def __init__(self, total: float | None = None, k: float | str | None = None, v: float | str | None = None):
-        if (total is None) == (k is None or v is None) or (k is None) != (v is None):
+    def __post_init__(self):
+        if (self.total is None) == (self.k is None or self.v is None) or (self.k is None) != (self.v is None):
             raise ValueError("a budget is a total, or a K and a V budget")
-        self.total, self.k, self.v = total, k, v
 
     @classmethod
     def parse(cls, x: Any) -> Budget:
@@ -123,15 +126,6 @@ class Budget:
     def sides(self) -> tuple:
         """(k, v) with type names turned into their bits per value."""
         return tuple(cache_type(b).bits_per_value if isinstance(b, str) else float(b) for b in (self.k, self.v))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Budget) and (self.total, self.k, self.v) == (other.total, other.k, other.v)
-
-    def __hash__(self) -> int:
-        return hash((self.total, self.k, self.v))
-
-    def __repr__(self) -> str:
-        return f"Budget({self.label!r})"
 
 
 # ---------------------------------------------------------------------------------------------
