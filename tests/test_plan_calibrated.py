@@ -176,6 +176,19 @@ def test_llama_budget_with_calibration(setup, cache):
         assert context_transform_layers(plain.ctx) == 0
     finally:
         plain.close()
+    # one budget per side: keys q8_0 everywhere, values 2 bits per value on average
+    split = pyadaq.Llama(str(path), kv_budget="q8_0/2.0", kv_budget_source="spectra", kv_calibration=str(f),
+                         n_ctx=256, n_threads=1)
+    try:
+        k, v = split.context_layer_types()
+        assert {t.name for t in k} == {"q8_0"} and "kvt1" in {t.name for t in v}
+        assert sum(t.bits_per_value for t in v) / len(v) <= 2.0
+        assert split("Sentence number 3 talks", max_tokens=4, temperature=0.0)["choices"][0]["text"] is not None
+    finally:
+        split.close()
+    for bad, err in (("q8_0/1.0", ValueError), ("q8_0/kvq9", ValueError), ([4.5], TypeError)):
+        with pytest.raises(err):
+            pyadaq.Llama(str(path), kv_budget=bad, kv_budget_source="spectra", kv_calibration=str(f), n_ctx=256)
 
 
 def test_llama_budget_refuses_a_calibration_for_another_model(setup, tiny_model, tmp_path):
