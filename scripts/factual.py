@@ -7,7 +7,7 @@ one), with an f16 cache and with each K:V config, and how many answers match f16
 A match is the same answer once case, spacing and punctuation are set aside, over the first
 --max-tokens tokens (default 32). Each answer is also checked for the expected word (``right``),
 so a config that changes a wrong f16 answer into a right one shows as such. Configs are
-``pyadaq eval`` specs; ``+cal`` runs with the model's default KV calibration (made once and
+``pyadaq eval`` specs (plans and budgets too); ``+cal`` runs with the model's default KV calibration (made once and
 cached) or --kv-calibration FILE.
 """
 
@@ -60,14 +60,18 @@ def normalize(text: str) -> str:
 def answers(model: str, cfg, calibration, max_tokens: int) -> list[str]:
     import pyadaq
     from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
+    from pyadaq.runtime.kvplan import make_plan
 
     kw: dict = {"n_ctx": 512, "verbose": False}
     if isinstance(cfg, Calibrated):
         kw["kv_calibration"] = cfg.calibration
         cfg = cfg.base
-    if isinstance(cfg, LayerConfig):
-        raise SystemExit("plans are not supported here: give K:V pairs")
-    llm = pyadaq.Llama(model, cache_type_k=cfg[0], cache_type_v=cfg[1], **kw)
+    if isinstance(cfg, LayerConfig):  # a plan (plan:FILE, budget:B): its types per layer
+        info = pyadaq.read_model_info(model)
+        kw["kv_plan"] = make_plan(info, info.sha256, cfg.types_k, cfg.types_v)
+    else:
+        kw.update(cache_type_k=cfg[0], cache_type_v=cfg[1])
+    llm = pyadaq.Llama(model, **kw)
     try:
         out = []
         for q, _ in QUESTIONS:
