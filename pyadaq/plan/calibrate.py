@@ -98,7 +98,8 @@ def _read_cached(path: Path) -> dict | None:
         return None
     ok = (isinstance(res, dict) and res.get("kind") == "pyadaq-calibration"
           and isinstance(res.get("types"), list) and isinstance(res.get("errors_k"), list)
-          and isinstance(res.get("errors_v"), list))
+          and isinstance(res.get("errors_v"), list) and isinstance(res.get("settings"), dict)
+          and all(isinstance(r, list) and len(r) == len(res["types"]) for r in res["errors_k"] + res["errors_v"]))
     return res if ok else None
 
 
