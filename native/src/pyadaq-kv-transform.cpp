@@ -117,6 +117,13 @@ std::shared_ptr<pyadaq_kv_transform> find(const ggml_tensor * cache) {
     return it == g_by_cache.end() ? nullptr : it->second;
 }
 
+// t itself when it is contiguous already (a permutation or transposition that moves only
+// dimensions of size 1, as in generation), else a contiguous copy: each copy is a graph node, and
+// every node costs the threads a barrier.
+ggml_tensor * contiguous(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_is_contiguous(t) ? t : ggml_cont(ctx, t);
+}
+
 // y [d, tokens, heads] times (mul) or divided by (div) the per-KV-head scales s [d, n_head_kv];
 // query head h = g * group + j belongs to KV head g
 ggml_tensor * scaled(ggml_context * ctx, ggml_tensor * y, ggml_tensor * s, bool mul) {
@@ -152,14 +159,14 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
         y = ggml_mul_mat(ctx, u, xp);
     } else if (x->ne[2] <= PYADAQ_TF_OUT_PROD_TOKENS) {
         // y[m, t] = sum_k M[k][m] x[k, t]: out_prod(u, x^T) sums over both operands' rows
-        y = ggml_out_prod(ctx, u, ggml_cont(ctx, ggml_transpose(ctx, xp)));
+        y = ggml_out_prod(ctx, u, contiguous(ctx, ggml_transpose(ctx, xp)));
     } else {
         y = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, u)), xp);
     }
     if (s != nullptr) {
         y = scaled(ctx, y, s, mul_scale);
     }
-    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
+    return contiguous(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
 // x~ [d, heads, tokens] -> (x~ * s) . N per head, contiguous (the mean is added by the caller);
@@ -168,13 +175,13 @@ ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, const pyadaq_kv_part 
     GGML_ASSERT(x->ne[0] == part.u->ne[0] && x->ne[3] == 1);
     ggml_tensor * p = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
     if (part.s != nullptr) {
-        p = scaled(ctx, ggml_cont(ctx, p), part.s, true);
+        p = scaled(ctx, contiguous(ctx, p), part.s, true);
     }
     ggml_tensor * ut = part.n != nullptr ? part.n
                        : part.rows       ? part.u
                                          : ggml_cont(ctx, ggml_transpose(ctx, part.u));  // rows of M: x~ . M^T
     ggml_tensor * y = ggml_mul_mat(ctx, ut, p);
-    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
+    return contiguous(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
 // per head, the transpose of a d x d row-major matrix: row j of the result is column j of the
@@ -432,7 +439,7 @@ ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_tra
     const int64_t n_tokens = ggml_nelements(cur) / cur->ne[0];
     const int64_t n_head = cur->ne[0] / d;
     GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
-    ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
+    ggml_tensor * x = contiguous(ctx0, cur);
     ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->v);
     if (tf->v.mean != nullptr) {
         // query head h = g * group + j belongs to KV head g
