@@ -370,8 +370,24 @@ def test_small_batches_are_exact(setup):
     (pyadaq-kv-transform.cpp): random matrices, means and scales on keys and values, f32 caches;
     batches of 1 and of 5 tokens after a prompt of 100 give the uncalibrated logits."""
     m, cals = setup
+    _check_small_batches(m, cals["random"])
+
+
+def test_small_batches_one_kv_head(tiny_model):
+    """The same with one KV head (as Gemma 3 270M): a batch's keys and values are [d, 1, tokens],
+    whose transposed and permuted views are in memory order without a copy; they must still come
+    out with the strides llama.cpp's cache writes check (a batch of 5 tokens failed that check)."""
+    path = tiny_model(arch="gemma3", head_dim=64, n_head=4, n_head_kv=1, n_layer=2, sliding_window=32, dtype="f32")
+    cal = calibrate(path, TEXT, n_ctx=256, n_chunks=1, n_threads=THREADS, progress=False)
+    m = Model(str(path))
+    try:
+        _check_small_batches(m, _random_calibration(cal, seed=3, mean_scale=3.0))
+    finally:
+        m.close()
+
+
+def _check_small_batches(m, cal):
     rng = np.random.default_rng(5)
-    cal = cals["random"]
     transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-2, 2, c.mean.shape)).astype(np.float32),
                                  c.mean) for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
     toks = _toks(m, 120)

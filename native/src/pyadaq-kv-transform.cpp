@@ -117,11 +117,13 @@ std::shared_ptr<pyadaq_kv_transform> find(const ggml_tensor * cache) {
     return it == g_by_cache.end() ? nullptr : it->second;
 }
 
-// t itself when it is contiguous already (a permutation or transposition that moves only
-// dimensions of size 1, as in generation), else a contiguous copy: each copy is a graph node, and
-// every node costs the threads a barrier.
+// t with the strides of a packed tensor of its shape: a reshape (a view, which the CPU backend
+// neither computes nor waits for) when its elements are in memory order already, as when a
+// permutation or transposition moves only dimensions of size 1 (generation's single token, or a
+// single KV head), else a copy (a graph node, and a barrier for the threads). Not t itself: its
+// strides for the size-1 dimensions can be what llama.cpp's shape checks reject.
 ggml_tensor * contiguous(ggml_context * ctx, ggml_tensor * t) {
-    return ggml_is_contiguous(t) ? t : ggml_cont(ctx, t);
+    return ggml_is_contiguous(t) ? ggml_reshape_4d(ctx, t, t->ne[0], t->ne[1], t->ne[2], t->ne[3]) : ggml_cont(ctx, t);
 }
 
 // y [d, tokens, heads] times (mul) or divided by (div) the per-KV-head scales s [d, n_head_kv];
