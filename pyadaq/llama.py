@@ -43,10 +43,7 @@ class Llama(_runtime.Llama):
                     "pass either cache_type_k/cache_type_v (one K and one V type for every layer) or a plan "
                     "(kv_plan/kv_budget: a type per layer), not both: a plan sets every layer's K and V type"
                 )
-            if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float, str)):
-                raise TypeError(f"kv_budget is a number of bits per value or a 'K/V' string such as 'q8_0/2.5', "
-                                f"not {type(kv_budget).__name__}")
-            kv_budget = Budget.parse(kv_budget)
+            kv_budget = Budget.parse(kv_budget)  # TypeError for anything but a number or a string
             spec = kwargs.get("kv_calibration")
             spec = None if spec is False else "default" if spec is None else spec
             info = read_model_info(model_path)

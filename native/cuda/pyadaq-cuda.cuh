@@ -29,10 +29,11 @@ static constexpr __host__ __device__ bool pyadaq_cuda_is_kvq(ggml_type t) {
 static constexpr __host__ __device__ int pyadaq_cuda_kvq_bits(ggml_type t) {
     return t == GGML_TYPE_KVQ2 ? 2 : 3;
 }
+#define PYADAQ_CUDA_OR_IS_KVT(UPPER, lower, id, ...) || t == GGML_TYPE_##UPPER
 static constexpr __host__ __device__ bool pyadaq_cuda_is_kvt(ggml_type t) {
-    return t == GGML_TYPE_KVT2 || t == GGML_TYPE_KVT3 || t == GGML_TYPE_KVT4 ||
-           t == GGML_TYPE_KVT2S || t == GGML_TYPE_KVT3S || t == GGML_TYPE_KVT4S || t == GGML_TYPE_KVT1;
+    return false PYADAQ_KVT_TYPES(PYADAQ_CUDA_OR_IS_KVT);
 }
+#undef PYADAQ_CUDA_OR_IS_KVT
 // any of pyadaq's types that run on CUDA
 static constexpr __host__ __device__ bool pyadaq_cuda_is_pyadaq(ggml_type t) {
     return pyadaq_cuda_is_kvq(t) || pyadaq_cuda_is_kvt(t);
@@ -86,7 +87,7 @@ PYADAQ_KVT_TYPES(PYADAQ_CUDA_KVT_DEQUANTIZE)
     PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT3S, kvt3s) PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT4S, kvt4s) \
     PYADAQ_CUDA_KVT_CONVERT_CASE(FN, KVT1, kvt1)
 
-#define PYADAQ_CUDA_KVT_GET_ROWS_CASE(UPPER, lower)                                                      \
+#define PYADAQ_CUDA_KVT_GET_ROWS_CASE(UPPER, lower, ...)                                                 \
     case GGML_TYPE_##UPPER:                                                                            \
         get_rows_cuda_q<PYADAQ_KVT_QK, PYADAQ_CUDA_QR, pyadaq_cuda_dequantize_##lower>(src0_d, src1_d, dst_d, \
             ne00, nb01, nb02, nb03, ne10, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3, stream);        \
@@ -101,15 +102,11 @@ PYADAQ_KVT_TYPES(PYADAQ_CUDA_KVT_DEQUANTIZE)
         get_rows_cuda_q<PYADAQ_KVQ_QK, PYADAQ_CUDA_QR, pyadaq_cuda_dequantize_kvq3>(src0_d, src1_d, dst_d, \
             ne00, nb01, nb02, nb03, ne10, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3, stream);        \
         break;                                                                                         \
-    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT2, kvt2) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT3, kvt3)                  \
-    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT4, kvt4) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT2S, kvt2s)                \
-    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT3S, kvt3s) PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT4S, kvt4s)                \
-    PYADAQ_CUDA_KVT_GET_ROWS_CASE(KVT1, kvt1)
+    PYADAQ_KVT_TYPES(PYADAQ_CUDA_KVT_GET_ROWS_CASE)
 
 // Plain case labels (supports_op lists).
-#define PYADAQ_CUDA_TYPE_CASES case GGML_TYPE_KVQ2: case GGML_TYPE_KVQ3: case GGML_TYPE_KVT2: \
-    case GGML_TYPE_KVT3: case GGML_TYPE_KVT4: case GGML_TYPE_KVT2S: case GGML_TYPE_KVT3S: case GGML_TYPE_KVT4S: \
-    case GGML_TYPE_KVT1:
+#define PYADAQ_CUDA_KVT_CASE_LABEL(UPPER, ...) case GGML_TYPE_##UPPER:
+#define PYADAQ_CUDA_TYPE_CASES case GGML_TYPE_KVQ2: case GGML_TYPE_KVQ3: PYADAQ_KVT_TYPES(PYADAQ_CUDA_KVT_CASE_LABEL)
 
 // set-rows.cu's branches after its kvq3 one (its local variable names).
 #define PYADAQ_CUDA_KVT_SET_ROWS_BRANCH(UPPER, lower, id, ...)                                        \

@@ -7,7 +7,7 @@
 # What is compiled (object files only; nothing is linked):
 #   - native/cuda/pyadaq-cuda.cu                      (CPY f32 <-> kvq)
 #   - the generated flash-attention vector-kernel instances for every K/V pair with kvq2/kvq3
-#     and the chosen pairs with a kvt type (28 + 33 files x 3 head sizes; --quick: 6 of them, one
+#     and the chosen pairs with a kvt type (28 + 39 files x 3 head sizes; --quick: 6 of them, one
 #     per kernel path: kvq K with f16, quantized and kvq V, upstream K with kvq V, kvt K with kvq
 #     V, and upstream K with kvt V)
 #   - the upstream files patch 0007 changes: getrows.cu, set-rows.cu, cpy.cu, convert.cu,

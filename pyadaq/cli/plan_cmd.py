@@ -103,7 +103,7 @@ def run(args) -> int:
 
 
 def print_plan(plan) -> None:
-    budget = plan.notes.get("budget_k_v", plan.budget) if isinstance(plan.notes, dict) else plan.budget
+    budget = plan.notes.get("budget_k_v", plan.budget)
     print(f"\nplan for {plan.model_name}: {plan.bits_per_value:.3f} bits per value (budget {budget}), "
           f"{plan.bytes_per_token} bytes per token, sensitivities: {plan.sensitivity}, method {plan.method}")
     print(f"{'layer':>5}  {'K':<6} {'V':<6}")

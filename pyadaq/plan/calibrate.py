@@ -182,21 +182,18 @@ def calibrate(model_path: str | Path, types: Sequence[str] = DEFAULT_TYPES, text
         chunks = measured["chunks"]
         for (il, kind, j), row in zip(jobs, measured["results"]):
             errors[kind][il][j] = float(row["kl_mean"])
-    new = {
-        "kind": "pyadaq-calibration", "version": CALIBRATION_VERSION,
-        "settings": {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha,
-                     "n_ctx": n_ctx, "chunks": chunks, "pyadaq": __version__, "machine": machine(),
-                     "seconds": time.time() - t0, "runs": len(jobs),
-                     "kv_calibration": None if kv_calibration is None else kv_calibration.fingerprint},
-        "types": todo, "errors_k": errors["k"], "errors_v": errors["v"],
-    }
-    if cached is not None:  # the columns measured before, then the new ones
-        new = {**new, "settings": {**cached["settings"], "seconds": cached["settings"].get("seconds", 0) +
-                                   new["settings"]["seconds"],
-                                   "runs": cached["settings"].get("runs", 0) + len(jobs)},
-               "types": cached["types"] + todo,
-               "errors_k": [a + b for a, b in zip(cached["errors_k"], errors["k"])],
-               "errors_v": [a + b for a, b in zip(cached["errors_v"], errors["v"])]}
+    # the columns measured before (their settings stay), then the new ones
+    before = cached or {"settings": {}, "types": [], "errors_k": [[]] * info.n_layer, "errors_v": [[]] * info.n_layer}
+    settings = {"model": str(model_path), "model_sha256": info.sha256, "text_sha256": text_sha, "n_ctx": n_ctx,
+                "chunks": chunks, "pyadaq": __version__, "machine": machine(),
+                "kv_calibration": None if kv_calibration is None else kv_calibration.fingerprint,
+                **before["settings"],
+                "seconds": before["settings"].get("seconds", 0) + time.time() - t0,
+                "runs": before["settings"].get("runs", 0) + len(jobs)}
+    new = {"kind": "pyadaq-calibration", "version": CALIBRATION_VERSION, "settings": settings,
+           "types": before["types"] + todo,
+           "errors_k": [a + b for a, b in zip(before["errors_k"], errors["k"])],
+           "errors_v": [a + b for a, b in zip(before["errors_v"], errors["v"])]}
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(new))
