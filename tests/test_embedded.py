@@ -67,3 +67,56 @@ def test_demo(cache, capsys):
     kl = {name: float(r[4]) for name, r in rows.items()}
     assert kl["f16:f16"] == 0.0
     assert kl["kvt4s:kvt2+cal"] < 0.5 * kl["q4_0:kvq2"]
+
+
+def _decode_logits(model, cfg, prompt, continuation):
+    """Logits after the prompt (one batch), then after each continuation token (one at a time)."""
+    import numpy as np
+
+    from pyadaq.runtime.kvconfig import open_context
+
+    ctx = open_context(model, cfg, 256, 2)
+    try:
+        ctx.decode(prompt, 0, logits_from=len(prompt) - 1)
+        rows = [ctx.logits_at(len(prompt) - 1).copy()]
+        for i, t in enumerate(continuation):
+            ctx.decode(np.array([t]), len(prompt) + i, logits_from=0)
+            rows.append(ctx.logits_at(0).copy())
+        return np.stack(rows)
+    finally:
+        ctx.close()
+
+
+def test_calibrated_generation(embedded_model):
+    """Generation token by token with a calibration: with f32 caches the logits are f16's to its
+    rounding.
+    (36c299e..701e040 reshaped the transforms' permuted views instead of copying them; on this
+    model, unlike the tiny test models, the graph then reused their memory before attention read
+    it, and generation went wrong from its first single-token step while prompts stayed right.)"""
+    import numpy as np
+
+    from pyadaq.eval.calibration import calibrate
+    from pyadaq.eval.metrics import token_kl
+    from pyadaq.eval.texts import calibration_text
+    from pyadaq.runtime.context import Model, quiet_native_logs
+    from pyadaq.runtime.kvconfig import Calibrated
+
+    quiet_native_logs()
+    cal = calibrate(str(embedded_model), calibration_text()[:6000], n_ctx=256, n_chunks=1, n_threads=2,
+                    progress=False)
+    m = Model(str(embedded_model), n_gpu_layers=0)
+    try:
+        prompt = m.tokenize("User: What is the capital of Japan?\nAssistant:")
+        ref = _decode_logits(m, ("f16", "f16"), prompt, [])
+        cont = []
+        for _ in range(10):  # f16's greedy answer
+            cont.append(int(ref[-1].argmax()))
+            ref = _decode_logits(m, ("f16", "f16"), prompt, cont)
+        ref = ref[:-1]  # the rows up to the last token's prediction: those the others compute
+        f32 = _decode_logits(m, Calibrated(("f32", "f32"), cal), prompt, cont[:-1])
+    finally:
+        m.close()
+    for got in (f32,):
+        kl = token_kl(ref, got)
+        assert kl.max() < 0.02, kl
+        assert (got.argmax(-1) == ref.argmax(-1)).all()

@@ -117,15 +117,6 @@ std::shared_ptr<pyadaq_kv_transform> find(const ggml_tensor * cache) {
     return it == g_by_cache.end() ? nullptr : it->second;
 }
 
-// t with the strides of a packed tensor of its shape: a reshape (a view, which the CPU backend
-// neither computes nor waits for) when its elements are in memory order already, as when a
-// permutation or transposition moves only dimensions of size 1 (generation's single token, or a
-// single KV head), else a copy (a graph node, and a barrier for the threads). Not t itself: its
-// strides for the size-1 dimensions can be what llama.cpp's shape checks reject.
-ggml_tensor * contiguous(ggml_context * ctx, ggml_tensor * t) {
-    return ggml_is_contiguous(t) ? ggml_reshape_4d(ctx, t, t->ne[0], t->ne[1], t->ne[2], t->ne[3]) : ggml_cont(ctx, t);
-}
-
 // y [d, tokens, heads] times (mul) or divided by (div) the per-KV-head scales s [d, n_head_kv];
 // query head h = g * group + j belongs to KV head g
 ggml_tensor * scaled(ggml_context * ctx, ggml_tensor * y, ggml_tensor * s, bool mul) {
@@ -161,14 +152,18 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
         y = ggml_mul_mat(ctx, u, xp);
     } else if (x->ne[2] <= PYADAQ_TF_OUT_PROD_TOKENS) {
         // y[m, t] = sum_k M[k][m] x[k, t]: out_prod(u, x^T) sums over both operands' rows
-        y = ggml_out_prod(ctx, u, contiguous(ctx, ggml_transpose(ctx, xp)));
+        y = ggml_out_prod(ctx, u, ggml_cont(ctx, ggml_transpose(ctx, xp)));
     } else {
         y = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, u)), xp);
     }
     if (s != nullptr) {
         y = scaled(ctx, y, s, mul_scale);
     }
-    return contiguous(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
+    // A copy even where the permutation moves only dimensions of size 1 (one token, one KV head)
+    // and a reshape would do: with reshaped views here (36c299e..701e040) generation on the
+    // embedded model read wrong queries and keys (graph memory reused under the views; the tiny
+    // test models did not show it; test_embedded.py checks generation now).
+    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
 // x~ [d, heads, tokens] -> (x~ * s) . N per head, contiguous (the mean is added by the caller);
@@ -177,13 +172,13 @@ ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, const pyadaq_kv_part 
     GGML_ASSERT(x->ne[0] == part.u->ne[0] && x->ne[3] == 1);
     ggml_tensor * p = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
     if (part.s != nullptr) {
-        p = scaled(ctx, contiguous(ctx, p), part.s, true);
+        p = scaled(ctx, ggml_cont(ctx, p), part.s, true);
     }
     ggml_tensor * ut = part.n != nullptr ? part.n
                        : part.rows       ? part.u
                                          : ggml_cont(ctx, ggml_transpose(ctx, part.u));  // rows of M: x~ . M^T
     ggml_tensor * y = ggml_mul_mat(ctx, ut, p);
-    return contiguous(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
+    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
 // per head, the transpose of a d x d row-major matrix: row j of the result is column j of the
@@ -441,7 +436,7 @@ ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_tra
     const int64_t n_tokens = ggml_nelements(cur) / cur->ne[0];
     const int64_t n_head = cur->ne[0] / d;
     GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
-    ggml_tensor * x = contiguous(ctx0, cur);
+    ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx0, cur);
     ggml_tensor * y = inverse(ctx0, ggml_reshape_3d(ctx0, x, d, n_head, n_tokens), tf->v);
     if (tf->v.mean != nullptr) {
         // query head h = g * group + j belongs to KV head g
