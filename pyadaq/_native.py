@@ -87,6 +87,9 @@ void    pyadaq_next_context_attn_rot(int32_t mode);
 void    pyadaq_next_context_attn_rot_kv(int32_t mode_k, int32_t mode_v);
 void    pyadaq_next_context_clear(void);
 int32_t pyadaq_next_context_pending(void);
+int32_t pyadaq_next_context_kv_window(int32_t n_cells);
+int32_t pyadaq_kv_window_cells(void * ctx);
+int64_t pyadaq_kv_window_bytes(void * ctx);
 int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
                                          const float * matrix, const float * scale, const float * mean,
                                          const float * inverse, char * err, size_t err_size);

@@ -43,9 +43,12 @@ GENERAL = [
 
 def _llama(model: str, cfg):
     import pyadaq
-    from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
+    from pyadaq.runtime.kvconfig import Calibrated, LayerConfig, Windowed
 
     kw: dict = {"n_ctx": 512, "verbose": False, "logits_all": True}
+    if isinstance(cfg, Windowed):
+        kw["kv_window"] = cfg.cells
+        cfg = cfg.base
     if isinstance(cfg, Calibrated):
         kw["kv_calibration"] = cfg.calibration
         cfg = cfg.base

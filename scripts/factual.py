@@ -59,10 +59,13 @@ def normalize(text: str) -> str:
 
 def answers(model: str, cfg, calibration, max_tokens: int) -> list[str]:
     import pyadaq
-    from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
+    from pyadaq.runtime.kvconfig import Calibrated, LayerConfig, Windowed
     from pyadaq.runtime.kvplan import make_plan
 
     kw: dict = {"n_ctx": 512, "verbose": False}
+    if isinstance(cfg, Windowed):
+        kw["kv_window"] = cfg.cells
+        cfg = cfg.base
     if isinstance(cfg, Calibrated):
         kw["kv_calibration"] = cfg.calibration
         cfg = cfg.base

@@ -258,6 +258,16 @@ def test_chat_with_a_budget_announces_its_calibration_once(tiny_model, tmp_path,
     assert "calibrating" not in second.stderr
 
 
+def test_chat_with_a_window(tiny_model, child_env, tmp_path):
+    """`pyadaq chat --kv-window N`: the stats line counts the window's memory."""
+    env = child_env(PYADAQ_CACHE_DIR=str(tmp_path / "cache"))
+    run = _pyadaq(env, "chat", "--model", str(tiny_model()), "--ctx", "256", "--cache-type-k", "q4_0",
+                  "--cache-type-v", "kvq2", "--kv-window", "32", "--max-tokens", "3", "--temperature", "0",
+                  stdin="hello\n/stats\n")
+    assert run.returncode == 0, run.stderr
+    assert "the last 32 tokens also in f16" in " ".join((run.stdout + run.stderr).split())
+
+
 # ------------------------------------------------------------------------------------------
 # Ctrl-C: one line, exit status 130, the cache intact
 # ------------------------------------------------------------------------------------------

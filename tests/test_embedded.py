@@ -59,6 +59,7 @@ def test_demo(cache, capsys):
     assert main(["demo", "--chunks", "1", "--tokens", "12", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "KV cache: K=kvt4s, V=kvt2 in the model's KV calibration (3.5 bits per value" in out
+    assert "the last 128 tokens also in f16" in out
     answer = out.split("> What are the three primary colors?", 1)[1].strip().splitlines()[0]
     assert answer.strip()
     rows = {line.split()[0]: line.split() for line in out.splitlines()
@@ -69,13 +70,13 @@ def test_demo(cache, capsys):
     assert kl["kvt4s:kvt2+cal"] < 0.5 * kl["q4_0:kvq2"]
 
 
-def _decode_logits(model, cfg, prompt, continuation):
+def _decode_logits(model, cfg, prompt, continuation, kv_window=0):
     """Logits after the prompt (one batch), then after each continuation token (one at a time)."""
     import numpy as np
 
     from pyadaq.runtime.kvconfig import open_context
 
-    ctx = open_context(model, cfg, 256, 2)
+    ctx = open_context(model, cfg, 256, 2, kv_window=kv_window)
     try:
         ctx.decode(prompt, 0, logits_from=len(prompt) - 1)
         rows = [ctx.logits_at(len(prompt) - 1).copy()]
@@ -89,11 +90,10 @@ def _decode_logits(model, cfg, prompt, continuation):
 
 def test_calibrated_generation(embedded_model):
     """Generation token by token with a calibration: with f32 caches the logits are f16's to its
-    rounding.
+    rounding, and a window that holds the whole exchange makes 2-bit kvt values read as f16.
     (36c299e..701e040 reshaped the transforms' permuted views instead of copying them; on this
     model, unlike the tiny test models, the graph then reused their memory before attention read
     it, and generation went wrong from its first single-token step while prompts stayed right.)"""
-    import numpy as np
 
     from pyadaq.eval.calibration import calibrate
     from pyadaq.eval.metrics import token_kl
@@ -114,9 +114,10 @@ def test_calibrated_generation(embedded_model):
             ref = _decode_logits(m, ("f16", "f16"), prompt, cont)
         ref = ref[:-1]  # the rows up to the last token's prediction: those the others compute
         f32 = _decode_logits(m, Calibrated(("f32", "f32"), cal), prompt, cont[:-1])
+        windowed = _decode_logits(m, Calibrated(("q8_0", "kvt2"), cal), prompt, cont[:-1], kv_window=64)
     finally:
         m.close()
-    for got in (f32,):
+    for got in (f32, windowed):
         kl = token_kl(ref, got)
         assert kl.max() < 0.02, kl
         assert (got.argmax(-1) == ref.argmax(-1)).all()

@@ -145,6 +145,8 @@ def test_malformed_bodies_are_4xx_and_it_stays_up(llama_server, raw):
     (["--cache-type-v", "kvq9"], "unknown KV-cache type 'kvq9'"),
     (["--cache-type-k", "kvt4s"], "llama-server does not load"),
     (["--kv-calibration", "x.gguf"], "llama-server does not load KV calibrations"),
+    (["--kv-window", "64"], "llama-server keeps no KV window"),
+    (["--engine", "python", "--kv-window", "-3"], "kv_window must be between 0"),
     (["--ctx", "999999"], "larger than the model's training context"),
     (["--ctx", "256", "--parallel", "8"], "at least 64"),
     (["--parallel", "0"], "at least one slot"),

@@ -18,7 +18,8 @@ target_include_directories(ggml-cpu PRIVATE ${PYADAQ_SRC})
 
 # Build identification and llama-level entry points: libllama.
 target_sources(llama PRIVATE ${PYADAQ_SRC}/pyadaq-info.c ${PYADAQ_SRC}/pyadaq-llama.cpp
-                       ${PYADAQ_SRC}/pyadaq-kv-transform.cpp ${PYADAQ_SRC}/pyadaq-rpc.cpp)
+                       ${PYADAQ_SRC}/pyadaq-kv-transform.cpp ${PYADAQ_SRC}/pyadaq-kv-window.cpp
+                       ${PYADAQ_SRC}/pyadaq-rpc.cpp)
 # nlohmann/json (vendored by llama.cpp) reads plan files (pyadaq_kv_plan_file, PYADAQ_KV_PLAN)
 target_include_directories(llama PRIVATE ${PYADAQ_SRC} ${PYADAQ_PATCHED_DIR}/vendor)
 # on this one file only, so that a new version or patch set does not rebuild all of libllama

@@ -29,7 +29,13 @@
 // into chunks that the threads share, each chunk's (max, sum, accumulator) is written to the work
 // buffer, and the chunks are combined at the end, as upstream's split-KV path does for f16 caches.
 //
-// PYADAQ_FA_TILED=0 switches both off (the per-row path then runs, as upstream).
+// With a KV window (pyadaq-kv-window.h: f16 copies of the last cells' rows as the op's sources 5-7),
+// both kernels read a cell's row from its copy while the window holds that cell, and they take
+// every batch and every quantized pair (also the flat ones and f16 values), so that the window is
+// read whatever the batch; upstream's paths, which would ignore it, run only without one.
+//
+// PYADAQ_FA_TILED=0 switches both off (the per-row path then runs, as upstream, and a window is not
+// read).
 
 #include "pyadaq-fa-cpu.h"
 #include "pyadaq-quants.h"
@@ -89,6 +95,55 @@ bool packable(ggml_type type) {
     return type == GGML_TYPE_F16 || type == GGML_TYPE_F32 || quantized_packable(type);
 }
 
+// The recent-token window of the op's cache (pyadaq-kv-window.h): sources 5 and 6 are f16 copies
+// of the K and V rows of the last cells written (either may be absent: that side is not
+// quantized), one slot per cell mod W, and source 7 the cell each slot holds (-1: none). A cell
+// whose slot holds it is read from the copy. One stream only (the window's condition).
+struct kv_window {
+    const ggml_tensor * k    = nullptr;
+    const ggml_tensor * v    = nullptr;
+    const int32_t *     tags = nullptr;
+    int64_t             W    = 0;
+
+    explicit kv_window(const ggml_tensor * dst) {
+        const ggml_tensor * t = dst->src[7];
+        const ggml_tensor * kc = dst->src[1];
+        const ggml_tensor * vc = dst->src[2];
+        if (t == nullptr || t->type != GGML_TYPE_I32 || kc->ne[3] != 1 || vc->ne[3] != 1) {
+            return;
+        }
+        const ggml_tensor * wk = dst->src[5];
+        const ggml_tensor * wv = dst->src[6];
+        if (wk != nullptr && (wk->type != GGML_TYPE_F16 || wk->ne[0] != kc->ne[0] * kc->ne[2] || wk->ne[1] <= t->ne[0])) {
+            return;
+        }
+        if (wv != nullptr && (wv->type != GGML_TYPE_F16 || wv->ne[0] != vc->ne[0] * vc->ne[2] || wv->ne[1] <= t->ne[0])) {
+            return;
+        }
+        if (wk == nullptr && wv == nullptr) {
+            return;
+        }
+        k    = wk;
+        v    = wv;
+        tags = (const int32_t *) t->data;
+        W    = t->ne[0];
+    }
+
+    bool on() const { return W > 0; }
+
+    // head h's row of cell ic in copy w (the window's k or v), or nullptr: read the cache
+    const ggml_fp16_t * row(const ggml_tensor * w, int64_t ic, int64_t h, int64_t d) const {
+        if (w == nullptr) {
+            return nullptr;
+        }
+        const int64_t slot = ic % W;
+        if (tags[slot] != ic) {
+            return nullptr;
+        }
+        return (const ggml_fp16_t *) ((const char *) w->data + slot * w->nb[1]) + h * d;
+    }
+};
+
 // Whether this kernel computes the op: queries in f32, at least a tile of them, K/V types that
 // upstream's tiled kernel does not take but this one packs. The graph plan's work size and the
 // op itself ask the same question.
@@ -96,7 +151,9 @@ bool applies(const ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
-    if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < QT || k->ne[0] > PYADAQ_FA_MAX_ROW) {
+    // with a window, every batch: upstream's paths would read the quantized rows
+    const int64_t min_rows = kv_window(dst).on() ? 1 : QT;
+    if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < min_rows || k->ne[0] > PYADAQ_FA_MAX_ROW) {
         return false;
     }
     if (!packable(k->type) || !packable(v->type)) {
@@ -265,6 +322,7 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
     const int64_t nek1 = k->ne[1];
 
     const op_params op(dst);
+    const kv_window win(dst);
 
     // which tiles
     const int64_t n_pu  = (sh.n_pos + sh.pos_tiles - 1) / sh.pos_tiles;
@@ -346,6 +404,10 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
 
             if (!k_packed) {
                 for (int64_t c = 0; c < kv_tile; ++c) {
+                    if (const ggml_fp16_t * w = win.row(win.k, ic + c, ik2, DK)) {
+                        pack_row(GGML_TYPE_F16, w, K32 + c, KT, DK);
+                        continue;
+                    }
                     const char * kd = (const char *) k->data + (ic + c) * k->nb[1] + ik2 * k->nb[2] + ik3 * k->nb[3];
                     pack_row(k->type, kd, K32 + c, KT, DK);
                 }
@@ -391,6 +453,10 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
 
             if (!v_packed) {
                 for (int64_t c = 0; c < kv_tile; ++c) {
+                    if (const ggml_fp16_t * w = win.row(win.v, ic + c, iv2, DV)) {
+                        pack_row(GGML_TYPE_F16, w, V32 + c * DV, 1, DV);
+                        continue;
+                    }
                     const char * vd = (const char *) v->data + (ic + c) * v->nb[1] + iv2 * v->nb[2] + iv3 * v->nb[3];
                     pack_row(v->type, vd, V32 + c * DV, 1, DV);
                 }
@@ -457,9 +523,12 @@ bool decode_applies(const ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
+    // with a window, every quantized pair (upstream's path would read the quantized rows), f16 values too
+    const bool win = kv_window(dst).on();
     if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < 1 || q->ne[1] > PYADAQ_FA_DECODE_ROWS ||
-        k->ne[0] > PYADAQ_FA_MAX_ROW || v->ne[0] > PYADAQ_FA_MAX_ROW || !quantized_packable(v->type) ||
-        !(is_kvt(k->type) || is_kvt(v->type))) {
+        k->ne[0] > PYADAQ_FA_MAX_ROW || v->ne[0] > PYADAQ_FA_MAX_ROW ||
+        !(quantized_packable(v->type) || (win && packable(v->type))) ||
+        !(is_kvt(k->type) || is_kvt(v->type) || win)) {
         return false;
     }
     if (q->ne[2] % k->ne[2] != 0 || q->ne[2] % v->ne[2] != 0 ||
@@ -569,6 +638,7 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     const int64_t N  = q->ne[1];
 
     const op_params op(dst);
+    const kv_window win(dst);
 
     const auto *            kt       = ggml_get_type_traits_cpu(k->type);
     const bool              k_float  = kt->vec_dot_type == GGML_TYPE_F32;
@@ -602,6 +672,7 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
 
     // query row r of head h0 + j is item j * N + r
     const void *        qrow[PYADAQ_FA_DECODE_HR];
+    const float *       qf32[PYADAQ_FA_DECODE_HR];  // the f32 rows (a window's f16 keys are dotted in f32)
     const ggml_fp16_t * mrow[PYADAQ_FA_DECODE_HR];
     float               slope[PYADAQ_FA_DECODE_HR];
     float               mv[PYADAQ_FA_DECODE_HR];
@@ -611,6 +682,7 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
         for (int64_t r = 0; r < N; ++r) {
             const int64_t i  = j * N + r;
             const char *  pq = (const char *) q->data + r * q->nb[1] + h * q->nb[2] + iq3 * q->nb[3];
+            qf32[i] = (const float *) pq;
             if (k_float) {
                 qrow[i] = pq;
             } else {
@@ -637,7 +709,12 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
         const char *  k_data = (const char *) k->data + ic * k->nb[1] + ik2 * k->nb[2] + ik3 * k->nb[3];
         const char *  v_data = (const char *) v->data + ic * v->nb[1] + iv2 * v->nb[2] + iv3 * v->nb[3];
         const float * kf     = nullptr;
-        if (k_float) {
+        const ggml_fp16_t * wk = win.row(win.k, ic, ik2, DK);
+        const ggml_fp16_t * wv = win.row(win.v, ic, iv2, DV);
+        if (wk != nullptr) {
+            ggml_cpu_fp16_to_fp32(wk, K32, DK);
+            kf = K32;
+        } else if (k_float) {
             if (k_to_f32 == nullptr) {
                 kf = (const float *) k_data;
             } else {
@@ -645,13 +722,19 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
                 kf = K32;
             }
         }
-        v_to_f32(v_data, V32, DV);
+        if (wv != nullptr) {
+            ggml_cpu_fp16_to_fp32(wv, V32, DV);
+        } else {
+            v_to_f32(v_data, V32, DV);
+        }
         for (int64_t i = 0; i < d.hr; ++i) {
             if (mv[i] == -INFINITY) {
                 continue;
             }
             float s;
-            if (k_float) {
+            if (wk != nullptr) {
+                ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, qf32[i], 0, 1);
+            } else if (k_float) {
                 ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, (const float *) qrow[i], 0, 1);
             } else {
                 kq_dot((int) DK, &s, 0, k_data, 0, qrow[i], 0, 1);

@@ -13,6 +13,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
 #include "pyadaq-kv-transform.h"
+#include "pyadaq-kv-window.h"
 #include "pyadaq-llama.h"
 #include "pyadaq-quants.h"
 
@@ -62,7 +63,8 @@ PYADAQ_API void pyadaq_next_context_attn_rot_kv(int32_t mode_k, int32_t mode_v);
 // Empties the slot.
 PYADAQ_API void pyadaq_next_context_clear(void);
 // What the slot holds: bit 0 per-layer types, bit 1 an attention-rotation setting, bit 2 a
-// calibrated K/V transform (pyadaq_next_context_kv_transform, pyadaq-kv-transform.cpp).
+// calibrated K/V transform (pyadaq_next_context_kv_transform, pyadaq-kv-transform.cpp), bit 3 a
+// KV window (pyadaq_next_context_kv_window, pyadaq-kv-window.cpp).
 PYADAQ_API int32_t pyadaq_next_context_pending(void);
 
 // The ggml types of the K and V cache tensors of each layer of the context's KV cache (the
@@ -515,10 +517,12 @@ void pyadaq_next_context_attn_rot_kv(int32_t mode_k, int32_t mode_v) {
 void pyadaq_next_context_clear(void) {
     t_next = context_settings();
     pyadaq_kv_transform_clear_pending();
+    pyadaq_kv_window_clear_pending();
 }
 
 int32_t pyadaq_next_context_pending(void) {
-    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot[0] >= 0 || t_next.attn_rot[1] >= 0 ? 2 : 0) | (pyadaq_kv_transform_pending() ? 4 : 0);
+    return (t_next.has_types() ? 1 : 0) | (t_next.attn_rot[0] >= 0 || t_next.attn_rot[1] >= 0 ? 2 : 0) | (pyadaq_kv_transform_pending() ? 4 : 0) |
+           (pyadaq_kv_window_pending() ? 8 : 0);
 }
 
 pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
@@ -530,12 +534,14 @@ pyadaq_layer_types_scope::pyadaq_layer_types_scope(const llama_model * model) {
     }
     t_next = context_settings();
     pyadaq_kv_transform_take();
+    pyadaq_kv_window_take();
 }
 
 pyadaq_layer_types_scope::~pyadaq_layer_types_scope() {
     delete t_active;
     t_active = nullptr;
     pyadaq_kv_transform_release();
+    pyadaq_kv_window_release();
 }
 
 bool pyadaq_attn_rot_disable(bool is_v, bool env_disable) {

@@ -99,6 +99,9 @@ def add_model_options(p) -> None:
     g.add_argument("--kv-plan", help="per-layer plan file from `pyadaq plan`")
     p.add_argument("--kv-calibration", metavar="FILE",
                    help="KV calibration from `pyadaq calibrate`: the cache stores K and V in its coordinates")
+    p.add_argument("--kv-window", type=int, default=0, metavar="N",
+                   help="keep the K/V rows of the last N tokens in f16 beside the quantized cache (CPU only; "
+                        "default 0: none)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's choice)")
     p.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPU when built with one (default all)")
@@ -112,12 +115,13 @@ def load_llama_from_args(args, **extra):
         extra.setdefault("rpc_servers", args.rpc)
     return load_llama(args.command, args.model, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                       kv_plan=args.kv_plan, kv_budget=args.kv_budget, ctx=args.ctx, threads=args.threads,
-                      gpu_layers=args.gpu_layers, kv_calibration=args.kv_calibration, **extra)
+                      gpu_layers=args.gpu_layers, kv_calibration=args.kv_calibration, kv_window=args.kv_window,
+                      **extra)
 
 
 def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_type_v: str | None = None,
                kv_plan=None, kv_budget: float | str | None = None, ctx: int = 4096, threads: int | None = None,
-               gpu_layers: int = -1, kv_calibration=None, **extra):
+               gpu_layers: int = -1, kv_calibration=None, kv_window: int = 0, **extra):
     """(model path, ModelInfo, pyadaq.Llama) for a command, every check done before native code."""
     from pyadaq.llama import Llama
     from pyadaq.model.calibration import calibration_for_model
@@ -129,6 +133,11 @@ def load_llama(command: str, model_path, *, cache_type_k: str = "q8_0", cache_ty
         raise ValueError(f"--ctx {ctx} is too small (at least 64)")
     if info.n_ctx_train and ctx > info.n_ctx_train:
         raise ValueError(f"--ctx {ctx} is larger than the model's training context ({info.n_ctx_train})")
+    if kv_window:
+        from pyadaq.runtime.kv_window import check_kv_window
+
+        check_kv_window(kv_window, True, gpu_layers)
+        extra["kv_window"] = kv_window
     kw = dict(n_ctx=ctx, n_gpu_layers=gpu_layers, swa_full=False, **extra)
     if threads:
         kw["n_threads"] = threads

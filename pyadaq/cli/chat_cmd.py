@@ -110,6 +110,10 @@ class Chat:
             types = f"per-layer plan, {llm.kv_plan.bits_per_value:.2f} bits per value"
         else:
             types = f"K {llm.cache_type_k.name}, V {llm.cache_type_v.name}"
+        window = llm.kv_window_bytes
+        if window:
+            types += f", the last {llm.kv_window} tokens also in f16 ({window / 2**20:.2f} MiB, counted)"
+            got += window
         lines = [(f"KV cache: {types}; {got / 2**20:.2f} MiB against {f16 / 2**20:.2f} MiB with f16 "
                  f"({got / f16:.0%}); {llm.n_tokens} of {llm.n_ctx()} tokens in use")]
         s = self.last

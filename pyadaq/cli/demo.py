@@ -1,13 +1,15 @@
 """`pyadaq demo`: one chat answer from the embedded model with 4.5-bit keys and 2.5-bit values in
 the model's KV calibration (K=kvt4s, V=kvt2: 3.5 bits per value; the calibration is made once,
-about a minute on 2 cores, and cached), then the KV size and the KL divergence against an f16
-cache of a few configurations."""
+about a minute on 2 cores, and cached) and the K/V rows of the last 128 tokens also kept in f16
+(a KV window: a short exchange is attended as with an f16 cache), then the KV size and the KL
+divergence against an f16 cache of a few configurations."""
 
 from __future__ import annotations
 
 import sys
 
 CONFIGS = "f16:f16,q8_0:q4_0,q4_0:q4_0,q8_0:kvq2,q4_0:kvq2,q8_0:kvt2+cal,kvt4s:kvt2+cal"
+WINDOW = 128  # the answer's KV window (cells; read by the CPU kernels: the answer runs on the CPU)
 
 
 def add_parser(sub) -> None:
@@ -31,10 +33,11 @@ def run(args) -> int:
     model, info = resolve_model(args.model)
     calibration = kv_calibration_for(model, info, "default")
     model, info, llm = load_llama("demo", model, cache_type_k="kvt4s", cache_type_v="kvt2", ctx=2048,
-                                  threads=args.threads, kv_calibration=calibration, seed=0)
+                                  threads=args.threads, kv_calibration=calibration, kv_window=WINDOW, gpu_layers=0,
+                                  seed=0)
     bits = (llm.cache_type_k.bits_per_value + llm.cache_type_v.bits_per_value) / 2
     print(f"model: {model}\nKV cache: K=kvt4s, V=kvt2 in the model's KV calibration ({bits:g} bits per value; "
-          f"{calibration.path})\n")
+          f"{calibration.path}), the last {WINDOW} tokens also in f16 ({llm.kv_window_bytes / 2**20:.2f} MiB)\n")
     print(f"> {args.prompt}")
     try:
         chat = Chat(llm, max_tokens=args.tokens, temperature=0.0)

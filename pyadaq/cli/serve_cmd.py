@@ -206,6 +206,8 @@ def run(args) -> int:
     app = make_app(llm, alias, args.host, args.port)
     types = (f"per-layer plan ({llm.kv_plan.bits_per_value:.2f} bits per value)" if llm.kv_plan is not None
              else f"K {llm.cache_type_k.name}, V {llm.cache_type_v.name}")
+    if llm.kv_window:
+        types += f" (the last {llm.kv_window} tokens also in f16)"
     print(f"pyadaq serve: {alias} with KV cache {types} on http://{args.host}:{args.port}/v1 (python engine)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

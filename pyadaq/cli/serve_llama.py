@@ -28,6 +28,8 @@ def _types_and_plan(args, info, model: str) -> tuple[list[str], str]:
     if args.kv_calibration is not None:
         raise ValueError("llama-server does not load KV calibrations (--kv-calibration): use `pyadaq serve "
                          "--engine python` for calibrated caches")
+    if getattr(args, "kv_window", 0):
+        raise ValueError("llama-server keeps no KV window (--kv-window): use `pyadaq serve --engine python`")
     if args.kv_budget is not None:
         from pyadaq._paths import cache_dir
         from pyadaq.plan.calibrate import check_budget_range, default_types, plan_for_budget

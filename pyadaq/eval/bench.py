@@ -153,8 +153,11 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
                     # the cells in use (llama.cpp reads them in steps of 256); iSWA caches are read
                     # whole at depth, so scaling the allocated bytes is exact there and an
                     # overestimate near depth 0. With the GPU's memory bandwidth this bounds tg.
-                    kv_read = ctx.kv_cache_bytes * min(1.0, (-(-(depth + n_gen) // 256) * 256) / n_ctx)
-                    row = {**config_row(cfg), "depth": depth, "n_ctx": n_ctx, "kv_bytes": ctx.kv_cache_bytes,
+                    kv_read = (ctx.kv_cache_bytes * min(1.0, (-(-(depth + n_gen) // 256) * 256) / n_ctx)
+                               + ctx.kv_window_bytes)
+                    # a KV window's f16 rows count with the cache (kv_window_bytes of it)
+                    row = {**config_row(cfg), "depth": depth, "n_ctx": n_ctx,
+                           "kv_bytes": ctx.kv_cache_bytes + ctx.kv_window_bytes, "kv_window_bytes": ctx.kv_window_bytes,
                            "peak_rss_growth_bytes": rss.growth(),
                            "tg_bytes_per_token": int(weight_bytes + kv_read), "pp_tps": pp, "tg_tps": tg}
                     for key, vals in (("pp", pp), ("tg", tg)):

@@ -222,7 +222,8 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
                 bar.update()
             results.append({
                 **config_row(cfg),
-                "kv_bytes": ctx.kv_cache_bytes,
+                "kv_bytes": ctx.kv_cache_bytes + ctx.kv_window_bytes,  # a KV window's f16 rows count
+                "kv_window_bytes": ctx.kv_window_bytes,
                 "seconds": secs,
                 **acc.summary(),
             })

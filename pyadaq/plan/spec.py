@@ -5,7 +5,8 @@
 number, or K/V with one budget per side such as ``budget:q8_0/2.5``); any of
 them with ``+cal`` runs with a KV calibration's transforms (a budget is then also planned for
 them, among the transform-coded types too) (the one the run names, else the model's
-default calibration, made once and cached). :func:`parse_configs`
+default calibration, made once and cached), and any of those with ``+wN`` (last) with a KV window
+of N cells (:mod:`pyadaq.runtime.kv_window`): ``q8_0:kvt2+cal+w128``. :func:`parse_configs`
 checks the syntax and the type names without the model; :func:`resolve_configs` turns the
 result into the validated values of :mod:`pyadaq.runtime.kvconfig` for one model.
 """
@@ -18,11 +19,12 @@ from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.calibrate import SOURCES, plan_for_budget
 from pyadaq.plan.planner import Budget
-from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
+from pyadaq.runtime.kv_window import check_kv_window
+from pyadaq.runtime.kvconfig import Calibrated, LayerConfig, Windowed
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.types import cache_type
 
-__all__ = ["CalSpec", "LayerSpec", "parse_configs", "resolve_configs"]
+__all__ = ["CalSpec", "LayerSpec", "WindowSpec", "parse_configs", "resolve_configs"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,33 @@ class CalSpec:
         return (b.label if isinstance(b, LayerSpec) else f"{b[0]}:{b[1]}") + "+cal"
 
 
+@dataclass(frozen=True)
+class WindowSpec:
+    """A config written with ``+wN``: its base spec run with a KV window of N cells."""
+    base: object
+    cells: int
+
+    @property
+    def label(self) -> str:
+        b = self.base
+        return (b.label if isinstance(b, (LayerSpec, CalSpec)) else f"{b[0]}:{b[1]}") + f"+w{self.cells}"
+
+
+def _window_suffix(item: str) -> tuple:
+    """('q8_0:kvt2+cal', 128) for 'q8_0:kvt2+cal+w128'; (item, None) without a window."""
+    head, sep, tail = item.rpartition("+w")
+    if not sep or not head or not tail.isdigit():
+        return item, None
+    cells = int(tail)
+    try:
+        check_kv_window(cells)
+    except ValueError as e:
+        raise ValueError(f"config '{item}': {e}") from None
+    if cells == 0:
+        raise ValueError(f"config '{item}': +w0 is no window; leave it out")
+    return head, cells
+
+
 def parse_configs(spec: str) -> list:
     """'q8_0:kvq2,f16:f16,plan:p.json,budget:3.0,q4_0:kvq2+cal' -> [('q8_0', 'kvq2'), ('f16', 'f16'),
     LayerSpec('plan', 'p.json'), LayerSpec('budget', '3.0'), CalSpec(('q4_0', 'kvq2'))]; type names
@@ -57,6 +86,10 @@ def parse_configs(spec: str) -> list:
     for item in spec.split(","):
         item = item.strip()
         if not item:
+            continue
+        base, cells = _window_suffix(item)
+        if cells is not None:
+            out.append(WindowSpec(parse_configs(base)[0], cells))
             continue
         if item.endswith("+cal"):
             out.append(CalSpec(parse_configs(item[: -len("+cal")])[0]))
@@ -98,6 +131,10 @@ def resolve_configs(configs: list, model_path: str, progress: bool = True, calib
     cal_model = calibration_model or model_path
     out = []
     for c in configs:
+        if isinstance(c, WindowSpec):
+            out.append(Windowed(resolve_configs([c.base], model_path, progress, calibration, calibration_model,
+                                                calibration_for_plans)[0], c.cells))
+            continue
         if isinstance(c, CalSpec):
             if calibration is None:
                 from pyadaq.eval.calibration import calibrate

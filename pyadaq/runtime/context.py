@@ -16,6 +16,7 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.runtime.kv_transform import context_settings
+from pyadaq.runtime.kv_window import check_kv_window
 from pyadaq.runtime.layer_types import next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
 from pyadaq.types import CacheType, cache_type
@@ -101,6 +102,7 @@ class Model:
         params = _llama_cpp.llama_model_default_params()
         params.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.path = str(path)
+        self.n_gpu_layers = params.n_gpu_layers
         with creation_lock:
             self.ptr = _llama_cpp.llama_model_load_from_file(self.path.encode(), params)
         if not self.ptr:
@@ -133,15 +135,17 @@ class Context:
     def __init__(self, model: Model, cache_type_k: str | int | CacheType, cache_type_v: str | int | CacheType,
                  n_ctx: int, n_threads: int | None = None, attn_rot: bool = True, flash_attn: bool = True,
                  layer_types: tuple | None = None, cb_eval=None, kv_calibration=None, n_batch: int | None = None,
-                 swa_full: bool = True):
+                 swa_full: bool = True, kv_window: int = 0):
         """layer_types: optional (types_k, types_v), one cache type per layer, used instead of
         cache_type_k/cache_type_v for the layers' tensors (pyadaq.layer_types). cb_eval: an
         optional (callback, user_data) pair of C pointers for llama.cpp's evaluation callback.
         kv_calibration: a calibration (or its file) for this model; the cache then stores each
         layer's K and V in the calibration's coordinates. n_batch: the most tokens one decode call
         takes (default n_ctx). swa_full: sliding-window layers keep the whole context (llama.cpp's
-        default) or only their window."""
+        default) or only their window. kv_window: the K/V rows of the last this many cells written
+        are also kept in f16 and attended at that precision (pyadaq.runtime.kvconfig.check_kv_window)."""
         self.ptr = None
+        check_kv_window(kv_window, flash_attn, model.n_gpu_layers)
         self.calibration = None if kv_calibration is None else calibration_for_model(kv_calibration, model.info)
         self.model = model
         self.k = cache_type(cache_type_k)
@@ -167,7 +171,7 @@ class Context:
         transforms, attn_rot = context_settings(self.calibration, types_k or [self.k] * n_layer,
                                                 types_v or [self.v] * n_layer, attn_rot)
         with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot,
-                                         transforms=transforms):
+                                         transforms=transforms, kv_window=kv_window):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"
@@ -186,6 +190,16 @@ class Context:
     @property
     def kv_cache_bytes(self) -> int:
         return int(native().llama.pyadaq_kv_cache_bytes(native().ffi.cast("void *", self.ptr)))
+
+    @property
+    def kv_window_bytes(self) -> int:
+        """Bytes of the KV window's f16 copies and tags (0 without a window)."""
+        return int(native().llama.pyadaq_kv_window_bytes(native().ffi.cast("void *", self.ptr)))
+
+    @property
+    def kv_window_cells(self) -> int:
+        """The KV window's cells (0: none; also 0 when no layer's cache is quantized)."""
+        return int(native().llama.pyadaq_kv_window_cells(native().ffi.cast("void *", self.ptr)))
 
     @property
     def kv_transform_bytes(self) -> int:

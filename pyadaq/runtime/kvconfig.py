@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pyadaq.runtime.context import Context
 from pyadaq.types import cache_type
 
-__all__ = ["Calibrated", "LayerConfig", "config_label", "config_row", "open_context"]
+__all__ = ["Calibrated", "LayerConfig", "Windowed", "config_label", "config_row", "open_context"]
 
 
 @dataclass(frozen=True)
@@ -46,28 +46,45 @@ class Calibrated:
         return config_label(self.base) + "+cal"
 
 
+@dataclass(frozen=True)
+class Windowed:
+    """A config run with a KV window of ``cells`` cells (pyadaq.runtime.kv_window)."""
+    base: object
+    cells: int
+
+    @property
+    def label(self) -> str:
+        return f"{config_label(self.base)}+w{self.cells}"
+
+
 def config_label(cfg) -> str:
-    if isinstance(cfg, (LayerConfig, Calibrated)):
+    if isinstance(cfg, (LayerConfig, Calibrated, Windowed)):
         return cfg.label
     return f"{cfg[0]}:{cfg[1]}"
 
 
 def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True, flash_attn: bool = True,
-                 n_batch: int | None = None, swa_full: bool = True):
-    """A Context for a uniform (k, v) pair, a LayerConfig, or either of them Calibrated."""
+                 n_batch: int | None = None, swa_full: bool = True, kv_window: int = 0):
+    """A Context for a uniform (k, v) pair, a LayerConfig, or either of them Calibrated, any of
+    them Windowed (its window replaces ``kv_window``)."""
+    if isinstance(cfg, Windowed):
+        cfg, kv_window = cfg.base, cfg.cells
     cal = None
     if isinstance(cfg, Calibrated):
         cfg, cal = cfg.base, cfg.calibration
     if isinstance(cfg, LayerConfig):
         return Context(model, cfg.k, cfg.v, n_ctx, n_threads, attn_rot=attn_rot, flash_attn=flash_attn,
                        layer_types=(list(cfg.types_k), list(cfg.types_v)), kv_calibration=cal, n_batch=n_batch,
-                       swa_full=swa_full)
+                       swa_full=swa_full, kv_window=kv_window)
     return Context(model, cache_type(cfg[0]), cache_type(cfg[1]), n_ctx, n_threads, attn_rot=attn_rot,
-                   flash_attn=flash_attn, kv_calibration=cal, n_batch=n_batch, swa_full=swa_full)
+                   flash_attn=flash_attn, kv_calibration=cal, n_batch=n_batch, swa_full=swa_full,
+                   kv_window=kv_window)
 
 
 def config_row(cfg) -> dict:
     """The identifying fields of a result row."""
+    if isinstance(cfg, Windowed):
+        return {**config_row(cfg.base), "config": cfg.label, "kv_window": cfg.cells}
     if isinstance(cfg, Calibrated):
         cal = cfg.calibration
         return {**config_row(cfg.base), "config": cfg.label, "calibrated": True,

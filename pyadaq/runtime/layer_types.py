@@ -59,7 +59,8 @@ def _set_transforms(transforms) -> None:
 
 @contextlib.contextmanager
 def next_context(types_k: Sequence | None = None, types_v: Sequence | None = None, *,
-                 model_ptr=None, attn_rot: bool | tuple | None = None, transforms=None) -> Iterator[None]:
+                 model_ptr=None, attn_rot: bool | tuple | None = None, transforms=None,
+                 kv_window: int = 0) -> Iterator[None]:
     """Settings for the context created on this thread inside the ``with`` block.
 
     ``types_k`` / ``types_v``: one cache type per layer (``None``: the context's uniform
@@ -72,6 +73,8 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
     sets K and V apart. ``transforms``: the
     per-layer K/V transforms of a calibration (:func:`pyadaq.runtime.kv_transform.kv_transforms`,
     from a calibration already checked against the model), which the context's KV cache then uses.
+    ``kv_window``: the number of most recently written cells whose K/V rows the context also keeps
+    in f16 beside its quantized cache (0: none; :mod:`pyadaq.runtime.kvconfig` checks it).
 
     The first ``llama_init_from_model`` on this thread takes the settings; whatever happens
     inside the block, none are left afterwards.
@@ -88,6 +91,8 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
             n.llama.pyadaq_next_context_attn_rot(1 if attn_rot else 0)
         if transforms:
             _set_transforms(transforms)
+        if kv_window and n.llama.pyadaq_next_context_kv_window(int(kv_window)) != 0:
+            raise ValueError(f"KV window of {kv_window} cells refused by libllama")
         yield
     finally:
         n.llama.pyadaq_next_context_clear()
@@ -95,7 +100,7 @@ def next_context(types_k: Sequence | None = None, types_v: Sequence | None = Non
 
 def pending() -> int:
     """What this thread's slot holds (bit 0: per-layer types, bit 1: attention rotation, bit 2: a
-    calibration)."""
+    calibration, bit 3: a KV window)."""
     return int(native().llama.pyadaq_next_context_pending())
 
 

@@ -30,6 +30,12 @@ coordinates (native/src/pyadaq-kv-transform.h). A missing or corrupt file raises
 :class:`~pyadaq.model.calibration.CalibrationMismatchError`, both before any context exists; a
 state saved under one calibration (or none) does not load under another (``ValueError``).
 
+A window: ``kv_window=128`` keeps the K/V rows of the last 128 cells written in f16 beside the
+quantized cache, and flash attention reads them instead of their quantized rows
+(:mod:`pyadaq.runtime.kv_window`): a conversation shorter than the window is attended as with an
+f16 cache, a longer one keeps its latest tokens exact. ``kv_window_bytes`` is its memory. CPU only
+(``n_gpu_layers=0``); flash attention is switched on for it.
+
 Other machines: ``rpc_servers="host1:50052,host2:50052"`` puts the model's layers, with their KV
 cache in the requested types, on ``pyadaq tool rpc-server`` processes (:mod:`pyadaq.runtime.rpc`;
 every layer unless ``n_gpu_layers`` is given). A server that does not answer ggml's RPC handshake
@@ -53,6 +59,7 @@ from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime import rpc
 from pyadaq.runtime.context import default_gpu_layers
 from pyadaq.runtime.kv_transform import context_settings
+from pyadaq.runtime.kv_window import check_kv_window
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
@@ -262,6 +269,7 @@ class Llama(llama_cpp.Llama):
         cache_type_v: CacheTypeSpec | None = None,
         kv_plan: Any = None,
         kv_calibration: Calibration | str | os.PathLike | None = None,
+        kv_window: int = 0,
         allow_cpu_fallback: bool = False,
         allow_long_context: bool = False,
         rpc_servers: str | Sequence[str] | None = None,
@@ -294,11 +302,12 @@ class Llama(llama_cpp.Llama):
                     "the plan stores some layers' V cache in a quantized type, which llama.cpp keeps only "
                     "with flash attention, but flash_attn=False was passed"
                 )
+        check_kv_window(kv_window, flash_attn is None or bool(flash_attn))
         validate_cache_types(info, tk, tv, flash_attn=flash_attn)
         check_context_size(info, kwargs, layers_k or tk, layers_v or tv, allow_long_context=allow_long_context)
         if flash_attn is None:
             kwargs.pop("flash_attn", None)
-            if any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
+            if kv_window or any(t.quantized for t in (layers_k or [tk]) + (layers_v or [tv])):
                 kwargs["flash_attn"] = True
         kwargs.setdefault("verbose", False)
         servers = rpc.parse_servers(rpc_servers) if rpc_servers is not None else []
@@ -307,6 +316,7 @@ class Llama(llama_cpp.Llama):
         if "n_gpu_layers" not in kwargs:
             # every layer on the RPC servers; else 0 (llama_cpp's default) unless $PYADAQ_GPU_LAYERS
             kwargs["n_gpu_layers"] = -1 if servers else default_gpu_layers()
+        check_kv_window(kv_window, True, kwargs["n_gpu_layers"])
 
         self.cache_type_k: CacheType = tk
         self.cache_type_v: CacheType = tv
@@ -314,15 +324,20 @@ class Llama(llama_cpp.Llama):
         self.layer_types_v: list[CacheType] = types_v
         self.kv_plan = plan
         self.kv_calibration: Calibration | None = calibration
+        self.kv_window: int = kv_window
         self.model_info: ModelInfo = info
         self.rpc_servers: list[str] = servers
         # the per-layer types go to the context llama_cpp.Llama creates on this thread (it loads the
         # model, then creates one context); model loading and context creation run one at a time
         with creation_lock, rpc.next_model_servers(servers), \
-                next_context(layers_k, layers_v, attn_rot=rot, transforms=transforms):
+                next_context(layers_k, layers_v, attn_rot=rot, transforms=transforms, kv_window=kv_window):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
             rpc.hold(servers)
             self._rpc_held = True
+        if kv_window and any(t.quantized for t in types_k + types_v) and not self._window_cells():
+            self.close()
+            raise ValueError("llama.cpp made no KV window: it keeps one only for a single stream of cells "
+                             "(n_seq_max=1, or kv_unified=True)")
         got = context_transform_layers(self._ctx_ptr())
         if calibration is not None and got != len(calibration.layers()):
             self.close()
@@ -369,6 +384,18 @@ class Llama(llama_cpp.Llama):
         calibration): memory the calibration costs on top of ``kv_cache_bytes``."""
         n = native()
         return int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", self._ctx_ptr())))
+
+    def _window_cells(self) -> int:
+        n = native()
+        return int(n.llama.pyadaq_kv_window_cells(n.ffi.cast("void *", self._ctx_ptr())))
+
+    @property
+    def kv_window_bytes(self) -> int:
+        """Bytes of the KV window's f16 copies of the last ``kv_window`` cells' K/V rows (0 without a
+        window, or when no layer's cache is quantized): memory the window costs on top of
+        ``kv_cache_bytes``."""
+        n = native()
+        return int(n.llama.pyadaq_kv_window_bytes(n.ffi.cast("void *", self._ctx_ptr())))
 
     @property
     def kv_cache_bytes_expected(self) -> int:
@@ -435,6 +462,8 @@ class Llama(llama_cpp.Llama):
             state["kv_plan"] = self.kv_plan
         if self.kv_calibration is not None:
             state["kv_calibration"] = self.kv_calibration
+        if self.kv_window:
+            state["kv_window"] = self.kv_window
         return state
 
     def __repr__(self) -> str:
