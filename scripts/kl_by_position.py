@@ -73,8 +73,12 @@ def main(argv=None) -> int:
             for ic, ch in enumerate(tqdm(chs, desc="chunks")):
                 def logprobs(ctx, ch=ch):
                     ctx.clear()
-                    ctx.decode(ch, 0, logits_from=0, step=step)
-                    return log_softmax(np.stack([ctx.logits_at(i) for i in range(len(ch))]))
+                    rows = []
+                    for s0 in range(0, len(ch), step):  # a decode call keeps only its own logits
+                        part = ch[s0:s0 + step]
+                        ctx.decode(part, s0, logits_from=0)
+                        rows += [ctx.logits_at(i).copy() for i in range(len(part))]
+                    return log_softmax(np.stack(rows))
 
                 ref = logprobs(ctxs[0])
                 for j, ctx in enumerate(ctxs[1:]):
