@@ -262,3 +262,32 @@ def test_config_specs():
     for bad, msg in (("q4_0:kvq2+w0", "no window"), (f"q4_0:kvq2+w{MAX_CELLS + 1}", "between")):
         with pytest.raises(ValueError, match=msg):
             parse_configs(bad)
+
+
+def test_eval_and_bench_with_windows(tiny_model, tmp_path):
+    """`pyadaq eval` and `pyadaq bench` run +wN configs (also under --kv-calibration alone), and count
+    the window's bytes in the KV bytes."""
+    import json
+
+    from pyadaq.cli import main
+
+    path = str(tiny_model(arch="llama", head_dim=64, n_head=4, n_head_kv=2))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", path, "--ctx", "64", "--chunks", "1", "--threads", "1",
+                 "--configs", "q4_0:kvq2,q4_0:kvq2+w16", "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    plain, win = rows["q4_0:kvq2"], rows["q4_0:kvq2+w16"]
+    assert win["kv_window"] == 16 and win["kv_window_bytes"] > 0 and plain["kv_window_bytes"] == 0
+    assert win["kv_bytes"] == plain["kv_bytes"] + win["kv_window_bytes"]
+    assert win["kl_mean"] != plain["kl_mean"]
+    cal = tmp_path / "cal.gguf"
+    assert main(["calibrate", "--model", path, "--ctx", "64", "--chunks", "1", "--threads", "1",
+                 "--out", str(cal)]) == 0
+    assert main(["eval", "--model", path, "--ctx", "64", "--chunks", "1", "--threads", "1", "--kv-calibration",
+                 str(cal), "--configs", "q8_0:kvt2+w16", "--json", str(out)]) == 0
+    assert [r["config"] for r in json.loads(out.read_text())["results"]] == ["q8_0:kvt2+cal+w16"]
+    bench = tmp_path / "b.json"
+    assert main(["bench", "--model", path, "--configs", "q4_0:kvq2+w16", "--depths", "0", "--reps", "1",
+                 "--n-prompt", "16", "--n-gen", "4", "--threads", "1", "--json", str(bench)]) == 0
+    row = json.loads(bench.read_text())["results"][-1]
+    assert row["config"] == "q4_0:kvq2+w16" and row["kv_window_bytes"] > 0
