@@ -90,19 +90,40 @@ def test_short_window_in_between(model):
 
 
 def test_rewritten_cells(model):
-    """Cells removed and written again (llama-cpp-python's prefix reuse does this) are read from
-    their new rows: dropping the last 30 tokens and decoding them again gives the same logits."""
-    toks = _toks(model, 90)
-    c = Context(model, "q4_0", "kvq2", 256, THREADS, kv_window=32)
+    """Cells removed and written again with other tokens (llama-cpp-python's prefix reuse does
+    this) are read from their new rows: the logits are those of a fresh context given the new
+    tokens (reading the old copies would give the old text's)."""
+    toks = _toks(model, 200)
+    new = np.concatenate([toks[:60], toks[120:150]])
+    c = Context(model, "q4_0", "kvq2", 256, THREADS, kv_window=64)
     try:
-        c.decode(toks, 0, logits_from=60)
-        first = np.stack([c.logits_at(i).copy() for i in range(60, 90)])
+        c.decode(toks[:90], 0)
         c.drop_from(60)
-        c.decode(toks[60:], 60, logits_from=0)
+        c.decode(new[60:], 60, logits_from=0)
         again = np.stack([c.logits_at(i).copy() for i in range(30)])
     finally:
         c.close()
-    assert np.allclose(first, again, rtol=0, atol=1e-4 * float(np.abs(first).max()))
+    fresh = _run(model, "q4_0", "kvq2", new, 64)[60:]
+    assert np.allclose(again, fresh, rtol=0, atol=1e-4 * float(np.abs(fresh).max()))
+
+
+def test_wrapped_window_is_exact_where_attention_stays_in_it(tiny_model):
+    """A model whose every layer attends only its last 16 positions (sliding window), generating
+    token by token with a window of 24 cells: the ring wraps many times, and every row attention
+    reads is still a copy of the cell it belongs to, so the logits are those of a window that
+    never wraps, bit for bit. (An off-by-one slot, a stale tag or the wrong cell of a shared slot
+    would read a quantized row, or another cell's.)"""
+    m = Model(str(tiny_model(arch="gemma3", head_dim=64, n_head=4, n_head_kv=2, n_layer=2, sliding_window=16,
+                             swa_pattern=8)))
+    try:
+        toks = _toks(m, 130)
+        wrapped = _run(m, "q4_0", "kvq2", toks, 24, n_prompt=8)
+        whole = _run(m, "q4_0", "kvq2", toks, 200, n_prompt=8)
+        plain = _run(m, "q4_0", "kvq2", toks, 0, n_prompt=8)
+    finally:
+        m.close()
+    assert np.array_equal(wrapped, whole)
+    assert not np.array_equal(wrapped[8:], plain[8:])
 
 
 def _shifted(m, k, v, x, window, n_fill=96, n_drop=48):
@@ -259,7 +280,8 @@ def test_llama_with_a_window(tiny_model):
 def test_config_specs():
     specs = parse_configs("q8_0:kvt2+cal+w64,q4_0:kvq2+w8,budget:3.0+w128")
     assert [s.label for s in specs] == ["q8_0:kvt2+cal+w64", "q4_0:kvq2+w8", "budget:3.0+w128"]
-    for bad, msg in (("q4_0:kvq2+w0", "no window"), (f"q4_0:kvq2+w{MAX_CELLS + 1}", "between")):
+    for bad, msg in (("q4_0:kvq2+w0", "no window"), (f"q4_0:kvq2+w{MAX_CELLS + 1}", "between"),
+                     ("q8_0:kvt2+w8+cal", "window comes last"), ("q4_0:kvq2+w8+w16", "two windows")):
         with pytest.raises(ValueError, match=msg):
             parse_configs(bad)
 

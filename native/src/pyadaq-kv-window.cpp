@@ -6,6 +6,7 @@
 #include "llama-graph.h"
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -204,9 +205,10 @@ void pyadaq_kv_window_release() {
     w_active = 0;
 }
 
-void pyadaq_kv_window_create(const void * cache, uint32_t il, ggml_tensor * k, ggml_tensor * v) {
+void pyadaq_kv_window_create(const llama_model & model, const void * cache, uint32_t il, ggml_tensor * k,
+                             ggml_tensor * v) {
     const int64_t W = w_active;
-    if (W == 0 || k == nullptr || v == nullptr) {
+    if (W == 0 || k == nullptr || v == nullptr || llm_arch_is_hybrid(model.arch) || model.arch == LLM_ARCH_DFLASH) {
         return;
     }
     if (k->buffer == nullptr || ggml_backend_buffer_get_size(k->buffer) == 0) {
@@ -218,12 +220,12 @@ void pyadaq_kv_window_create(const void * cache, uint32_t il, ggml_tensor * k, g
         return;  // nothing quantized, or several streams
     }
     ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(k->buffer);
+    // this cache's window, made by an earlier layer of the context being built (not an entry of a
+    // context freed at this address a moment ago on another thread, which its detach removes)
     std::shared_ptr<cache_window> cw;
-    {
-        std::lock_guard<std::mutex> lock(w_mutex);
-        auto it = w_by_cache.find(cache);
-        if (it != w_by_cache.end()) {
-            cw = it->second;
+    for (const auto & made : w_made) {
+        if (made->cache == cache) {
+            cw = made;
         }
     }
     if (cw == nullptr) {

@@ -16,7 +16,7 @@
 // The copies are exact for as long as the cells hold what was written: a K-shift (which rotates
 // the keys in place), reading a state and clearing the cache empty the window (every tag -1), so
 // those cells are read from the quantized cache until they are written again. Caches of several
-// streams (n_seq_max > 1 without a unified KV cache) get no window. Without a window every hook
+// streams (n_seq_max > 1 without a unified KV cache), hybrid models and DFlash drafts get no window. Without a window every hook
 // returns at once and the graph is upstream's, node for node.
 #pragma once
 
@@ -26,6 +26,7 @@
 #include <functional>
 
 struct llama_context;
+struct llama_model;
 struct ggml_cgraph;
 class llama_kv_cache_context;
 class llm_graph_result;
@@ -36,8 +37,12 @@ void pyadaq_kv_window_clear_pending();
 void pyadaq_kv_window_take();
 void pyadaq_kv_window_release();
 
-// llama_kv_cache's constructor, for each layer with its cache tensors (after they are allocated)
-void pyadaq_kv_window_create(const void * cache, uint32_t il, ggml_tensor * k, ggml_tensor * v);
+// llama_kv_cache's constructor, for each layer with its cache tensors (after they are allocated).
+// Hybrid models (recurrent + attention memory) and DFlash drafts get no window: their graphs
+// reuse an attention input whose cache context is not refreshed, or write K/V rows outside
+// build_attn, so a window could hold rows the cache no longer has.
+void pyadaq_kv_window_create(const llama_model & model, const void * cache, uint32_t il, ggml_tensor * k,
+                             ggml_tensor * v);
 // llama_init_from_model / llama_free
 void pyadaq_kv_window_attach(const llama_context * ctx);
 void pyadaq_kv_window_detach(const llama_context * ctx);

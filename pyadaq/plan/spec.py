@@ -89,10 +89,16 @@ def parse_configs(spec: str) -> list:
             continue
         base, cells = _window_suffix(item)
         if cells is not None:
-            out.append(WindowSpec(parse_configs(base)[0], cells))
+            inner = parse_configs(base)[0]
+            if isinstance(inner, WindowSpec):
+                raise ValueError(f"config '{item}' has two windows")
+            out.append(WindowSpec(inner, cells))
             continue
         if item.endswith("+cal"):
-            out.append(CalSpec(parse_configs(item[: -len("+cal")])[0]))
+            inner = parse_configs(item[: -len("+cal")])[0]
+            if isinstance(inner, WindowSpec):
+                raise ValueError(f"config '{item}': the window comes last (K:V+cal+wN)")
+            out.append(CalSpec(inner))
             continue
         head, _, rest = item.partition(":")
         if head in ("plan", "budget"):

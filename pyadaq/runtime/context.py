@@ -173,6 +173,12 @@ class Context:
         with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot,
                                          transforms=transforms, kv_window=kv_window):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
+        if self.ptr and kv_window and self.kv_window_cells == 0 and any(
+                cache_type(t).quantized for t in (types_k or [self.k]) + (types_v or [self.v])):
+            _llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+            raise ValueError("llama.cpp made no KV window for this model (hybrid and DFlash models, and several "
+                             "streams of cells, get none)")
         if not self.ptr:
             what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"
             if self.calibration is not None:

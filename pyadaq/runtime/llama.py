@@ -336,8 +336,8 @@ class Llama(llama_cpp.Llama):
             self._rpc_held = True
         if kv_window and any(t.quantized for t in types_k + types_v) and not self._window_cells():
             self.close()
-            raise ValueError("llama.cpp made no KV window: it keeps one only for a single stream of cells "
-                             "(n_seq_max=1, or kv_unified=True)")
+            raise ValueError("llama.cpp made no KV window for this model (hybrid and DFlash models, and several "
+                             "streams of cells, get none)")
         got = context_transform_layers(self._ctx_ptr())
         if calibration is not None and got != len(calibration.layers()):
             self.close()
