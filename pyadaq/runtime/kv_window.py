@@ -6,7 +6,9 @@ in a short context (a chat's first question) every token carries much of the wei
 window, a context shorter than W cells is attended as with an f16 cache, and a longer one keeps
 its last W tokens exact. The copies cost W rows of f16 per quantized layer side (the window's
 bytes: ``Context.kv_window_bytes``); pyadaq's CPU flash-attention kernels read them, other
-backends' kernels the quantized rows, so a window needs flash attention on the CPU.
+backends' kernels the quantized rows, so a window needs flash attention on the CPU. Hybrid
+models (recurrent and attention memory), DFlash drafts and contexts with several streams of
+cells get none (the context then refuses to be made with one).
 """
 
 from __future__ import annotations
