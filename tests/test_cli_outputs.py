@@ -262,7 +262,8 @@ def test_chat_with_a_window(tiny_model, child_env, tmp_path):
     """`pyadaq chat --kv-window N`: the stats line counts the window's memory."""
     env = child_env(PYADAQ_CACHE_DIR=str(tmp_path / "cache"))
     run = _pyadaq(env, "chat", "--model", str(tiny_model()), "--ctx", "256", "--cache-type-k", "q4_0",
-                  "--cache-type-v", "kvq2", "--kv-window", "32", "--max-tokens", "3", "--temperature", "0",
+                  "--cache-type-v", "kvq2", "--kv-window", "32", "--gpu-layers", "0", "--max-tokens", "3",
+                  "--temperature", "0",
                   stdin="hello\n/stats\n")
     assert run.returncode == 0, run.stderr
     assert "the last 32 tokens also in f16" in " ".join((run.stdout + run.stderr).split())

@@ -8,6 +8,7 @@ in between. Rewritten cells, a K-shift and a state read keep it consistent; its 
 from __future__ import annotations
 
 import ctypes
+import os
 import pickle
 
 import cffi
@@ -32,7 +33,7 @@ def model(request, tiny_model):
     kw = {"arch": request.param, "head_dim": 64, "n_head": 4, "n_head_kv": 2}
     if request.param == "gemma3":
         kw.update(n_layer=3, sliding_window=32)  # the iSWA cache: two caches, two windows
-    m = Model(str(tiny_model(**kw)))
+    m = Model(str(tiny_model(**kw)), n_gpu_layers=0)  # the window is read on the CPU (also under gpu-check.sh)
     yield m
     m.close()
 
@@ -114,7 +115,7 @@ def test_wrapped_window_is_exact_where_attention_stays_in_it(tiny_model):
     never wraps, bit for bit. (An off-by-one slot, a stale tag or the wrong cell of a shared slot
     would read a quantized row, or another cell's.)"""
     m = Model(str(tiny_model(arch="gemma3", head_dim=64, n_head=4, n_head_kv=2, n_layer=2, sliding_window=16,
-                             swa_pattern=8)))
+                             swa_pattern=8)), n_gpu_layers=0)
     try:
         toks = _toks(m, 130)
         wrapped = _run(m, "q4_0", "kvq2", toks, 24, n_prompt=8)
@@ -227,7 +228,7 @@ def test_bad_window(tiny_model, bad):
     """Not a whole number of cells in 0..MAX_CELLS: ValueError, before any native call."""
     with pytest.raises(ValueError, match="kv_window"):
         check_kv_window(bad)
-    m = Model(str(tiny_model(arch="llama", head_dim=64, n_head=4, n_head_kv=2)))
+    m = Model(str(tiny_model(arch="llama", head_dim=64, n_head=4, n_head_kv=2)), n_gpu_layers=0)
     try:
         with pytest.raises(ValueError, match="kv_window"):
             Context(m, "q4_0", "q4_0", 256, THREADS, kv_window=bad)
@@ -237,14 +238,14 @@ def test_bad_window(tiny_model, bad):
 
 def test_window_needs_flash_attention_on_the_cpu(tiny_model):
     path = str(tiny_model(arch="llama", head_dim=64, n_head=4, n_head_kv=2))
-    m = Model(path)
+    m = Model(path, n_gpu_layers=0)
     try:
         with pytest.raises(ValueError, match="flash attention"):
             Context(m, "q4_0", "f16", 256, THREADS, flash_attn=False, kv_window=32)
     finally:
         m.close()
     with pytest.raises(ValueError, match="flash attention"):
-        pyadaq.Llama(path, cache_type_k="q4_0", kv_window=32, flash_attn=False, n_ctx=256)
+        pyadaq.Llama(path, cache_type_k="q4_0", kv_window=32, flash_attn=False, n_ctx=256, n_gpu_layers=0)
     if pyadaq.native().gpu_devices():
         with pytest.raises(ValueError, match="CPU"):
             pyadaq.Llama(path, cache_type_k="q4_0", kv_window=32, n_gpu_layers=1, n_ctx=256)
@@ -262,7 +263,7 @@ def test_llama_with_a_window(tiny_model):
     path = str(tiny_model(arch="llama", head_dim=64, n_head=4, n_head_kv=2))
     outs = []
     for k, v in (("q4_0", "kvq2"), ("q8_0", "kvq3")):
-        llm = pyadaq.Llama(path, cache_type_k=k, cache_type_v=v, kv_window=128, n_ctx=256, seed=1)
+        llm = pyadaq.Llama(path, cache_type_k=k, cache_type_v=v, kv_window=128, n_ctx=256, seed=1, n_gpu_layers=0)
         try:
             assert llm.kv_window == 128 and llm.kv_window_bytes > 0
             outs.append(llm("Line 3 of the log says", max_tokens=12, temperature=0.0)["choices"][0]["text"])
@@ -286,6 +287,8 @@ def test_config_specs():
             parse_configs(bad)
 
 
+@pytest.mark.skipif(bool(os.environ.get("PYADAQ_GPU_LAYERS", "").strip("0 ")),
+                    reason="eval and bench offload to the GPU here, where a window is refused")
 def test_eval_and_bench_with_windows(tiny_model, tmp_path):
     """`pyadaq eval` and `pyadaq bench` run +wN configs (also under --kv-calibration alone), and count
     the window's bytes in the KV bytes."""
