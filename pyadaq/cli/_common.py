@@ -70,13 +70,14 @@ def parse_fractions(spec: str, what: str) -> list:
 
 def check_configs(configs, info) -> None:
     """Uniform pairs against the model's head sizes; plan files against the model."""
-    from pyadaq.plan.spec import CalSpec, WindowSpec
+    from pyadaq.plan.spec import CalSpec
+    from pyadaq.runtime.kvconfig import Windowed
     from pyadaq.runtime.kvplan import load_checked
     from pyadaq.runtime.llama import validate_cache_types
     from pyadaq.types import cache_type
 
     for c in configs:
-        c = c.base if isinstance(c, WindowSpec) else c
+        c = c.base if isinstance(c, Windowed) else c
         calibrated = isinstance(c, CalSpec)
         c = c.base if calibrated else c
         if isinstance(c, tuple):

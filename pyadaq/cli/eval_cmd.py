@@ -50,17 +50,18 @@ def add_parser(sub) -> None:
 def check_inputs(args):
     """Everything that can be checked before native code runs; returns (model, text, text_name, configs)."""
     from pyadaq.eval.texts import default_text
-    from pyadaq.plan.spec import CalSpec, WindowSpec, parse_configs
+    from pyadaq.plan.spec import CalSpec, parse_configs
+    from pyadaq.runtime.kvconfig import Windowed
 
     model, info = resolve_model(args.model)
     configs = parse_configs(args.configs)
 
     def base(c):  # a config under its window
-        return c.base if isinstance(c, WindowSpec) else c
+        return c.base if isinstance(c, Windowed) else c
 
     if getattr(args, "kv_calibration", None) and not any(isinstance(base(c), CalSpec) for c in configs):
         # --kv-calibration alone: every config runs with it (a window stays outermost)
-        configs = [WindowSpec(CalSpec(c.base), c.cells) if isinstance(c, WindowSpec) else CalSpec(c) for c in configs]
+        configs = [Windowed(CalSpec(c.base), c.cells) if isinstance(c, Windowed) else CalSpec(c) for c in configs]
     check_configs(configs, info)
     if args.ctx < 16:
         raise ValueError(f"--ctx {args.ctx} is too small (at least 16 tokens)")

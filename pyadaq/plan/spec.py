@@ -24,7 +24,7 @@ from pyadaq.runtime.kvconfig import Calibrated, LayerConfig, Windowed
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.types import cache_type
 
-__all__ = ["CalSpec", "LayerSpec", "WindowSpec", "parse_configs", "resolve_configs"]
+__all__ = ["CalSpec", "LayerSpec", "parse_configs", "resolve_configs"]
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,6 @@ class CalSpec:
     def label(self) -> str:
         b = self.base
         return (b.label if isinstance(b, LayerSpec) else f"{b[0]}:{b[1]}") + "+cal"
-
-
-@dataclass(frozen=True)
-class WindowSpec:
-    """A config written with ``+wN``: its base spec run with a KV window of N cells."""
-    base: object
-    cells: int
-
-    @property
-    def label(self) -> str:
-        b = self.base
-        return (b.label if isinstance(b, (LayerSpec, CalSpec)) else f"{b[0]}:{b[1]}") + f"+w{self.cells}"
 
 
 def _window_suffix(item: str) -> tuple:
@@ -90,13 +78,13 @@ def parse_configs(spec: str) -> list:
         base, cells = _window_suffix(item)
         if cells is not None:
             inner = parse_configs(base)[0]
-            if isinstance(inner, WindowSpec):
+            if isinstance(inner, Windowed):
                 raise ValueError(f"config '{item}' has two windows")
-            out.append(WindowSpec(inner, cells))
+            out.append(Windowed(inner, cells))
             continue
         if item.endswith("+cal"):
             inner = parse_configs(item[: -len("+cal")])[0]
-            if isinstance(inner, WindowSpec):
+            if isinstance(inner, Windowed):
                 raise ValueError(f"config '{item}': the window comes last (K:V+cal+wN)")
             out.append(CalSpec(inner))
             continue
@@ -137,7 +125,7 @@ def resolve_configs(configs: list, model_path: str, progress: bool = True, calib
     cal_model = calibration_model or model_path
     out = []
     for c in configs:
-        if isinstance(c, WindowSpec):
+        if isinstance(c, Windowed):
             out.append(Windowed(resolve_configs([c.base], model_path, progress, calibration, calibration_model,
                                                 calibration_for_plans)[0], c.cells))
             continue

@@ -16,7 +16,7 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.runtime.kv_transform import context_settings
-from pyadaq.runtime.kv_window import check_kv_window
+from pyadaq.runtime.kv_window import check_kv_window, check_window_made, window_bytes, window_cells
 from pyadaq.runtime.layer_types import next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
 from pyadaq.types import CacheType, cache_type
@@ -173,12 +173,14 @@ class Context:
         with creation_lock, next_context(types_k, types_v, model_ptr=model.ptr, attn_rot=attn_rot,
                                          transforms=transforms, kv_window=kv_window):
             self.ptr = _llama_cpp.llama_init_from_model(model.ptr, p)
-        if self.ptr and kv_window and self.kv_window_cells == 0 and any(
-                cache_type(t).quantized for t in (types_k or [self.k]) + (types_v or [self.v])):
-            _llama_cpp.llama_free(self.ptr)
-            self.ptr = None
-            raise ValueError("llama.cpp made no KV window for this model (hybrid and DFlash models, and several "
-                             "streams of cells, get none)")
+        if self.ptr:
+            try:
+                check_window_made(self.ptr, kv_window,
+                                  [cache_type(t) for t in (types_k or [self.k]) + (types_v or [self.v])])
+            except ValueError:
+                _llama_cpp.llama_free(self.ptr)
+                self.ptr = None
+                raise
         if not self.ptr:
             what = "per-layer K/V types" if layer_types is not None else f"K={self.k} V={self.v}"
             if self.calibration is not None:
@@ -200,12 +202,12 @@ class Context:
     @property
     def kv_window_bytes(self) -> int:
         """Bytes of the KV window's f16 copies and tags (0 without a window)."""
-        return int(native().llama.pyadaq_kv_window_bytes(native().ffi.cast("void *", self.ptr)))
+        return window_bytes(self.ptr)
 
     @property
     def kv_window_cells(self) -> int:
         """The KV window's cells (0: none; also 0 when no layer's cache is quantized)."""
-        return int(native().llama.pyadaq_kv_window_cells(native().ffi.cast("void *", self.ptr)))
+        return window_cells(self.ptr)
 
     @property
     def kv_transform_bytes(self) -> int:

@@ -13,7 +13,7 @@ cells get none (the context then refuses to be made with one).
 
 from __future__ import annotations
 
-__all__ = ["MAX_CELLS", "check_kv_window"]
+__all__ = ["MAX_CELLS", "check_kv_window", "check_window_made", "window_bytes", "window_cells"]
 
 MAX_CELLS = 65536  # PYADAQ_KV_WINDOW_MAX
 
@@ -38,3 +38,27 @@ def _gpu_devices() -> int:
     from pyadaq._native import native
 
     return native().gpu_devices()
+
+
+def window_cells(ctx_ptr) -> int:
+    """The window of a llama_context (cells; 0: none, also when no layer's cache is quantized)."""
+    from pyadaq._native import native
+
+    n = native()
+    return int(n.llama.pyadaq_kv_window_cells(n.ffi.cast("void *", int(ctx_ptr))))
+
+
+def window_bytes(ctx_ptr) -> int:
+    """Bytes of a llama_context's window: its f16 copies and tags (0 without one)."""
+    from pyadaq._native import native
+
+    n = native()
+    return int(n.llama.pyadaq_kv_window_bytes(n.ffi.cast("void *", int(ctx_ptr))))
+
+
+def check_window_made(ctx_ptr, kv_window: int, types) -> None:
+    """ValueError when a window was asked for, some layer's cache (``types``: CacheType) is
+    quantized, and libllama made none (hybrid and DFlash models, several streams of cells)."""
+    if kv_window and any(t.quantized for t in types) and not window_cells(ctx_ptr):
+        raise ValueError("llama.cpp made no KV window for this model (hybrid and DFlash models, and several "
+                         "streams of cells, get none)")

@@ -48,7 +48,8 @@ class Calibrated:
 
 @dataclass(frozen=True)
 class Windowed:
-    """A config run with a KV window of ``cells`` cells (pyadaq.runtime.kv_window)."""
+    """A config run with a KV window of ``cells`` cells (pyadaq.runtime.kv_window); the config is
+    a spec as parsed (pyadaq.plan.spec) or one resolved for a model, the window the same."""
     base: object
     cells: int
 
@@ -58,9 +59,8 @@ class Windowed:
 
 
 def config_label(cfg) -> str:
-    if isinstance(cfg, (LayerConfig, Calibrated, Windowed)):
-        return cfg.label
-    return f"{cfg[0]}:{cfg[1]}"
+    """'q8_0:kvq2' for a uniform pair, else the config's own label."""
+    return f"{cfg[0]}:{cfg[1]}" if isinstance(cfg, tuple) else cfg.label
 
 
 def open_context(model, cfg, n_ctx: int, n_threads=None, attn_rot: bool = True, flash_attn: bool = True,

@@ -59,7 +59,7 @@ from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime import rpc
 from pyadaq.runtime.context import default_gpu_layers
 from pyadaq.runtime.kv_transform import context_settings
-from pyadaq.runtime.kv_window import check_kv_window
+from pyadaq.runtime.kv_window import check_kv_window, check_window_made, window_bytes
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
@@ -334,10 +334,11 @@ class Llama(llama_cpp.Llama):
             super().__init__(os.fspath(model_path), type_k=tk.id, type_v=tv.id, **kwargs)
             rpc.hold(servers)
             self._rpc_held = True
-        if kv_window and any(t.quantized for t in types_k + types_v) and not self._window_cells():
+        try:
+            check_window_made(self._ctx_ptr(), kv_window, types_k + types_v)
+        except ValueError:
             self.close()
-            raise ValueError("llama.cpp made no KV window for this model (hybrid and DFlash models, and several "
-                             "streams of cells, get none)")
+            raise
         got = context_transform_layers(self._ctx_ptr())
         if calibration is not None and got != len(calibration.layers()):
             self.close()
@@ -385,17 +386,12 @@ class Llama(llama_cpp.Llama):
         n = native()
         return int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", self._ctx_ptr())))
 
-    def _window_cells(self) -> int:
-        n = native()
-        return int(n.llama.pyadaq_kv_window_cells(n.ffi.cast("void *", self._ctx_ptr())))
-
     @property
     def kv_window_bytes(self) -> int:
         """Bytes of the KV window's f16 copies of the last ``kv_window`` cells' K/V rows (0 without a
         window, or when no layer's cache is quantized): memory the window costs on top of
         ``kv_cache_bytes``."""
-        n = native()
-        return int(n.llama.pyadaq_kv_window_bytes(n.ffi.cast("void *", self._ctx_ptr())))
+        return window_bytes(self._ctx_ptr())
 
     @property
     def kv_cache_bytes_expected(self) -> int:
