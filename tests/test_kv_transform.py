@@ -160,17 +160,25 @@ def test_uncalibrated_context_is_unchanged_bit_for_bit(setup):
 
 
 def test_transform_memory(setup):
-    """The matrices are f32 [d, d] per KV head and layer, plus the key means, in the cache's buffer
-    type; values get a transform only with a transform-coded V type; they go with the context."""
+    """The matrices are [d, d] per KV head and layer, plus the key means, in the cache's buffer
+    type: the keys' f16 where their cache is quantized and in host memory, f32 for f16/f32 caches
+    (and a GPU's) and for values; values get a transform only with a transform-coded V type; they
+    go with the context."""
     m, cals = setup
     n = pyadaq.native()
     cal = cals["pca"]
-    k_bytes = sum(4 * (cal.k[il].n_head * cal.k[il].head_size ** 2 + cal.k[il].mean.size) for il in cal.layers())
+    on_host = m.n_gpu_layers == 0  # else the cache, and its transforms, live on the GPU
+
+    def side_bytes(part, quantized: bool) -> int:
+        per = 2 if quantized and on_host else 4
+        return sum(per * part[il].n_head * part[il].head_size ** 2 + 4 * part[il].mean.size for il in cal.layers())
+
     # values with a kvt type: matrix and scales (their mean stays in the cache)
-    v_bytes = sum(4 * (cal.v[il].n_head * cal.v[il].head_size ** 2 + cal.v[il].mean.size) for il in cal.layers())
-    for v, want in (("kvq2", k_bytes), ("kvt2", k_bytes + v_bytes)):
+    for k, v, want in (("q8_0", "kvq2", side_bytes(cal.k, True)),
+                       ("q8_0", "kvt2", side_bytes(cal.k, True) + side_bytes(cal.v, False)),
+                       ("f16", "kvq2", side_bytes(cal.k, False))):
         # kvt K scales add one vector per head too
-        c = Context(m, "q8_0", v, 512, THREADS, kv_calibration=cal)
+        c = Context(m, k, v, 512, THREADS, kv_calibration=cal)
         try:
             got = int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", c.ptr)))
             assert want <= got <= want + 4096 * 2 * len(cal.layers()), (v, got, want)

@@ -16,18 +16,19 @@
 // it lives in the op's work buffer, which the graph plan sizes through
 // pyadaq_fa_tiled_work_size (patch 0006), and nothing else is allocated. K and V may be any
 // quantized types with a to_float, pyadaq's and upstream's, in any pairing with each other and
-// with f16/f32. f16/f16 and f32/f32 keep upstream's kernel; generation (one query) keeps the
-// per-row path.
+// with f16/f32. f16/f16 and f32/f32 keep upstream's kernel.
 //
-// Generation (a batch of up to PYADAQ_FA_DECODE_ROWS queries) with a quantized V and a transform-coded
-// K or V has a kernel of its own here too. Upstream's per-row path walks the KV sequence once per query head, so with
+// Generation (a batch of up to PYADAQ_FA_DECODE_ROWS queries) with a quantized V has a kernel of its
+// own here too. Upstream's per-row path walks the KV sequence once per query head, so with
 // grouped-query attention every K and V row of a group is converted once per head of the group (4
-// times on the embedded model), and a transform-coded type's dequantization is most of that cost.
-// This kernel takes the heads of a group together: each KV row is dequantized once and used for all
-// of them. The arithmetic per query row is upstream's (K through the type's vec_dot with Q in the
-// vec_dot type, V dequantized and added in f32, the same online softmax); the KV sequence is split
-// into chunks that the threads share, each chunk's (max, sum, accumulator) is written to the work
-// buffer, and the chunks are combined at the end, as upstream's split-KV path does for f16 caches.
+// times on the embedded model), and for every row and head it adds the V row into the accumulator
+// in memory after the softmax step of that row. This kernel takes the heads of a group together and
+// the KV rows in tiles of DEC_TILE: each row is converted once, every query's scores of the tile are
+// computed first (K through the type's vec_dot with Q in the vec_dot type, as upstream), one online
+// softmax step per query covers the tile, and the tile's V rows (dequantized to f32) are added as
+// one small GEMM whose accumulators stay in registers. The KV sequence is split into chunks that the
+// threads share, each chunk's (max, sum, accumulator) is written to the work buffer, and the chunks
+// are combined at the end, as upstream's split-KV path does for f16 caches.
 //
 // With a KV window (pyadaq-kv-window.h: f16 copies of the last cells' rows as the op's sources 5-7),
 // both kernels read a cell's row from its copy while the window holds that cell, and they take
@@ -502,33 +503,24 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
 
 // KV rows per chunk, at least (fewer chunks than threads rather than chunks this short)
 constexpr int64_t DEC_MIN_CHUNK = 128;
-
-// a transform-coded (kvt) type: one whose rows cost far more to dequantize than to use
-bool is_kvt(ggml_type type) {
-#define PYADAQ_FA_IS_KVT(UPPER, lower, id, ...) \
-    if (type == GGML_TYPE_##UPPER) {            \
-        return true;                            \
-    }
-    PYADAQ_KVT_TYPES(PYADAQ_FA_IS_KVT)
-#undef PYADAQ_FA_IS_KVT
-    return false;
-}
+// KV rows per tile of the generation kernel: its V rows in f32 (32 KiB at 256 values) stay in L1/L2
+constexpr int64_t DEC_TILE = 32;
+static_assert(DEC_TILE > 0 && DEC_MIN_CHUNK % DEC_TILE == 0, "generation tiles");
 
 // Whether the generation kernel computes the op: f32 queries, a short batch, a quantized V (f16 and
-// f32 values stay upstream's, which adds f16 values in f16), a K type with a dot product, and a kvt
-// type on either side. With flat types only (q8_0, q4_0, kvq2/kvq3: a row converts about as fast as
-// it is used) sharing the conversion gained nothing measurable against upstream's path
-// (docs/CALIBRATION.md, section Speed), so they keep it.
+// f32 values stay upstream's, which adds f16 values in f16, unless a window must be read) and a K
+// type with a dot product. Every quantized V takes it, the flat types too: with a tile's rows scored
+// first and added as one small GEMM it is faster than upstream's per-row path for them as well
+// (docs/CALIBRATION.md, section Speed).
 bool decode_applies(const ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
-    // with a window, every quantized pair (upstream's path would read the quantized rows), f16 values too
+    // with a window, f16 values too (upstream's path would not read the window)
     const bool win = kv_window(dst).on();
     if (!enabled() || q->type != GGML_TYPE_F32 || q->ne[1] < 1 || q->ne[1] > PYADAQ_FA_DECODE_ROWS ||
         k->ne[0] > PYADAQ_FA_MAX_ROW || v->ne[0] > PYADAQ_FA_MAX_ROW ||
-        !(quantized_packable(v->type) || (win && packable(v->type))) ||
-        !(is_kvt(k->type) || is_kvt(v->type) || win)) {
+        !(quantized_packable(v->type) || (win && packable(v->type)))) {
         return false;
     }
     if (q->ne[2] % k->ne[2] != 0 || q->ne[2] % v->ne[2] != 0 ||
@@ -576,7 +568,8 @@ dec_shape make_dec_shape(const ggml_tensor * dst, int nth) {
     const ggml_type vdt = ggml_get_type_traits_cpu(k->type)->vec_dot_type;
     d.q_floats = vdt == GGML_TYPE_F32 ? 0
                                       : (int64_t) ((ggml_row_size(vdt, k->ne[0]) + sizeof(float) - 1) / sizeof(float));
-    const int64_t t = k->ne[0] + v->ne[0] + d.hr * d.q_floats;  // K row, V row, converted queries
+    // K row, V tile, scores, converted queries
+    const int64_t t = k->ne[0] + DEC_TILE * v->ne[0] + d.hr * DEC_TILE + d.hr * d.q_floats;
     d.thread_floats = (t + LINE_F32 - 1) / LINE_F32 * LINE_F32;
     d.unit_floats   = d.hr * (2 + v->ne[0]);
     return d;
@@ -663,8 +656,9 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     const int64_t ic1   = std::min(hi, ic0 + chunk);
 
     float * K32 = (float *) params->wdata + params->ith * d.thread_floats;
-    float * V32 = K32 + DK;
-    float * Qc  = V32 + DV;
+    float * Vt  = K32 + DK;            // the tile's V rows in f32, DEC_TILE x DV
+    float * St  = Vt + DEC_TILE * DV;  // the tile's scores, then weights: hr x DEC_TILE
+    float * Qc  = St + d.hr * DEC_TILE;
 
     float * M   = partials + u * d.unit_floats;
     float * S   = M + d.hr;
@@ -697,66 +691,89 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     }
     memset(VKQ, 0, d.hr * DV * sizeof(float));
 
-    for (int64_t ic = ic0; ic < ic1; ++ic) {
-        bool any = false;
-        for (int64_t i = 0; i < d.hr; ++i) {
-            mv[i] = mrow[i] ? slope[i] * GGML_CPU_FP16_TO_FP32(mrow[i][ic]) : 0.0f;
-            any |= mv[i] != -INFINITY;
-        }
-        if (!any) {
-            continue;  // no query of the group sees this row: nothing of it is read
-        }
-        const char *  k_data = (const char *) k->data + ic * k->nb[1] + ik2 * k->nb[2] + ik3 * k->nb[3];
-        const char *  v_data = (const char *) v->data + ic * v->nb[1] + iv2 * v->nb[2] + iv3 * v->nb[3];
-        const float * kf     = nullptr;
-        const ggml_fp16_t * wk = win.row(win.k, ic, ik2, DK);
-        const ggml_fp16_t * wv = win.row(win.v, ic, iv2, DV);
-        if (wk != nullptr) {
-            ggml_cpu_fp16_to_fp32(wk, K32, DK);
-            kf = K32;
-        } else if (k_float) {
-            if (k_to_f32 == nullptr) {
-                kf = (const float *) k_data;
-            } else {
-                k_to_f32(k_data, K32, DK);
-                kf = K32;
+    // Tiles of DEC_TILE rows: every query's scores of the tile first (row by row, each K row
+    // converted once), then one online-softmax step per query for the whole tile, then the
+    // weighted V rows added as one small GEMM, VKQ[hr x DV] += P[hr x n] V[n x DV], whose
+    // accumulators stay in registers across the tile's rows.
+    for (int64_t t0 = ic0; t0 < ic1; t0 += DEC_TILE) {
+        const int64_t t1 = std::min(ic1, t0 + DEC_TILE);
+        int64_t       n  = 0;  // rows of this tile that some query sees
+        for (int64_t ic = t0; ic < t1; ++ic) {
+            bool any = false;
+            for (int64_t i = 0; i < d.hr; ++i) {
+                mv[i] = mrow[i] ? slope[i] * GGML_CPU_FP16_TO_FP32(mrow[i][ic]) : 0.0f;
+                any |= mv[i] != -INFINITY;
             }
+            if (!any) {
+                continue;  // no query of the group sees this row: nothing of it is read
+            }
+            const char *  k_data = (const char *) k->data + ic * k->nb[1] + ik2 * k->nb[2] + ik3 * k->nb[3];
+            const char *  v_data = (const char *) v->data + ic * v->nb[1] + iv2 * v->nb[2] + iv3 * v->nb[3];
+            const float * kf     = nullptr;
+            const ggml_fp16_t * wk = win.row(win.k, ic, ik2, DK);
+            const ggml_fp16_t * wv = win.row(win.v, ic, iv2, DV);
+            if (wk != nullptr) {
+                ggml_cpu_fp16_to_fp32(wk, K32, DK);
+                kf = K32;
+            } else if (k_float) {
+                if (k_to_f32 == nullptr) {
+                    kf = (const float *) k_data;
+                } else {
+                    k_to_f32(k_data, K32, DK);
+                    kf = K32;
+                }
+            }
+            float * vrow = Vt + n * DV;
+            if (wv != nullptr) {
+                ggml_cpu_fp16_to_fp32(wv, vrow, DV);
+            } else {
+                v_to_f32(v_data, vrow, DV);
+            }
+            for (int64_t i = 0; i < d.hr; ++i) {
+                float s = -INFINITY;
+                if (mv[i] != -INFINITY) {
+                    if (wk != nullptr) {
+                        ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, qf32[i], 0, 1);
+                    } else if (k_float) {
+                        ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, (const float *) qrow[i], 0, 1);
+                    } else {
+                        kq_dot((int) DK, &s, 0, k_data, 0, qrow[i], 0, 1);
+                    }
+                    s = s * op.scale;
+                    if (op.logit_softcap != 0.0f) {
+                        s = op.logit_softcap * tanhf(s);
+                    }
+                    s += mv[i];
+                }
+                St[i * DEC_TILE + n] = s;
+            }
+            ++n;
         }
-        if (wv != nullptr) {
-            ggml_cpu_fp16_to_fp32(wv, V32, DV);
-        } else {
-            v_to_f32(v_data, V32, DV);
+        if (n == 0) {
+            continue;
         }
         for (int64_t i = 0; i < d.hr; ++i) {
-            if (mv[i] == -INFINITY) {
+            // packed as P[hr x n] for the GEMM (row i moves down to i * n)
+            float * p = St + i * n;
+            if (n < DEC_TILE && i > 0) {
+                memmove(p, St + i * DEC_TILE, n * sizeof(float));
+            }
+            float tile_max;
+            ggml_vec_max_f32((int) n, &tile_max, p);
+            if (tile_max == -INFINITY) {
+                memset(p, 0, n * sizeof(float));  // nothing of this tile for this query
                 continue;
             }
-            float s;
-            if (wk != nullptr) {
-                ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, qf32[i], 0, 1);
-            } else if (k_float) {
-                ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, (const float *) qrow[i], 0, 1);
-            } else {
-                kq_dot((int) DK, &s, 0, k_data, 0, qrow[i], 0, 1);
-            }
-            s = s * op.scale;
-            if (op.logit_softcap != 0.0f) {
-                s = op.logit_softcap * tanhf(s);
-            }
-            s += mv[i];
-            float ms = 1.0f;  // upon a new maximum, the accumulator and the sum are scaled by this
-            float vs = 1.0f;  // expf(s - M)
-            if (s > M[i]) {
-                const float Mold = M[i];
-                M[i] = s;
-                ms   = expf(Mold - s);
+            const float Mnew = fmaxf(M[i], tile_max);
+            if (Mnew > M[i]) {  // a new maximum: what was added so far is scaled down
+                const float ms = expf(M[i] - Mnew);
                 ggml_vec_scale_f32((int) DV, VKQ + i * DV, ms);
-            } else {
-                vs = expf(s - M[i]);
+                S[i] *= ms;
+                M[i] = Mnew;
             }
-            ggml_vec_mad_f32((int) DV, VKQ + i * DV, V32, vs);
-            S[i] = S[i] * ms + vs;
+            S[i] += (float) ggml_vec_soft_max_f32((int) n, p, p, Mnew);
         }
+        simd_gemm(VKQ, St, Vt, (int) d.hr, (int) n, (int) DV);
     }
 }
 

@@ -16,7 +16,7 @@ struct ggml_compute_params;
 
 // Computes the flash-attention op dst and returns true when it is pyadaq's to compute: a tile of
 // queries or more and a quantized K or V (or f16 and f32 mixed), or a short batch (generation) with
-// a quantized V and a kvt type on either side. Called by every thread of the op; returns false,
+// a quantized V. Called by every thread of the op; returns false,
 // having done nothing, otherwise.
 bool pyadaq_fa_tiled(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 // The work-buffer bytes that pyadaq_fa_tiled needs for this op with n_tasks threads (0 when it
