@@ -227,6 +227,40 @@ def test_bench_on_a_tiny_model(tiny_model, tmp_path, capsys):
     assert proc.returncode in (0, 1) and "K=q8_0, V=kvq2 generation vs f16/f16 at depth 256" in proc.stdout
 
 
+def test_bench_interleaved_script(tiny_model, tmp_path, child_env):
+    """scripts/bench_interleaved.py: the configs take turns in one process; per config its speed
+    over the first config's, round by round; the pairs asked for; the same tables again from the
+    saved JSON; a clear message for a pair outside the run's configs."""
+    script = str(ROOT / "scripts" / "bench_interleaved.py")
+    out = tmp_path / "i.json"
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, *args], env=child_env(), capture_output=True, text=True,
+                              timeout=300)
+
+    proc = run("--model", str(tiny_model()), "--configs", "f16:f16,q8_0:kvq2,q4_0:q4_0", "--depth", "64",
+               "--rounds", "3", "--n-prompt", "16", "--batch", "16", "--n-gen", "2", "--threads", "1",
+               "--pairs", "q8_0:kvq2/q4_0:q4_0", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    rows = {r["config"]: r for r in res["results"]}
+    assert list(rows) == ["f16:f16", "q8_0:kvq2", "q4_0:q4_0"] and res["first"] == "f16:f16"
+    for r in rows.values():
+        assert len(r["pp_tps"]) == len(r["tg_tps"]) == 3 and min(r["pp_tps"] + r["tg_tps"]) > 0
+    assert rows["f16:f16"]["pp_vs_first"] == rows["f16:f16"]["tg_vs_first"] == 1.0
+    q8, q4 = rows["q8_0:kvq2"], rows["q4_0:q4_0"]
+    assert q8["tg_vs_first"] == pytest.approx(sum(a / b for a, b in zip(q8["tg_tps"], rows["f16:f16"]["tg_tps"])) / 3)
+    # "A  B  pp ± se  tg ± se"
+    pair = [line for line in proc.stdout.splitlines() if line.split()[:2] == ["q8_0:kvq2", "q4_0:q4_0"]]
+    assert len(pair) == 1
+    assert float(pair[0].split()[5]) == pytest.approx(sum(a / b for a, b in zip(q8["tg_tps"], q4["tg_tps"])) / 3,
+                                                      abs=1e-3)
+    again = run("--from-json", str(out), "--pairs", "q8_0:kvq2/q4_0:q4_0")
+    assert again.returncode == 0 and pair[0] in again.stdout.splitlines()
+    bad = run("--from-json", str(out), "--pairs", "q8_0:kvq2/kvq2:kvq2")
+    assert bad.returncode != 0 and "kvq2:kvq2 is not among the run's configs" in bad.stderr
+
+
 def test_bench_swa_window_only(tiny_model, tmp_path, capsys):
     # an iSWA model: with --no-swa-full its sliding-window layers cache their window only (as in
     # llama-bench and llama-server), so at depth 1024 the cache is smaller than with the default
