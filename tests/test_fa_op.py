@@ -8,7 +8,10 @@ kernel; the kernel's own counter says it ran, and did not run for a batch shorte
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import cffi
 import numpy as np
@@ -272,6 +275,35 @@ def test_generation_kernel_matches_numpy(ggml, case):
     assert np.abs(want).max() > 0.1, "the case must produce output"
     if case.mask != "none" and not case.sinks and case.n_q > 1:
         assert not got[case.n_q // 2].any(), "a fully masked query row must give zeros"
+
+
+# the op in a child process with PYADAQ_FA_TILED=0 (upstream's paths; the switch is read once)
+_PER_ROW_CHILD = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_fa_op as T
+np.save(sys.argv[2], T._run(T.ggml.__wrapped__(), T.Case(**eval(sys.argv[3])))[0])
+"""
+
+
+@pytest.mark.parametrize("case", [Case("kvq2", "kvq2", n_q=7, n_kv=120), Case("q8_0", "q8_0", n_q=3, n_kv=300),
+                                  Case("q4_0", "kvq2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000),
+                                  Case("q8_0", "kvq3", n_q=16, n_kv=90, mask="window", max_bias=8.0)], ids=str)
+def test_generation_kernel_matches_upstream_per_row(ggml, case, tmp_path, child_env):
+    """Where both compute the same thing (K's dot product with Q in its vec_dot type, V added in
+    f32), pyadaq's generation kernel gives what upstream's per-row path gives to float rounding:
+    only the order of the additions differs (a softmax step per tile, V added as a GEMM)."""
+    got, _, _, ran_dec = _run(ggml, case)
+    assert ran_dec == 1
+    out = tmp_path / "per_row.npy"
+    fields = {f: getattr(case, f) for f in case.__dataclass_fields__}
+    proc = subprocess.run([sys.executable, "-c", _PER_ROW_CHILD, str(Path(__file__).parent), str(out), repr(fields)],
+                          env=child_env(PYADAQ_FA_TILED="0"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    per_row = np.load(out)
+    assert np.abs(got - per_row).max() <= 1e-5 * np.abs(per_row).max()
+    assert np.abs(per_row).max() > 0.1
 
 
 @pytest.mark.parametrize("case", [Case("q8_0", "f16", n_q=1, n_kv=300), Case("kvt4s", "f32", n_q=2)], ids=str)

@@ -80,6 +80,16 @@ def test_full_window_is_the_same_for_every_quantized_pair(model, n_prompt):
     assert token_kl(ref, got[2]).mean() < 0.5 * token_kl(ref, plain).mean()
 
 
+def test_full_window_with_float_values(model):
+    """A quantized K with f32 or f16 values: only the keys have copies, the values are read as they
+    are (f32 values have no conversion function in ggml: the generation kernel copies them). With
+    every cell in the window q8_0 and q4_0 keys give the same logits, in prompts and generation."""
+    toks = _toks(model, 60)
+    for v in ("f32", "f16"):
+        got = [_run(model, k, v, toks, 128, n_prompt=30) for k in ("q8_0", "q4_0")]
+        assert np.isfinite(got[0]).all() and np.array_equal(got[0], got[1]), v
+
+
 def test_short_window_in_between(model):
     """A window of 16 cells in generation: the newest tokens from the copies, the older ones
     quantized; neither the logits without a window nor those with all cells in it."""

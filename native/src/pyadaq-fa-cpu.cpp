@@ -638,7 +638,8 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     const ggml_vec_dot_t    kq_dot   = kt->vec_dot;
     const ggml_from_float_t q_conv   = k_float ? nullptr : ggml_get_type_traits_cpu(kt->vec_dot_type)->from_float;
     const ggml_to_float_t   k_to_f32 = k->type == GGML_TYPE_F32 ? nullptr : ggml_get_type_traits(k->type)->to_float;
-    const ggml_to_float_t   v_to_f32 = ggml_get_type_traits(v->type)->to_float;
+    // f32 values (taken with a window only) have no to_float: copied as they are
+    const ggml_to_float_t   v_to_f32 = v->type == GGML_TYPE_F32 ? nullptr : ggml_get_type_traits(v->type)->to_float;
 
     const int64_t c   = u % d.n_chunks;
     const int64_t hg  = (u / d.n_chunks) % d.n_hg;
@@ -726,6 +727,8 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
             float * vrow = Vt + n * DV;
             if (wv != nullptr) {
                 ggml_cpu_fp16_to_fp32(wv, vrow, DV);
+            } else if (v_to_f32 == nullptr) {
+                memcpy(vrow, v_data, DV * sizeof(float));
             } else {
                 v_to_f32(v_data, vrow, DV);
             }

@@ -186,10 +186,12 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
     if (s != nullptr) {
         y = scaled(ctx, y, s, mul_scale);
     }
-    // A copy even where the permutation moves only dimensions of size 1 (one token, one KV head)
-    // and a reshape would do: with reshaped views here (36c299e..701e040) generation on the
-    // embedded model read wrong queries and keys (graph memory reused under the views; the tiny
-    // test models did not show it; test_embedded.py checks generation now).
+    // A copy even where the permutation moves only dimensions of size 1 (one KV head) and a
+    // reshape would do: with reshaped views of the permuted tensors here (36c299e..701e040)
+    // generation on the embedded model read wrong queries and keys (graph memory reused under
+    // the views; the tiny test models did not show it; test_embedded.py checks generation now).
+    // One token takes one_token instead, which reshapes contiguous tensors (its input and the
+    // product's result), not views of permuted ones; test_calibrated_generation passes with it.
     return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));
 }
 
@@ -390,8 +392,9 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
     tf->ctx.reset(ggml_init(params));
     ggml_context * c0 = tf->ctx.get();
     // The keys' matrices are f16 where the K cache is quantized and lives in host memory: half the
-    // memory and half the bytes read per token, at an error (relative 2^-11 per entry) far below
-    // the quantization's. f32 for f16/f32/bf16 caches, whose calibrated logits match the
+    // memory and half the bytes read per token, at an error (relative 2^-11 per entry; mul_mat
+    // also rounds the queries and keys to f16 for the product) far below the quantization's
+    // (docs/CALIBRATION.md: KL unchanged within its errors). f32 for f16/f32/bf16 caches, whose calibrated logits match the
     // uncalibrated ones to float rounding, and for a GPU's cache. The values' matrices stay f32:
     // their forward product takes out_prod, whose f16 path converts every row of the matrix to f32
     // on each call (4 % of generation with kvt values on the embedded model, measured).
