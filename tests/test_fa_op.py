@@ -229,13 +229,15 @@ def _run(ggml, case: Case, seed: int = 0):
     return got, _reference(case, q.astype(np.float64), k_ref, v_ref, mask, sinks), ran, ran_dec
 
 
-# generation: batches of up to 16 queries with a quantized V
+# batches shorter than a query tile (generation, short prompts) with a quantized V
 DECODE_CASES = [
     # flat types (upstream's and pyadaq's) as well as the transform-coded ones
     Case("q8_0", "kvq2", n_q=1, n_kv=300),
     Case("q4_0", "q4_0", n_q=3, n_kv=200),
     Case("kvq3", "q8_0", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=777, mask="window", threads=2),
     Case("f16", "kvq2", dk=128, dv=128, n_head_kv=2, gqa=4, n_q=2, n_kv=333, threads=3, mask="per-head"),
+    Case("kvt4s", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=40, n_kv=600, threads=2),  # a chat turn
+    Case("q4_0", "kvq3", dk=192, dv=128, gqa=8, n_q=63, n_kv=300, mask="window", threads=3),
     Case("kvt2s", "kvt4", n_q=1, n_kv=300),
     Case("kvt4s", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000, threads=2),
     Case("kvt3s", "kvt3", dk=128, dv=128, n_head_kv=2, gqa=2, n_q=3, n_kv=700, threads=3, mask="per-head"),
@@ -289,7 +291,9 @@ np.save(sys.argv[2], T._run(T.ggml.__wrapped__(), T.Case(**eval(sys.argv[3])))[0
 
 @pytest.mark.parametrize("case", [Case("kvq2", "kvq2", n_q=7, n_kv=120), Case("q8_0", "q8_0", n_q=3, n_kv=300),
                                   Case("q4_0", "kvq2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000),
-                                  Case("q8_0", "kvq3", n_q=16, n_kv=90, mask="window", max_bias=8.0)], ids=str)
+                                  Case("q8_0", "kvq3", n_q=16, n_kv=90, mask="window", max_bias=8.0),
+                                  Case("kvq2", "kvq2", n_q=40, n_kv=300, threads=3),
+                                  Case("q4_0", "q8_0", n_q=63, n_kv=200, mask="per-head")], ids=str)
 def test_generation_kernel_matches_upstream_per_row(ggml, case, tmp_path, child_env):
     """Where both compute the same thing (K's dot product with Q in its vec_dot type, V added in
     f32), pyadaq's generation kernel gives what upstream's per-row path gives to float rounding:
@@ -326,10 +330,11 @@ def test_tiled_kernel_matches_numpy(ggml, case):
         assert not got[case.n_q // 2].any(), "a fully masked query row must give zeros"
 
 
-def test_short_batch_is_not_taken(ggml):
-    """Fewer queries than a tile (generation, short batches) stay on upstream's per-row path,
-    which rounds Q to the K type's dot-product type: close, but not the tiled kernel's figures."""
-    case = Case("q8_0", "kvq2", n_q=32)
-    got, want, ran, ran_dec = _run(ggml, case)
-    assert ran == 0 and ran_dec == 0
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+def test_batches_short_of_a_tile_take_the_generation_kernel(ggml):
+    """Up to 63 queries (one short of a query tile) take the generation kernel, which rounds Q to
+    the K type's dot-product type as upstream's per-row path does; 64 take the tiled kernel, which
+    keeps Q in f32: both close to the exact attention."""
+    for n_q, expect in ((32, (0, 1)), (63, (0, 1)), (64, (1, 0))):
+        got, want, ran, ran_dec = _run(ggml, Case("q8_0", "kvq2", n_q=n_q, n_kv=150))
+        assert (ran, ran_dec) == expect, n_q
+        assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -133,10 +133,10 @@ def test_several_sequences_mixed(llama4):
     for i, s in enumerate(seqs):
         with Ctx(llama4, "f16", "f16", 512, n_seq_max=2, layer_types=lt) as c:
             alone = c.decode([(s, 0, i)])[0]
-        # together the rest of sequence 0 after the 33 tokens of each goes in a batch of 7, which
-        # pyadaq's generation kernel takes (upstream's per-row path the 40 alone): the same
-        # attention in another order of additions (test_cache_types.py::test_several_sequences)
-        assert token_kl(alone, together[i]).mean() < 1e-5
+        # together the rest of sequence 0 after the 33 tokens of each goes in a batch of 7, alone
+        # the 40 in one: the same attention in another order of additions
+        # (test_cache_types.py::test_several_sequences)
+        assert token_kl(alone, together[i]).mean() < 1e-3
 
 
 def test_iswa_mixed(gemma4):

@@ -18,11 +18,12 @@
 // quantized types with a to_float, pyadaq's and upstream's, in any pairing with each other and
 // with f16/f32. f16/f16 and f32/f32 keep upstream's kernel.
 //
-// Generation (a batch of up to PYADAQ_FA_DECODE_ROWS queries) with a quantized V has a kernel of its
-// own here too. Upstream's per-row path walks the KV sequence once per query head, so with
-// grouped-query attention every K and V row of a group is converted once per head of the group (4
-// times on the embedded model), and for every row and head it adds the V row into the accumulator
-// in memory after the softmax step of that row. This kernel takes the heads of a group together and
+// Batches shorter than a query tile (generation, and short prompts such as a chat turn: up to
+// PYADAQ_FA_DECODE_ROWS queries) with a quantized V have a kernel of their own here too. Upstream's
+// per-row path walks the KV sequence once per query row and head, so every K and V row is
+// converted once per query of the batch and head of the group (4 heads on the embedded model),
+// and for every row and head it adds the V row into the accumulator in memory after the softmax
+// step of that row. This kernel takes the heads of a group together and
 // the KV rows in tiles of DEC_TILE: each row is converted once, every query's scores of the tile are
 // computed first (K through the type's vec_dot with Q in the vec_dot type, as upstream), one online
 // softmax step per query covers the tile, and the tile's V rows (dequantized to f32) are added as
@@ -56,8 +57,9 @@
 #define PYADAQ_FA_MAX_ROW 4096
 // query tiles of one unit of work: the accumulators each thread holds at once
 #define PYADAQ_FA_UNIT_TILES 4
-// generation: batches of at most this many query rows take the grouped kernel
-#define PYADAQ_FA_DECODE_ROWS 16
+// batches shorter than a query tile (generation, short prompts such as a chat turn) take the
+// generation kernel; a tile or more, the tiled kernel
+#define PYADAQ_FA_DECODE_ROWS (GGML_FA_TILE_Q - 1)
 // generation: query heads x rows of one unit of work, at most
 #define PYADAQ_FA_DECODE_HR 1024
 
