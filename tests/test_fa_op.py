@@ -46,6 +46,7 @@ void ggml_cpu_init(void);
 int ggml_graph_compute_with_ctx(struct ggml_context * ctx, struct ggml_cgraph * cgraph, int n_threads);
 int64_t pyadaq_cpu_fa_tiled(void);
 int64_t pyadaq_cpu_fa_decode(void);
+size_t pyadaq_fa_tiled_work_size(const struct ggml_tensor * node, int n_tasks);
 """
 
 GGML_F32, GGML_F16, GGML_PREC_F32 = 0, 1, 10
@@ -328,6 +329,30 @@ def test_tiled_kernel_matches_numpy(ggml, case):
     assert err < 2e-5 * max(1.0, np.abs(want).max()), f"max abs error {err:.3g}"
     if case.mask != "none" and not case.sinks:
         assert not got[case.n_q // 2].any(), "a fully masked query row must give zeros"
+
+
+def test_generation_kernel_scratch_is_bounded(ggml):
+    """The generation kernel's work buffer for a batch of 63 queries (4 heads per KV head, rows of
+    256, 4096 cells, 2 threads): each thread's tile scratch and each unit's partial results (an
+    accumulator per query row) stay within 1.5 MiB: a unit with many query rows takes fewer KV
+    chunks (with the 8 that one query gets, 2.2 MiB)."""
+    ffi, base, cpu = ggml
+    ctx = base.ggml_init({"mem_size": 2**20, "mem_buffer": ffi.NULL, "no_alloc": True})
+    try:
+        def work(n_q: int) -> int:
+            q = base.ggml_new_tensor_4d(ctx, GGML_F32, 256, n_q, 4, 1)
+            k = base.ggml_new_tensor_4d(ctx, cache_type("q8_0").id, 256, 4096, 1, 1)
+            v = base.ggml_new_tensor_4d(ctx, cache_type("kvq2").id, 256, 4096, 1, 1)
+            node = base.ggml_flash_attn_ext(ctx, q, k, v, ffi.NULL, 0.0625, 0.0, 0.0)
+            base.ggml_flash_attn_ext_set_prec(node, GGML_PREC_F32)
+            return int(cpu.pyadaq_fa_tiled_work_size(node, 2))
+
+        one, many = work(1), work(63)
+    finally:
+        base.ggml_free(ctx)
+    assert 0 < one < 2**20
+    # at least one unit's partials: 63 x 4 query rows x (max, sum, 256 values)
+    assert 63 * 4 * 258 * 4 < many <= 1.5 * 2**20
 
 
 def test_batches_short_of_a_tile_take_the_generation_kernel(ggml):

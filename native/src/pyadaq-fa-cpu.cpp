@@ -505,6 +505,8 @@ void run_unit(const ggml_compute_params * params, ggml_tensor * dst, const shape
 
 // KV rows per chunk, at least (fewer chunks than threads rather than chunks this short)
 constexpr int64_t DEC_MIN_CHUNK = 128;
+// floats of the units' partial results beyond which a batch's KV rows are cut into fewer chunks
+constexpr int64_t DEC_MAX_PARTIALS = 256 * 1024;
 // KV rows per tile of the generation kernel: its V rows in f32 (32 KiB at 256 values) stay in L1/L2
 constexpr int64_t DEC_TILE = 32;
 static_assert(DEC_TILE > 0 && DEC_MIN_CHUNK % DEC_TILE == 0, "generation tiles");
@@ -565,6 +567,12 @@ dec_shape make_dec_shape(const ggml_tensor * dst, int nth) {
     d.n_chunks = 1;
     if (outer < 4 * nth) {
         d.n_chunks = std::max<int64_t>(1, std::min<int64_t>((4 * nth + outer - 1) / outer, nek1 / DEC_MIN_CHUNK));
+        // every unit's partials (an accumulator per query row) stay within DEC_MAX_PARTIALS floats
+        // where a unit holds many query rows (a batch of up to 63), keeping a unit per thread
+        const int64_t unit  = d.hr * (2 + v->ne[0]);
+        const int64_t fit   = std::max<int64_t>(1, DEC_MAX_PARTIALS / (outer * unit));
+        const int64_t least = (nth + outer - 1) / outer;
+        d.n_chunks = std::min(d.n_chunks, std::max(fit, least));
     }
     d.n_units = outer * d.n_chunks;
     const ggml_type vdt = ggml_get_type_traits_cpu(k->type)->vec_dot_type;
