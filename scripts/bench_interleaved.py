@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from pyadaq import __version__, embedded_model_path
 from pyadaq._native import native
+from pyadaq.eval.bench import time_generation, time_prompt
 from pyadaq.plan.spec import parse_configs, resolve_configs
 from pyadaq.report.machine import machine
 from pyadaq.runtime.context import Model, quiet_native_logs
@@ -63,27 +63,17 @@ def measure(args) -> dict:
                 ctx.decode(fill, 0, logits_from=args.depth - 1, step=args.batch)
             # one untimed pass of each test: the first decode of a shape allocates its buffers
             if args.n_prompt:
-                ctx.decode(rng.integers(0, model.n_vocab, args.n_prompt), args.depth, logits_from=args.n_prompt - 1,
-                           step=args.batch)
-                ctx.drop_from(args.depth)
+                time_prompt(ctx, rng.integers(0, model.n_vocab, args.n_prompt), args.depth, args.batch)
             if args.n_gen:
-                ctx.decode(rng.integers(0, model.n_vocab, 1), args.depth, logits_from=0)
-                ctx.drop_from(args.depth)
+                time_generation(ctx, rng.integers(0, model.n_vocab, 1), args.depth, args.batch)
         for _ in tqdm(range(args.rounds), desc="rounds"):
             for label, ctx in zip(labels, contexts):
                 if args.n_prompt:
                     toks = rng.integers(0, model.n_vocab, args.n_prompt)
-                    t0 = time.perf_counter()
-                    ctx.decode(toks, args.depth, logits_from=args.n_prompt - 1, step=args.batch)
-                    speeds[label]["pp"].append(args.n_prompt / (time.perf_counter() - t0))
-                    ctx.drop_from(args.depth)
+                    speeds[label]["pp"].append(time_prompt(ctx, toks, args.depth, args.batch))
                 if args.n_gen:
                     toks = rng.integers(0, model.n_vocab, args.n_gen)
-                    t0 = time.perf_counter()
-                    for i, t in enumerate(toks):
-                        ctx.decode(np.array([t]), args.depth + i, logits_from=0)
-                    speeds[label]["tg"].append(args.n_gen / (time.perf_counter() - t0))
-                    ctx.drop_from(args.depth)
+                    speeds[label]["tg"].append(time_generation(ctx, toks, args.depth, args.batch))
     finally:
         for ctx in contexts:
             ctx.close()

@@ -676,8 +676,8 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
     float * VKQ = S + d.hr;
 
     // query row r of head h0 + j is item j * N + r
-    const void *        qrow[PYADAQ_FA_DECODE_HR];
-    const float *       qf32[PYADAQ_FA_DECODE_HR];  // the f32 rows (a window's f16 keys are dotted in f32)
+    const void *        qrow[PYADAQ_FA_DECODE_HR];  // in K's vec_dot type, for a quantized K row
+    const float *       qf32[PYADAQ_FA_DECODE_HR];  // as they are, for a float K row
     const ggml_fp16_t * mrow[PYADAQ_FA_DECODE_HR];
     float               slope[PYADAQ_FA_DECODE_HR];
     float               mv[PYADAQ_FA_DECODE_HR];
@@ -688,9 +688,8 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
             const int64_t i  = j * N + r;
             const char *  pq = (const char *) q->data + r * q->nb[1] + h * q->nb[2] + iq3 * q->nb[3];
             qf32[i] = (const float *) pq;
-            if (k_float) {
-                qrow[i] = pq;
-            } else {
+            qrow[i] = nullptr;
+            if (!k_float) {
                 q_conv((const float *) pq, Qc + i * d.q_floats, DK);
                 qrow[i] = Qc + i * d.q_floats;
             }
@@ -745,10 +744,8 @@ void run_decode_unit(const ggml_compute_params * params, ggml_tensor * dst, cons
             for (int64_t i = 0; i < d.hr; ++i) {
                 float s = -INFINITY;
                 if (mv[i] != -INFINITY) {
-                    if (wk != nullptr) {
+                    if (kf != nullptr) {  // a window's row or a float K row: dotted with Q in f32
                         ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, qf32[i], 0, 1);
-                    } else if (k_float) {
-                        ggml_vec_dot_f32((int) DK, &s, 0, kf, 0, (const float *) qrow[i], 0, 1);
                     } else {
                         kq_dot((int) DK, &s, 0, k_data, 0, qrow[i], 0, 1);
                     }

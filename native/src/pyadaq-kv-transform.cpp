@@ -394,10 +394,10 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
     // The keys' matrices are f16 where the K cache is quantized and lives in host memory: half the
     // memory and half the bytes read per token, at an error (relative 2^-11 per entry; mul_mat
     // also rounds the queries and keys to f16 for the product) far below the quantization's
-    // (docs/CALIBRATION.md: KL unchanged within its errors). f32 for f16/f32/bf16 caches, whose calibrated logits match the
-    // uncalibrated ones to float rounding, and for a GPU's cache. The values' matrices stay f32:
-    // their forward product takes out_prod, whose f16 path converts every row of the matrix to f32
-    // on each call (4 % of generation with kvt values on the embedded model, measured).
+    // (docs/CALIBRATION.md: KL unchanged within its errors). f32 for f16/f32/bf16 caches, whose
+    // calibrated logits match the uncalibrated ones to float rounding, and for a GPU's cache. The
+    // values' matrices stay f32: their forward product takes out_prod, whose f16 path converts
+    // every row of the matrix to f32 on each call (4-5 % slower generation in a trial build).
     const bool host = ggml_backend_buft_is_host(ggml_backend_buffer_get_type(k->buffer));
     const ggml_type k_matrix = host && ggml_is_quantized(k->type) ? GGML_TYPE_F16 : GGML_TYPE_F32;
     make_part(c0, tf->k, ck, dk, n_head_kv, drop_k_mean, 'k', il, k_matrix);

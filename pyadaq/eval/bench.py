@@ -91,6 +91,27 @@ def context_size(depth: int, n_prompt: int, n_gen: int) -> int:
     return -(-need // 256) * 256
 
 
+def time_prompt(ctx, toks, depth: int, step: int) -> float:
+    """Tokens per second of one batch of ``toks`` after ``depth`` cached tokens (in ubatches of
+    ``step``); the cache is cut back to ``depth`` afterwards."""
+    t0 = time.perf_counter()
+    ctx.decode(toks, depth, logits_from=len(toks) - 1, step=step)
+    tps = len(toks) / (time.perf_counter() - t0)
+    ctx.drop_from(depth)
+    return tps
+
+
+def time_generation(ctx, toks, depth: int, step: int) -> float:
+    """Tokens per second of ``toks`` decoded one at a time after ``depth`` cached tokens; the cache
+    is cut back to ``depth`` afterwards."""
+    t0 = time.perf_counter()
+    for i, t in enumerate(toks):
+        ctx.decode(np.array([t]), depth + i, logits_from=0, step=step)
+    tps = len(toks) / (time.perf_counter() - t0)
+    ctx.drop_from(depth)
+    return tps
+
+
 def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: int = 512, n_gen: int = 64,
               reps: int = 3, n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
               progress: bool = True, n_gpu_layers: int | None = None, swa_full: bool = True) -> dict:
@@ -119,35 +140,21 @@ def run_bench(model_path: str, configs: list, depths=(0, 1024, 4096), n_prompt: 
                 # the context's batch as llama-bench's (-b = -ub = n_batch)
                 ctx = open_context(model, cfg, n_ctx, n_threads, n_batch=step, swa_full=swa_full)
 
-                def decode(toks, pos0, ctx=ctx, step=step):
-                    ctx.decode(toks, pos0, logits_from=len(toks) - 1, step=step)
-
                 try:
                     if depth:
-                        decode(rng.integers(0, n_vocab, depth), 0)
+                        ctx.decode(rng.integers(0, n_vocab, depth), 0, logits_from=depth - 1, step=step)
                     # one untimed run of each test first, as llama-bench does: the first decode of a
                     # shape allocates and faults in the compute buffers
                     if n_prompt:
-                        decode(rng.integers(0, n_vocab, n_prompt), depth)
-                        ctx.drop_from(depth)
+                        time_prompt(ctx, rng.integers(0, n_vocab, n_prompt), depth, step)
                     if n_gen:
-                        decode(rng.integers(0, n_vocab, 1), depth)
-                        ctx.drop_from(depth)
+                        time_generation(ctx, rng.integers(0, n_vocab, 1), depth, step)
                     pp, tg = [], []
                     for _ in range(reps):
                         if n_prompt:
-                            toks = rng.integers(0, n_vocab, n_prompt)
-                            t0 = time.perf_counter()
-                            decode(toks, depth)
-                            pp.append(n_prompt / (time.perf_counter() - t0))
-                            ctx.drop_from(depth)
+                            pp.append(time_prompt(ctx, rng.integers(0, n_vocab, n_prompt), depth, step))
                         if n_gen:
-                            toks = rng.integers(0, n_vocab, n_gen)
-                            t0 = time.perf_counter()
-                            for i, t in enumerate(toks):
-                                decode(np.array([t]), depth + i)
-                            tg.append(n_gen / (time.perf_counter() - t0))
-                            ctx.drop_from(depth)
+                            tg.append(time_generation(ctx, rng.integers(0, n_vocab, n_gen), depth, step))
                         bar.update()
                     # What one generated token must read: every weight once, and the KV cache up to
                     # the cells in use (llama.cpp reads them in steps of 256); iSWA caches are read
