@@ -117,7 +117,11 @@ def test_calibrated_generation(embedded_model):
         windowed = _decode_logits(m, Calibrated(("q8_0", "kvt2"), cal), prompt, cont[:-1], kv_window=64)
     finally:
         m.close()
+    # The Q4_K_M model's own rounding of activations (docs/KL_FLOOR.md) turns float-rounding
+    # differences in attention into per-token KL of up to 0.04 (an Intel Xeon with AVX-512; below
+    # 0.02 on an AMD EPYC); with its weights in float32 the same comparisons give 5e-6. The
+    # broken build gave 13.8.
     for got in (f32, windowed):
         kl = token_kl(ref, got)
-        assert kl.max() < 0.02, kl
+        assert kl.mean() < 0.02 and kl.max() < 0.1, kl
         assert (got.argmax(-1) == ref.argmax(-1)).all()
