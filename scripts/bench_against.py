@@ -130,9 +130,11 @@ def measure(args) -> dict:
                                                      for a, b in zip(this, other)])
         rows.append(row)
     command = " ".join(["scripts/bench_against.py", *sys.argv[1:]])
-    return {"depth": args.depth, "rounds": args.rounds, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "this": natives["this"], "other": natives["other"], "other_env": other_env, "rows": rows, "runs": runs,
-            "command": command}
+    from pyadaq.report.machine import machine
+
+    return {"machine": machine(), "depth": args.depth, "rounds": args.rounds, "n_prompt": args.n_prompt,
+            "n_gen": args.n_gen, "this": natives["this"], "other": natives["other"], "other_env": other_env,
+            "rows": rows, "runs": runs, "command": command}
 
 
 def render(result: dict, title: str = "Against the previous build") -> str:

@@ -161,9 +161,9 @@ def test_uncalibrated_context_is_unchanged_bit_for_bit(setup):
 
 def test_transform_memory(setup):
     """The matrices are [d, d] per KV head and layer, plus the key means, in the cache's buffer
-    type: the keys' f16 where their cache is quantized and in host memory, f32 for f16/f32 caches
-    (and a GPU's) and for values; values get a transform only with a transform-coded V type; they
-    go with the context."""
+    type: f16 where their cache (K for the keys', V for the values') is quantized and in host
+    memory, f32 for f16/f32 caches (and a GPU's); values get a transform only with a
+    transform-coded V type; they go with the context."""
     m, cals = setup
     n = pyadaq.native()
     cal = cals["pca"]
@@ -176,7 +176,8 @@ def test_transform_memory(setup):
 
     # values with a kvt type: matrix and scales (their mean stays in the cache)
     for k, v, want in (("q8_0", "kvq2", side_bytes(cal.k, True)),
-                       ("q8_0", "kvt2", side_bytes(cal.k, True) + side_bytes(cal.v, False)),
+                       ("q8_0", "kvt2", side_bytes(cal.k, True) + side_bytes(cal.v, True)),
+                       ("f16", "kvt2", side_bytes(cal.k, False) + side_bytes(cal.v, True)),
                        ("f16", "kvq2", side_bytes(cal.k, False))):
         # kvt K scales add one vector per head too
         c = Context(m, k, v, 512, THREADS, kv_calibration=cal)
@@ -410,12 +411,12 @@ def _inverse_transforms(cal, seed: int) -> list:
     return out
 
 
-def _small_batch_logits(m, transforms, k="f32", flash_attn=False):
+def _small_batch_logits(m, transforms, k="f32", flash_attn=False, v="f32"):
     """(logits of tokens 100..119 decoded in batches of 1 and then 5 after a prompt of 100 with
-    these transforms and K type, f32 values; the uncalibrated f32 logits of the same tokens)."""
+    these transforms and K and V types; the uncalibrated f32 logits of the same tokens)."""
     toks = _toks(m, 120)
     ref = _logits(m, "f32", "f32", toks, flash_attn=False)
-    ctx = _raw_context(m, k, "f32", transforms, flash_attn=flash_attn)
+    ctx = _raw_context(m, k, v, transforms, flash_attn=flash_attn)
     batch = Batch(512)
     rows = []
     try:
@@ -446,6 +447,29 @@ def test_f16_key_matrices(setup):
     got, want, _, _ = _small_batch_logits(m, _inverse_transforms(cals["random"], seed=7), k="q8_0", flash_attn=True)
     assert token_kl(want, got).mean() < 1e-2
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.9
+
+
+def test_f16_value_matrices(setup, monkeypatch):
+    """With a quantized V cache on the host the values' matrices are f16 too, and batches of up
+    to 32 tokens take x . M from M's f16 rows through pyadaq's CPU op
+    (native/src/pyadaq-tf-cpu.cpp): generation in batches of 1 and 5 with orthonormal value
+    transforms (M stored by rows, no explicit inverse) and q8_0 values gives what the same context
+    with f32 matrices (PYADAQ_TF_F16=0: ggml's out_prod) gives, to f16's rounding of M and of the
+    attention output: KL 3.6e-4 between the two on these random models, about an eighth of what
+    the q8_0 values cost in these ill-conditioned coordinates (a wrong product: order 1). Head
+    sizes of 256, four column chunks per row: tests/test_embedded.py (calibrated generation)."""
+    m, cals = setup
+    cal = cals["random"]
+    rng = np.random.default_rng(11)
+    transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-1, 1, c.mean.shape)).astype(np.float32),
+                                 c.mean) for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
+    got, want, _, _ = _small_batch_logits(m, transforms, k="f32", v="q8_0", flash_attn=True)
+    monkeypatch.setenv("PYADAQ_TF_F16", "0")
+    f32, _, _, _ = _small_batch_logits(m, transforms, k="f32", v="q8_0", flash_attn=True)
+    assert not np.array_equal(got, f32), "PYADAQ_TF_F16=0 changed nothing: the matrices were not f16"
+    quantized = token_kl(want, f32).mean()
+    assert token_kl(f32, got).mean() < 0.3 * quantized, (token_kl(f32, got).mean(), quantized)
+    assert token_kl(want, got).mean() < 1e-2  # the exact logits, as for the keys' f16 matrices
 
 
 def _check_small_batches(m, cal):

@@ -11,7 +11,8 @@ set_source_files_properties(${PYADAQ_SRC}/pyadaq-quants.c ${PYADAQ_SRC}/pyadaq-k
 
 # CPU paths: ggml-cpu. The AVX2 quantizer repeats the reference's float operations lane by
 # lane and must give the same bytes, so it is compiled without contraction too.
-target_sources(ggml-cpu PRIVATE ${PYADAQ_SRC}/pyadaq-quants-cpu.c ${PYADAQ_SRC}/pyadaq-fa-cpu.cpp)
+target_sources(ggml-cpu PRIVATE ${PYADAQ_SRC}/pyadaq-quants-cpu.c ${PYADAQ_SRC}/pyadaq-fa-cpu.cpp
+                               ${PYADAQ_SRC}/pyadaq-tf-cpu.cpp)
 set_source_files_properties(${PYADAQ_SRC}/pyadaq-quants-cpu.c TARGET_DIRECTORY ggml-cpu
                             PROPERTIES COMPILE_OPTIONS "-ffp-contract=off")
 target_include_directories(ggml-cpu PRIVATE ${PYADAQ_SRC})

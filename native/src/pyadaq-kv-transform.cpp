@@ -12,10 +12,13 @@
 #include "ggml-cpp.h"
 #include "pyadaq-kv-transform.h"
 #include "pyadaq-quants.h"
+#include "pyadaq-tf-cpu.h"
 
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -153,9 +156,11 @@ ggml_tensor * one_token(ggml_context * ctx, ggml_tensor * x, ggml_tensor * a, gg
 }
 
 // A batch of at most this many tokens takes x . M from M stored by rows with out_prod (which
-// contracts its operands' rows); a larger one copies M transposed and uses mul_mat's blocked
-// kernels, the copy shared by the batch's tokens. (In generation the copy of M, 256 KiB a layer
-// on the embedded model, cost more than the product itself.)
+// contracts its operands' rows), or where M is f16 with pyadaq_cpu_rows_product (ggml's f16
+// out_prod converts all of M on every call with ggml-base's scalar conversion); a larger one
+// copies M transposed and uses mul_mat's blocked kernels, the copy shared by the batch's tokens.
+// (In generation the copy of M, 256 KiB a layer on the embedded model, cost more than the
+// product itself.)
 constexpr int64_t PYADAQ_TF_OUT_PROD_TOKENS = 32;
 
 // x [d, heads, tokens] -> ((x - mean) . M) op s per head, [d, heads, tokens] contiguous; heads is
@@ -172,6 +177,14 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
     }
     if (!rows && x->ne[2] == 1 && ggml_is_contiguous(x)) {
         return one_token(ctx, x, u, s, mul_scale);
+    }
+    if (rows && u->type == GGML_TYPE_F16 && x->ne[2] <= PYADAQ_TF_OUT_PROD_TOKENS) {
+        // f16 rows of M (the values' matrices on the CPU): pyadaq's product, in x's own layout
+        GGML_ASSERT(x->type == GGML_TYPE_F32 && x->ne[1] == u->ne[2]);
+        ggml_tensor * args[2] = { u, x->nb[0] == sizeof(float) ? x : ggml_cont(ctx, x) };
+        ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, d, x->ne[1], x->ne[2], 1, args, 2,
+                                         pyadaq_cpu_rows_product, GGML_N_TASKS_MAX, nullptr);
+        return s == nullptr ? y : ggml_div(ctx, y, ggml_reshape_3d(ctx, s, d, s->ne[1], 1));
     }
     ggml_tensor * xp = ggml_permute(ctx, x, 0, 2, 1, 3);  // [d, tokens, heads]
     ggml_tensor * y = nullptr;
@@ -396,12 +409,17 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
     // also rounds the queries and keys to f16 for the product) far below the quantization's
     // (docs/CALIBRATION.md: KL unchanged within its errors). f32 for f16/f32/bf16 caches, whose
     // calibrated logits match the uncalibrated ones to float rounding, and for a GPU's cache. The
-    // values' matrices stay f32: their forward product takes out_prod, whose f16 path converts
-    // every row of the matrix to f32 on each call (4-5 % slower generation in a trial build).
-    const bool host = ggml_backend_buft_is_host(ggml_backend_buffer_get_type(k->buffer));
-    const ggml_type k_matrix = host && ggml_is_quantized(k->type) ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    // values' matrices likewise where the V cache is quantized: their forward product in small
+    // batches is then pyadaq's CPU op (forward), since ggml's f16 out_prod was 4-5 % slower.
+    // PYADAQ_TF_F16=0 at a context's creation keeps its matrices f32 (to compare: tests, and
+    // scripts/bench_against.py --other-env).
+    const char * f16_env = getenv("PYADAQ_TF_F16");
+    const bool half = (f16_env == nullptr || strcmp(f16_env, "0") != 0) &&
+                      ggml_backend_buft_is_host(ggml_backend_buffer_get_type(k->buffer));
+    const ggml_type k_matrix = half && ggml_is_quantized(k->type) ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    const ggml_type v_matrix = half && ggml_is_quantized(v->type) ? GGML_TYPE_F16 : GGML_TYPE_F32;
     make_part(c0, tf->k, ck, dk, n_head_kv, drop_k_mean, 'k', il, k_matrix);
-    make_part(c0, tf->v, cv, dv, n_head_kv, drop_v_mean, 'v', il, GGML_TYPE_F32);
+    make_part(c0, tf->v, cv, dv, n_head_kv, drop_v_mean, 'v', il, v_matrix);
     if (tf->k.n != nullptr) {
         tf->q = ggml_new_tensor_3d(c0, k_matrix, dk, dk, n_head_kv);
         ggml_format_name(tf->q, "pyadaq_qk_l%u", il);
