@@ -13,6 +13,10 @@ values per width: decoding stays a table lookup per value, and the encoder (Vite
   shifting in its group's width, the error weighted 4^width as the kvt scale search weighs it
   (a direction given a bit more carries four times the variance).
 
+Both report a block's squared error, each value's weighted 4^width (so rows of one width are the
+per-value mean squared error times 64 * 4^width), mean over the measured blocks, for the trellis
+and for the scalar levels (the Lloyd-Max distortions of a unit Gaussian), and the gain in dB.
+
 The tables are trained by Lloyd iterations (Viterbi, then each window's value the mean of what it
 coded) on data other than the measured blocks; the measured blocks are coded tail-biting (the
 stream wraps: the first window's older bits are the stream's last bits), in two passes.
