@@ -449,6 +449,24 @@ def test_f16_key_matrices(setup):
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.9
 
 
+def _f16_against_f32_values(m, cal, monkeypatch, means=True, seed=11):
+    """(KL between f16 and f32 value matrices, KL of the f32 ones against the exact logits) for
+    generation in batches of 1 and 5 with orthonormal transforms (values stored by rows) and q8_0
+    values; asserts the f16 run differs from the f32 one (the matrices were f16)."""
+    rng = np.random.default_rng(seed)
+    transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-1, 1, c.mean.shape)).astype(np.float32),
+                                 c.mean if means else None)
+                  for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
+    with monkeypatch.context() as mp:
+        mp.delenv("PYADAQ_TF_F16", raising=False)
+        got, want, _, _ = _small_batch_logits(m, transforms, k="f32", v="q8_0", flash_attn=True)
+        mp.setenv("PYADAQ_TF_F16", "0")
+        f32, _, _, _ = _small_batch_logits(m, transforms, k="f32", v="q8_0", flash_attn=True)
+    assert not np.array_equal(got, f32), "PYADAQ_TF_F16=0 changed nothing: the matrices were not f16"
+    assert token_kl(want, got).mean() < 1e-2  # the exact logits, as for the keys' f16 matrices
+    return token_kl(f32, got).mean(), token_kl(want, f32).mean()
+
+
 def test_f16_value_matrices(setup, monkeypatch):
     """With a quantized V cache on the host the values' matrices are f16 too, and batches of up
     to 32 tokens take x . M from M's f16 rows through pyadaq's CPU op
@@ -459,17 +477,22 @@ def test_f16_value_matrices(setup, monkeypatch):
     the q8_0 values cost in these ill-conditioned coordinates (a wrong product: order 1). Head
     sizes of 256, four column chunks per row: tests/test_embedded.py (calibrated generation)."""
     m, cals = setup
-    cal = cals["random"]
-    rng = np.random.default_rng(11)
-    transforms = [LayerTransform(il, is_v, c.basis, np.exp(rng.uniform(-1, 1, c.mean.shape)).astype(np.float32),
-                                 c.mean) for il in cal.layers() for is_v, c in ((False, cal.k[il]), (True, cal.v[il]))]
-    got, want, _, _ = _small_batch_logits(m, transforms, k="f32", v="q8_0", flash_attn=True)
-    monkeypatch.setenv("PYADAQ_TF_F16", "0")
-    f32, _, _, _ = _small_batch_logits(m, transforms, k="f32", v="q8_0", flash_attn=True)
-    assert not np.array_equal(got, f32), "PYADAQ_TF_F16=0 changed nothing: the matrices were not f16"
-    quantized = token_kl(want, f32).mean()
-    assert token_kl(f32, got).mean() < 0.3 * quantized, (token_kl(f32, got).mean(), quantized)
-    assert token_kl(want, got).mean() < 1e-2  # the exact logits, as for the keys' f16 matrices
+    kl, quantized = _f16_against_f32_values(m, cals["random"], monkeypatch)
+    assert kl < 0.3 * quantized, (kl, quantized)
+
+
+def test_f16_value_matrices_partial_chunk(tiny_model, monkeypatch):
+    """The same with a head size of 96 (the op's units are 64 columns: one full, one of 32) and no
+    value means (the op reads the values as the graph gives them, without the mean's copy)."""
+    path = tiny_model(arch="llama", head_dim=96, n_head=4, n_head_kv=2, dtype="f32")
+    m = Model(str(path))
+    try:
+        cal = _random_calibration(calibrate(path, TEXT, n_ctx=256, n_chunks=1, n_threads=THREADS, progress=False),
+                                  seed=3, mean_scale=None)
+        kl, quantized = _f16_against_f32_values(m, cal, monkeypatch, means=False, seed=12)
+    finally:
+        m.close()
+    assert kl < 0.3 * quantized, (kl, quantized)
 
 
 def _check_small_batches(m, cal):

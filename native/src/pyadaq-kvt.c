@@ -316,12 +316,37 @@ static float kvt_search_avx2(const float * xs, const float * wt, const int * wid
     return best;
 }
 
+// kvt_encode for a group of 8 values at a time: the same product x * inv and the same nearest
+// index (kvt_nearest8), and bit plane k of the group is the sign bits of the indices shifted left
+// by 31 - k, which movemask packs with lane i at bit i, as the reference packs value i.
+__attribute__((target("avx2")))
+static void kvt_encode_avx2(const float * xs, float d, const int * widths, const kvt_mids * mids, uint8_t * out) {
+    const ggml_half d16 = GGML_FP32_TO_FP16(d);
+    memcpy(out, &d16, sizeof(d16));
+    const float dd = GGML_FP16_TO_FP32(d16);
+    const __m256 inv = _mm256_set1_ps(dd > 0.0f ? 1.0f / dd : 0.0f);
+    uint8_t * q = out + 2;
+    for (int g = 0; g < 8; ++g) {
+        const int w = widths[g];
+        if (w == 0) {
+            continue;
+        }
+        const __m256i idx = dd > 0.0f ? kvt_nearest8(_mm256_mul_ps(_mm256_loadu_ps(xs + g * PYADAQ_KVT_GROUP), inv),
+                                                     mids->m[w], w)
+                                      : _mm256_setzero_si256();
+        for (int k = 0; k < w; ++k) {
+            *q++ = (uint8_t) _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32(idx, 31 - k)));
+        }
+    }
+}
+
 __attribute__((target("avx2")))
 static void pyadaq_kvt_quantize_block_avx2(const float * x, uint8_t * out, const int * widths, const kvt_mids * mids) {
+    static_assert(PYADAQ_KVT_GROUP == 8, "a group is one register of 8 lanes");
     float xs[PYADAQ_KVT_QK];
     float wt[PYADAQ_KVT_QK];
     const float rms = kvt_prepare(x, widths, xs, wt);
-    kvt_encode(xs, rms > 0.0f ? kvt_search_avx2(xs, wt, widths, mids, rms) : 0.0f, widths, mids, out);
+    kvt_encode_avx2(xs, rms > 0.0f ? kvt_search_avx2(xs, wt, widths, mids, rms) : 0.0f, widths, mids, out);
 }
 #endif
 
