@@ -23,7 +23,7 @@ void pyadaq_cpu_rows_product(ggml_tensor * dst, int ith, int nth, void * userdat
     const int64_t d = m->ne[0];
     const int64_t heads = m->ne[2];
     const int64_t tokens = x->ne[2];
-    GGML_ASSERT(m->type == GGML_TYPE_F16 || m->type == GGML_TYPE_F32);
+    GGML_ASSERT(m->type == GGML_TYPE_F16);
     GGML_ASSERT(x->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32);
     GGML_ASSERT(m->ne[1] == d && ggml_is_contiguous(m));
     GGML_ASSERT(x->ne[0] == d && x->ne[1] == heads && x->nb[0] == sizeof(float));
@@ -51,13 +51,8 @@ void pyadaq_cpu_rows_product(ggml_tensor * dst, int ith, int nth, void * userdat
             if (xk == 0.0f) {
                 continue;
             }
-            const char * mr = mh + k * row_bytes;
-            if (m->type == GGML_TYPE_F16) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) mr + c0, row, n);
-                ggml_vec_mad_f32(n, acc, row, xk);
-            } else {
-                ggml_vec_mad_f32(n, acc, (const float *) mr + c0, xk);
-            }
+            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) (mh + k * row_bytes) + c0, row, n);
+            ggml_vec_mad_f32(n, acc, row, xk);
         }
         float * out = (float *) ((char *) dst->data + c0 * sizeof(float) + h * dst->nb[1] + t * dst->nb[2]);
         std::memcpy(out, acc, (size_t) n * sizeof(float));

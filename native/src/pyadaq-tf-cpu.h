@@ -11,7 +11,7 @@ extern "C" {
 
 // A ggml_custom_op_t. dst [d, heads, tokens] f32 (contiguous) = for each token t and head h,
 // x[:, h, t] . M_h, i.e. dst[m, h, t] = sum_k x[k, h, t] M_h[k][m], where dst->src[0] [d, d, heads]
-// (f16 or f32, contiguous) holds M_h by rows (row k of head h: M_h[k][0..d)) and dst->src[1]
+// (f16, contiguous; f32 matrices take ggml's out_prod) holds M_h by rows (row k of head h: M_h[k][0..d)) and dst->src[1]
 // [d, heads, tokens] f32 is x (each row of d contiguous). Threads take (token, head, 64 columns).
 void pyadaq_cpu_rows_product(struct ggml_tensor * dst, int ith, int nth, void * userdata);
 
