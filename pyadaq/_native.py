@@ -123,6 +123,7 @@ int pyadaq_dequantize_impl(int type, const void * x, float * y, int64_t k, int i
 const char * pyadaq_dequant_impl_name(int impl);
 int pyadaq_is_pyadaq_type(int type);
 int pyadaq_kvt_levels(int bits, float * out, int n);
+int pyadaq_kvt_scale(int e, float * out);
 int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl);
 
 typedef void (*ggml_to_float_t)(const void * x, float * y, int64_t k);

@@ -54,8 +54,10 @@ __all__ = [
     "KvtSpec",
     "TypeSpec",
     "dequantize",
+    "formats_fingerprint",
     "indices",
     "kvt_levels",
+    "kvt_scales",
     "quantize",
     "spec",
 ]
@@ -109,20 +111,39 @@ TYPES: dict[str, TypeSpec] = {
 
 # --- transform-coded types (native/src/pyadaq-kvt.c) -----------------------------------------
 #
-# Blocks of 64 values: fp16 d, then 8 groups of 8 values; group g's values have widths[g] bits,
-# stored as widths[g] bit planes (byte k of the group: bit i is bit k of value i's index); a value
-# decodes as d * kvt_levels(w)[index] (w = 0: 0). Quantization of a block (non-finite inputs count
-# as 0), with position weights wt = 4^w: ss = sum wt*(x*x) and sw = sum wt in value order (float32);
-# ss == 0 gives d = 0; else rms = sqrt(ss / sw) and for t = 0..KVT_SEARCH_N-1 the trial scale
-# ds = rms * (KVT_SEARCH_LO + t * KVT_SEARCH_STEP) (float32) scores err = sum wt*((x - ds*level)^2)
-# in value order, each value taking the nearest level of x * (1 / ds) (a width of 0 contributes
-# wt*x^2); the first trial with the least err wins,
-# d = fp16(ds), and the indices are the nearest levels of x * (1 / float(d)) (all 0 when d is 0).
+# Blocks of 64 values: a scale code e (one byte), then 8 groups of 8 values; group g's values have
+# widths[g] bits, stored as widths[g] bit planes (byte k of the group: bit i is bit k of value i's
+# index); a value decodes as d * kvt_levels(w)[index] (w = 0: 0), d = kvt_scales()[e]: 0 for e = 0,
+# else 2^((e - 128) / 8), the float32 mantissa 2^((e % 8) / 8) times the power of two 2^(e // 8 - 16)
+# (exact). Quantization of a block (non-finite inputs count as 0), with position weights wt = 4^w:
+# ss = sum wt*(x*x) and sw = sum wt in value order (float32); ss == 0 gives e = 0; else
+# rms = sqrt(ss / sw), e_rms = the largest code of 1..255 whose scale is <= rms (1 if none), and for
+# t = 0..KVT_SEARCH_N-1 the trial code e_t = clamp(e_rms - KVT_SEARCH_BELOW + t, 1, 255) with
+# ds = kvt_scales()[e_t] scores err = sum wt*((x - ds*level)^2) in value order, each value taking the
+# nearest level of x * (1 / ds) (a width of 0 contributes wt*x^2); the first trial with the least
+# err wins (e_rms when none is below infinity), and the indices are the nearest levels of
+# x * (1 / d) for the winner's d (all 0 when e is 0).
 
 KVT_SEARCH_N = 16
-KVT_SEARCH_LO = np.float32(0.70)
-KVT_SEARCH_STEP = np.float32(0.10)
+KVT_SEARCH_BELOW = 4
+KVT_SCALE_STEPS = 8  # scale codes per octave
+KVT_SCALE_BIAS = 128  # the code of scale 1
 KVT_MAX_BITS = 7
+
+
+def kvt_scale_mantissas() -> np.ndarray:
+    """The float32 mantissas 2^(k/8), k = 0..7, of the kvt scale codes (the C table is this
+    function's output, printed by scripts/kvt_levels.py)."""
+    return np.array([2.0 ** (k / KVT_SCALE_STEPS) for k in range(KVT_SCALE_STEPS)], dtype=np.float64).astype(np.float32)
+
+
+def kvt_scales() -> np.ndarray:
+    """The 256 scales d of the kvt scale codes (float32; code 0 is 0)."""
+    m = kvt_scale_mantissas()
+    e = np.arange(256)
+    d = np.ldexp(m[e % KVT_SCALE_STEPS], e // KVT_SCALE_STEPS - KVT_SCALE_BIAS // KVT_SCALE_STEPS).astype(np.float32)
+    d[0] = 0
+    return d
 
 
 @dataclass(frozen=True)
@@ -135,20 +156,20 @@ class KvtSpec:
 
     @property
     def type_size(self) -> int:
-        return 2 + sum(self.widths)
+        return 1 + sum(self.widths)
 
 
 # The X-macro PYADAQ_KVT_TYPES of pyadaq-quants.h, row for row.
 KVT_TYPES: dict[str, KvtSpec] = {
     t.name: t
     for t in (
-        KvtSpec("kvt2", 102, (4, 3, 3, 2, 2, 2, 1, 1)),
-        KvtSpec("kvt3", 103, (5, 4, 4, 3, 3, 3, 2, 2)),
-        KvtSpec("kvt4", 104, (6, 5, 5, 4, 4, 4, 3, 3)),
-        KvtSpec("kvt2s", 105, (5, 3, 3, 2, 2, 2, 1, 0)),
-        KvtSpec("kvt3s", 106, (6, 4, 4, 3, 3, 3, 2, 1)),
-        KvtSpec("kvt4s", 107, (7, 5, 4, 4, 4, 4, 3, 3)),
-        KvtSpec("kvt1", 108, (3, 2, 2, 1, 1, 1, 0, 0)),
+        KvtSpec("kvt2", 102, (4, 3, 3, 3, 2, 2, 1, 1)),
+        KvtSpec("kvt3", 103, (5, 4, 4, 3, 3, 3, 3, 2)),
+        KvtSpec("kvt4", 104, (6, 5, 5, 4, 4, 4, 4, 3)),
+        KvtSpec("kvt2s", 105, (5, 3, 3, 2, 2, 2, 1, 1)),
+        KvtSpec("kvt3s", 106, (6, 4, 4, 3, 3, 3, 2, 2)),
+        KvtSpec("kvt4s", 107, (7, 5, 4, 4, 4, 4, 4, 3)),
+        KvtSpec("kvt1", 108, (4, 2, 2, 1, 1, 1, 0, 0)),
     )
 }
 
@@ -195,6 +216,7 @@ def _kvt_nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
 
 def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
+    scales = kvt_scales()
     with np.errstate(all="ignore"):
         xs = np.where(np.isfinite(xb), xb, np.float32(0)).astype(np.float32)
         lv = {w: kvt_levels(w) for w in set(t.widths) if w}
@@ -206,10 +228,12 @@ def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
             ss += wt[j] * (xs[:, j] * xs[:, j])
             sw += wt[j]
         rms = np.sqrt(ss / sw)
+        e_rms = np.maximum(np.searchsorted(scales[1:], rms, side="right"), 1)
         best_err = np.full(nb, np.inf, np.float32)
-        best = rms.copy()
+        best = e_rms.copy()
         for step in range(KVT_SEARCH_N):
-            ds = rms * (KVT_SEARCH_LO + np.float32(step) * KVT_SEARCH_STEP)
+            e_t = np.clip(e_rms - KVT_SEARCH_BELOW + step, 1, 255)
+            ds = scales[e_t]
             inv = np.float32(1) / ds
             err = np.zeros(nb, np.float32)
             for j in range(64):
@@ -221,14 +245,13 @@ def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
                 err += wt[j] * (e * e)
             better = err < best_err
             best_err = np.where(better, err, best_err)
-            best = np.where(better, ds, best)
-        d = np.where(ss > 0, best, np.float32(0)).astype(np.float32)
-        d16 = d.astype("<f2")
-        dd = d16.astype(np.float32)
+            best = np.where(better, e_t, best)
+        code = np.where(ss > 0, best, 0).astype(np.uint8)
+        dd = scales[code]
         inv = np.where(dd > 0, np.float32(1) / np.where(dd > 0, dd, np.float32(1)), np.float32(0))
         out = np.zeros((nb, t.type_size), dtype=np.uint8)
-        out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
-        pos = 2
+        out[:, 0] = code
+        pos = 1
         for g, w in enumerate(t.widths):
             if not w:
                 continue
@@ -250,9 +273,9 @@ def _kvt_dequantize(t: KvtSpec, data: Any, n: int) -> np.ndarray:
     if raw.size < nb * t.type_size:
         raise ValueError(f"{n} {t.name} values need {nb * t.type_size} bytes, got {raw.size}")
     blocks = raw[: nb * t.type_size].reshape(nb, t.type_size)
-    d = np.ascontiguousarray(blocks[:, 0:2]).view("<f2").reshape(nb).astype(np.float32)
+    d = kvt_scales()[blocks[:, 0]]
     y = np.zeros((nb, 64), np.float32)
-    pos = 2
+    pos = 1
     with np.errstate(all="ignore"):
         for g, w in enumerate(t.widths):
             if not w:
@@ -263,6 +286,19 @@ def _kvt_dequantize(t: KvtSpec, data: Any, n: int) -> np.ndarray:
                 pos += 1
             y[:, 8 * g:8 * g + 8] = d[:, None] * kvt_levels(w)[idx]
     return y.reshape(-1)
+
+
+def formats_fingerprint() -> str:
+    """A short hash of every format this module defines (profiles, levels, scale rules and
+    searches): what a cached measurement of pyadaq's types is keyed by, so that results measured
+    with another format are not reused."""
+    import hashlib
+
+    parts = [repr(sorted((t.name, t.id, t.block_size, t.bits, t.levels, t.rule) for t in TYPES.values())),
+             repr(sorted((t.name, t.id, t.widths) for t in KVT_TYPES.values())),
+             repr([KVT_SEARCH_N, KVT_SEARCH_BELOW, KVT_SCALE_STEPS, KVT_SCALE_BIAS, kvt_scales().tolist()]),
+             repr([SEARCH_N, float(SEARCH_LO), float(SEARCH_STEP)])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def spec(type_: Any) -> TypeSpec | KvtSpec:

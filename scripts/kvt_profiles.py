@@ -4,14 +4,14 @@ positions on unit Gaussian values (the numpy twin's quantizer), weighted by the 
 each layer's calibrated coordinates are stored with (pyadaq.runtime.kv_transform), summed over
 the layers; the same prediction as the planner's spectra source (pyadaq.plan.spectra).
 
-    python scripts/kvt_profiles.py [--keys] [--ref kvt2] [--profiles 3,2,2,1,1,1,0,0 ... | --same-size]
+    python scripts/kvt_profiles.py [--keys] [--ref kvt2] [--profiles 4,2,2,1,1,1,0,0 ... | --same-size]
                                    [--per-layer]
 
 Prints each profile's bits per value (scale included) and its error relative to the reference
-type's (kvt2, or kvt2s with --keys; --ref another kvt type). The default candidates are the
-1.5-bit profiles kvt1 was chosen from; --same-size takes every descending profile with the
-reference's bits instead. --per-layer also picks each layer's best candidate and prints what
-that choice would save against the reference in every layer.
+type's (kvt2, or kvt2s with --keys; --ref another kvt type). The default candidates are
+1.5-bit profiles near kvt1's (--ref kvt1 --same-size ranks all of them); --same-size takes
+every descending profile with the reference's bits instead. --per-layer also picks each layer's
+best candidate and prints what that choice would save against the reference in every layer.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pyadaq.runtime.context import quiet_native_logs
 from pyadaq.runtime.kv_transform import matrix_and_scale, part_components
 from pyadaq.types import cache_type
 
-CANDIDATES = ["3,2,2,1,1,1,0,0", "2,2,2,1,1,1,1,0", "4,2,2,1,1,0,0,0", "3,2,2,2,1,0,0,0", "3,3,2,1,1,0,0,0",
-              "2,2,1,1,1,1,1,1"]
+CANDIDATES = ["4,2,2,1,1,1,0,0", "3,2,2,2,1,1,0,0", "4,2,2,2,1,0,0,0", "3,2,2,1,1,1,1,0", "3,3,2,1,1,1,0,0",
+              "2,2,2,2,1,1,1,0"]
 
 
 def position_errors(widths: tuple, n: int = 1 << 16) -> np.ndarray:
@@ -73,7 +73,7 @@ def main() -> None:
             errors[name] += e
     print(f"{'profile':<18} {'bits/value':>10} {'error / ' + ref_name:>14}")
     for name, w in sorted(profiles.items(), key=lambda kv: errors[kv[0]])[:20]:
-        print(f"{name:<18} {sum(w) / 8 + 0.25:>10.3f} {errors[name] / errors[ref_name]:>14.3f}")
+        print(f"{name:<18} {(sum(w) + 1) / 8:>10.3f} {errors[name] / errors[ref_name]:>14.3f}")
     if args.per_layer:
         best_total = 0.0
         print(f"\n{'layer':>5} {'best profile':<18} {'error / ' + ref_name:>14}")

@@ -210,7 +210,7 @@ def test_formats_measures_calibrated_kvt_types(tiny_model, tmp_path, cache, caps
     assert [r["config"] for r in res["results"]] == ["q8_0:kvt2+cal", "kvt4s:q8_0+cal", "q8_0:kvq2"]
     assert res["results"][0]["calibrated"] and 0 < res["results"][0]["kl_mean"] < 5
     table = (out / "formats-table.md").read_text()
-    assert "| q8_0 | kvt2 | 2.50 | bit profile 4,3,3,2,2,2,1,1, block 64, searched scale (calibrated) |" in table
+    assert "| q8_0 | kvt2 | 2.50 | bit profile 4,3,3,3,2,2,1,1, block 64, searched scale (calibrated) |" in table
     assert f"{res['results'][0]['kl_mean']:.4f}" in table
     assert "The model's default KV calibration stays cached" in " ".join(capsys.readouterr().err.split())
     assert main(["formats", "--model", path, "--configs", "q8_0:kvt2", "--chunks", "1", "--ctx", "64",

@@ -98,7 +98,7 @@ def test_cuda_kvt_block_arithmetic_matches_reference(t, checker, tmp_path):
         deq = np.fromfile(tmp_path / "out.deq", dtype=np.float32)
         assert np.array_equal(deq.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: dequantized values"
         lev = np.fromfile(tmp_path / "out.lev", dtype=np.float32)
-        d = np.repeat(ref_q.reshape(len(x) // 64, -1)[:, :2].copy().view("<f2").astype(np.float32).reshape(-1), 64)
+        d = np.repeat(qr.kvt_scales()[ref_q.reshape(len(x) // 64, -1)[:, 0]], 64)
         coded = np.tile(np.repeat(np.array(qr.KVT_TYPES[t.name].widths) > 0, 8), len(x) // 64)
         with np.errstate(invalid="ignore", over="ignore"):
             scaled = d * lev

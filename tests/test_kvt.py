@@ -1,6 +1,7 @@
 """The transform-coded KV-cache types kvt2/3/4 and kvt2s/3s/4s (native/src/pyadaq-kvt.c, the
 spec): the C level tables are the twin's Lloyd-Max levels bit for bit and satisfy the centroid
-condition; the numpy twin (pyadaq/quants_ref.py) writes the C reference's bytes and decodes its
+condition, the scale codes decode to the twin's powers of 2^(1/8) and the search finds the best
+code; the numpy twin (pyadaq/quants_ref.py) writes the C reference's bytes and decodes its
 floats, on Gaussian data of every scale, zeros, NaN, infinities and huge values, the AVX2
 quantizer writes the reference's bytes and the AVX2 dequantization decodes its floats bit for bit; the layout
 decodes as written by hand; the error on a spectrum the profiles were made for is below a flat
@@ -53,6 +54,46 @@ def test_levels_are_the_twins_and_lloyd_max():
         centroid = (pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1])
         assert np.abs(centroid - lv).max() < 2e-3 * max(1.0, bits / 2), bits
     assert NAT.base.pyadaq_kvt_levels(8, FFI.from_buffer("float[]", np.zeros(256, np.float32)), 256) == -1
+
+
+def test_scale_codes_are_the_twins():
+    """Code e decodes to 2^((e - 128) / 8) (0 for e = 0), in C and in the twin, bit for bit; the
+    scales increase with the code, so the search's binary search for the rms's code is sound."""
+    twin = qr.kvt_scales()
+    out = FFI.new("float *")
+    c = np.zeros(256, np.float32)
+    for e in range(256):
+        assert NAT.base.pyadaq_kvt_scale(e, out) == 0
+        c[e] = out[0]
+    assert np.array_equal(c.view(np.uint32), twin.view(np.uint32))
+    assert c[0] == 0 and c[128] == 1 and c[136] == 2 and c[120] == 0.5 and (np.diff(c) > 0).all()
+    assert np.allclose(c[1:], 2.0 ** ((np.arange(1, 256) - 128) / 8), rtol=1e-7, atol=0)
+    assert NAT.base.pyadaq_kvt_scale(256, out) == -1 and NAT.base.pyadaq_kvt_scale(-1, out) == -1
+
+
+def test_scale_code_search_finds_the_best_code():
+    """On blocks of unit Gaussians times 2^k for k across the code range, the quantizer's code
+    is the best of all 255 by the weighted error the search minimizes, or within 1 % of it
+    (the search covers 16 codes around the rms)."""
+    t = qr.KVT_TYPES["kvt2"]
+    rng = np.random.default_rng(11)
+    size = np.float32(2.0) ** rng.uniform(-14, 14, (64, 1)).astype(np.float32)
+    x = rng.standard_normal((64, 64)).astype(np.float32) * size
+    q = qr.quantize("kvt2", x.reshape(-1)).reshape(64, -1)
+    wt = np.repeat(4.0 ** np.array(t.widths), 8)
+    for b in range(64):
+        errs = []
+        for e in range(1, 256):
+            blk = q[b].copy()
+            blk[0] = e
+            # re-encode the indices for this code with the twin's own rule: quantize x / d * d
+            d = qr.kvt_scales()[e]
+            y = np.concatenate([qr.kvt_levels(w)[np.searchsorted((qr.kvt_levels(w)[1:] + qr.kvt_levels(w)[:-1]) / 2,
+                                                                  x[b, 8 * g:8 * g + 8] / d)] * d if w else np.zeros(8)
+                                for g, w in enumerate(t.widths)])
+            errs.append(float((wt * (x[b] - y) ** 2).sum()))
+        got = float((wt * (x[b] - qr.dequantize("kvt2", q[b], 64)) ** 2).sum())
+        assert got <= min(errs) * 1.01, (b, int(q[b][0]), int(np.argmin(errs)) + 1)
 
 
 def _cases(seed: int) -> dict:
@@ -125,18 +166,18 @@ def test_avx2_quantization_is_the_reference(t):
 
 @per_type
 def test_layout_by_hand(t):
-    """d, then per group g of 8 values widths[g] bit planes; value = d * levels[index]."""
+    """The scale code, then per group g of 8 values widths[g] bit planes; value = d * levels[index]."""
     s = qr.KVT_TYPES[t.name]
-    assert t.block_size == 64 and t.type_size == 2 + sum(s.widths)
+    assert t.block_size == 64 and t.type_size == 1 + sum(s.widths)
     rng = np.random.default_rng(3)
     idx = [rng.integers(0, 1 << w, 8) if w else np.zeros(8, int) for w in s.widths]
-    block = [0x00, 0x3C]  # fp16 1.0
+    block = [126]  # scale 2^(-2/8)
     for w, ix in zip(s.widths, idx):
         for k in range(w):
             block.append(sum(((int(v) >> k) & 1) << i for i, v in enumerate(ix)))
     y = c_dequantize(t, np.array(block, np.uint8), 64)
     want = np.concatenate([qr.kvt_levels(w)[ix] if w else np.zeros(8, np.float32) for w, ix in zip(s.widths, idx)])
-    assert np.array_equal(y, want.astype(np.float32))
+    assert np.array_equal(y, (want * np.float32(2.0 ** -0.25)).astype(np.float32))
 
 
 def test_profiles_beat_flat_bits_on_their_spectrum():

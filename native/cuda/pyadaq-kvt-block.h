@@ -1,10 +1,11 @@
 // Block-level arithmetic of the transform-coded types (kvt1, kvt2, kvt3, kvt4, kvt2s, kvt3s, kvt4s)
 // shared by the CUDA kernels and a host-side test, as pyadaq-kvq-block.h is for kvq2/kvq3.
 //
-// The reference is native/src/pyadaq-kvt.c: a block of 64 values is an fp16 scale d and 8 groups
-// of 8 values; group g has WIDTH[g] bit planes (0..7 bits per value), an index into the
-// Lloyd-Max levels of a unit Gaussian (pyadaq-kvt-levels.h), decoded as d * level. The quantizer
-// tries 16 scales around the weighted rms and keeps the one of least weighted squared error.
+// The reference is native/src/pyadaq-kvt.c: a block of 64 values is a one-byte scale code e and 8
+// groups of 8 values; group g has WIDTH[g] bit planes (0..7 bits per value), an index into the
+// Lloyd-Max levels of a unit Gaussian (pyadaq-kvt-levels.h), decoded as d * level with
+// d = 2^((e - 128) / 8) (0 for e = 0). The quantizer tries 16 scale codes around the weighted rms
+// and keeps the one of least weighted squared error.
 // Everything below repeats the reference's float operations in its order with explicitly
 // rounded intrinsics, so it writes the same bytes, except that ggml-cuda's -use_fast_math
 // flushes denormal floats to zero (blocks whose values or products are denormal can differ).
@@ -24,9 +25,41 @@
     QUAL float prefix##7[128] = PYADAQ_KVT_LEVELS_7;
 
 PYADAQ_KVT_LEVEL_TABLES(static const, pyadaq_kvt_host_levels_)
+static const float pyadaq_kvt_host_mantissas[PYADAQ_KVT_SCALE_STEPS] = PYADAQ_KVT_SCALE_MANTISSAS;
 #if defined(__CUDACC__)
 PYADAQ_KVT_LEVEL_TABLES(static __constant__, pyadaq_kvt_dev_levels_)
+static __constant__ float pyadaq_kvt_dev_mantissas[PYADAQ_KVT_SCALE_STEPS] = PYADAQ_KVT_SCALE_MANTISSAS;
 #endif
+
+// The reference's kvt_scale: d of code e, the mantissa times a power of two built from its bits.
+PYADAQ_HD float pyadaq_kvt_scale(int e) {
+    if (e == 0) {
+        return 0.0f;
+    }
+    const uint32_t bits = (uint32_t) (e / PYADAQ_KVT_SCALE_STEPS - PYADAQ_KVT_SCALE_BIAS / PYADAQ_KVT_SCALE_STEPS + 127) << 23;
+#if defined(__CUDA_ARCH__)
+    return pyadaq_fmul(pyadaq_kvt_dev_mantissas[e % PYADAQ_KVT_SCALE_STEPS], __uint_as_float(bits));
+#else
+    float p;
+    memcpy(&p, &bits, sizeof(p));
+    return pyadaq_kvt_host_mantissas[e % PYADAQ_KVT_SCALE_STEPS] * p;
+#endif
+}
+
+// The reference's kvt_scale_code: the largest code of 1..255 whose scale is at most rms (1 if none).
+PYADAQ_HD int pyadaq_kvt_scale_code(float rms) {
+    int lo = 1;
+    int hi = 255;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (pyadaq_kvt_scale(mid) <= rms) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
 
 // Level i of width w (1..7).
 PYADAQ_HD float pyadaq_kvt_level(int w, int i) {
@@ -112,12 +145,15 @@ PYADAQ_HD void pyadaq_kvt_quantize_block(const float * __restrict__ x, typename 
         sw = pyadaq_fadd(sw, wt);
     }
     const float rms = ss > 0.0f ? pyadaq_fsqrt(pyadaq_fdiv(ss, sw)) : 0.0f;
-    float d = 0.0f;
+    int code = 0;
     if (rms > 0.0f) {
+        const int e_rms = pyadaq_kvt_scale_code(rms);
         float best_err = INFINITY;
-        float best = rms;
+        int best = e_rms;
         for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
-            const float ds = pyadaq_fmul(rms, pyadaq_fadd(PYADAQ_KVT_SEARCH_LO, pyadaq_fmul((float) t, PYADAQ_KVT_SEARCH_STEP)));
+            const int et = e_rms - PYADAQ_KVT_SEARCH_BELOW + t;
+            const int e = et < 1 ? 1 : et > 255 ? 255 : et;
+            const float ds = pyadaq_kvt_scale(e);
             const float inv = pyadaq_fdiv(1.0f, ds);
             float err = 0.0f;
             for (int j = 0; j < QK; ++j) {
@@ -132,13 +168,13 @@ PYADAQ_HD void pyadaq_kvt_quantize_block(const float * __restrict__ x, typename 
             }
             if (err < best_err) {
                 best_err = err;
-                best = ds;
+                best = e;
             }
         }
-        d = best;
+        code = best;
     }
-    y->d = pyadaq_f32_to_f16(d);
-    const float dd = pyadaq_f16_to_f32(y->d);
+    y->e = (uint8_t) code;
+    const float dd = pyadaq_kvt_scale(code);
     const float inv = dd > 0.0f ? pyadaq_fdiv(1.0f, dd) : 0.0f;
     uint8_t * q = y->q;
     for (int g = 0; g < 8; ++g) {
@@ -181,7 +217,7 @@ PYADAQ_HD float pyadaq_kvt_unscaled(const typename pyadaq_kvt_block<ID>::type * 
 // for a group of width 0).
 template <int ID>
 PYADAQ_HD void pyadaq_kvt_dequant2(const typename pyadaq_kvt_block<ID>::type * b, int j, float * v0, float * v1) {
-    const float d = pyadaq_f16_to_f32(b->d);
+    const float d = pyadaq_kvt_scale(b->e);
     const bool zero = pyadaq_kvt_width<ID>(j / PYADAQ_KVT_GROUP) == 0;
     *v0 = zero ? 0.0f : pyadaq_fmul(d, pyadaq_kvt_unscaled<ID>(b, j));
     *v1 = zero ? 0.0f : pyadaq_fmul(d, pyadaq_kvt_unscaled<ID>(b, j + 1));

@@ -5,9 +5,12 @@
 // These types store values that a calibrated context has put in whitened principal coordinates,
 // interleaved so that position p of every 64-value block holds components of the same variance
 // rank (pyadaq/runtime/kv_transform.py): every value has unit variance, and the early positions
-// matter more than the late ones. A block is one fp16 scale d and 8 groups of 8 values; the
+// matter more than the late ones. A block is a one-byte scale code e and 8 groups of 8 values; the
 // values of group g get PROFILE[g] bits (0..7), an index into the Lloyd-Max levels of a unit
-// Gaussian for that width, and decode as d * levels[index] (a width of 0 decodes as 0).
+// Gaussian for that width, and decode as d * levels[index] (a width of 0 decodes as 0), where
+// d = 2^((e - 128) / 8) (0 for e = 0). Whitened values have a block rms near 1, so 8 bits of scale
+// (a factor of 1.09 per code, 2^-15.9 to 2^15.9) lose nothing against fp16 and the 8 bits saved
+// give one group of the profile one bit more.
 
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
@@ -32,6 +35,53 @@ static const float kvt_levels_7[128] = PYADAQ_KVT_LEVELS_7;
 
 static const float * const kvt_levels[8] = { NULL, kvt_levels_1, kvt_levels_2, kvt_levels_3,
                                              kvt_levels_4, kvt_levels_5, kvt_levels_6, kvt_levels_7 };
+
+// the scale codes (pyadaq-quants.h): a mantissa per step of an octave times a power of two
+static const float kvt_scale_mantissas[PYADAQ_KVT_SCALE_STEPS] = PYADAQ_KVT_SCALE_MANTISSAS;
+static_assert(PYADAQ_KVT_SCALE_BIAS % PYADAQ_KVT_SCALE_STEPS == 0, "scale 1 starts an octave");
+static_assert(255 / PYADAQ_KVT_SCALE_STEPS - PYADAQ_KVT_SCALE_BIAS / PYADAQ_KVT_SCALE_STEPS < 127 &&
+              1 / PYADAQ_KVT_SCALE_STEPS - PYADAQ_KVT_SCALE_BIAS / PYADAQ_KVT_SCALE_STEPS > -126,
+              "every scale is a normal float");
+
+// d of code e: the mantissa times 2^(e / STEPS - BIAS / STEPS), built from its exponent bits
+static inline float kvt_scale(int e) {
+    if (e == 0) {
+        return 0.0f;
+    }
+    const uint32_t bits = (uint32_t) (e / PYADAQ_KVT_SCALE_STEPS - PYADAQ_KVT_SCALE_BIAS / PYADAQ_KVT_SCALE_STEPS + 127) << 23;
+    float p;
+    memcpy(&p, &bits, sizeof(p));
+    return kvt_scale_mantissas[e % PYADAQ_KVT_SCALE_STEPS] * p;
+}
+
+// the largest code of 1..255 whose scale is at most rms (1 if none), by binary search
+static inline int kvt_scale_code(float rms) {
+    int lo = 1;
+    int hi = 255;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (kvt_scale(mid) <= rms) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+// trial t's code
+static inline int kvt_trial_code(int e_rms, int t) {
+    const int e = e_rms - PYADAQ_KVT_SEARCH_BELOW + t;
+    return e < 1 ? 1 : e > 255 ? 255 : e;
+}
+
+int pyadaq_kvt_scale(int e, float * out) {
+    if (e < 0 || e > 255) {
+        return -1;
+    }
+    *out = kvt_scale(e);
+    return 0;
+}
 
 #define PYADAQ_KVT_CHECK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                               \
     static_assert(GGML_TYPE_##UPPER == (id), "ggml.h patch and PYADAQ_KVT_TYPES disagree on " #lower);  \
@@ -93,17 +143,15 @@ static float kvt_prepare(const float * x, const int * widths, float * xs, float 
     return ss > 0.0f ? sqrtf(ss / sw) : 0.0f;
 }
 
-// trial t's scale: rms * (LO + t * STEP)
-static inline float kvt_trial_scale(float rms, int t) {
-    return rms * (PYADAQ_KVT_SEARCH_LO + (float) t * PYADAQ_KVT_SEARCH_STEP);
-}
-
-// the scalar search: the trial scale with the least weighted squared error (the first on ties)
-static float kvt_search(const float * xs, const float * wt, const int * widths, const kvt_mids * mids, float rms) {
+// the scalar search: the trial code with the least weighted squared error (the first on ties;
+// e_rms when no error is below infinity)
+static int kvt_search(const float * xs, const float * wt, const int * widths, const kvt_mids * mids, float rms) {
+    const int e_rms = kvt_scale_code(rms);
     float best_err = INFINITY;
-    float best = rms;
+    int best = e_rms;
     for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
-        const float ds = kvt_trial_scale(rms, t);
+        const int e = kvt_trial_code(e_rms, t);
+        const float ds = kvt_scale(e);
         const float inv = 1.0f / ds;
         float err = 0.0f;
         for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
@@ -117,19 +165,18 @@ static float kvt_search(const float * xs, const float * wt, const int * widths, 
         }
         if (err < best_err) {
             best_err = err;
-            best = ds;
+            best = e;
         }
     }
     return best;
 }
 
-// the block's bytes for scale d: fp16 d, then per group its bit planes
-static void kvt_encode(const float * xs, float d, const int * widths, const kvt_mids * mids, uint8_t * out) {
-    const ggml_half d16 = GGML_FP32_TO_FP16(d);
-    memcpy(out, &d16, sizeof(d16));
-    const float dd = GGML_FP16_TO_FP32(d16);
+// the block's bytes for scale code e: e, then per group its bit planes
+static void kvt_encode(const float * xs, int e, const int * widths, const kvt_mids * mids, uint8_t * out) {
+    out[0] = (uint8_t) e;
+    const float dd = kvt_scale(e);
     const float inv = dd > 0.0f ? 1.0f / dd : 0.0f;
-    uint8_t * q = out + 2;
+    uint8_t * q = out + 1;
     for (int g = 0; g < 8; ++g) {
         const int w = widths[g];
         int idx[PYADAQ_KVT_GROUP];
@@ -152,14 +199,12 @@ static void pyadaq_kvt_quantize_block(const float * x, uint8_t * out, const int 
     float xs[PYADAQ_KVT_QK];
     float wt[PYADAQ_KVT_QK];
     const float rms = kvt_prepare(x, widths, xs, wt);
-    kvt_encode(xs, rms > 0.0f ? kvt_search(xs, wt, widths, mids, rms) : 0.0f, widths, mids, out);
+    kvt_encode(xs, rms > 0.0f ? kvt_search(xs, wt, widths, mids, rms) : 0, widths, mids, out);
 }
 
 static void kvt_dequantize_block(const uint8_t * in, float * y, const int * widths) {
-    ggml_half d16;
-    memcpy(&d16, in, sizeof(d16));
-    const float d = GGML_FP16_TO_FP32(d16);
-    const uint8_t * q = in + 2;
+    const float d = kvt_scale(in[0]);
+    const uint8_t * q = in + 1;
     for (int g = 0; g < 8; ++g) {
         const int w = widths[g];
         for (int i = 0; i < PYADAQ_KVT_GROUP; ++i) {
@@ -230,10 +275,8 @@ __attribute__((target("avx2"), always_inline))
 static inline void kvt_dequantize_row_avx2(const uint8_t * x, size_t block_bytes, float * y, int64_t k, const int * widths) {
     for (int64_t b = 0; b < k / PYADAQ_KVT_QK; ++b) {
         const uint8_t * in = x + (size_t) b * block_bytes;
-        ggml_half d16;
-        memcpy(&d16, in, sizeof(d16));
-        const __m256 d = _mm256_set1_ps(GGML_FP16_TO_FP32(d16));
-        const uint8_t * q = in + 2;
+        const __m256 d = _mm256_set1_ps(kvt_scale(in[0]));
+        const uint8_t * q = in + 1;
         float * yb = y + b * PYADAQ_KVT_QK;
 #pragma GCC unroll 8
         for (int g = 0; g < 8; ++g) {
@@ -280,16 +323,16 @@ static inline __m256i kvt_nearest8(__m256 v, const float * mids, int w) {
 // -ffp-contract=off and the target has none), and the trials are compared in the same order, so
 // the scale found, and the block's bytes, are the reference's.
 __attribute__((target("avx2")))
-static float kvt_search_avx2(const float * xs, const float * wt, const int * widths, const kvt_mids * mids, float rms) {
+static int kvt_search_avx2(const float * xs, const float * wt, const int * widths, const kvt_mids * mids, float rms) {
     static_assert(PYADAQ_KVT_SEARCH_N % 8 == 0, "the trials fill whole registers");
+    const int e_rms = kvt_scale_code(rms);
     float errs[PYADAQ_KVT_SEARCH_N];
     float scales[PYADAQ_KVT_SEARCH_N];
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
+        scales[t] = kvt_scale(kvt_trial_code(e_rms, t));
+    }
     for (int t0 = 0; t0 < PYADAQ_KVT_SEARCH_N; t0 += 8) {
-        const __m256 tf = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(t0), lane));
-        const __m256 ds = _mm256_mul_ps(_mm256_set1_ps(rms),
-                                        _mm256_add_ps(_mm256_set1_ps(PYADAQ_KVT_SEARCH_LO),
-                                                      _mm256_mul_ps(tf, _mm256_set1_ps(PYADAQ_KVT_SEARCH_STEP))));
+        const __m256 ds = _mm256_loadu_ps(scales + t0);
         const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), ds);
         __m256 err = _mm256_setzero_ps();
         for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
@@ -303,14 +346,13 @@ static float kvt_search_avx2(const float * xs, const float * wt, const int * wid
             err = _mm256_add_ps(err, _mm256_mul_ps(_mm256_set1_ps(wt[j]), _mm256_mul_ps(e, e)));
         }
         _mm256_storeu_ps(errs + t0, err);
-        _mm256_storeu_ps(scales + t0, ds);
     }
     float best_err = INFINITY;
-    float best = rms;
+    int best = e_rms;
     for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
         if (errs[t] < best_err) {
             best_err = errs[t];
-            best = scales[t];
+            best = kvt_trial_code(e_rms, t);
         }
     }
     return best;
@@ -320,12 +362,11 @@ static float kvt_search_avx2(const float * xs, const float * wt, const int * wid
 // index (kvt_nearest8), and bit plane k of the group is the sign bits of the indices shifted left
 // by 31 - k, which movemask packs with lane i at bit i, as the reference packs value i.
 __attribute__((target("avx2")))
-static void kvt_encode_avx2(const float * xs, float d, const int * widths, const kvt_mids * mids, uint8_t * out) {
-    const ggml_half d16 = GGML_FP32_TO_FP16(d);
-    memcpy(out, &d16, sizeof(d16));
-    const float dd = GGML_FP16_TO_FP32(d16);
+static void kvt_encode_avx2(const float * xs, int e, const int * widths, const kvt_mids * mids, uint8_t * out) {
+    out[0] = (uint8_t) e;
+    const float dd = kvt_scale(e);
     const __m256 inv = _mm256_set1_ps(dd > 0.0f ? 1.0f / dd : 0.0f);
-    uint8_t * q = out + 2;
+    uint8_t * q = out + 1;
     for (int g = 0; g < 8; ++g) {
         const int w = widths[g];
         if (w == 0) {
@@ -346,7 +387,7 @@ static void pyadaq_kvt_quantize_block_avx2(const float * x, uint8_t * out, const
     float xs[PYADAQ_KVT_QK];
     float wt[PYADAQ_KVT_QK];
     const float rms = kvt_prepare(x, widths, xs, wt);
-    kvt_encode_avx2(xs, rms > 0.0f ? kvt_search_avx2(xs, wt, widths, mids, rms) : 0.0f, widths, mids, out);
+    kvt_encode_avx2(xs, rms > 0.0f ? kvt_search_avx2(xs, wt, widths, mids, rms) : 0, widths, mids, out);
 }
 #endif
 

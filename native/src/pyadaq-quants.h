@@ -54,36 +54,44 @@ enum pyadaq_scale_rule {
 
 // Transform-coded types (native/src/pyadaq-kvt.c): for values a calibrated context has put in
 // whitened principal coordinates, interleaved by variance rank (pyadaq/runtime/kv_transform.py);
-// they need a calibration. Blocks of 64 values: an fp16 scale d, then 8 groups of 8 values, group g
-// with W_g bits per value (a descending profile), stored as W_g bit planes (byte k of the group:
-// bit i is bit k of value i's index); a value decodes as d * levels_W[index], levels_W the
-// Lloyd-Max levels of a unit Gaussian for W bits (W = 0: 0).
+// they need a calibration. Blocks of 64 values: a one-byte scale code e, then 8 groups of 8 values,
+// group g with W_g bits per value (a descending profile), stored as W_g bit planes (byte k of the
+// group: bit i is bit k of value i's index); a value decodes as d * levels_W[index], levels_W the
+// Lloyd-Max levels of a unit Gaussian for W bits (W = 0: 0), d = 2^((e - 128) / 8) (e = 0: d = 0).
 //   X(UPPER, lower, id, W0..W7)
 // kvt2/3/4: the profile of values (2.5, 3.5, 4.5 bits per value, scale included); kvt2s/3s/4s: a
 // steeper one, for keys, whose spectra fall faster (docs/CALIBRATION.md); kvt1: 1.5 bits per value,
-// the rung below kvt2 for plans that give a layer's values fewer bits so others get more.
+// the rung below kvt2 for plans that give a layer's values fewer bits so others get more. Each
+// profile is the best descending one of its size for the embedded model's spectra
+// (scripts/kvt_profiles.py --same-size).
 #define PYADAQ_KVT_TYPES(X)                            \
-    X(KVT2,  kvt2,  102, 4, 3, 3, 2, 2, 2, 1, 1)       \
-    X(KVT3,  kvt3,  103, 5, 4, 4, 3, 3, 3, 2, 2)       \
-    X(KVT4,  kvt4,  104, 6, 5, 5, 4, 4, 4, 3, 3)       \
-    X(KVT2S, kvt2s, 105, 5, 3, 3, 2, 2, 2, 1, 0)       \
-    X(KVT3S, kvt3s, 106, 6, 4, 4, 3, 3, 3, 2, 1)       \
-    X(KVT4S, kvt4s, 107, 7, 5, 4, 4, 4, 4, 3, 3)       \
-    X(KVT1,  kvt1,  108, 3, 2, 2, 1, 1, 1, 0, 0)
+    X(KVT2,  kvt2,  102, 4, 3, 3, 3, 2, 2, 1, 1)       \
+    X(KVT3,  kvt3,  103, 5, 4, 4, 3, 3, 3, 3, 2)       \
+    X(KVT4,  kvt4,  104, 6, 5, 5, 4, 4, 4, 4, 3)       \
+    X(KVT2S, kvt2s, 105, 5, 3, 3, 2, 2, 2, 1, 1)       \
+    X(KVT3S, kvt3s, 106, 6, 4, 4, 3, 3, 3, 2, 2)       \
+    X(KVT4S, kvt4s, 107, 7, 5, 4, 4, 4, 4, 4, 3)       \
+    X(KVT1,  kvt1,  108, 4, 2, 2, 1, 1, 1, 0, 0)
 #define PYADAQ_KVT_QK       64
 #define PYADAQ_KVT_GROUP    8
 #define PYADAQ_KVT_MAX_BITS 7
-#define PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) (2 + (W0) + (W1) + (W2) + (W3) + (W4) + (W5) + (W6) + (W7))
-// Scale search: d = rms * (SEARCH_LO + t * SEARCH_STEP), t = 0..SEARCH_N-1, the least squared
-// error with position weights 4^W (rms weighted the same way).
-#define PYADAQ_KVT_SEARCH_N    16
-#define PYADAQ_KVT_SEARCH_LO   0.70f
-#define PYADAQ_KVT_SEARCH_STEP 0.10f
+#define PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) (1 + (W0) + (W1) + (W2) + (W3) + (W4) + (W5) + (W6) + (W7))
+// Scale codes: d = PYADAQ_KVT_SCALE_MANTISSAS[e % 8] * 2^(e / 8 - 16) for e = 1..255 (exact: a
+// float times a power of two), 0 for e = 0.
+#define PYADAQ_KVT_SCALE_STEPS 8
+#define PYADAQ_KVT_SCALE_BIAS  128
+// Scale search: e_rms = the largest code whose scale is at most the rms (weighted by 4^W per
+// position; 1 if none), trial t = 0..SEARCH_N-1 the code clamp(e_rms - SEARCH_BELOW + t, 1, 255),
+// the least weighted squared error wins (the first on ties).
+#define PYADAQ_KVT_SEARCH_N     16
+#define PYADAQ_KVT_SEARCH_BELOW 4
 #define PYADAQ_KVT_BLOCK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7) \
-    typedef struct { uint16_t d; uint8_t q[PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) - 2]; } block_##lower;
+    typedef struct { uint8_t e; uint8_t q[PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) - 1]; } block_##lower;
 PYADAQ_KVT_TYPES(PYADAQ_KVT_BLOCK)
 // Copies the levels for `bits` (1..7) into out (n floats); returns their count, -1 otherwise.
 PYADAQ_API int pyadaq_kvt_levels(int bits, float * out, int n);
+// The scale d of code e (0..255) into out; returns 0, -1 for a code out of range.
+PYADAQ_API int pyadaq_kvt_scale(int e, float * out);
 // A transform-coded type's quantization with an explicit implementation (enum pyadaq_impl, below):
 // the scalar reference or AVX2 (the same bytes); the CPU backend's quantize_row runs the best.
 // Returns 0, -1 (not a kvt type, or k not whole blocks) or -2 (implementation not available).

@@ -46,6 +46,7 @@ from pyadaq.eval.texts import calibration_text
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.planner import Budget, plan_budget
+from pyadaq.quants_ref import formats_fingerprint
 from pyadaq.report.machine import machine
 from pyadaq.runtime.kv_transform import require_calibration
 from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
@@ -70,7 +71,9 @@ def cache_dir() -> Path:
 
 
 def _key(*parts) -> str:
-    h = hashlib.sha256(json.dumps([*parts, native().build_info["info"]], sort_keys=True).encode())
+    """A cache key of these parts, the native build and pyadaq's cache formats."""
+    h = hashlib.sha256(json.dumps([*parts, native().build_info["info"], formats_fingerprint()],
+                                  sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
