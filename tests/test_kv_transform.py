@@ -309,6 +309,15 @@ def test_state_under_another_calibration_is_refused(setup, tmp_path):
         plain.eval(x[:60])
         with pytest.raises(ValueError, match="no calibration"):
             b.load_state(plain.save_state())
+        # a state from a pyadaq with other cache formats, or a calibrated one from before the stamp
+        for formats in ("0123456789abcdef", None):
+            st.pyadaq_formats = formats
+            with pytest.raises(ValueError, match="formats differ"):
+                b.load_state(st)
+        # an uncalibrated state without the stamp (llama_cpp's own) still loads into a plain Llama
+        plain_state = plain.save_state()
+        del plain_state.pyadaq_formats
+        plain.load_state(plain_state)
     finally:
         for llm in (a, b, other, plain):
             llm.close()

@@ -56,6 +56,7 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model import chat_template
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
+from pyadaq.quants_ref import formats_fingerprint
 from pyadaq.runtime import rpc
 from pyadaq.runtime.context import default_gpu_layers
 from pyadaq.runtime.kv_transform import context_settings
@@ -421,14 +422,21 @@ class Llama(llama_cpp.Llama):
     def save_state(self):
         state = super().save_state()
         state.pyadaq_calibration = None if self.kv_calibration is None else self.kv_calibration.fingerprint
+        state.pyadaq_formats = formats_fingerprint()
         return state
 
     def load_state(self, state) -> None:
         """llama_cpp's load_state, refused (ValueError) for a state saved under another
-        calibration, or under none by a calibrated Llama and the other way round: the cache holds
-        K and V in the calibration's coordinates."""
+        calibration, or under none by a calibrated Llama and the other way round (the cache holds
+        K and V in the calibration's coordinates), and for one saved by a pyadaq whose cache
+        formats differ (the same type names once stood for other bytes: the kvt blocks' fp16
+        scale); a calibrated state without the formats' stamp comes from such a pyadaq."""
         ours = None if self.kv_calibration is None else self.kv_calibration.fingerprint
         theirs = getattr(state, "pyadaq_calibration", None)
+        formats = getattr(state, "pyadaq_formats", None)
+        if formats != formats_fingerprint() and (formats is not None or theirs is not None):
+            raise ValueError("this state was saved by a pyadaq whose KV cache formats differ from this one's: "
+                             "its K/V bytes would decode as other values")
         if theirs != ours:
             def name(fp):
                 return "no calibration" if fp is None else f"calibration {fp[:12]}"
