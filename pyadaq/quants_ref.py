@@ -116,13 +116,14 @@ TYPES: dict[str, TypeSpec] = {
 # index); a value decodes as d * kvt_levels(w)[index] (w = 0: 0), d = kvt_scales()[e]: 0 for e = 0,
 # else 2^((e - 128) / 8), the float32 mantissa 2^((e % 8) / 8) times the power of two 2^(e // 8 - 16)
 # (exact). Quantization of a block (non-finite inputs count as 0), with position weights wt = 4^w:
-# ss = sum wt*(x*x) and sw = sum wt in value order (float32); ss == 0 gives e = 0; else
-# rms = sqrt(ss / sw), e_rms = the largest code of 1..255 whose scale is <= rms (1 if none), and for
-# t = 0..KVT_SEARCH_N-1 the trial code e_t = clamp(e_rms - KVT_SEARCH_BELOW + t, 1, 255) with
-# ds = kvt_scales()[e_t] scores err = sum wt*((x - ds*level)^2) in value order, each value taking the
-# nearest level of x * (1 / ds) (a width of 0 contributes wt*x^2); the first trial with the least
-# err wins (e_rms when none is below infinity), and the indices are the nearest levels of
-# x * (1 / d) for the winner's d (all 0 when e is 0).
+# ss = sum wt*(x*x) and sw = sum wt in value order (float32); ss == 0 gives rms = 0, else
+# rms = sqrt(ss / sw) (0 too when ss / sw underflows); rms == 0 gives e = 0; else e_rms = the
+# largest code of 1..255 whose scale is <= rms (1 if none), and for t = 0..KVT_SEARCH_N-1 the
+# trial code e_t = clamp(e_rms - KVT_SEARCH_BELOW + t, 1, 255) with ds = kvt_scales()[e_t] scores
+# err = sum wt*((x - ds*level)^2) in value order, each value taking the nearest level of
+# x * (1 / ds) (a width of 0 contributes wt*x^2); the first trial with the least err wins (e_rms
+# when none is below infinity), and the indices are the nearest levels of x * (1 / d) for the
+# winner's d (all 0 when e is 0).
 
 KVT_SEARCH_N = 16
 KVT_SEARCH_BELOW = 4
@@ -246,7 +247,7 @@ def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best = np.where(better, e_t, best)
-        code = np.where(ss > 0, best, 0).astype(np.uint8)
+        code = np.where(rms > 0, best, 0).astype(np.uint8)
         dd = scales[code]
         inv = np.where(dd > 0, np.float32(1) / np.where(dd > 0, dd, np.float32(1)), np.float32(0))
         out = np.zeros((nb, t.type_size), dtype=np.uint8)
@@ -288,17 +289,24 @@ def _kvt_dequantize(t: KvtSpec, data: Any, n: int) -> np.ndarray:
     return y.reshape(-1)
 
 
+_FINGERPRINT: list = []
+
+
 def formats_fingerprint() -> str:
     """A short hash of every format this module defines (profiles, levels, scale rules and
     searches): what a cached measurement of pyadaq's types is keyed by, so that results measured
     with another format are not reused."""
+    if _FINGERPRINT:
+        return _FINGERPRINT[0]
     import hashlib
 
-    parts = [repr(sorted((t.name, t.id, t.block_size, t.bits, t.levels, t.rule) for t in TYPES.values())),
+    parts = [repr([kvt_levels(b).tolist() for b in range(1, KVT_MAX_BITS + 1)]),
+             repr(sorted((t.name, t.id, t.block_size, t.bits, t.levels, t.rule) for t in TYPES.values())),
              repr(sorted((t.name, t.id, t.widths) for t in KVT_TYPES.values())),
              repr([KVT_SEARCH_N, KVT_SEARCH_BELOW, KVT_SCALE_STEPS, KVT_SCALE_BIAS, kvt_scales().tolist()]),
              repr([SEARCH_N, float(SEARCH_LO), float(SEARCH_STEP)])]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    _FINGERPRINT.append(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16])
+    return _FINGERPRINT[0]
 
 
 def spec(type_: Any) -> TypeSpec | KvtSpec:

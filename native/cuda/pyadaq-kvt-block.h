@@ -8,7 +8,8 @@
 // and keeps the one of least weighted squared error.
 // Everything below repeats the reference's float operations in its order with explicitly
 // rounded intrinsics, so it writes the same bytes, except that ggml-cuda's -use_fast_math
-// flushes denormal floats to zero (blocks whose values or products are denormal can differ).
+// flushes denormal floats to zero (blocks whose values, products or mean square ss / sw are
+// denormal can differ: a block the reference gives code 1 can get code 0 here).
 
 #pragma once
 

@@ -9,7 +9,8 @@
 // values of group g get PROFILE[g] bits (0..7), an index into the Lloyd-Max levels of a unit
 // Gaussian for that width, and decode as d * levels[index] (a width of 0 decodes as 0), where
 // d = 2^((e - 128) / 8) (0 for e = 0). Whitened values have a block rms near 1, so 8 bits of scale
-// (a factor of 1.09 per code, 2^-15.9 to 2^15.9) lose nothing against fp16 and the 8 bits saved
+// (a factor of 1.09 per code, 2^-15.9 to 2^15.9) lose nothing against fp16 in that range (outside
+// it the codes clamp), and the 8 bits saved
 // give one group of the profile one bit more.
 
 #define GGML_COMMON_DECL_C
@@ -287,7 +288,7 @@ static inline void kvt_dequantize_row_avx2(const uint8_t * x, size_t block_bytes
                 packed |= kvt_spread[q[kk]] << kk;
             }
             q += w;
-            if (w == 0) {  // 0 itself, as in the reference (not d * 0: d may be infinite)
+            if (w == 0) {  // 0 itself, as in the reference
                 _mm256_storeu_ps(yb + g * PYADAQ_KVT_GROUP, _mm256_setzero_ps());
                 continue;
             }
