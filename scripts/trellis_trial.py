@@ -13,7 +13,12 @@ values per width: decoding stays a table lookup per value, and the encoder (Vite
   shifting in its group's width, the error weighted 4^width as the kvt scale search weighs it
   (a direction given a bit more carries four times the variance).
 
-Both report a block's squared error, each value's weighted 4^width (so rows of one width are the
+* --per-width PROFILE: a kvt block coded as one stream per width (the values of the groups of one
+  width together, in block order), each stream tail-biting on its own; with --heads-of N the
+  streams of N blocks (a head of N x 64 values) are joined, which makes them N times longer.
+  Reports the block's weighted error of all streams together against the scalar levels'.
+
+The first two report a block's squared error, each value's weighted 4^width (so rows of one width are the
 per-value mean squared error times 64 * 4^width), mean over the measured blocks, for the trellis
 and for the scalar levels (the Lloyd-Max distortions of a unit Gaussian), and the gain in dB.
 
@@ -22,6 +27,7 @@ coded) on data other than the measured blocks; the measured blocks are coded tai
 stream wraps: the first window's older bits are the stream's last bits), in two passes.
 
 Usage: scripts/trellis_trial.py [--blocks 1500] [--json F]
+       scripts/trellis_trial.py --per-width 4,3,3,3,2,2,1,1 [--heads-of 4] [--extra-bits 4] [--json F]
 """
 
 from __future__ import annotations
@@ -93,10 +99,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=1500, help="measured blocks of 64 values per row")
     p.add_argument("--json")
+    p.add_argument("--per-width", help="a kvt profile (8 widths): one stream per width instead of the default rows")
+    p.add_argument("--heads-of", type=int, default=1, help="with --per-width: join the streams of this many blocks")
+    p.add_argument("--extra-bits", type=int, default=4,
+                   help="with --per-width: window bits beyond the width (L = width + this)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
     rng = np.random.default_rng(0)
+    if args.per_width:
+        return per_width(args, rng, argv)
     rows = [(f"{k} bits alone", (k,) * 64, L) for k in (1, 2, 3) for L in (k + 4, k + 6)]
     rows += [("kvt2 block 4,3,3,2,2,2,1,1", np.repeat((4, 3, 3, 2, 2, 2, 1, 1), 8), L) for L in (8, 10)]
     rows += [("kvt3 block 5,4,4,3,3,3,2,2", np.repeat((5, 4, 4, 3, 3, 3, 2, 2), 8), 9)]
@@ -114,6 +126,40 @@ def main(argv=None) -> int:
 
         write_json({"blocks": args.blocks, "rows": out, "command": "scripts/trellis_trial.py " +
                     " ".join(argv or sys.argv[1:])}, args.json)
+    return 0
+
+
+def per_width(args, rng, argv) -> int:
+    """One stream per width of a profile (--per-width), each the values of that width in
+    --heads-of blocks, tail-biting; the block's weighted error summed over the streams."""
+    from tqdm import tqdm
+
+    profile = tuple(int(w) for w in args.per_width.split(","))
+    if len(profile) != 8 or any(w < 0 or w > 6 for w in profile):
+        raise SystemExit("--per-width: 8 widths of 0..6 bits")
+    rows, trellis_total, scalar_total = [], 0.0, 0.0
+    for k in tqdm(sorted({w for w in profile if w}, reverse=True), desc="widths"):
+        n = 8 * profile.count(k) * args.heads_of
+        L = k + args.extra_bits
+        trellis, scalar = measure((k,) * n, L, rng, max(200, args.blocks // args.heads_of))
+        # per block of 64: the stream's error (weighted 4^k per value) over the blocks it spans
+        trellis_total += trellis / args.heads_of
+        scalar_total += scalar / args.heads_of
+        rows.append({"width": k, "stream_values": n, "window_bits": L,
+                     "gain_db": 10 * np.log10(scalar / trellis)})
+    zero = sum(8 * 1.0 for w in profile if w == 0)  # a 0-bit value loses its variance: no code helps
+    gain = 10 * np.log10((scalar_total + zero) / (trellis_total + zero))
+    print(f"profile {args.per_width}, streams of {args.heads_of} block(s), L = width + {args.extra_bits}")
+    for r in rows:
+        print(f"  width {r['width']}: {r['stream_values']:>3} values per stream, L = {r['window_bits']:>2}: "
+              f"{r['gain_db']:+.2f} dB")
+    print(f"  the block's weighted error: {gain:+.2f} dB")
+    if args.json:
+        from pyadaq.cli._common import write_json
+
+        write_json({"profile": profile, "heads_of": args.heads_of, "extra_bits": args.extra_bits,
+                    "blocks": args.blocks, "widths": rows, "block_gain_db": gain,
+                    "command": "scripts/trellis_trial.py " + " ".join(argv or sys.argv[1:])}, args.json)
     return 0
 
 
