@@ -54,7 +54,7 @@ __all__ = [
     "KvtSpec",
     "TypeSpec",
     "dequantize",
-    "formats_fingerprint",
+    "format_constants",
     "indices",
     "kvt_levels",
     "kvt_scales",
@@ -289,24 +289,15 @@ def _kvt_dequantize(t: KvtSpec, data: Any, n: int) -> np.ndarray:
     return y.reshape(-1)
 
 
-_FINGERPRINT: list = []
-
-
-def formats_fingerprint() -> str:
-    """A short hash of every format this module defines (profiles, levels, scale rules and
-    searches): what a cached measurement of pyadaq's types is keyed by, so that results measured
-    with another format are not reused."""
-    if _FINGERPRINT:
-        return _FINGERPRINT[0]
-    import hashlib
-
-    parts = [repr([kvt_levels(b).tolist() for b in range(1, KVT_MAX_BITS + 1)]),
-             repr(sorted((t.name, t.id, t.block_size, t.bits, t.levels, t.rule) for t in TYPES.values())),
-             repr(sorted((t.name, t.id, t.widths) for t in KVT_TYPES.values())),
-             repr([KVT_SEARCH_N, KVT_SEARCH_BELOW, KVT_SCALE_STEPS, KVT_SCALE_BIAS, kvt_scales().tolist()]),
-             repr([SEARCH_N, float(SEARCH_LO), float(SEARCH_STEP)])]
-    _FINGERPRINT.append(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16])
-    return _FINGERPRINT[0]
+def format_constants() -> str:
+    """The formats' constants this module defines (profiles, codebooks, scale rules, searches) as
+    text; with the kvt level and scale tables (see pyadaq.types.formats_fingerprint) they are
+    what a cached measurement of pyadaq's types is keyed by."""
+    return "\n".join([
+        repr(sorted((t.name, t.id, t.block_size, t.bits, t.levels, t.rule) for t in TYPES.values())),
+        repr(sorted((t.name, t.id, t.widths) for t in KVT_TYPES.values())),
+        repr([KVT_SEARCH_N, KVT_SEARCH_BELOW, KVT_SCALE_STEPS, KVT_SCALE_BIAS, KVT_MAX_BITS]),
+        repr([SEARCH_N, float(SEARCH_LO), float(SEARCH_STEP)])])
 
 
 def spec(type_: Any) -> TypeSpec | KvtSpec:

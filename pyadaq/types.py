@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from pyadaq._native import native
 
@@ -93,6 +96,29 @@ def _table() -> dict[str, CacheType]:
                 calibrated=name in PYADAQ_CALIBRATED_TYPES,
             )
     return out
+
+
+@lru_cache(maxsize=1)
+def formats_fingerprint() -> str:
+    """A short hash of pyadaq's cache formats: the numpy twin's constants (profiles, codebooks,
+    searches) and the native library's kvt level and scale tables. Cached measurements of the
+    types (the planner's sensitivities) and saved states are keyed by it, so that what was
+    measured or saved with other formats is not reused."""
+    from pyadaq.quants_ref import KVT_MAX_BITS, format_constants
+
+    n = native()
+    parts = [format_constants()]
+    for bits in range(1, KVT_MAX_BITS + 1):
+        lv = np.zeros(1 << bits, np.float32)
+        n.base.pyadaq_kvt_levels(bits, n.ffi.from_buffer("float[]", lv), len(lv))
+        parts.append(lv.tobytes().hex())
+    out = n.ffi.new("float *")
+    scales = []
+    for e in range(256):
+        n.base.pyadaq_kvt_scale(e, out)
+        scales.append(out[0])
+    parts.append(np.asarray(scales, np.float32).tobytes().hex())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def cache_types(research: bool = False) -> list[CacheType]:

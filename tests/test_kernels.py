@@ -410,7 +410,7 @@ def test_twin_works_standalone(monkeypatch):
         n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0
     }
     assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree)), "relative import"
-    assert imported <= {"__future__", "dataclasses", "typing", "numpy", "math", "statistics", "hashlib"}, imported
+    assert imported <= {"__future__", "dataclasses", "typing", "numpy", "math", "statistics"}, imported
     spec = importlib.util.spec_from_file_location("quants_ref_standalone", path)
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there

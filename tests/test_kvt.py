@@ -284,3 +284,18 @@ def test_calibrated_context_with_kvt_types(tiny_model):
             c.close()
     finally:
         m.close()
+
+
+def test_formats_fingerprint_follows_the_formats(monkeypatch):
+    """What planner caches and saved states are keyed by: stable, and another value when a
+    format constant of the twin differs (here the search window)."""
+    from pyadaq.types import formats_fingerprint
+
+    fp = formats_fingerprint()
+    assert len(fp) == 16 and fp == formats_fingerprint()
+    formats_fingerprint.cache_clear()
+    monkeypatch.setattr(qr, "KVT_SEARCH_BELOW", qr.KVT_SEARCH_BELOW + 1)
+    try:
+        assert formats_fingerprint() != fp
+    finally:
+        formats_fingerprint.cache_clear()

@@ -46,11 +46,10 @@ from pyadaq.eval.texts import calibration_text
 from pyadaq.model.calibration import calibration_for_model
 from pyadaq.model.header import read_model_info
 from pyadaq.plan.planner import Budget, plan_budget
-from pyadaq.quants_ref import formats_fingerprint
 from pyadaq.report.machine import machine
 from pyadaq.runtime.kv_transform import require_calibration
 from pyadaq.runtime.kvconfig import Calibrated, LayerConfig
-from pyadaq.types import cache_type
+from pyadaq.types import cache_type, formats_fingerprint
 
 __all__ = ["CALIBRATED_TYPES", "DEFAULT_TYPES", "SOURCES", "cache_dir", "calibrate", "default_types",
            "missing_types", "norm_sensitivities", "plan_for_budget"]

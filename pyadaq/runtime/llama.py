@@ -56,7 +56,6 @@ from pyadaq._native import creation_lock, native
 from pyadaq.model import chat_template
 from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
-from pyadaq.quants_ref import formats_fingerprint
 from pyadaq.runtime import rpc
 from pyadaq.runtime.context import default_gpu_layers
 from pyadaq.runtime.kv_transform import context_settings
@@ -64,7 +63,7 @@ from pyadaq.runtime.kv_window import check_kv_window, check_window_made, window_
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
 from pyadaq.runtime.offload import KVOffloadError, check_offload
-from pyadaq.types import CacheType, cache_type, cache_types
+from pyadaq.types import CacheType, cache_type, cache_types, formats_fingerprint
 
 import llama_cpp
 import llama_cpp.llama_cpp as _lib
