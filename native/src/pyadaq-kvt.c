@@ -10,8 +10,7 @@
 // Gaussian for that width, and decode as d * levels[index] (a width of 0 decodes as 0), where
 // d = 2^((e - 128) / 8) (0 for e = 0). Whitened values have a block rms near 1, so 8 bits of scale
 // (a factor of 1.09 per code, 2^-15.9 to 2^15.9) lose nothing against fp16 in that range (outside
-// it the codes clamp), and the 8 bits saved
-// give one group of the profile one bit more.
+// it the codes clamp), and the 8 bits saved give one group of the profile one bit more.
 
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
