@@ -125,6 +125,7 @@ int pyadaq_is_pyadaq_type(int type);
 int pyadaq_kvt_levels(int bits, float * out, int n);
 int pyadaq_kvt_scale(int e, float * out);
 int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl);
+int pyadaq_kvtr_table(int bits, float * out, int n);
 
 typedef void (*ggml_to_float_t)(const void * x, float * y, int64_t k);
 typedef void (*ggml_from_float_t)(const float * x, void * y, int64_t k);

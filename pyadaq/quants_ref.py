@@ -45,6 +45,7 @@ import numpy as np
 
 __all__ = [
     "ABSMAX",
+    "KVTR_TYPES",
     "KVT_TYPES",
     "MSE",
     "SEARCH_LO",
@@ -52,6 +53,7 @@ __all__ = [
     "SEARCH_STEP",
     "TYPES",
     "KvtSpec",
+    "KvtrSpec",
     "TypeSpec",
     "dequantize",
     "format_constants",
@@ -215,14 +217,19 @@ def _kvt_nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(v), 0, idx)
 
 
-def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
+def _kvt_mids(widths) -> tuple[dict, dict]:
+    lv = {w: kvt_levels(w) for w in set(widths) if w}
+    return lv, {w: (np.float32(0.5) * (lv[w][:-1] + lv[w][1:])).astype(np.float32) for w in lv}
+
+
+def _kvt_codes(widths: tuple, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks xb [nb, 64] as the search sees them (non-finite values as 0) and their scale codes."""
     nb = xb.shape[0]
     scales = kvt_scales()
     with np.errstate(all="ignore"):
         xs = np.where(np.isfinite(xb), xb, np.float32(0)).astype(np.float32)
-        lv = {w: kvt_levels(w) for w in set(t.widths) if w}
-        mids = {w: (np.float32(0.5) * (lv[w][:-1] + lv[w][1:])).astype(np.float32) for w in lv}
-        wt = [np.float32(1 << (2 * t.widths[j // 8])) for j in range(64)]
+        lv, mids = _kvt_mids(widths)
+        wt = [np.float32(1 << (2 * widths[j // 8])) for j in range(64)]
         ss = np.zeros(nb, np.float32)
         sw = np.float32(0)
         for j in range(64):
@@ -238,7 +245,7 @@ def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
             inv = np.float32(1) / ds
             err = np.zeros(nb, np.float32)
             for j in range(64):
-                w = t.widths[j // 8]
+                w = widths[j // 8]
                 e = xs[:, j]
                 if w:
                     i = _kvt_nearest(xs[:, j] * inv, mids[w])
@@ -248,6 +255,15 @@ def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
             best_err = np.where(better, err, best_err)
             best = np.where(better, e_t, best)
         code = np.where(rms > 0, best, 0).astype(np.uint8)
+    return xs, code
+
+
+def _kvt_quantize(t: KvtSpec, xb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    scales = kvt_scales()
+    xs, code = _kvt_codes(t.widths, xb)
+    _, mids = _kvt_mids(t.widths)
+    with np.errstate(all="ignore"):
         dd = scales[code]
         inv = np.where(dd > 0, np.float32(1) / np.where(dd > 0, dd, np.float32(1)), np.float32(0))
         out = np.zeros((nb, t.type_size), dtype=np.uint8)
@@ -289,6 +305,180 @@ def _kvt_dequantize(t: KvtSpec, data: Any, n: int) -> np.ndarray:
     return y.reshape(-1)
 
 
+# --- row-trellis types (native/src/pyadaq-kvt.c, "Row-trellis types") -------------------------
+#
+# A block is a row of 256 values: 4 sub-blocks of 64 with a kvt profile, their 4 scale codes (kvt's
+# search, per sub-block), then one little-endian bit stream per width of the profile, widest first;
+# stream k holds the values of width k in row order (sub-block, group, position), k bits each.
+# Widths above KVTR_MAX_TRELLIS hold the nearest kvt level's index of u = x * (1 / d); narrower
+# ones a tail-biting bitshift trellis: value t decodes as d * TABLES[k][W], the window W being
+# the STATE_BITS stream bits before value t's (circularly) below its own k bits. The encoder runs
+# Viterbi over the 2^STATE_BITS states twice (see the C reference for the exact order).
+
+KVTR_QK = 256
+KVTR_SUBS = 4
+KVTR_MAX_TRELLIS = 3
+
+
+@dataclass(frozen=True)
+class KvtrSpec:
+    name: str
+    id: int
+    widths: tuple  # bits of the 8 groups of each sub-block, descending
+
+    block_size = KVTR_QK
+
+    @property
+    def type_size(self) -> int:
+        return KVTR_SUBS * (1 + sum(self.widths))
+
+
+# The X-macro PYADAQ_KVTR_TYPES of pyadaq-quants.h, row for row.
+KVTR_TYPES: dict[str, KvtrSpec] = {
+    t.name: t
+    for t in (
+        KvtrSpec("kvt2r", 109, (4, 3, 3, 2, 2, 2, 2, 1)),
+        KvtrSpec("kvt3r", 116, (5, 4, 3, 3, 3, 3, 3, 3)),
+    )
+}
+
+
+_TRELLIS: dict = {}
+
+
+def _trellis_data() -> tuple[int, dict]:
+    """(STATE_BITS, TABLES) of kvt_trellis_tables.py beside this file (scripts/kvt_trellis_tables.py
+    writes it and the C header), read as literals so that this module still needs numpy only."""
+    if not _TRELLIS:
+        import ast
+        from pathlib import Path
+
+        tree = ast.parse(Path(__file__).with_name("kvt_trellis_tables.py").read_text())
+        found = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets}
+        _TRELLIS["state_bits"] = int(found["STATE_BITS"])
+        _TRELLIS["tables"] = {k: np.asarray(v, np.float64).astype(np.float32) for k, v in found["TABLES"].items()}
+    return _TRELLIS["state_bits"], _TRELLIS["tables"]
+
+
+def kvtr_state_bits() -> int:
+    """The trellis state: the stream bits before a value's own that its window reads."""
+    return _trellis_data()[0]
+
+
+def kvtr_table(bits: int) -> np.ndarray:
+    """The float32 reconstruction table of trellis width ``bits`` (1..KVTR_MAX_TRELLIS)."""
+    if not 1 <= bits <= KVTR_MAX_TRELLIS:
+        raise ValueError(f"trellis tables exist for 1..{KVTR_MAX_TRELLIS} bits, not {bits}")
+    return _trellis_data()[1][bits]
+
+
+def _kvtr_positions(widths: tuple, k: int) -> np.ndarray:
+    return np.array([64 * b + 8 * g + i for b in range(KVTR_SUBS) for g in range(8) if widths[g] == k
+                     for i in range(8)], dtype=np.int64)
+
+
+def _kvtr_viterbi(u: np.ndarray, w: np.ndarray, k: int, start: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Viterbi over rows u, w [nr, n] (float32, C's order of operations); returns (end state [nr],
+    windows [nr, n])."""
+    sbits = kvtr_state_bits()
+    nr, n = u.shape
+    ns = 1 << sbits
+    table = kvtr_table(k)
+    rows = np.arange(nr)
+    if start is None:
+        cost = np.zeros((nr, ns), np.float32)
+    else:
+        cost = np.full((nr, ns), np.inf, np.float32)
+        cost[rows, start] = 0
+    back = np.empty((n, nr, ns), np.int64)
+    s2 = np.arange(ns)
+    for t in range(n):
+        best = np.full((nr, ns), np.inf, np.float32)
+        bw = np.broadcast_to(s2 << k, (nr, ns)).copy()
+        for r in range(1 << k):
+            win = (s2 << k) | r
+            diff = u[:, t:t + 1] - table[win][None, :]
+            c = cost[:, win & (ns - 1)] + w[:, t:t + 1] * (diff * diff)
+            better = c < best
+            best = np.where(better, c, best)
+            bw = np.where(better, win[None, :], bw)
+        cost = best
+        back[t] = bw
+    end = cost.argmin(axis=1) if start is None else start
+    wins = np.empty((nr, n), np.int64)
+    s = end.copy()
+    for t in range(n - 1, -1, -1):
+        wins[:, t] = back[t][rows, s]
+        s = wins[:, t] & (ns - 1)
+    return end, wins
+
+
+def _kvtr_quantize(t: KvtrSpec, xb: np.ndarray) -> np.ndarray:
+    sbits = kvtr_state_bits()
+    nr = xb.shape[0]
+    xs, code = _kvt_codes(t.widths, xb.reshape(nr * KVTR_SUBS, 64))
+    xs = xs.reshape(nr, KVTR_QK)
+    code = code.reshape(nr, KVTR_SUBS)
+    _, mids = _kvt_mids(t.widths)
+    out = np.zeros((nr, t.type_size), np.uint8)
+    out[:, :KVTR_SUBS] = code
+    bits = np.zeros((nr, 8 * (t.type_size - KVTR_SUBS)), np.uint8)
+    with np.errstate(all="ignore"):
+        d = kvt_scales()[code]
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0))
+        u = (xs.reshape(nr, KVTR_SUBS, 64) * inv[:, :, None]).reshape(nr, KVTR_QK)
+        wt = np.repeat(d * d, 64, axis=1)
+        at = 0
+        for k in range(KVT_MAX_BITS, 0, -1):
+            pos = _kvtr_positions(t.widths, k)
+            if not pos.size:
+                continue
+            if k > KVTR_MAX_TRELLIS:
+                val = _kvt_nearest(u[:, pos], mids[k]).astype(np.int64)
+            else:
+                s0, _ = _kvtr_viterbi(u[:, pos], wt[:, pos], k, None)
+                _, wins = _kvtr_viterbi(u[:, pos], wt[:, pos], k, s0)
+                val = wins >> sbits
+            for q in range(k):
+                bits[:, at + q:at + pos.size * k:k] = (val >> q) & 1
+            at += pos.size * k
+    out[:, KVTR_SUBS:] = np.packbits(bits, axis=1, bitorder="little")
+    return out.reshape(-1)
+
+
+def _kvtr_dequantize(t: KvtrSpec, data: Any, n: int) -> np.ndarray:
+    sbits = kvtr_state_bits()
+    if n < 0 or n % KVTR_QK:
+        raise ValueError(f"n = {n} is not a multiple of {t.name}'s block size {KVTR_QK}")
+    nr = n // KVTR_QK
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) \
+        else np.asarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size < nr * t.type_size:
+        raise ValueError(f"{n} {t.name} values need {nr * t.type_size} bytes, got {raw.size}")
+    blocks = raw[: nr * t.type_size].reshape(nr, t.type_size)
+    d = kvt_scales()[blocks[:, :KVTR_SUBS]]
+    bits = np.unpackbits(blocks[:, KVTR_SUBS:], axis=1, bitorder="little").astype(np.int64)
+    y = np.zeros((nr, KVTR_QK), np.float32)
+    at = 0
+    with np.errstate(all="ignore"):
+        for k in range(KVT_MAX_BITS, 0, -1):
+            pos = _kvtr_positions(t.widths, k)
+            if not pos.size:
+                continue
+            stream = bits[:, at:at + pos.size * k]
+            dd = d[:, pos // 64]
+            if k > KVTR_MAX_TRELLIS:
+                idx = sum(stream[:, q::k] << q for q in range(k))
+                y[:, pos] = dd * kvt_levels(k)[idx]
+            else:
+                wrapped = np.concatenate([stream[:, -sbits:], stream], axis=1)
+                starts = np.arange(pos.size) * k  # value t's window: wrapped bits t*k .. t*k + S + k
+                win = sum(wrapped[:, starts + q] << q for q in range(sbits + k))
+                y[:, pos] = dd * kvtr_table(k)[win]
+            at += pos.size * k
+    return y.reshape(-1)
+
+
 def format_constants() -> str:
     """The formats' constants this module defines (profiles, codebooks, scale rules, searches) as
     text; with the kvt level and scale tables (see pyadaq.types.formats_fingerprint) they are
@@ -296,19 +486,21 @@ def format_constants() -> str:
     return "\n".join([
         repr(sorted((t.name, t.id, t.block_size, t.bits, t.levels, t.rule) for t in TYPES.values())),
         repr(sorted((t.name, t.id, t.widths) for t in KVT_TYPES.values())),
+        repr(sorted((t.name, t.id, t.widths) for t in KVTR_TYPES.values())),
+        repr([KVTR_QK, KVTR_SUBS, KVTR_MAX_TRELLIS, kvtr_state_bits()]),
         repr([KVT_SEARCH_N, KVT_SEARCH_BELOW, KVT_SCALE_STEPS, KVT_SCALE_BIAS, KVT_MAX_BITS]),
         repr([SEARCH_N, float(SEARCH_LO), float(SEARCH_STEP)])])
 
 
-def spec(type_: Any) -> TypeSpec | KvtSpec:
-    """The TypeSpec (or KvtSpec) of a pyadaq type given by name, ggml id, spec or CacheType."""
-    if isinstance(type_, (TypeSpec, KvtSpec)):
+def spec(type_: Any) -> TypeSpec | KvtSpec | KvtrSpec:
+    """The TypeSpec (KvtSpec, KvtrSpec) of a pyadaq type given by name, ggml id, spec or CacheType."""
+    if isinstance(type_, (TypeSpec, KvtSpec, KvtrSpec)):
         return type_
     if not isinstance(type_, (str, int)) and hasattr(type_, "name"):  # pyadaq.CacheType
         type_ = type_.name
     if isinstance(type_, bool) or not isinstance(type_, (str, int)):
         raise TypeError(f"a pyadaq type is a name or a ggml type id, not {type(type_).__name__}")
-    every = {**TYPES, **KVT_TYPES}
+    every = {**TYPES, **KVT_TYPES, **KVTR_TYPES}
     if isinstance(type_, int):
         for t in every.values():
             if t.id == type_:
@@ -393,6 +585,8 @@ def quantize(type_: Any, x: Any) -> np.ndarray:
     """
     t = spec(type_)
     xb = _as_blocks(x, t)
+    if isinstance(t, KvtrSpec):
+        return _kvtr_quantize(t, xb)
     if isinstance(t, KvtSpec):
         return _kvt_quantize(t, xb)
     nb, qk = xb.shape
@@ -436,6 +630,8 @@ def indices(type_: Any, data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
 def dequantize(type_: Any, data: Any, n: int) -> np.ndarray:
     """Decode n values from raw block bytes: float32, identical to C's ``pyadaq_dequantize``."""
     t = spec(type_)
+    if isinstance(t, KvtrSpec):
+        return _kvtr_dequantize(t, data, n)
     if isinstance(t, KvtSpec):
         return _kvt_dequantize(t, data, n)
     idx, d16 = indices(t, data, n)

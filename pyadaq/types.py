@@ -20,8 +20,10 @@ UPSTREAM_CACHE_TYPES = {
 PYADAQ_CACHE_TYPES = {"kvq2": 100, "kvq3": 101}
 # Transform-coded types (native/src/pyadaq-kvt.c): bits that fall along each head's principal
 # components; they hold whitened, interleaved coordinates, so they need a calibration.
+# kvt2r and kvt3r code a row of 256 values (a head of 256, or a multiple) with one trellis stream per
+# bit width: the same sizes as kvt2 and kvt3, less error; CPU only for now.
 PYADAQ_CALIBRATED_TYPES = {"kvt2": 102, "kvt3": 103, "kvt4": 104, "kvt2s": 105, "kvt3s": 106, "kvt4s": 107,
-                           "kvt1": 108}
+                           "kvt1": 108, "kvt2r": 109, "kvt3r": 116}
 PYADAQ_RESEARCH_TYPES = {
     "kvq2_u32m": 110, "kvq2_u32": 111, "kvq2_n64": 112,
     "kvq3_u32m": 113, "kvq3_u32": 114, "kvq3_n64": 115,
@@ -101,10 +103,10 @@ def _table() -> dict[str, CacheType]:
 @lru_cache(maxsize=1)
 def formats_fingerprint() -> str:
     """A short hash of pyadaq's cache formats: the numpy twin's constants (profiles, codebooks,
-    searches) and the native library's kvt level and scale tables. Cached measurements of the
+    searches) and the native library's kvt level, scale and trellis tables. Cached measurements of the
     types (the planner's sensitivities) and saved states are keyed by it, so that what was
     measured or saved with other formats is not reused."""
-    from pyadaq.quants_ref import KVT_MAX_BITS, format_constants
+    from pyadaq.quants_ref import KVT_MAX_BITS, KVTR_MAX_TRELLIS, format_constants
 
     n = native()
     parts = [format_constants()]
@@ -112,6 +114,10 @@ def formats_fingerprint() -> str:
         lv = np.zeros(1 << bits, np.float32)
         n.base.pyadaq_kvt_levels(bits, n.ffi.from_buffer("float[]", lv), len(lv))
         parts.append(lv.tobytes().hex())
+    for bits in range(1, KVTR_MAX_TRELLIS + 1):
+        table = np.zeros(4096, np.float32)
+        size = n.base.pyadaq_kvtr_table(bits, n.ffi.from_buffer("float[]", table), len(table))
+        parts.append(table[:size].tobytes().hex())
     out = n.ffi.new("float *")
     scales = []
     for e in range(256):

@@ -110,7 +110,8 @@ def layout(data: bytes) -> dict[str, object]:
 
 # --- mutations ----------------------------------------------------------------------------
 # ggml type ids: upstream's 0..42 (some retired), 43..99 unused (but inside the patched
-# build's GGML_TYPE_COUNT), pyadaq's 100, 101, 110..115, unused 102..109, and beyond.
+# build's GGML_TYPE_COUNT), pyadaq's 100, 101, 110..115, its calibrated cache types 102..109 and 116
+# (no tensor type: refused), and beyond.
 def _type_id(rng: random.Random, orig: int) -> int:
     r = rng.random()
     if r < 0.15:  # the same bytes per element as an f32 / f16 tensor: passes the size checks
@@ -123,7 +124,7 @@ def _type_id(rng: random.Random, orig: int) -> int:
         return rng.choice([100, 101, *list(range(110, 116))])
     if r < 0.80:
         return rng.randrange(102, 110)
-    return rng.choice([116, 117, 255, 256, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1])
+    return rng.choice([116, 117, 118, 255, 256, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1])
 
 
 def _int_variant(rng: random.Random, orig: int, bits: int, step: int = 32) -> int:
@@ -391,7 +392,7 @@ def test_foreign_tensor_type_rejected_in_python(tiny_model, tmp_path):
     data = tiny_model().read_bytes()
     ttypes = layout(data)["fields"]["ttype"]
     p = tmp_path / "m.gguf"
-    for type_id in [*range(43, 100), *range(102, 110), 116, 255, 1 << 31, (1 << 32) - 1]:
+    for type_id in [*range(43, 100), *range(102, 110), 116, 117, 255, 1 << 31, (1 << 32) - 1]:
         for fl in (ttypes[0], ttypes[-1]):
             buf = bytearray(data)
             struct.pack_into("<I", buf, fl.pos, type_id)

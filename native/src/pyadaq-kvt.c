@@ -18,6 +18,7 @@
 #include "ggml.h"
 
 #include "pyadaq-kvt-levels.h"
+#include "pyadaq-kvt-trellis.h"
 #include "pyadaq-quants.h"
 
 #include <assert.h>
@@ -466,6 +467,295 @@ static void pyadaq_kvt_quantize_block_avx2(const float * x, uint8_t * out, const
     }
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DEFINE)
 
+// ---- Row-trellis types (kvt2r, kvt3r) ----------------------------------------------------------
+//
+// A block is a row of 256 values: four sub-blocks of 64 with kvt's group profile, a scale code each,
+// found by kvt's search (kvt_search, so the scales are a kvt block's), and one bit stream per width
+// of the profile, from the widest down, each holding that width's values in row order (sub-block,
+// then group, then position). Stream k holds n_k = 32 * (groups of width k) values, k bits each,
+// value t's at bits t*k .. t*k+k-1 (little-endian bit order: bit i of the payload is bit i % 8 of
+// byte i / 8); n_k * k is a multiple of 32, so every stream starts on a byte.
+//
+// Widths above PYADAQ_KVTR_MAX_TRELLIS hold the index of the Lloyd-Max level nearest to u = x / d
+// (kvt's levels; the value decodes as d * levels[index]). Narrower widths are a tail-biting
+// bitshift trellis: value t decodes as d * table_k[W], where the window W is the stream's S bits
+// before value t's own and its k bits (S = PYADAQ_KVTR_STATE_BITS; W's low S bits are the earlier
+// ones), the stream read circularly (value 0's S bits are the stream's last S). The encoder picks
+// the stream by Viterbi over the 2^S states (the last S bits), minimising sum d^2 (u - table_k[W])^2:
+//   pass 1 from every state at cost 0; s0 = the first state of least final cost;
+//   pass 2 from s0 alone (the others at +inf), read back from s0 (the stream ends where it began).
+// Each step, for every next state s' in order, the candidates W = (s' << k) | r for r = 0..2^k - 1
+// in order, cost c = cost[W & (2^S - 1)] + w * ((u - table_k[W]) * (u - table_k[W])) in float32;
+// the first least c is kept (a next state with no finite candidate keeps W = s' << k and +inf).
+
+static_assert(PYADAQ_KVTR_STATE_BITS >= 1 && PYADAQ_KVTR_STATE_BITS <= 8, "a state fits the windows' uint16");
+static_assert(PYADAQ_KVTR_QK == 256, "a row is 256 values: 4 blocks of 64");
+static_assert(PYADAQ_KVTR_MAX_TRELLIS == 3, "tables exist for widths 1..3");
+static_assert(32 * 1 >= PYADAQ_KVTR_STATE_BITS, "the shortest stream (32 values of 1 bit) is longer than a state");
+
+#define KVTR_NS (1 << PYADAQ_KVTR_STATE_BITS)
+static const float kvtr_table_1[2 * KVTR_NS] = PYADAQ_KVTR_TABLE_1;
+static const float kvtr_table_2[4 * KVTR_NS] = PYADAQ_KVTR_TABLE_2;
+static const float kvtr_table_3[8 * KVTR_NS] = PYADAQ_KVTR_TABLE_3;
+static const float * const kvtr_tables[PYADAQ_KVTR_MAX_TRELLIS + 1] = { NULL, kvtr_table_1, kvtr_table_2, kvtr_table_3 };
+
+int pyadaq_kvtr_table(int bits, float * out, int n) {
+    if (bits < 1 || bits > PYADAQ_KVTR_MAX_TRELLIS || n < (KVTR_NS << bits)) {
+        return -1;
+    }
+    memcpy(out, kvtr_tables[bits], sizeof(float) * (size_t) (KVTR_NS << bits));
+    return KVTR_NS << bits;
+}
+
+#define KVTR_MAX_STREAM PYADAQ_KVTR_QK
+
+// One Viterbi pass over the stream u (weights w) of width k: start < 0 starts from every state,
+// else from that state alone; returns the least final cost's state (start itself when given) and
+// the windows read back from it.
+static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
+    uint16_t back[KVTR_MAX_STREAM][KVTR_NS];
+    const float * T = kvtr_tables[k];
+    float cost[KVTR_NS];
+    float next[KVTR_NS];
+    for (int s = 0; s < KVTR_NS; ++s) {
+        cost[s] = (start < 0 || s == start) ? 0.0f : INFINITY;
+    }
+    for (int t = 0; t < n; ++t) {
+        for (int s2 = 0; s2 < KVTR_NS; ++s2) {
+            float best = INFINITY;
+            int bw = s2 << k;
+            for (int r = 0; r < (1 << k); ++r) {
+                const int W = (s2 << k) | r;
+                const float diff = u[t] - T[W];
+                const float c = cost[W & (KVTR_NS - 1)] + w[t] * (diff * diff);
+                if (c < best) {
+                    best = c;
+                    bw = W;
+                }
+            }
+            next[s2] = best;
+            back[t][s2] = (uint16_t) bw;
+        }
+        memcpy(cost, next, sizeof(cost));
+    }
+    int s = start;
+    if (s < 0) {
+        s = 0;
+        for (int q = 1; q < KVTR_NS; ++q) {
+            if (cost[q] < cost[s]) {
+                s = q;
+            }
+        }
+    }
+    const int end = s;
+    for (int t = n - 1; t >= 0; --t) {
+        wins[t] = back[t][s];
+        s = back[t][s] & (KVTR_NS - 1);
+    }
+    return end;
+}
+
+// the positions (0..255) of the values of width k, in stream order; returns their count
+static int kvtr_stream_positions(const int * widths, int k, int * pos) {
+    int n = 0;
+    for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+        for (int g = 0; g < 8; ++g) {
+            if (widths[g] != k) {
+                continue;
+            }
+            for (int i = 0; i < PYADAQ_KVT_GROUP; ++i) {
+                pos[n++] = b * PYADAQ_KVT_QK + g * PYADAQ_KVT_GROUP + i;
+            }
+        }
+    }
+    return n;
+}
+
+static void kvtr_put_bits(uint8_t * q, int bit, int v, int len) {
+    for (int i = 0; i < len; ++i, ++bit) {
+        q[bit >> 3] |= (uint8_t) (((v >> i) & 1) << (bit & 7));
+    }
+}
+
+static int kvtr_get_bits(const uint8_t * q, int bit, int len) {
+    int v = 0;
+    for (int i = 0; i < len; ++i, ++bit) {
+        v |= ((q[bit >> 3] >> (bit & 7)) & 1) << i;
+    }
+    return v;
+}
+
+// The row's payload (the streams) from its scale codes e: u = x * (1 / d) per sub-block.
+static void kvtr_encode(const float * xs, const int * e, const int * widths, const kvt_mids * mids, uint8_t * q) {
+    float u[PYADAQ_KVTR_QK];
+    float w[PYADAQ_KVTR_QK];
+    for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+        const float d = kvt_scale(e[b]);
+        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int j = b * PYADAQ_KVT_QK; j < (b + 1) * PYADAQ_KVT_QK; ++j) {
+            u[j] = xs[j] * inv;
+            w[j] = d * d;
+        }
+    }
+    int bit = 0;
+    for (int k = PYADAQ_KVT_MAX_BITS; k >= 1; --k) {
+        int pos[KVTR_MAX_STREAM];
+        const int n = kvtr_stream_positions(widths, k, pos);
+        if (n == 0) {
+            continue;
+        }
+        float su[KVTR_MAX_STREAM];
+        float sw[KVTR_MAX_STREAM];
+        for (int t = 0; t < n; ++t) {
+            su[t] = u[pos[t]];
+            sw[t] = w[pos[t]];
+        }
+        if (k > PYADAQ_KVTR_MAX_TRELLIS) {
+            for (int t = 0; t < n; ++t) {
+                kvtr_put_bits(q, bit + t * k, kvt_nearest(su[t], mids->m[k], (1 << k) - 1), k);
+            }
+        } else {
+            uint16_t wins[KVTR_MAX_STREAM];
+            const int s0 = kvtr_viterbi(su, sw, n, k, -1, wins);
+            kvtr_viterbi(su, sw, n, k, s0, wins);
+            for (int t = 0; t < n; ++t) {
+                kvtr_put_bits(q, bit + t * k, wins[t] >> PYADAQ_KVTR_STATE_BITS, k);
+            }
+        }
+        bit += n * k;
+    }
+}
+
+static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload, const int * widths, const kvt_mids * mids,
+                                 int (*search)(const float *, const float *, const int *, const kvt_mids *, float)) {
+    float xs[PYADAQ_KVTR_QK];
+    float wt[PYADAQ_KVT_QK];
+    int e[PYADAQ_KVTR_SUBS];
+    for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+        float * xb = xs + b * PYADAQ_KVT_QK;
+        const float rms = kvt_prepare(x + b * PYADAQ_KVT_QK, widths, xb, wt);
+        e[b] = rms > 0.0f ? search(xb, wt, widths, mids, rms) : 0;
+        out[b] = (uint8_t) e[b];
+    }
+    memset(out + PYADAQ_KVTR_SUBS, 0, payload);
+    kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS);
+}
+
+static void kvtr_dequantize_row256(const uint8_t * in, float * y, const int * widths) {
+    const uint8_t * q = in + PYADAQ_KVTR_SUBS;
+    float d[PYADAQ_KVTR_SUBS];
+    for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+        d[b] = kvt_scale(in[b]);
+    }
+    for (int g = 0; g < 8; ++g) {
+        if (widths[g] == 0) {
+            for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+                memset(y + b * PYADAQ_KVT_QK + g * PYADAQ_KVT_GROUP, 0, sizeof(float) * PYADAQ_KVT_GROUP);
+            }
+        }
+    }
+    int bit = 0;
+    for (int k = PYADAQ_KVT_MAX_BITS; k >= 1; --k) {
+        int pos[KVTR_MAX_STREAM];
+        const int n = kvtr_stream_positions(widths, k, pos);
+        if (n == 0) {
+            continue;
+        }
+        const int nbits = n * k;
+        for (int t = 0; t < n; ++t) {
+            const float db = d[pos[t] / PYADAQ_KVT_QK];
+            if (k > PYADAQ_KVTR_MAX_TRELLIS) {
+                y[pos[t]] = db * kvt_levels[k][kvtr_get_bits(q, bit + t * k, k)];
+                continue;
+            }
+            // the window: S bits before value t's (wrapping to the stream's end) and its k bits
+            const int own = kvtr_get_bits(q, bit + t * k, k);
+            const int s0 = t * k - PYADAQ_KVTR_STATE_BITS;
+            int state;
+            if (s0 >= 0) {
+                state = kvtr_get_bits(q, bit + s0, PYADAQ_KVTR_STATE_BITS);
+            } else {
+                state = kvtr_get_bits(q, bit + nbits + s0, -s0) | (kvtr_get_bits(q, bit, t * k) << -s0);
+            }
+            y[pos[t]] = db * kvtr_tables[k][(own << PYADAQ_KVTR_STATE_BITS) | state];
+        }
+        bit += nbits;
+    }
+}
+
+#define PYADAQ_KVTR_CHECK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                              \
+    static_assert(GGML_TYPE_##UPPER == (id), "ggml.h patch and PYADAQ_KVTR_TYPES disagree on " #lower); \
+    static_assert(sizeof(block_##lower) == PYADAQ_KVTR_SIZE(W0, W1, W2, W3, W4, W5, W6, W7),            \
+                  "wrong " #lower " block size/padding");                                               \
+    static_assert((W0) >= (W1) && (W1) >= (W2) && (W2) >= (W3) && (W3) >= (W4) && (W4) >= (W5) &&       \
+                  (W5) >= (W6) && (W6) >= (W7) && (W0) <= PYADAQ_KVT_MAX_BITS && (W7) >= 0,            \
+                  #lower ": a profile descends from at most 7 bits");
+PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CHECK)
+
+#ifdef PYADAQ_KVT_HAVE_AVX2
+#define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)                                                            \
+    if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
+        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
+            kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
+                                 &mids, kvt_search_avx2);                                                \
+        }                                                                                                \
+        return 0;                                                                                        \
+    }
+#else
+#define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)
+#endif
+
+#define PYADAQ_KVTR_DEFINE(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                             \
+    static const int lower##_widths[8] = { W0, W1, W2, W3, W4, W5, W6, W7 };                              \
+    void quantize_row_##lower##_ref(const float * x, void * y, int64_t k) {                              \
+        assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
+        kvt_mids mids;                                                                                   \
+        kvt_make_mids(&mids);                                                                            \
+        block_##lower * b = (block_##lower *) y;                                                         \
+        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
+            kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
+                                 &mids, kvt_search);                                                     \
+        }                                                                                                \
+    }                                                                                                    \
+    void dequantize_row_##lower##_ref(const void * x, float * y, int64_t k) {                            \
+        assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
+        const block_##lower * b = (const block_##lower *) x;                                             \
+        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
+            kvtr_dequantize_row256((const uint8_t *) &b[i], y + i * PYADAQ_KVTR_QK, lower##_widths);     \
+        }                                                                                                \
+    }                                                                                                    \
+    static int quantize_row_##lower##_impl(const float * x, void * y, int64_t k, int impl) {             \
+        kvt_mids mids;                                                                                   \
+        kvt_make_mids(&mids);                                                                            \
+        block_##lower * b = (block_##lower *) y;                                                         \
+        PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)                                                            \
+        if (impl != PYADAQ_IMPL_SCALAR) {                                                                \
+            return -2;                                                                                   \
+        }                                                                                                \
+        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
+            kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
+                                 &mids, kvt_search);                                                     \
+        }                                                                                                \
+        return 0;                                                                                        \
+    }                                                                                                    \
+    static int dequantize_row_##lower##_impl(const void * x, float * y, int64_t k, int impl) {           \
+        if (impl != PYADAQ_IMPL_SCALAR && impl != PYADAQ_IMPL_AVX2) {                                    \
+            return -2;                                                                                   \
+        }                                                                                                \
+        dequantize_row_##lower##_ref(x, y, k);                                                           \
+        return 0;                                                                                        \
+    }                                                                                                    \
+    void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
+        assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
+        dequantize_row_##lower##_impl(x, y, k, pyadaq_dequant_best());                                   \
+    }                                                                                                    \
+    size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
+                            const float * imatrix) {                                                     \
+        (void) imatrix;                                                                                  \
+        return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
+    }
+PYADAQ_KVTR_TYPES(PYADAQ_KVTR_DEFINE)
+
 int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl) {
     if (impl == PYADAQ_IMPL_BEST) {
         impl = pyadaq_dequant_best();
@@ -474,6 +764,10 @@ int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, i
     if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
     PYADAQ_KVT_TYPES(PYADAQ_KVT_DQ)
 #undef PYADAQ_KVT_DQ
+#define PYADAQ_KVTR_DQ(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
+    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_DQ)
+#undef PYADAQ_KVTR_DQ
     return -1;
 }
 
@@ -485,5 +779,9 @@ int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl
     if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; return quantize_row_##lower##_impl(x, y, k, impl); }
     PYADAQ_KVT_TYPES(PYADAQ_KVT_QZ)
 #undef PYADAQ_KVT_QZ
+#define PYADAQ_KVTR_QZ(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; return quantize_row_##lower##_impl(x, y, k, impl); }
+    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_QZ)
+#undef PYADAQ_KVTR_QZ
     return -1;
 }

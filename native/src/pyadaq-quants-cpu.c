@@ -231,31 +231,36 @@ PYADAQ_TYPES(PYADAQ_DEFINE_CPU)
 // up to this many blocks are dequantized in one call (a head of up to 512 values at once)
 #define PYADAQ_KVT_DOT_BLOCKS 8
 
-static float pyadaq_kvt_vec_dot(int n, const void * vx, size_t block_bytes, ggml_to_float_t deq, const float * y) {
+static float pyadaq_kvt_vec_dot(int n, const void * vx, int qk, size_t block_bytes, ggml_to_float_t deq, const float * y) {
     float sum = 0.0f;
     float v[PYADAQ_KVT_DOT_BLOCKS * PYADAQ_KVT_QK];
-    const int nb = n / PYADAQ_KVT_QK;
-    for (int ib0 = 0; ib0 < nb; ib0 += PYADAQ_KVT_DOT_BLOCKS) {
-        const int m = nb - ib0 < PYADAQ_KVT_DOT_BLOCKS ? nb - ib0 : PYADAQ_KVT_DOT_BLOCKS;
-        deq((const uint8_t *) vx + (size_t) ib0 * block_bytes, v, (int64_t) m * PYADAQ_KVT_QK);
+    const int per_call = PYADAQ_KVT_DOT_BLOCKS * PYADAQ_KVT_QK / qk;  // blocks of qk per call
+    const int nb = n / qk;
+    for (int ib0 = 0; ib0 < nb; ib0 += per_call) {
+        const int m = nb - ib0 < per_call ? nb - ib0 : per_call;
+        deq((const uint8_t *) vx + (size_t) ib0 * block_bytes, v, (int64_t) m * qk);
         float part;
-        ggml_vec_dot_f32(m * PYADAQ_KVT_QK, &part, 0, v, 0, y + (size_t) ib0 * PYADAQ_KVT_QK, 0, 1);
+        ggml_vec_dot_f32(m * qk, &part, 0, v, 0, y + (size_t) ib0 * qk, 0, 1);
         sum += part;
     }
     return sum;
 }
+static_assert(PYADAQ_KVT_DOT_BLOCKS * PYADAQ_KVT_QK % PYADAQ_KVTR_QK == 0, "whole kvtr rows per call");
 
-#define PYADAQ_DEFINE_KVT_CPU(UPPER, lower, id, ...)                                                  \
+#define PYADAQ_DEFINE_KVT_CPU_QK(UPPER, lower, QK)                                                    \
     void quantize_row_##lower(const float * x, void * y, int64_t k) {                                \
         pyadaq_kvt_quantize(GGML_TYPE_##UPPER, x, y, k, PYADAQ_IMPL_BEST);                           \
     }                                                                                                \
     void ggml_vec_dot_##lower##_f32(int n, float * s, size_t bs, const void * vx, size_t bx,         \
                                     const void * vy, size_t by, int nrc) {                           \
         assert(nrc == 1);                                                                            \
-        assert(n % PYADAQ_KVT_QK == 0);                                                              \
+        assert(n % (QK) == 0);                                                                       \
         (void) bs; (void) bx; (void) by; (void) nrc;                                                 \
-        *s = pyadaq_kvt_vec_dot(n, vx, sizeof(block_##lower), dequantize_row_##lower, (const float *) vy); \
+        *s = pyadaq_kvt_vec_dot(n, vx, QK, sizeof(block_##lower), dequantize_row_##lower, (const float *) vy); \
     }
+#define PYADAQ_DEFINE_KVT_CPU(UPPER, lower, id, ...) PYADAQ_DEFINE_KVT_CPU_QK(UPPER, lower, PYADAQ_KVT_QK)
+#define PYADAQ_DEFINE_KVTR_CPU(UPPER, lower, id, ...) PYADAQ_DEFINE_KVT_CPU_QK(UPPER, lower, PYADAQ_KVTR_QK)
+PYADAQ_KVTR_TYPES(PYADAQ_DEFINE_KVTR_CPU)
 PYADAQ_KVT_TYPES(PYADAQ_DEFINE_KVT_CPU)
 
 // Test entry points (pyadaq/_native.py). `impl`: 0 = the generic C path, 1 = the path the
@@ -291,6 +296,10 @@ int pyadaq_cpu_vec_dot_f32(int type, int n, const void * x, const float * y, flo
     if (type == (id)) { if (n % PYADAQ_KVT_QK) return -1; ggml_vec_dot_##lower##_f32(n, out, 0, x, 0, y, 0, 1); return 0; }
     PYADAQ_KVT_TYPES(PYADAQ_KVT_VD)
 #undef PYADAQ_KVT_VD
+#define PYADAQ_KVTR_VD(UPPER, lower, id, ...) \
+    if (type == (id)) { if (n % PYADAQ_KVTR_QK) return -1; ggml_vec_dot_##lower##_f32(n, out, 0, x, 0, y, 0, 1); return 0; }
+    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_VD)
+#undef PYADAQ_KVTR_VD
     return -1;
 }
 
@@ -310,6 +319,10 @@ int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k) {
 #define PYADAQ_KVT_CQ(UPPER, lower, id, ...) \
     if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; quantize_row_##lower(x, y, k); return 0; }
     PYADAQ_KVT_TYPES(PYADAQ_KVT_CQ)
+#define PYADAQ_KVTR_CQ(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; quantize_row_##lower(x, y, k); return 0; }
+    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CQ)
+#undef PYADAQ_KVTR_CQ
 #undef PYADAQ_KVT_CQ
     return -1;
 }

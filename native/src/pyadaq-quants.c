@@ -28,7 +28,7 @@ PYADAQ_TYPES(PYADAQ_CHECK_ID)
 static_assert(sizeof(ggml_half) == sizeof(uint16_t), "ggml_half is two bytes");
 // the unused ids start right after upstream's last type; an upstream bump must move them
 static_assert(GGML_TYPE_Q2_0 + 1 == PYADAQ_FIRST_UNUSED_TYPE_ID, "upstream added a type: update PYADAQ_UNUSED_TYPE_IDS");
-static_assert(GGML_TYPE_COUNT == 116, "GGML_TYPE_COUNT changed: update PYADAQ_UNUSED_TYPE_IDS");
+static_assert(GGML_TYPE_COUNT == 117, "GGML_TYPE_COUNT changed: update PYADAQ_UNUSED_TYPE_IDS");
 
 // Index of the level nearest to v: the number of midpoints between levels that v exceeds.
 static inline int nearest_level(float v, const float * mids, int n_mids) {
@@ -275,6 +275,7 @@ int pyadaq_is_pyadaq_type(int type) {
 #undef PYADAQ_IS
 #define PYADAQ_KVT_IS(UPPER, lower, id, ...) if (type == (id)) return 1;
     PYADAQ_KVT_TYPES(PYADAQ_KVT_IS)
+    PYADAQ_KVTR_TYPES(PYADAQ_KVT_IS)
 #undef PYADAQ_KVT_IS
     return 0;
 }
@@ -288,6 +289,10 @@ int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k) {
     if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
     PYADAQ_KVT_TYPES(PYADAQ_KVT_Q)
 #undef PYADAQ_KVT_Q
+#define PYADAQ_KVTR_Q(UPPER, lower, id, ...) \
+    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
+    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_Q)
+#undef PYADAQ_KVTR_Q
     return -1;
 }
 

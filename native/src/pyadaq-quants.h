@@ -88,6 +88,26 @@ enum pyadaq_scale_rule {
 #define PYADAQ_KVT_BLOCK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7) \
     typedef struct { uint8_t e; uint8_t q[PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) - 1]; } block_##lower;
 PYADAQ_KVT_TYPES(PYADAQ_KVT_BLOCK)
+
+// Row-trellis types (pyadaq-kvt.c): a block is a row of 256 values, four kvt blocks' worth: the
+// four sub-blocks' scale codes, then one bit stream per width of the profile, each holding the
+// values of that width across the row. Widths up to PYADAQ_KVTR_MAX_TRELLIS are coded by a
+// tail-biting bitshift trellis (the tables in pyadaq-kvt-trellis.h), wider ones as kvt's Lloyd-Max
+// indices. The same sizes as the kvt types of the same bits (2.5 and 3.5 bits per value); a head
+// size must be a multiple of 256.
+#define PYADAQ_KVTR_TYPES(X)                           \
+    X(KVT2R, kvt2r, 109, 4, 3, 3, 2, 2, 2, 2, 1)       \
+    X(KVT3R, kvt3r, 116, 5, 4, 3, 3, 3, 3, 3, 3)
+#define PYADAQ_KVTR_SUBS        4
+#define PYADAQ_KVTR_QK          (PYADAQ_KVTR_SUBS * PYADAQ_KVT_QK)
+#define PYADAQ_KVTR_MAX_TRELLIS 3
+#define PYADAQ_KVTR_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) (PYADAQ_KVTR_SUBS * PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7))
+#define PYADAQ_KVTR_BLOCK(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                              \
+    typedef struct {                                                                                    \
+        uint8_t e[PYADAQ_KVTR_SUBS];                                                                    \
+        uint8_t q[PYADAQ_KVTR_SUBS * (PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) - 1)];             \
+    } block_##lower;
+PYADAQ_KVTR_TYPES(PYADAQ_KVTR_BLOCK)
 // Copies the levels for `bits` (1..7) into out (n floats); returns their count, -1 otherwise.
 PYADAQ_API int pyadaq_kvt_levels(int bits, float * out, int n);
 // The scale d of code e (0..255) into out; returns 0, -1 for a code out of range.
@@ -96,6 +116,9 @@ PYADAQ_API int pyadaq_kvt_scale(int e, float * out);
 // the scalar reference or AVX2 (the same bytes); the CPU backend's quantize_row runs the best.
 // Returns 0, -1 (not a kvt type, or k not whole blocks) or -2 (implementation not available).
 PYADAQ_API int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl);
+// The row-trellis table of `bits` (1..PYADAQ_KVTR_MAX_TRELLIS) into out (n floats); returns its
+// size, -1 otherwise. pyadaq_kvt_quantize and the dequantization entries take the kvtr types too.
+PYADAQ_API int pyadaq_kvtr_table(int bits, float * out, int n);
 
 // Codebooks, ascending. n2/n3: Lloyd-Max levels of a unit Gaussian (what values
 // look like after upstream's Hadamard rotation) scaled to int8; u2/u3: uniform.
@@ -138,6 +161,8 @@ _Static_assert(sizeof(block_pyadaq_3x64) == 2 + 64/4 + 64/8,   "wrong pyadaq 3-b
 PYADAQ_TYPES(PYADAQ_DECLARE_REF)
 #define PYADAQ_KVT_DECLARE(UPPER, lower, id, ...) PYADAQ_DECLARE_REF(UPPER, lower, id, 64, 0, 0, 0)
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE)
+#define PYADAQ_KVTR_DECLARE(UPPER, lower, id, ...) PYADAQ_DECLARE_REF(UPPER, lower, id, 256, 0, 0, 0)
+PYADAQ_KVTR_TYPES(PYADAQ_KVTR_DECLARE)
 
 // Per type, CPU backend (pyadaq-quants-cpu.c): fast quantize and the dot product with q8_0.
 #define PYADAQ_DECLARE_CPU(UPPER, lower, id, QK, BITS, LEVELS, RULE)                                          \
@@ -155,6 +180,7 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
     void ggml_vec_dot_##lower##_f32(int n, float * s, size_t bs, const void * vx, size_t bx,                  \
                                     const void * vy, size_t by, int nrc);
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
+PYADAQ_KVTR_TYPES(PYADAQ_KVT_DECLARE_CPU)
 
 // Registration rows spliced into upstream's tables by the patches in native/patches.
 #define PYADAQ_TRAITS_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)          \
@@ -176,7 +202,7 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
     X(55) X(56) X(57) X(58) X(59) X(60) X(61) X(62) X(63) X(64) X(65) X(66) \
     X(67) X(68) X(69) X(70) X(71) X(72) X(73) X(74) X(75) X(76) X(77) X(78) \
     X(79) X(80) X(81) X(82) X(83) X(84) X(85) X(86) X(87) X(88) X(89) X(90) \
-    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99) X(109)
+    X(91) X(92) X(93) X(94) X(95) X(96) X(97) X(98) X(99)
 #define PYADAQ_UNUSED_ROW(id)                                                \
     [id] = {                                                                 \
         .type_name      = "unused type id " #id " (reserved by pyadaq)",   \
@@ -193,8 +219,17 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
         .to_float       = (ggml_to_float_t) dequantize_row_##lower,          \
         .from_float_ref = (ggml_from_float_t) quantize_row_##lower##_ref,    \
     },
+#define PYADAQ_KVTR_TRAITS_ROW(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7) \
+    [GGML_TYPE_##UPPER] = {                                                  \
+        .type_name      = #lower,                                            \
+        .blck_size      = PYADAQ_KVTR_QK,                                    \
+        .type_size      = PYADAQ_KVTR_SIZE(W0, W1, W2, W3, W4, W5, W6, W7),  \
+        .is_quantized   = true,                                              \
+        .to_float       = (ggml_to_float_t) dequantize_row_##lower,          \
+        .from_float_ref = (ggml_from_float_t) quantize_row_##lower##_ref,    \
+    },
 #define PYADAQ_GGML_TYPE_TRAITS PYADAQ_TYPES(PYADAQ_TRAITS_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_ROW) \
-    PYADAQ_UNUSED_TYPE_IDS(PYADAQ_UNUSED_ROW)
+    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_TRAITS_ROW) PYADAQ_UNUSED_TYPE_IDS(PYADAQ_UNUSED_ROW)
 
 #define PYADAQ_TRAITS_CPU_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)      \
     [GGML_TYPE_##UPPER] = {                                                  \
@@ -210,7 +245,8 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
         .vec_dot_type = GGML_TYPE_F32,                                       \
         .nrows        = 1,                                                   \
     },
-#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW)
+#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW) \
+    PYADAQ_KVTR_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW)
 
 #define PYADAQ_CASE_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) case GGML_TYPE_##UPPER:
 #define PYADAQ_KVT_CASE_ROW(UPPER, ...) case GGML_TYPE_##UPPER:

@@ -86,7 +86,12 @@ def hadamard(d: int) -> np.ndarray:
     return out
 
 
-def interleave(d: int, block: int = 64) -> np.ndarray:
+# The period of every transform-coded type's bit profile: a kvt block, and each of the four
+# sub-blocks of a row-trellis (kvt*r) block, whose profile repeats every 64 values.
+PROFILE_BLOCK = 64
+
+
+def interleave(d: int, block: int = PROFILE_BLOCK) -> np.ndarray:
     """order[j]: the principal direction (by descending variance) stored at position j of a head
     of d values in blocks of `block`: position p of block b holds direction p * (d/block) + b."""
     nb = d // block
@@ -125,10 +130,10 @@ def matrix_and_scale(comps, t) -> tuple[np.ndarray, np.ndarray | None]:
         if comps.head_size % t.block_size:
             raise ValueError(f"{t.name} needs a head size that is a multiple of {t.block_size}, "
                              f"not {comps.head_size}")
-        order = interleave(comps.head_size, t.block_size)
+        order = interleave(comps.head_size, PROFILE_BLOCK)
         var = np.maximum(comps.var.astype(np.float64), 1e-6 * comps.var.max(axis=1, keepdims=True))
         var = np.maximum(var, 1e-30)
-        matrix, var = _mix_groups(basis[:, :, order], var[:, order], t.block_size)
+        matrix, var = _mix_groups(basis[:, :, order], var[:, order], PROFILE_BLOCK)
         return matrix, np.sqrt(var) ** WHITENING.get(t.name, 1.0)
     if not t.quantized:
         return basis, None
