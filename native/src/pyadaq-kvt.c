@@ -511,32 +511,40 @@ int pyadaq_kvtr_table(int bits, float * out, int n) {
 
 // One Viterbi pass over the stream u (weights w) of width k: start < 0 starts from every state,
 // else from that state alone; returns the least final cost's state (start itself when given) and
-// the windows read back from it.
-static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
+// the windows read back from it. The loop over r is outside the loop over next states, which keeps
+// each state's candidates in the order r = 0, 1, ... (the spec's) and lets the compiler vectorize
+// the states (the AVX2 instance below: the same float operations per state, no FMA).
+__attribute__((always_inline))
+static inline int kvtr_viterbi_body(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
     uint16_t back[KVTR_MAX_STREAM][KVTR_NS];
     const float * T = kvtr_tables[k];
     float cost[KVTR_NS];
-    float next[KVTR_NS];
+    float best[KVTR_NS];
+    int bw[KVTR_NS];
     for (int s = 0; s < KVTR_NS; ++s) {
         cost[s] = (start < 0 || s == start) ? 0.0f : INFINITY;
     }
     for (int t = 0; t < n; ++t) {
+        const float ut = u[t];
+        const float wt = w[t];
         for (int s2 = 0; s2 < KVTR_NS; ++s2) {
-            float best = INFINITY;
-            int bw = s2 << k;
-            for (int r = 0; r < (1 << k); ++r) {
-                const int W = (s2 << k) | r;
-                const float diff = u[t] - T[W];
-                const float c = cost[W & (KVTR_NS - 1)] + w[t] * (diff * diff);
-                if (c < best) {
-                    best = c;
-                    bw = W;
-                }
-            }
-            next[s2] = best;
-            back[t][s2] = (uint16_t) bw;
+            best[s2] = INFINITY;
+            bw[s2] = s2 << k;
         }
-        memcpy(cost, next, sizeof(cost));
+        for (int r = 0; r < (1 << k); ++r) {
+            for (int s2 = 0; s2 < KVTR_NS; ++s2) {
+                const int W = (s2 << k) | r;
+                const float diff = ut - T[W];
+                const float c = cost[W & (KVTR_NS - 1)] + wt * (diff * diff);
+                const int better = c < best[s2];
+                best[s2] = better ? c : best[s2];
+                bw[s2] = better ? W : bw[s2];
+            }
+        }
+        for (int s2 = 0; s2 < KVTR_NS; ++s2) {
+            cost[s2] = best[s2];
+            back[t][s2] = (uint16_t) bw[s2];
+        }
     }
     int s = start;
     if (s < 0) {
@@ -554,6 +562,79 @@ static int kvtr_viterbi(const float * u, const float * w, int n, int k, int star
     }
     return end;
 }
+
+static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
+    return kvtr_viterbi_body(u, w, n, k, start, wins);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+// kvtr_viterbi with the 64 next states in 8 registers and no gathers: a state s2's candidate for r
+// reads the window W = (s2 << k) | r, i.e. table[W] (from a copy of the table ordered by r, then
+// s2) and cost[W & 63], which for s2 = 8i .. 8i + 7 is a run of 8 in the cost array reordered by
+// r, then m = W >> k (taken mod 64 >> k): per lane, the reference's float operations in its order.
+__attribute__((target("avx2")))
+static int kvtr_viterbi_avx2(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
+    static_assert(KVTR_NS == 64, "8 registers of 8 states");
+    int32_t back[KVTR_MAX_STREAM][KVTR_NS];  // 64 KiB of stack: stored a register at a time
+    const float * T = kvtr_tables[k];
+    const int R = 1 << k;
+    const int M = KVTR_NS >> k;  // the distinct m = (W >> k) & (M - 1) ... of a state's candidates
+    float Tr[8 * KVTR_NS];       // Tr[r * 64 + s2] = T[(s2 << k) | r]
+    for (int r = 0; r < R; ++r) {
+        for (int s2 = 0; s2 < KVTR_NS; ++s2) {
+            Tr[r * KVTR_NS + s2] = T[(s2 << k) | r];
+        }
+    }
+    float cost[KVTR_NS];
+    float P[KVTR_NS];  // P[r * M + m] = cost[(m << k) | r]
+    for (int s = 0; s < KVTR_NS; ++s) {
+        cost[s] = (start < 0 || s == start) ? 0.0f : INFINITY;
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int t = 0; t < n; ++t) {
+        for (int r = 0; r < R; ++r) {
+            for (int m = 0; m < M; ++m) {
+                P[r * M + m] = cost[(m << k) | r];
+            }
+        }
+        const __m256 ut = _mm256_set1_ps(u[t]);
+        const __m256 wt = _mm256_set1_ps(w[t]);
+        for (int i = 0; i < 8; ++i) {
+            const __m256i s2 = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * i));
+            const __m256i s2k = _mm256_slli_epi32(s2, k);
+            __m256 best = _mm256_set1_ps(INFINITY);
+            __m256i bw = s2k;
+            const int off = (8 * i) & (M - 1);
+            for (int r = 0; r < R; ++r) {
+                const __m256 diff = _mm256_sub_ps(ut, _mm256_loadu_ps(Tr + r * KVTR_NS + 8 * i));
+                const __m256 c = _mm256_add_ps(_mm256_loadu_ps(P + r * M + off), _mm256_mul_ps(wt, _mm256_mul_ps(diff, diff)));
+                const __m256 better = _mm256_cmp_ps(c, best, _CMP_LT_OQ);
+                best = _mm256_blendv_ps(best, c, better);
+                bw = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bw),
+                                                          _mm256_castsi256_ps(_mm256_or_si256(s2k, _mm256_set1_epi32(r))), better));
+            }
+            _mm256_storeu_ps(cost + 8 * i, best);
+            _mm256_storeu_si256((__m256i *) (back[t] + 8 * i), bw);
+        }
+    }
+    int s = start;
+    if (s < 0) {
+        s = 0;
+        for (int q = 1; q < KVTR_NS; ++q) {
+            if (cost[q] < cost[s]) {
+                s = q;
+            }
+        }
+    }
+    const int end = s;
+    for (int t = n - 1; t >= 0; --t) {
+        wins[t] = (uint16_t) back[t][s];
+        s = back[t][s] & (KVTR_NS - 1);
+    }
+    return end;
+}
+#endif
 
 // the positions (0..255) of the values of width k, in stream order; returns their count
 static int kvtr_stream_positions(const int * widths, int k, int * pos) {
@@ -586,7 +667,10 @@ static int kvtr_get_bits(const uint8_t * q, int bit, int len) {
 }
 
 // The row's payload (the streams) from its scale codes e: u = x * (1 / d) per sub-block.
-static void kvtr_encode(const float * xs, const int * e, const int * widths, const kvt_mids * mids, uint8_t * q) {
+typedef int (*kvtr_viterbi_t)(const float *, const float *, int, int, int, uint16_t *);
+
+static void kvtr_encode(const float * xs, const int * e, const int * widths, const kvt_mids * mids, uint8_t * q,
+                        kvtr_viterbi_t viterbi) {
     float u[PYADAQ_KVTR_QK];
     float w[PYADAQ_KVTR_QK];
     for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
@@ -616,8 +700,8 @@ static void kvtr_encode(const float * xs, const int * e, const int * widths, con
             }
         } else {
             uint16_t wins[KVTR_MAX_STREAM];
-            const int s0 = kvtr_viterbi(su, sw, n, k, -1, wins);
-            kvtr_viterbi(su, sw, n, k, s0, wins);
+            const int s0 = viterbi(su, sw, n, k, -1, wins);
+            viterbi(su, sw, n, k, s0, wins);
             for (int t = 0; t < n; ++t) {
                 kvtr_put_bits(q, bit + t * k, wins[t] >> PYADAQ_KVTR_STATE_BITS, k);
             }
@@ -627,7 +711,8 @@ static void kvtr_encode(const float * xs, const int * e, const int * widths, con
 }
 
 static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload, const int * widths, const kvt_mids * mids,
-                                 int (*search)(const float *, const float *, const int *, const kvt_mids *, float)) {
+                                 int (*search)(const float *, const float *, const int *, const kvt_mids *, float),
+                                 kvtr_viterbi_t viterbi) {
     float xs[PYADAQ_KVTR_QK];
     float wt[PYADAQ_KVT_QK];
     int e[PYADAQ_KVTR_SUBS];
@@ -638,7 +723,7 @@ static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload,
         out[b] = (uint8_t) e[b];
     }
     memset(out + PYADAQ_KVTR_SUBS, 0, payload);
-    kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS);
+    kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS, viterbi);
 }
 
 static void kvtr_dequantize_row256(const uint8_t * in, float * y, const int * widths) {
@@ -693,16 +778,87 @@ static void kvtr_dequantize_row256(const uint8_t * in, float * y, const int * wi
 PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CHECK)
 
 #ifdef PYADAQ_KVT_HAVE_AVX2
+// The AVX2 decoding of a row: each stream is copied behind its own last byte (so that a window
+// that wraps reads the stream's end from the byte before it: the stream's length is a multiple
+// of 32 bits) and padded, then 8 values at a time: a 32-bit load at each value's window byte
+// (a gather), shifted to the window's first bit, masked, a table gather, times the group's d:
+// the reference's d * table[W] (or d * levels[index]) for the same W.
+__attribute__((target("avx2")))
+static void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, const int * widths) {
+    const uint8_t * q = in + PYADAQ_KVTR_SUBS;
+    float d[PYADAQ_KVTR_SUBS];
+    for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+        d[b] = kvt_scale(in[b]);
+    }
+    for (int g = 0; g < 8; ++g) {
+        if (widths[g] == 0) {
+            for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+                _mm256_storeu_ps(y + b * PYADAQ_KVT_QK + g * PYADAQ_KVT_GROUP, _mm256_setzero_ps());
+            }
+        }
+    }
+    int byte = 0;
+    for (int k = PYADAQ_KVT_MAX_BITS; k >= 1; --k) {
+        int n_groups = 0;
+        for (int g = 0; g < 8; ++g) {
+            n_groups += widths[g] == k;
+        }
+        if (n_groups == 0) {
+            continue;
+        }
+        const int n = n_groups * PYADAQ_KVTR_SUBS * PYADAQ_KVT_GROUP;
+        const int nbytes = n * k / 8;
+        uint8_t ext[1 + PYADAQ_KVTR_QK * PYADAQ_KVT_MAX_BITS / 8 + 4];
+        ext[0] = q[byte + nbytes - 1];
+        memcpy(ext + 1, q + byte, (size_t) nbytes);
+        memset(ext + 1 + nbytes, 0, 4);
+        const int trellis = k <= PYADAQ_KVTR_MAX_TRELLIS;
+        const int back = trellis ? PYADAQ_KVTR_STATE_BITS : 0;
+        const float * table = trellis ? kvtr_tables[k] : kvt_levels[k];
+        const __m256i mask = _mm256_set1_epi32((1 << (k + back)) - 1);
+        const __m256i lane_bits = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(k));
+        int t = 0;
+        for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
+            const __m256 db = _mm256_set1_ps(d[b]);
+            for (int g = 0; g < 8; ++g) {
+                if (widths[g] != k) {
+                    continue;
+                }
+                // window bit of value t + lane in ext: 8 + (t + lane) * k - back
+                const __m256i pos = _mm256_add_epi32(lane_bits, _mm256_set1_epi32(8 + t * k - back));
+                const __m256i word = _mm256_i32gather_epi32((const int *) ext, _mm256_srli_epi32(pos, 3), 1);
+                const __m256i win = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_and_si256(pos, _mm256_set1_epi32(7))), mask);
+                _mm256_storeu_ps(y + b * PYADAQ_KVT_QK + g * PYADAQ_KVT_GROUP, _mm256_mul_ps(db, _mm256_i32gather_ps(table, win, 4)));
+                t += PYADAQ_KVT_GROUP;
+            }
+        }
+        byte += nbytes;
+    }
+}
+static_assert(PYADAQ_KVTR_STATE_BITS + PYADAQ_KVTR_MAX_TRELLIS + 7 <= 32 && PYADAQ_KVT_MAX_BITS + 7 <= 32,
+              "a window and its bit offset fit one 32-bit load");
+#endif
+
+#ifdef PYADAQ_KVT_HAVE_AVX2
 #define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)                                                            \
     if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
         for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
             kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
-                                 &mids, kvt_search_avx2);                                                \
+                                 &mids, kvt_search_avx2, kvtr_viterbi_avx2);                                                \
+        }                                                                                                \
+        return 0;                                                                                        \
+    }
+#define PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)                                                             \
+    if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
+        const block_##lower * b = (const block_##lower *) x;                                             \
+        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
+            kvtr_dequantize_row256_avx2((const uint8_t *) &b[i], y + i * PYADAQ_KVTR_QK, lower##_widths); \
         }                                                                                                \
         return 0;                                                                                        \
     }
 #else
 #define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)
+#define PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)
 #endif
 
 #define PYADAQ_KVTR_DEFINE(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                             \
@@ -714,7 +870,7 @@ PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CHECK)
         block_##lower * b = (block_##lower *) y;                                                         \
         for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
             kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
-                                 &mids, kvt_search);                                                     \
+                                 &mids, kvt_search, kvtr_viterbi);                                                     \
         }                                                                                                \
     }                                                                                                    \
     void dequantize_row_##lower##_ref(const void * x, float * y, int64_t k) {                            \
@@ -734,16 +890,17 @@ PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CHECK)
         }                                                                                                \
         for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
             kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
-                                 &mids, kvt_search);                                                     \
+                                 &mids, kvt_search, kvtr_viterbi);                                                     \
         }                                                                                                \
         return 0;                                                                                        \
     }                                                                                                    \
     static int dequantize_row_##lower##_impl(const void * x, float * y, int64_t k, int impl) {           \
-        if (impl != PYADAQ_IMPL_SCALAR && impl != PYADAQ_IMPL_AVX2) {                                    \
-            return -2;                                                                                   \
+        if (impl == PYADAQ_IMPL_SCALAR) {                                                                \
+            dequantize_row_##lower##_ref(x, y, k);                                                       \
+            return 0;                                                                                    \
         }                                                                                                \
-        dequantize_row_##lower##_ref(x, y, k);                                                           \
-        return 0;                                                                                        \
+        PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)                                                             \
+        return -2;                                                                                       \
     }                                                                                                    \
     void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
         assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
