@@ -77,7 +77,8 @@ def test_cuda_block_arithmetic_matches_reference(t, checker, tmp_path):
 
 
 
-KVT = [t for t in pyadaq.cache_types() if t.calibrated]
+# the kvt types; the row-trellis kvt2r/kvt3r have no CUDA code yet
+KVT = [t for t in pyadaq.cache_types() if t.name in qr.KVT_TYPES]
 
 
 @pytest.mark.parametrize("t", KVT, ids=[t.name for t in KVT])

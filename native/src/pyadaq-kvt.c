@@ -783,8 +783,8 @@ PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CHECK)
 // of 32 bits) and padded, then 8 values at a time: a 32-bit load at each value's window byte
 // (a gather), shifted to the window's first bit, masked, a table gather, times the group's d:
 // the reference's d * table[W] (or d * levels[index]) for the same W.
-__attribute__((target("avx2")))
-static void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, const int * widths) {
+__attribute__((target("avx2"), always_inline))
+static inline void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, const int * widths) {
     const uint8_t * q = in + PYADAQ_KVTR_SUBS;
     float d[PYADAQ_KVTR_SUBS];
     for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
@@ -798,6 +798,7 @@ static void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, const int
         }
     }
     int byte = 0;
+#pragma GCC unroll 8
     for (int k = PYADAQ_KVT_MAX_BITS; k >= 1; --k) {
         int n_groups = 0;
         for (int g = 0; g < 8; ++g) {
@@ -818,8 +819,10 @@ static void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, const int
         const __m256i mask = _mm256_set1_epi32((1 << (k + back)) - 1);
         const __m256i lane_bits = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(k));
         int t = 0;
+#pragma GCC unroll 4
         for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
             const __m256 db = _mm256_set1_ps(d[b]);
+#pragma GCC unroll 8
             for (int g = 0; g < 8; ++g) {
                 if (widths[g] != k) {
                     continue;
@@ -850,19 +853,27 @@ static_assert(PYADAQ_KVTR_STATE_BITS + PYADAQ_KVTR_MAX_TRELLIS + 7 <= 32 && PYAD
     }
 #define PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)                                                             \
     if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
+        dequantize_row_##lower##_avx2(x, y, k);                                                          \
+        return 0;                                                                                        \
+    }
+// one function per type, its profile a constant (as kvt's AVX2 dequantization)
+#define PYADAQ_KVTR_AVX2_DEQUANT(lower)                                                                  \
+    __attribute__((target("avx2")))                                                                      \
+    static void dequantize_row_##lower##_avx2(const void * x, float * y, int64_t k) {                    \
         const block_##lower * b = (const block_##lower *) x;                                             \
         for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
             kvtr_dequantize_row256_avx2((const uint8_t *) &b[i], y + i * PYADAQ_KVTR_QK, lower##_widths); \
         }                                                                                                \
-        return 0;                                                                                        \
     }
 #else
 #define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)
 #define PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)
+#define PYADAQ_KVTR_AVX2_DEQUANT(lower)
 #endif
 
 #define PYADAQ_KVTR_DEFINE(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                             \
     static const int lower##_widths[8] = { W0, W1, W2, W3, W4, W5, W6, W7 };                              \
+    PYADAQ_KVTR_AVX2_DEQUANT(lower)                                                                      \
     void quantize_row_##lower##_ref(const float * x, void * y, int64_t k) {                              \
         assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
         kvt_mids mids;                                                                                   \
