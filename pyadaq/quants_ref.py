@@ -4,7 +4,8 @@ The specification is the scalar C code in ``native/src/pyadaq-quants.c`` (compil
 ``-ffp-contract=off``). This module repeats its float32 operations in the same order, so
 :func:`quantize` returns the very bytes ``quantize_row_<type>_ref`` writes and :func:`dequantize`
 the very floats ``dequantize_row_<type>`` writes. It is vectorized across blocks; inside a
-block it follows the C loops. It needs numpy only (no native library).
+block it follows the C loops. It needs numpy only (no native library); the row-trellis types'
+tables it reads as literals from kvt_trellis_tables.py beside it.
 
 Format
 ------
@@ -390,7 +391,7 @@ def _kvtr_viterbi(u: np.ndarray, w: np.ndarray, k: int, start: np.ndarray | None
     else:
         cost = np.full((nr, ns), np.inf, np.float32)
         cost[rows, start] = 0
-    back = np.empty((n, nr, ns), np.int64)
+    back = np.empty((n, nr, ns), np.uint16)  # windows < 2^(sbits + 3)
     s2 = np.arange(ns)
     for t in range(n):
         best = np.full((nr, ns), np.inf, np.float32)
@@ -408,7 +409,7 @@ def _kvtr_viterbi(u: np.ndarray, w: np.ndarray, k: int, start: np.ndarray | None
     wins = np.empty((nr, n), np.int64)
     s = end.copy()
     for t in range(n - 1, -1, -1):
-        wins[:, t] = back[t][rows, s]
+        wins[:, t] = back[t][rows, s].astype(np.int64)
         s = wins[:, t] & (ns - 1)
     return end, wins
 

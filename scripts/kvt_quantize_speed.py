@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Nanoseconds per value of the CPU backend's quantizer for cache types (what a context runs when
-it writes K/V rows: `pyadaq_cpu_quantize`, the AVX2 path where the CPU has it), on 2^20 unit
-Gaussian values, the best of --reps runs, one thread.
+it writes K/V rows: `pyadaq_cpu_quantize`, the AVX2 path where the CPU has it) and of their
+dequantization (`pyadaq_dequantize`: what the type's to_float runs, e.g. for every V row flash
+attention reads), on 2^20 unit Gaussian values, the best of --reps runs, one thread.
 
     python scripts/kvt_quantize_speed.py [--types kvt2,kvt3,kvt4s,kvq2] [--reps 5] [--json F]
 
@@ -43,8 +44,18 @@ def main(argv=None) -> int:
             best = min(best, time.perf_counter() - t0)
             if rc != 0:
                 sys.exit(f"{t.name}: pyadaq_cpu_quantize returned {rc}")
-        rows.append({"type": t.name, "ns_per_value": best / len(x) * 1e9})
-        print(f"{t.name:<8} {best / len(x) * 1e9:6.1f} ns per value")
+        y = np.zeros_like(x)
+        best_deq = float("inf")
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            rc = n.base.pyadaq_dequantize(t.id, n.ffi.from_buffer(out), n.ffi.from_buffer("float[]", y), len(x))
+            best_deq = min(best_deq, time.perf_counter() - t0)
+            if rc != 0:
+                sys.exit(f"{t.name}: pyadaq_dequantize returned {rc}")
+        rows.append({"type": t.name, "ns_per_value": best / len(x) * 1e9,
+                     "dequantize_ns_per_value": best_deq / len(x) * 1e9})
+        print(f"{t.name:<8} {best / len(x) * 1e9:6.1f} ns per value to quantize, "
+              f"{best_deq / len(x) * 1e9:6.2f} to dequantize")
     if args.json:
         from pyadaq.cli._common import write_json
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Train the reconstruction tables of the row-trellis kvt types (kvt2r, kvt3r) and write them
-where the formats read them: native/src/pyadaq-kvt-trellis.h (the C reference and the CUDA
-kernels) and pyadaq/kvt_trellis_tables.py (the numpy twin). Both are this script's output and
-are committed; tests/test_kvt.py checks that they hold the same float32 values.
+where the formats read them: native/src/pyadaq-kvt-trellis.h (the C reference and its AVX2
+paths) and pyadaq/kvt_trellis_tables.py (the numpy twin). Both are this script's output and are
+committed; tests/test_kvtr.py checks that they hold the same float32 values.
 
 A row-trellis type codes the values of one width k (1..3 bits) across a row of 256 values as one
 tail-biting bitshift-trellis stream: value t owns k bits of the stream, and decodes as
@@ -10,8 +10,9 @@ table_k[window], the window being the stream's TRELLIS_STATE_BITS bits before va
 own k bits (the state bits low, the value's bits high; at the stream's start the window wraps
 to its end). The table of width k has 2^(k + TRELLIS_STATE_BITS) entries.
 
-Training: Lloyd's iteration on unit Gaussian streams of the length each width has in the row
-(--streams per round, --rounds rounds): Viterbi coding with the current table (float64, no
+Training: Lloyd's iteration on unit Gaussian streams (--streams per round, --rounds rounds) of
+STREAM_LENGTHS values (1 bit: kvt2r's 32; 2 bits: kvt2r's 128; 3 bits: 128, between kvt2r's 64
+and kvt3r's 192: one table serves both): Viterbi coding with the current table (float64, no
 tail-biting), then every window's entry the mean of the values it coded. The first table is
 the means of 2^L equal slices of sorted Gaussian draws in a random order. The seed is fixed, so
 a rerun writes the same tables (numpy's PCG64 and its Gaussian sampler).
@@ -29,8 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_BITS = 6
-# values per stream of each width in the row types' profiles: kvt2r (4,3,3,2,2,2,2,1) has 64
-# values of 3 bits, 128 of 2 and 32 of 1; kvt3r (5,4,3,3,3,3,3,3) 192 of 3
+# training stream lengths: kvt2r (4,3,3,2,2,2,2,1) has streams of 64 values of 3 bits, 128 of 2
+# and 32 of 1; kvt3r (5,4,3,3,3,3,3,3) one of 192 values of 3 bits (3 bits: trained between)
 STREAM_LENGTHS = {1: 32, 2: 128, 3: 128}
 SEED = 20261206
 

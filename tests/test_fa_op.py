@@ -104,6 +104,9 @@ CASES = [
     Case("kvt4s", "kvt2", dk=128, dv=128),
     Case("kvt3s", "kvt3", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=130, threads=3),
     Case("kvt2s", "kvt1", dk=128, dv=128, n_q=70, threads=2),
+    # the row-trellis types (block 256: heads of 256 or 512)
+    Case("kvt3r", "kvt2r", dk=256, dv=256, n_head_kv=2, gqa=2, n_q=70, threads=2),
+    Case("q8_0", "kvt3r", dk=512, dv=512, n_head_kv=1, gqa=2, n_q=65, n_kv=200, threads=3),
 ]
 
 
@@ -254,6 +257,8 @@ DECODE_CASES = [
     # sliding windows: the chunks split the rows any query sees, not the whole cache
     Case("q8_0", "kvt2", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000, mask="window", threads=2),
     Case("kvt3s", "q4_0", n_q=4, n_kv=600, mask="window", threads=3),
+    Case("q8_0", "kvt2r", dk=256, dv=256, n_head_kv=1, gqa=4, n_q=1, n_kv=1000, threads=2),
+    Case("kvt3r", "kvt3r", dk=256, dv=256, n_head_kv=2, gqa=2, n_q=3, n_kv=700, threads=3, mask="per-head"),
 ]
 
 

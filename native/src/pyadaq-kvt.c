@@ -780,9 +780,9 @@ PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CHECK)
 #ifdef PYADAQ_KVT_HAVE_AVX2
 // The AVX2 decoding of a row: each stream is copied behind its own last byte (so that a window
 // that wraps reads the stream's end from the byte before it: the stream's length is a multiple
-// of 32 bits) and padded, then 8 values at a time: a 32-bit load at each value's window byte
-// (a gather), shifted to the window's first bit, masked, a table gather, times the group's d:
-// the reference's d * table[W] (or d * levels[index]) for the same W.
+// of 32 bits) and padded, then 8 values at a time: the 64 bits from the first window's byte,
+// shifted per lane to each window's first bit, masked, a table gather, times the group's d: the
+// reference's d * table[W] (or d * levels[index]) for the same W.
 __attribute__((target("avx2"), always_inline))
 static inline void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, const int * widths) {
     const uint8_t * q = in + PYADAQ_KVTR_SUBS;
@@ -809,10 +809,10 @@ static inline void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, co
         }
         const int n = n_groups * PYADAQ_KVTR_SUBS * PYADAQ_KVT_GROUP;
         const int nbytes = n * k / 8;
-        uint8_t ext[1 + PYADAQ_KVTR_QK * PYADAQ_KVT_MAX_BITS / 8 + 4];
+        uint8_t ext[1 + PYADAQ_KVTR_QK * PYADAQ_KVT_MAX_BITS / 8 + 8];
         ext[0] = q[byte + nbytes - 1];
         memcpy(ext + 1, q + byte, (size_t) nbytes);
-        memset(ext + 1 + nbytes, 0, 4);
+        memset(ext + 1 + nbytes, 0, 8);
         const int trellis = k <= PYADAQ_KVTR_MAX_TRELLIS;
         const int back = trellis ? PYADAQ_KVTR_STATE_BITS : 0;
         const float * table = trellis ? kvtr_tables[k] : kvt_levels[k];
@@ -827,10 +827,19 @@ static inline void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, co
                 if (widths[g] != k) {
                     continue;
                 }
-                // window bit of value t + lane in ext: 8 + (t + lane) * k - back
-                const __m256i pos = _mm256_add_epi32(lane_bits, _mm256_set1_epi32(8 + t * k - back));
-                const __m256i word = _mm256_i32gather_epi32((const int *) ext, _mm256_srli_epi32(pos, 3), 1);
-                const __m256i win = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_and_si256(pos, _mm256_set1_epi32(7))), mask);
+                // value t + lane's window starts at bit 8 + (t + lane) * k - back of ext: the 8
+                // windows lie in the 64 bits from the first one's byte, shifted per lane
+                const int p0 = 8 + t * k - back;
+                uint64_t word;
+                memcpy(&word, ext + (p0 >> 3), sizeof(word));
+                const __m256i v = _mm256_set1_epi64x((long long) word);
+                const __m256i sh = _mm256_add_epi32(lane_bits, _mm256_set1_epi32(p0 & 7));
+                const __m256i lo = _mm256_srlv_epi64(v, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sh)));
+                const __m256i hi = _mm256_srlv_epi64(v, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sh, 1)));
+                // the low halves of lo's and hi's 64-bit lanes, in lane order
+                const __m256i packed = _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi),
+                                                                             _MM_SHUFFLE(2, 0, 2, 0)));
+                const __m256i win = _mm256_and_si256(_mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)), mask);
                 _mm256_storeu_ps(y + b * PYADAQ_KVT_QK + g * PYADAQ_KVT_GROUP, _mm256_mul_ps(db, _mm256_i32gather_ps(table, win, 4)));
                 t += PYADAQ_KVT_GROUP;
             }
@@ -838,8 +847,8 @@ static inline void kvtr_dequantize_row256_avx2(const uint8_t * in, float * y, co
         byte += nbytes;
     }
 }
-static_assert(PYADAQ_KVTR_STATE_BITS + PYADAQ_KVTR_MAX_TRELLIS + 7 <= 32 && PYADAQ_KVT_MAX_BITS + 7 <= 32,
-              "a window and its bit offset fit one 32-bit load");
+static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_KVTR_MAX_TRELLIS <= 64 &&
+              7 + 8 * PYADAQ_KVT_MAX_BITS <= 64, "8 consecutive windows lie in 64 bits from the first one's byte");
 #endif
 
 #ifdef PYADAQ_KVT_HAVE_AVX2

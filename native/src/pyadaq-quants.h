@@ -250,13 +250,14 @@ PYADAQ_KVTR_TYPES(PYADAQ_KVT_DECLARE_CPU)
 
 #define PYADAQ_CASE_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) case GGML_TYPE_##UPPER:
 #define PYADAQ_KVT_CASE_ROW(UPPER, ...) case GGML_TYPE_##UPPER:
-#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_CASE_ROW)
+#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_CASE_ROW) \
+    PYADAQ_KVTR_TYPES(PYADAQ_KVT_CASE_ROW)
 
 #define PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
     case GGML_TYPE_##UPPER: result = quantize_##lower(src + start, (char *) dst + start_row * row_size, nrows, n_per_row, imatrix); break;
 #define PYADAQ_KVT_QUANTIZE_CHUNK_ROW(UPPER, lower, id, ...) PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, 64, 0, 0, 0)
 #define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW) \
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW)
+    PYADAQ_KVT_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW) PYADAQ_KVTR_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW)
 
 // ggml_quantize_chunk's work for a pyadaq type: nrows rows of n_per_row values, each through
 // quantize_row (the type's reference quantizer); returns the bytes written.

@@ -95,10 +95,13 @@ def run(args) -> int:
 
 
 def describe(name: str) -> str:
-    from pyadaq.quants_ref import KVT_TYPES
+    from pyadaq.quants_ref import KVT_TYPES, KVTR_TYPES
 
     if name in KVT_TYPES:
         return f"bit profile {','.join(map(str, KVT_TYPES[name].widths))}, block 64, searched scale"
+    if name in KVTR_TYPES:
+        return (f"bit profile {','.join(map(str, KVTR_TYPES[name].widths))} per 64, rows of 256, "
+                "trellis-coded widths 1-3")
     return {
         "kvq2": "Lloyd-Max levels, block 32, MSE-fitted scale",
         "kvq3": "Lloyd-Max levels, block 32, MSE-fitted scale",
