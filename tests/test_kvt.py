@@ -25,7 +25,7 @@ per_type = pytest.mark.parametrize("t", KVT, ids=[t.name for t in KVT])
 
 def c_quantize(t, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros(len(x) // 64 * t.type_size, dtype=np.uint8)
+    out = np.zeros(len(x) // t.block_size * t.type_size, dtype=np.uint8)
     assert NAT.base.pyadaq_quantize_ref(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(out), len(x)) == 0
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_kvt import c_dequantize, c_quantize
 
 import pyadaq
 from pyadaq import quants_ref as qr
@@ -23,22 +24,12 @@ KVTR = [cache_type(name) for name in qr.KVTR_TYPES]
 per_type = pytest.mark.parametrize("t", KVTR, ids=[t.name for t in KVTR])
 
 
-def c_quantize(t, x: np.ndarray, impl: int | None = None) -> np.ndarray:
+def c_quantize_impl(t, x: np.ndarray, impl: int) -> np.ndarray:
+    """x through pyadaq_kvt_quantize with an explicit implementation (0 scalar, 1 AVX2)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros(len(x) // 256 * t.type_size, dtype=np.uint8)
-    if impl is None:
-        rc = NAT.base.pyadaq_quantize_ref(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(out), len(x))
-    else:
-        rc = NAT.base.pyadaq_kvt_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(out), len(x), impl)
-    assert rc == 0
+    out = np.zeros(len(x) // t.block_size * t.type_size, dtype=np.uint8)
+    assert NAT.base.pyadaq_kvt_quantize(t.id, FFI.from_buffer("float[]", x), FFI.from_buffer(out), len(x), impl) == 0
     return out
-
-
-def c_dequantize(t, data: np.ndarray, n: int) -> np.ndarray:
-    y = np.zeros(n, dtype=np.float32)
-    assert NAT.base.pyadaq_dequantize(t.id, FFI.from_buffer(np.ascontiguousarray(data)),
-                                      FFI.from_buffer("float[]", y), n) == 0
-    return y
 
 
 def test_sizes_and_tables():
@@ -106,7 +97,7 @@ def test_cpu_quantizer_is_the_reference(t):
         for impl in (0, 1):
             if impl == 1 and NAT.base.pyadaq_dequant_impl_name(1) == FFI.NULL:
                 continue
-            assert np.array_equal(ref, c_quantize(t, x, impl)), (name, impl)
+            assert np.array_equal(ref, c_quantize_impl(t, x, impl)), (name, impl)
             y = np.zeros(len(x), np.float32)
             assert NAT.base.pyadaq_dequantize_impl(t.id, FFI.from_buffer(ref), FFI.from_buffer("float[]", y),
                                                    len(x), impl) == 0

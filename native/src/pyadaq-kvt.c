@@ -151,8 +151,8 @@ static int kvt_search(const float * xs, const float * wt, const int * widths, co
     float best_err = INFINITY;
     int best = e_rms;
     for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
-        const int e = kvt_trial_code(e_rms, t);
-        const float ds = kvt_scale(e);
+        const int code = kvt_trial_code(e_rms, t);
+        const float ds = kvt_scale(code);
         const float inv = 1.0f / ds;
         float err = 0.0f;
         for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
@@ -166,7 +166,7 @@ static int kvt_search(const float * xs, const float * wt, const int * widths, co
         }
         if (err < best_err) {
             best_err = err;
-            best = e;
+            best = code;
         }
     }
     return best;
@@ -416,6 +416,19 @@ static void pyadaq_kvt_quantize_block_avx2(const float * x, uint8_t * out, const
 #define PYADAQ_KVT_QUANTIZE_AVX2_CASE(lower)
 #endif
 
+// The entries every transform-coded type has beside its own quantize/dequantize: the registered
+// to_float (the best implementation) and ggml_quantize_chunk's work (the reference).
+#define PYADAQ_KVT_ENTRIES(UPPER, lower, QK)                                                             \
+    void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
+        assert(k % (QK) == 0);                                                                           \
+        dequantize_row_##lower##_impl(x, y, k, pyadaq_dequant_best());                                   \
+    }                                                                                                    \
+    size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
+                            const float * imatrix) {                                                     \
+        (void) imatrix;                                                                                  \
+        return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
+    }
+
 #define PYADAQ_KVT_DEFINE(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                              \
     static const int lower##_widths[8] = { W0, W1, W2, W3, W4, W5, W6, W7 };                              \
     PYADAQ_KVT_AVX2_DEQUANT(lower)                                                                       \
@@ -456,15 +469,7 @@ static void pyadaq_kvt_quantize_block_avx2(const float * x, uint8_t * out, const
         PYADAQ_KVT_AVX2_CASE(lower)                                                                      \
         return -2;                                                                                       \
     }                                                                                                    \
-    void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
-        assert(k % PYADAQ_KVT_QK == 0);                                                                   \
-        dequantize_row_##lower##_impl(x, y, k, pyadaq_dequant_best());                                   \
-    }                                                                                                    \
-    size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
-                            const float * imatrix) {                                                     \
-        (void) imatrix;                                                                                  \
-        return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
-    }
+    PYADAQ_KVT_ENTRIES(UPPER, lower, PYADAQ_KVT_QK)
 PYADAQ_KVT_TYPES(PYADAQ_KVT_DEFINE)
 
 // ---- Row-trellis types (kvt2r, kvt3r) ----------------------------------------------------------
@@ -509,13 +514,25 @@ int pyadaq_kvtr_table(int bits, float * out, int n) {
 
 #define KVTR_MAX_STREAM PYADAQ_KVTR_QK
 
+// The state a pass reads back from: start itself when given, else the first of least final cost.
+static int kvtr_end_state(const float * cost, int start) {
+    if (start >= 0) {
+        return start;
+    }
+    int s = 0;
+    for (int q = 1; q < KVTR_NS; ++q) {
+        if (cost[q] < cost[s]) {
+            s = q;
+        }
+    }
+    return s;
+}
+
 // One Viterbi pass over the stream u (weights w) of width k: start < 0 starts from every state,
-// else from that state alone; returns the least final cost's state (start itself when given) and
-// the windows read back from it. The loop over r is outside the loop over next states, which keeps
-// each state's candidates in the order r = 0, 1, ... (the spec's) and lets the compiler vectorize
-// the states (the AVX2 instance below: the same float operations per state, no FMA).
-__attribute__((always_inline))
-static inline int kvtr_viterbi_body(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
+// else from that state alone; returns the state it read back from (kvtr_end_state) and the
+// windows read back from it. Each next state's candidates come in the order r = 0, 1, ... (the
+// spec's); the loop over r is outside the loop over states, as in the AVX2 version below.
+static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
     uint16_t back[KVTR_MAX_STREAM][KVTR_NS];
     const float * T = kvtr_tables[k];
     float cost[KVTR_NS];
@@ -546,25 +563,12 @@ static inline int kvtr_viterbi_body(const float * u, const float * w, int n, int
             back[t][s2] = (uint16_t) bw[s2];
         }
     }
-    int s = start;
-    if (s < 0) {
-        s = 0;
-        for (int q = 1; q < KVTR_NS; ++q) {
-            if (cost[q] < cost[s]) {
-                s = q;
-            }
-        }
-    }
-    const int end = s;
-    for (int t = n - 1; t >= 0; --t) {
+    const int end = kvtr_end_state(cost, start);
+    for (int t = n - 1, s = end; t >= 0; --t) {
         wins[t] = back[t][s];
         s = back[t][s] & (KVTR_NS - 1);
     }
     return end;
-}
-
-static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
-    return kvtr_viterbi_body(u, w, n, k, start, wins);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -618,17 +622,8 @@ static int kvtr_viterbi_avx2(const float * u, const float * w, int n, int k, int
             _mm256_storeu_si256((__m256i *) (back[t] + 8 * i), bw);
         }
     }
-    int s = start;
-    if (s < 0) {
-        s = 0;
-        for (int q = 1; q < KVTR_NS; ++q) {
-            if (cost[q] < cost[s]) {
-                s = q;
-            }
-        }
-    }
-    const int end = s;
-    for (int t = n - 1; t >= 0; --t) {
+    const int end = kvtr_end_state(cost, start);
+    for (int t = n - 1, s = end; t >= 0; --t) {
         wins[t] = (uint16_t) back[t][s];
         s = back[t][s] & (KVTR_NS - 1);
     }
@@ -724,6 +719,18 @@ static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload,
     }
     memset(out + PYADAQ_KVTR_SUBS, 0, payload);
     kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS, viterbi);
+}
+
+// k values (whole rows) into blocks of block_bytes with the given scale search and Viterbi
+static void kvtr_quantize_rows(const float * x, void * y, int64_t k, size_t block_bytes, const int * widths,
+                               int (*search)(const float *, const float *, const int *, const kvt_mids *, float),
+                               kvtr_viterbi_t viterbi) {
+    kvt_mids mids;
+    kvt_make_mids(&mids);
+    for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {
+        kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) y + i * block_bytes, block_bytes - PYADAQ_KVTR_SUBS,
+                             widths, &mids, search, viterbi);
+    }
 }
 
 static void kvtr_dequantize_row256(const uint8_t * in, float * y, const int * widths) {
@@ -854,10 +861,7 @@ static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_
 #ifdef PYADAQ_KVT_HAVE_AVX2
 #define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)                                                            \
     if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
-        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
-            kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
-                                 &mids, kvt_search_avx2, kvtr_viterbi_avx2);                                                \
-        }                                                                                                \
+        kvtr_quantize_rows(x, y, k, sizeof(block_##lower), lower##_widths, kvt_search_avx2, kvtr_viterbi_avx2); \
         return 0;                                                                                        \
     }
 #define PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)                                                             \
@@ -885,13 +889,7 @@ static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_
     PYADAQ_KVTR_AVX2_DEQUANT(lower)                                                                      \
     void quantize_row_##lower##_ref(const float * x, void * y, int64_t k) {                              \
         assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
-        kvt_mids mids;                                                                                   \
-        kvt_make_mids(&mids);                                                                            \
-        block_##lower * b = (block_##lower *) y;                                                         \
-        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
-            kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
-                                 &mids, kvt_search, kvtr_viterbi);                                                     \
-        }                                                                                                \
+        kvtr_quantize_rows(x, y, k, sizeof(block_##lower), lower##_widths, kvt_search, kvtr_viterbi);     \
     }                                                                                                    \
     void dequantize_row_##lower##_ref(const void * x, float * y, int64_t k) {                            \
         assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
@@ -901,17 +899,11 @@ static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_
         }                                                                                                \
     }                                                                                                    \
     static int quantize_row_##lower##_impl(const float * x, void * y, int64_t k, int impl) {             \
-        kvt_mids mids;                                                                                   \
-        kvt_make_mids(&mids);                                                                            \
-        block_##lower * b = (block_##lower *) y;                                                         \
         PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)                                                            \
         if (impl != PYADAQ_IMPL_SCALAR) {                                                                \
             return -2;                                                                                   \
         }                                                                                                \
-        for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {                                               \
-            kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) &b[i], sizeof(b[i].q), lower##_widths, \
-                                 &mids, kvt_search, kvtr_viterbi);                                                     \
-        }                                                                                                \
+        quantize_row_##lower##_ref(x, y, k);                                                             \
         return 0;                                                                                        \
     }                                                                                                    \
     static int dequantize_row_##lower##_impl(const void * x, float * y, int64_t k, int impl) {           \
@@ -922,15 +914,7 @@ static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_
         PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)                                                             \
         return -2;                                                                                       \
     }                                                                                                    \
-    void dequantize_row_##lower(const void * x, float * y, int64_t k) {                                  \
-        assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
-        dequantize_row_##lower##_impl(x, y, k, pyadaq_dequant_best());                                   \
-    }                                                                                                    \
-    size_t quantize_##lower(const float * src, void * dst, int64_t nrows, int64_t n_per_row,             \
-                            const float * imatrix) {                                                     \
-        (void) imatrix;                                                                                  \
-        return pyadaq_quantize_rows(GGML_TYPE_##UPPER, quantize_row_##lower##_ref, src, dst, nrows, n_per_row); \
-    }
+    PYADAQ_KVT_ENTRIES(UPPER, lower, PYADAQ_KVTR_QK)
 PYADAQ_KVTR_TYPES(PYADAQ_KVTR_DEFINE)
 
 int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, int impl) {
@@ -938,13 +922,9 @@ int pyadaq_kvt_dequantize_impl(int type, const void * x, float * y, int64_t k, i
         impl = pyadaq_dequant_best();
     }
 #define PYADAQ_KVT_DQ(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_DQ)
+    if (type == (id)) { if (k % ggml_blck_size(GGML_TYPE_##UPPER)) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_DQ)
 #undef PYADAQ_KVT_DQ
-#define PYADAQ_KVTR_DQ(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; return dequantize_row_##lower##_impl(x, y, k, impl); }
-    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_DQ)
-#undef PYADAQ_KVTR_DQ
     return -1;
 }
 
@@ -953,12 +933,8 @@ int pyadaq_kvt_quantize(int type, const float * x, void * y, int64_t k, int impl
         impl = pyadaq_dequant_best();
     }
 #define PYADAQ_KVT_QZ(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; return quantize_row_##lower##_impl(x, y, k, impl); }
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_QZ)
+    if (type == (id)) { if (k % ggml_blck_size(GGML_TYPE_##UPPER)) return -1; return quantize_row_##lower##_impl(x, y, k, impl); }
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_QZ)
 #undef PYADAQ_KVT_QZ
-#define PYADAQ_KVTR_QZ(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; return quantize_row_##lower##_impl(x, y, k, impl); }
-    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_QZ)
-#undef PYADAQ_KVTR_QZ
     return -1;
 }

@@ -293,13 +293,9 @@ int pyadaq_cpu_vec_dot_q8_0(int type, int n, const void * x, const void * y, int
 int pyadaq_cpu_vec_dot_f32(int type, int n, const void * x, const float * y, float * out) {
     ggml_cpu_init();
 #define PYADAQ_KVT_VD(UPPER, lower, id, ...) \
-    if (type == (id)) { if (n % PYADAQ_KVT_QK) return -1; ggml_vec_dot_##lower##_f32(n, out, 0, x, 0, y, 0, 1); return 0; }
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_VD)
+    if (type == (id)) { if (n % ggml_blck_size(GGML_TYPE_##UPPER)) return -1; ggml_vec_dot_##lower##_f32(n, out, 0, x, 0, y, 0, 1); return 0; }
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_VD)
 #undef PYADAQ_KVT_VD
-#define PYADAQ_KVTR_VD(UPPER, lower, id, ...) \
-    if (type == (id)) { if (n % PYADAQ_KVTR_QK) return -1; ggml_vec_dot_##lower##_f32(n, out, 0, x, 0, y, 0, 1); return 0; }
-    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_VD)
-#undef PYADAQ_KVTR_VD
     return -1;
 }
 
@@ -317,12 +313,8 @@ int pyadaq_cpu_quantize(int type, const float * x, void * y, int64_t k) {
     PYADAQ_TYPES(PYADAQ_CQ)
 #undef PYADAQ_CQ
 #define PYADAQ_KVT_CQ(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; quantize_row_##lower(x, y, k); return 0; }
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_CQ)
-#define PYADAQ_KVTR_CQ(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; quantize_row_##lower(x, y, k); return 0; }
-    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_CQ)
-#undef PYADAQ_KVTR_CQ
+    if (type == (id)) { if (k % ggml_blck_size(GGML_TYPE_##UPPER)) return -1; quantize_row_##lower(x, y, k); return 0; }
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_CQ)
 #undef PYADAQ_KVT_CQ
     return -1;
 }

@@ -274,8 +274,7 @@ int pyadaq_is_pyadaq_type(int type) {
     PYADAQ_TYPES(PYADAQ_IS)
 #undef PYADAQ_IS
 #define PYADAQ_KVT_IS(UPPER, lower, id, ...) if (type == (id)) return 1;
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_IS)
-    PYADAQ_KVTR_TYPES(PYADAQ_KVT_IS)
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_IS)
 #undef PYADAQ_KVT_IS
     return 0;
 }
@@ -286,13 +285,9 @@ int pyadaq_quantize_ref(int type, const float * x, void * y, int64_t k) {
     PYADAQ_TYPES(PYADAQ_Q)
 #undef PYADAQ_Q
 #define PYADAQ_KVT_Q(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVT_QK) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_Q)
+    if (type == (id)) { if (k % ggml_blck_size(GGML_TYPE_##UPPER)) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_Q)
 #undef PYADAQ_KVT_Q
-#define PYADAQ_KVTR_Q(UPPER, lower, id, ...) \
-    if (type == (id)) { if (k % PYADAQ_KVTR_QK) return -1; quantize_row_##lower##_ref(x, y, k); return 0; }
-    PYADAQ_KVTR_TYPES(PYADAQ_KVTR_Q)
-#undef PYADAQ_KVTR_Q
     return -1;
 }
 

@@ -108,6 +108,9 @@ PYADAQ_KVT_TYPES(PYADAQ_KVT_BLOCK)
         uint8_t q[PYADAQ_KVTR_SUBS * (PYADAQ_KVT_SIZE(W0, W1, W2, W3, W4, W5, W6, W7) - 1)];             \
     } block_##lower;
 PYADAQ_KVTR_TYPES(PYADAQ_KVTR_BLOCK)
+// Every transform-coded type, kvt and row types alike (the same row shape), for the registrations
+// and dispatches that treat them alike; their block sizes come from the type traits.
+#define PYADAQ_KVT_ALL_TYPES(X) PYADAQ_KVT_TYPES(X) PYADAQ_KVTR_TYPES(X)
 // Copies the levels for `bits` (1..7) into out (n floats); returns their count, -1 otherwise.
 PYADAQ_API int pyadaq_kvt_levels(int bits, float * out, int n);
 // The scale d of code e (0..255) into out; returns 0, -1 for a code out of range.
@@ -179,8 +182,7 @@ PYADAQ_TYPES(PYADAQ_DECLARE_CPU)
     void quantize_row_##lower(const float * x, void * y, int64_t k);                                          \
     void ggml_vec_dot_##lower##_f32(int n, float * s, size_t bs, const void * vx, size_t bx,                  \
                                     const void * vy, size_t by, int nrc);
-PYADAQ_KVT_TYPES(PYADAQ_KVT_DECLARE_CPU)
-PYADAQ_KVTR_TYPES(PYADAQ_KVT_DECLARE_CPU)
+PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_DECLARE_CPU)
 
 // Registration rows spliced into upstream's tables by the patches in native/patches.
 #define PYADAQ_TRAITS_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE)          \
@@ -245,19 +247,17 @@ PYADAQ_KVTR_TYPES(PYADAQ_KVT_DECLARE_CPU)
         .vec_dot_type = GGML_TYPE_F32,                                       \
         .nrows        = 1,                                                   \
     },
-#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW) \
-    PYADAQ_KVTR_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW)
+#define PYADAQ_GGML_TYPE_TRAITS_CPU PYADAQ_TYPES(PYADAQ_TRAITS_CPU_ROW) PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_TRAITS_CPU_ROW)
 
 #define PYADAQ_CASE_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) case GGML_TYPE_##UPPER:
 #define PYADAQ_KVT_CASE_ROW(UPPER, ...) case GGML_TYPE_##UPPER:
-#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW) PYADAQ_KVT_TYPES(PYADAQ_KVT_CASE_ROW) \
-    PYADAQ_KVTR_TYPES(PYADAQ_KVT_CASE_ROW)
+#define PYADAQ_GGML_TYPE_CASES PYADAQ_TYPES(PYADAQ_CASE_ROW) PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_CASE_ROW)
 
 #define PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, QK, BITS, LEVELS, RULE) \
     case GGML_TYPE_##UPPER: result = quantize_##lower(src + start, (char *) dst + start_row * row_size, nrows, n_per_row, imatrix); break;
 #define PYADAQ_KVT_QUANTIZE_CHUNK_ROW(UPPER, lower, id, ...) PYADAQ_QUANTIZE_CHUNK_ROW(UPPER, lower, id, 64, 0, 0, 0)
 #define PYADAQ_GGML_QUANTIZE_CHUNK_CASES PYADAQ_TYPES(PYADAQ_QUANTIZE_CHUNK_ROW) \
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW) PYADAQ_KVTR_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW)
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_QUANTIZE_CHUNK_ROW)
 
 // ggml_quantize_chunk's work for a pyadaq type: nrows rows of n_per_row values, each through
 // quantize_row (the type's reference quantizer); returns the bytes written.
