@@ -37,7 +37,9 @@ CUDA_FA_PAIR_TYPES = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "kvq2", "kv
 CUDA_KVT_FA_PAIRS = tuple(
     [f"{k}-{v}" for k in ("kvt2s", "kvt3s", "kvt4s")
      for v in ("f16", "q8_0", "q4_0", "kvq2", "kvq3", "kvt1", "kvt2", "kvt3", "kvt4")]
-    + [f"{k}-{v}" for k in ("f16", "q8_0", "q4_0") for v in ("kvt1", "kvt2", "kvt3", "kvt4")])
+    + [f"{k}-{v}" for k in ("f16", "q8_0", "q4_0") for v in ("kvt1", "kvt2", "kvt3", "kvt4")]
+    # the row-trellis values, compiled for heads of 256 (their only size below 512)
+    + [f"{k}-{v}" for k in ("f16", "q8_0", "q4_0", "kvt2s", "kvt3s", "kvt4s") for v in ("kvt2r", "kvt3r")])
 CUDA_CACHE_TYPES = frozenset({"f32", "bf16", *CUDA_FA_PAIR_TYPES,
                               *(t for p in CUDA_KVT_FA_PAIRS for t in p.split("-"))})
 

@@ -77,8 +77,8 @@ def test_cuda_block_arithmetic_matches_reference(t, checker, tmp_path):
 
 
 
-# the kvt types; the row-trellis kvt2r/kvt3r have no CUDA code yet
 KVT = [t for t in pyadaq.cache_types() if t.name in qr.KVT_TYPES]
+KVTR = [t for t in pyadaq.cache_types() if t.name in qr.KVTR_TYPES]
 
 
 @pytest.mark.parametrize("t", KVT, ids=[t.name for t in KVT])
@@ -105,3 +105,29 @@ def test_cuda_kvt_block_arithmetic_matches_reference(t, checker, tmp_path):
             scaled = d * lev
         assert np.array_equal(scaled[coded].view(np.uint32), ref[coded].view(np.uint32)), f"{t.name}/{case}: levels"
         assert (lev[~coded] == 0).all()
+
+
+@pytest.mark.parametrize("t", KVTR, ids=[t.name for t in KVTR])
+def test_cuda_kvtr_row_arithmetic_matches_reference(t, checker, tmp_path):
+    """native/cuda/pyadaq-kvtr-block.h against the reference: the one-warp encoder of SET_ROWS and
+    CPY (its 32 lanes run in turn on the host, the same float operations in the same order), the
+    window decoder of GET_ROWS, CPY, the conversions and flash attention, and its unscaled values,
+    on test_kvtr's rows (every scale, zero rows and sub-blocks, non-finite values, underflow)."""
+    from test_kvtr import _rows
+
+    for case, x in _rows(t.id + 300).items():
+        src = tmp_path / "in.f32"
+        x.astype(np.float32).tofile(src)
+        subprocess.run([str(checker), str(t.id), str(src), str(tmp_path / "out")], check=True)
+        q = np.fromfile(tmp_path / "out.q", dtype=np.uint8)
+        ref_q = qr.quantize(t.name, x)
+        assert np.array_equal(q, ref_q), f"{t.name}/{case}: rows differ from the reference's"
+        ref = qr.dequantize(t.name, ref_q, len(x))
+        deq = np.fromfile(tmp_path / "out.deq", dtype=np.float32)
+        assert np.array_equal(deq.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: dequantized values"
+        lev = np.fromfile(tmp_path / "out.lev", dtype=np.float32)
+        codes = ref_q.reshape(len(x) // 256, -1)[:, :4]
+        d = np.repeat(qr.kvt_scales()[codes].reshape(-1), 64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = d * lev
+        assert np.array_equal(scaled.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: unscaled values"

@@ -381,8 +381,8 @@ def test_cuda_tables_are_the_builds():
     cm = cuda_pairs_from_cmake()
     assert tuple(cm["fa_types"]) == CUDA_FA_PAIR_TYPES
     compiled = set(cm["compiled"])
-    # docs/CUDA.md: 37 upstream + 28 with kvq2/kvq3 + 39 with a kvt type
-    assert len(compiled) == len(cm["compiled"]) == 104
+    # docs/CUDA.md: 37 upstream + 28 with kvq2/kvq3 + 39 with a kvt type + 12 with a row-trellis value type
+    assert len(compiled) == len(cm["compiled"]) == 116
     assert {f"{k}-{v}" for k in CUDA_FA_PAIR_TYPES for v in CUDA_FA_PAIR_TYPES} <= compiled
     assert {p for p in compiled if "kvt" in p} == set(CUDA_KVT_FA_PAIRS)
     in_pairs = {t for pair in compiled for t in pair.split("-")}

@@ -13,6 +13,10 @@
 #                                   the keys of PYADAQ_CUDA_KVT_K with the values' profiles
 #                                   (kvt1, kvt2, kvt3, kvt4); instance files like the kvq pairs'
 #                                   (none with -DPYADAQ_CUDA_KVT=OFF)
+#   PYADAQ_CUDA_KVTR_PAIRS          the pairs with a row-trellis value type (kvt2r, kvt3r): the
+#                                   keys of PYADAQ_CUDA_KVTR_K with each; compiled for the head
+#                                   sizes PYADAQ_CUDA_KVTR_HEAD_SIZES only (a row is 256 values;
+#                                   none with -DPYADAQ_CUDA_KVT=OFF)
 #   PYADAQ_CUDA_FA_QUANTS_DEFAULT   what pyadaq sets upstream's GGML_CUDA_FA_QUANTS to: the
 #                                   upstream pairs plus upstream's default bf16-bf16
 # and defines pyadaq_cuda_compiled_pairs(<out> <GGML_CUDA_FA_QUANTS>): every pair with a
@@ -54,8 +58,17 @@ foreach(_k IN LISTS PYADAQ_CUDA_KVT_K)
         list(APPEND PYADAQ_CUDA_KVT_PAIRS "${_k}-${_v}")
     endforeach()
 endforeach()
+set(PYADAQ_CUDA_KVTR_K f16 q8_0 q4_0 kvt2s kvt3s kvt4s)
+set(PYADAQ_CUDA_KVTR_HEAD_SIZES 256)
+set(PYADAQ_CUDA_KVTR_PAIRS "")
+foreach(_k IN LISTS PYADAQ_CUDA_KVTR_K)
+    foreach(_v kvt2r kvt3r)
+        list(APPEND PYADAQ_CUDA_KVTR_PAIRS "${_k}-${_v}")
+    endforeach()
+endforeach()
 if(NOT PYADAQ_CUDA_KVT)
     set(PYADAQ_CUDA_KVT_PAIRS "")
+    set(PYADAQ_CUDA_KVTR_PAIRS "")
 endif()
 
 set(PYADAQ_CUDA_UPSTREAM_PAIRS "")
@@ -87,7 +100,7 @@ function(pyadaq_cuda_compiled_pairs out quants)
             list(APPEND _compiled "${_pair}")
         endif()
     endforeach()
-    list(APPEND _compiled ${PYADAQ_CUDA_KVQ_PAIRS} ${PYADAQ_CUDA_KVT_PAIRS} "f16-f16")
+    list(APPEND _compiled ${PYADAQ_CUDA_KVQ_PAIRS} ${PYADAQ_CUDA_KVT_PAIRS} ${PYADAQ_CUDA_KVTR_PAIRS} "f16-f16")
     list(REMOVE_DUPLICATES _compiled)
     set(${out} "${_compiled}" PARENT_SCOPE)
 endfunction()

@@ -14,11 +14,14 @@
 //
 // writes OUT.q (pyadaq_kvt_quantize_block), OUT.deq (pyadaq_kvt_dequant2) and OUT.lev (float32
 // levels without the scale, pyadaq_kvt_unscaled: flash attention's K.Q and V operands) for a
-// whole number of 64-value blocks.
+// whole number of 64-value blocks; for a row-trellis type (pyadaq-kvtr-block.h) the same from
+// pyadaq_kvtr_quantize_row (the warp's program, its lanes run in turn), pyadaq_kvt_row_dequant2 and
+// pyadaq_kvtr_unscaled, for a whole number of 256-value rows.
 // Compile with -ffp-contract=off, as the reference is.
 
 #include "pyadaq-kvq-block.h"
 #include "pyadaq-kvt-block.h"
+#include "pyadaq-kvtr-block.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -66,17 +69,29 @@ static int run(const std::vector<float> & x, const std::string & out) {
 template <int ID>
 static int run_kvt(const std::vector<float> & x, const std::string & out) {
     typedef typename pyadaq_kvt_block<ID>::type block_t;
-    const size_t nb = x.size() / PYADAQ_KVT_QK;
+    constexpr int qk = pyadaq_kvt_qk<ID>();
+    const size_t nb = x.size() / qk;
     std::vector<block_t> q(nb);
     std::vector<float> deq(x.size());
     std::vector<float> lev(x.size());
+    pyadaq_kvtr_scratch scratch;
     for (size_t b = 0; b < nb; ++b) {
-        pyadaq_kvt_quantize_block<ID>(x.data() + b * PYADAQ_KVT_QK, &q[b]);
-        for (int j = 0; j < PYADAQ_KVT_QK; j += 2) {
-            pyadaq_kvt_dequant2<ID>(&q[b], j, &deq[b * PYADAQ_KVT_QK + j], &deq[b * PYADAQ_KVT_QK + j + 1]);
+        if constexpr (pyadaq_kvt_is_row<ID>()) {
+            pyadaq_kvtr_quantize_row<ID>(x.data() + b * qk, 1, &q[b], &scratch);
+        } else {
+            pyadaq_kvt_quantize_block<ID>(x.data() + b * qk, &q[b]);
         }
-        for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
-            lev[b * PYADAQ_KVT_QK + j] = pyadaq_kvt_unscaled<ID>(&q[b], j);
+    }
+    for (size_t i = 0; i < x.size(); i += 2) {
+        pyadaq_kvt_row_dequant2<ID>(q.data(), (int64_t) i, &deq[i], &deq[i + 1]);
+    }
+    for (size_t b = 0; b < nb; ++b) {
+        for (int j = 0; j < qk; ++j) {
+            if constexpr (pyadaq_kvt_is_row<ID>()) {
+                lev[b * qk + j] = pyadaq_kvtr_unscaled<ID>(&q[b], j);
+            } else {
+                lev[b * qk + j] = pyadaq_kvt_unscaled<ID>(&q[b], j);
+            }
         }
     }
     if (!write_all((out + ".q").c_str(), q) || !write_all((out + ".deq").c_str(), deq) ||
@@ -89,7 +104,7 @@ static int run_kvt(const std::vector<float> & x, const std::string & out) {
 
 static bool is_kvt(int id) {
 #define PYADAQ_KVT_IS(UPPER, lower, tid, ...) if (id == (tid)) return true;
-    PYADAQ_KVT_TYPES(PYADAQ_KVT_IS)
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_IS)
 #undef PYADAQ_KVT_IS
     return false;
 }
@@ -112,15 +127,16 @@ int main(int argc, char ** argv) {
         x.insert(x.end(), buf, buf + n);
     }
     std::fclose(f);
-    if (is_kvt(mode)) {
-        if (x.size() % PYADAQ_KVT_QK != 0) {
-            std::fprintf(stderr, "%zu values: not a whole number of %d-value blocks\n", x.size(), PYADAQ_KVT_QK);
-            return 1;
-        }
-#define PYADAQ_KVT_RUN(UPPER, lower, tid, ...) if (mode == (tid)) return run_kvt<tid>(x, argv[3]);
-        PYADAQ_KVT_TYPES(PYADAQ_KVT_RUN)
-#undef PYADAQ_KVT_RUN
+#define PYADAQ_KVT_RUN(UPPER, lower, tid, ...)                                                              \
+    if (mode == (tid)) {                                                                                    \
+        if (x.size() % pyadaq_kvt_qk<tid>() != 0) {                                                         \
+            std::fprintf(stderr, "%zu values: not a whole number of %d-value blocks\n", x.size(), pyadaq_kvt_qk<tid>()); \
+            return 1;                                                                                       \
+        }                                                                                                   \
+        return run_kvt<tid>(x, argv[3]);                                                                    \
     }
+    PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_RUN)
+#undef PYADAQ_KVT_RUN
     if (x.size() % PYADAQ_KVQ_QK != 0) {
         std::fprintf(stderr, "%zu values: not a whole number of %d-value blocks\n", x.size(), PYADAQ_KVQ_QK);
         return 1;

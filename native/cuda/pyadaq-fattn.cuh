@@ -74,7 +74,7 @@ static __device__ __forceinline__ void pyadaq_dequantize_V_kvq(const void * __re
     }
 }
 
-// K.Q for one K row of a transform-coded type, with Q as the f16 K path has it (fattn-vec.cuh's
+// K.Q for one K row of a transform-coded type (kvt or row-trellis), with Q as the f16 K path has it (fattn-vec.cuh's
 // K_float_Q, patch 0007), not rounded to q8_1: whitened keys weigh Q's small components as much
 // as its large ones, and one int8 scale per 32 values of Q lost them (on the CPU, generation with
 // kvt keys fell into repeated digits until Q stayed in float there too). Each thread takes the
@@ -84,11 +84,9 @@ template <int D, int nthreads, int ID>
 static __device__ __forceinline__ float pyadaq_vec_dot_fattn_vec_KQ_kvt(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
 
-    typedef typename pyadaq_kvt_block<ID>::type block_t;
-    const block_t * K = (const block_t *) K_c;
     GGML_UNUSED(Q_q8);
     GGML_UNUSED(Q_ds_v);
-    static_assert(D % PYADAQ_KVT_QK == 0, "head size must be a multiple of the kvt block");
+    static_assert(D % pyadaq_kvt_qk<ID>() == 0, "head size must be a multiple of the type's block");
 
     constexpr int cpy_nb = ggml_cuda_get_max_cpy_bytes();
     constexpr int cpy_ne = cpy_nb / 4;
@@ -101,7 +99,7 @@ static __device__ __forceinline__ float pyadaq_vec_dot_fattn_vec_KQ_kvt(
         for (int k_KQ_1 = 0; k_KQ_1 < cpy_ne; ++k_KQ_1) {
             const int i = 2 * (k_KQ_0 + (threadIdx.x % nthreads)*cpy_ne + k_KQ_1);  // the pair's first value
             float a, b;
-            pyadaq_kvt_dequant2<ID>(K + i / PYADAQ_KVT_QK, i % PYADAQ_KVT_QK, &a, &b);
+            pyadaq_kvt_row_dequant2<ID>(K_c, i, &a, &b);
 #ifdef V_DOT2_F32_F16_AVAILABLE
             const float2 q = __half22float2(((const half2 *) Q_v)[k_KQ_0/nthreads + k_KQ_1]);
 #else
@@ -115,20 +113,16 @@ static __device__ __forceinline__ float pyadaq_vec_dot_fattn_vec_KQ_kvt(
 }
 
 // ne values of one V row of a transform-coded type starting at i0 (ne = 2 or 4, i0 % ne == 0:
-// one group of 8), as half or float: d * level as the reference computes it, 0 for a width of 0.
+// one group of 8), as half or float: d * level (d * table entry for a row type's trellis widths)
+// as the reference computes it, 0 for a width of 0.
 template <typename T, int ne, int ID>
 static __device__ __forceinline__ void pyadaq_dequantize_V_kvt(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
-    typedef typename pyadaq_kvt_block<ID>::type block_t;
-    const block_t * x = (const block_t *) vx;
     static_assert(ne == 2 || ne == 4, "bad ne");
-
-    const int64_t ib = i0 / PYADAQ_KVT_QK;
-    const int     j0 = i0 % PYADAQ_KVT_QK;
 
     float v[ne];
 #pragma unroll
     for (int l = 0; l < ne; l += 2) {
-        pyadaq_kvt_dequant2<ID>(x + ib, j0 + l, &v[l], &v[l + 1]);
+        pyadaq_kvt_row_dequant2<ID>(vx, i0 + l, &v[l], &v[l + 1]);
     }
 #ifdef FP16_AVAILABLE
     if constexpr (std::is_same_v<T, half>) {

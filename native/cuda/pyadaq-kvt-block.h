@@ -81,14 +81,15 @@ PYADAQ_HD float pyadaq_kvt_level(int w, int i) {
 #undef PYADAQ_KVT_T
 }
 
-// The profile of each type, by ggml type id: the width of group g and where its planes start.
+// The profile of each type, by ggml type id (the row types' too: the profile of their sub-blocks):
+// the width of group g and where its planes start.
 template <int ID> PYADAQ_HD constexpr int pyadaq_kvt_width(int g);
 #define PYADAQ_KVT_WIDTH_OF(UPPER, lower, id, W0, W1, W2, W3, W4, W5, W6, W7)                        \
     template <> PYADAQ_HD constexpr int pyadaq_kvt_width<id>(int g) {                                 \
         return g == 0 ? W0 : g == 1 ? W1 : g == 2 ? W2 : g == 3 ? W3 : g == 4 ? W4 : g == 5 ? W5      \
              : g == 6 ? W6 : W7;                                                                     \
     }
-PYADAQ_KVT_TYPES(PYADAQ_KVT_WIDTH_OF)
+PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_WIDTH_OF)
 #undef PYADAQ_KVT_WIDTH_OF
 
 template <int ID> PYADAQ_HD constexpr int pyadaq_kvt_offset(int g) {
@@ -98,7 +99,7 @@ template <int ID> PYADAQ_HD constexpr int pyadaq_kvt_offset(int g) {
 template <int ID> struct pyadaq_kvt_block;
 #define PYADAQ_KVT_BLOCK_OF(UPPER, lower, id, ...) \
     template <> struct pyadaq_kvt_block<id> { typedef block_##lower type; };
-PYADAQ_KVT_TYPES(PYADAQ_KVT_BLOCK_OF)
+PYADAQ_KVT_ALL_TYPES(PYADAQ_KVT_BLOCK_OF)
 #undef PYADAQ_KVT_BLOCK_OF
 
 PYADAQ_HD float pyadaq_fsub(float a, float b) {
@@ -133,40 +134,58 @@ PYADAQ_HD int pyadaq_kvt_nearest(float v, int w) {
     return lo;
 }
 
+// The reference's kvt_prepare: the block's values with non-finite ones as 0 into xs, and the
+// rms weighted by 4^W per position.
 template <int ID>
-PYADAQ_HD void pyadaq_kvt_quantize_block(const float * __restrict__ x, typename pyadaq_kvt_block<ID>::type * __restrict__ y) {
-    constexpr int QK = PYADAQ_KVT_QK;
-    float xs[QK];
+PYADAQ_HD float pyadaq_kvt_prepare(const float * x, float * xs) {  // xs may be x
     float ss = 0.0f;
     float sw = 0.0f;
-    for (int j = 0; j < QK; ++j) {
+    for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
         xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
         const float wt = (float) (1 << (2 * pyadaq_kvt_width<ID>(j / PYADAQ_KVT_GROUP)));
         ss = pyadaq_fadd(ss, pyadaq_fmul(wt, pyadaq_fmul(xs[j], xs[j])));
         sw = pyadaq_fadd(sw, wt);
     }
-    const float rms = ss > 0.0f ? pyadaq_fsqrt(pyadaq_fdiv(ss, sw)) : 0.0f;
+    return ss > 0.0f ? pyadaq_fsqrt(pyadaq_fdiv(ss, sw)) : 0.0f;
+}
+
+// The reference's kvt_trial_code: trial t's scale code around e_rms.
+PYADAQ_HD int pyadaq_kvt_trial_code(int e_rms, int t) {
+    const int et = e_rms - PYADAQ_KVT_SEARCH_BELOW + t;
+    return et < 1 ? 1 : et > 255 ? 255 : et;
+}
+
+// The weighted squared error of the block xs with scale code e (one trial of kvt_search).
+template <int ID>
+PYADAQ_HD float pyadaq_kvt_trial_error(const float * __restrict__ xs, int e) {
+    const float ds = pyadaq_kvt_scale(e);
+    const float inv = pyadaq_fdiv(1.0f, ds);
+    float err = 0.0f;
+    for (int j = 0; j < PYADAQ_KVT_QK; ++j) {
+        const int w = pyadaq_kvt_width<ID>(j / PYADAQ_KVT_GROUP);
+        const float wt = (float) (1 << (2 * w));
+        float v = xs[j];
+        if (w > 0) {
+            const int i = pyadaq_kvt_nearest(pyadaq_fmul(xs[j], inv), w);
+            v = pyadaq_fsub(xs[j], pyadaq_fmul(ds, pyadaq_kvt_level(w, i)));
+        }
+        err = pyadaq_fadd(err, pyadaq_fmul(wt, pyadaq_fmul(v, v)));
+    }
+    return err;
+}
+
+template <int ID>
+PYADAQ_HD void pyadaq_kvt_quantize_block(const float * __restrict__ x, typename pyadaq_kvt_block<ID>::type * __restrict__ y) {
+    float xs[PYADAQ_KVT_QK];
+    const float rms = pyadaq_kvt_prepare<ID>(x, xs);
     int code = 0;
     if (rms > 0.0f) {
         const int e_rms = pyadaq_kvt_scale_code(rms);
         float best_err = INFINITY;
         int best = e_rms;
         for (int t = 0; t < PYADAQ_KVT_SEARCH_N; ++t) {
-            const int et = e_rms - PYADAQ_KVT_SEARCH_BELOW + t;
-            const int e = et < 1 ? 1 : et > 255 ? 255 : et;
-            const float ds = pyadaq_kvt_scale(e);
-            const float inv = pyadaq_fdiv(1.0f, ds);
-            float err = 0.0f;
-            for (int j = 0; j < QK; ++j) {
-                const int w = pyadaq_kvt_width<ID>(j / PYADAQ_KVT_GROUP);
-                const float wt = (float) (1 << (2 * w));
-                float e = xs[j];
-                if (w > 0) {
-                    const int i = pyadaq_kvt_nearest(pyadaq_fmul(xs[j], inv), w);
-                    e = pyadaq_fsub(xs[j], pyadaq_fmul(ds, pyadaq_kvt_level(w, i)));
-                }
-                err = pyadaq_fadd(err, pyadaq_fmul(wt, pyadaq_fmul(e, e)));
-            }
+            const int e = pyadaq_kvt_trial_code(e_rms, t);
+            const float err = pyadaq_kvt_trial_error<ID>(xs, e);
             if (err < best_err) {
                 best_err = err;
                 best = e;

@@ -7,9 +7,9 @@
 # What is compiled (object files only; nothing is linked):
 #   - native/cuda/pyadaq-cuda.cu                      (CPY f32 <-> kvq)
 #   - the generated flash-attention vector-kernel instances for every K/V pair with kvq2/kvq3
-#     and the chosen pairs with a kvt type (28 + 39 files x 3 head sizes; --quick: 6 of them, one
-#     per kernel path: kvq K with f16, quantized and kvq V, upstream K with kvq V, kvt K with kvq
-#     V, and upstream K with kvt V)
+#     and the chosen pairs with a kvt type (28 + 39 files x 3 head sizes, 12 row-trellis files x
+#     head size 256; --quick: 7 of them, one per kernel path: kvq K with f16, quantized and kvq V,
+#     upstream K with kvq V, kvt K with kvq V, upstream K with kvt V, kvt K with a row-trellis V)
 #   - the upstream files patch 0007 changes: getrows.cu, set-rows.cu, cpy.cu, convert.cu,
 #     fattn.cu, ggml-cuda.cu, and one upstream vector instance (fattn-common.cuh changed)
 #   - libllama's pyadaq-llama.cpp with this build's list of compiled pairs
@@ -89,7 +89,7 @@ objs+=" "$(pick 'ggml-cuda\.dir/(getrows|set-rows|cpy|convert|fattn|ggml-cuda)\.
 objs+=" "$(pick 'ggml-cuda\.dir/template-instances/fattn-vec-instance-q4_0-q4_0\.cu\.o$')
 objs+=" "$(pick 'llama\.dir/.*native/src/pyadaq-llama\.cpp\.o$')
 if [[ $quick == 1 ]]; then
-    objs+=" "$(pick 'pyadaq-cuda/fattn-vec-instance-(kvq2-f16|kvq3-q4_0|q8_0-kvq2|kvq2-kvq3|kvt4s-kvq2|q8_0-kvt2)\.cu\.o$')
+    objs+=" "$(pick 'pyadaq-cuda/fattn-vec-instance-(kvq2-f16|kvq3-q4_0|q8_0-kvq2|kvq2-kvq3|kvt4s-kvq2|q8_0-kvt2|kvt4s-kvt2r)\.cu\.o$')
 else
     objs+=" "$(pick 'pyadaq-cuda/fattn-vec-instance-.*\.cu\.o$')
 fi

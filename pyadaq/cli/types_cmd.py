@@ -22,6 +22,7 @@ def run(args) -> int:
     print(f"\nCUDA: the cache's writes and flash attention run on an NVIDIA GPU; every K/V pair among "
           f"{', '.join(CUDA_FA_PAIR_TYPES)} has a compiled generation kernel, and so have "
           f"{len(CUDA_KVT_FA_PAIRS)} pairs with a kvt type (keys kvt2s/kvt3s/kvt4s with values f16, q8_0, q4_0, "
-          f"kvq2, kvq3, kvt1-4; keys f16, q8_0, q4_0 with values kvt1-4). Other types keep a GPU "
+          f"kvq2, kvq3, kvt1-4; keys f16, q8_0, q4_0 with values kvt1-4; keys f16, q8_0, q4_0, kvt2s-4s with "
+          f"values kvt2r, kvt3r, heads of 256). Other types keep a GPU "
           f"model's cache in CPU memory (offload_kqv=False). {gpu}.")
     return 0
