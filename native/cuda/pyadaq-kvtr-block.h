@@ -188,8 +188,8 @@ struct pyadaq_kvtr_scratch {
 };
 
 // One Viterbi pass over width k's stream (the reference's kvtr_viterbi): from every state when
-// start < 0, else from start alone; leaves the state it read back from in s->end and the values'
-// own bits (the window's high k bits) in s->sym. Called by the whole warp.
+// start < 0, else from start alone; leaves the state it reads back from in s->end and, for a
+// pass from one state, the values' own bits (the window's high k bits) in s->sym. Called by the whole warp.
 template <int ID>
 PYADAQ_HD void pyadaq_kvtr_viterbi(pyadaq_kvtr_scratch * s, int k, int start) {
     const int n = pyadaq_kvtr_stream_len<ID>(k);
@@ -239,7 +239,7 @@ PYADAQ_HD void pyadaq_kvtr_viterbi(pyadaq_kvtr_scratch * s, int k, int start) {
                 }
             }
             s->end = end;
-            for (int t = n - 1, st = end; t >= 0; --t) {
+            for (int t = n - 1, st = end; start >= 0 && t >= 0; --t) {  // the first pass needs only its end
                 const int W = (st << k) | s->back[t][st];  // the window: the state before, then the own bits
                 s->sym[t] = (uint16_t) (W >> PYADAQ_KVTR_STATE_BITS);
                 st = W & (PYADAQ_KVTR_NS - 1);

@@ -529,8 +529,8 @@ static int kvtr_end_state(const float * cost, int start) {
 }
 
 // One Viterbi pass over the stream u (weights w) of width k: start < 0 starts from every state,
-// else from that state alone; returns the state it read back from (kvtr_end_state) and the
-// windows read back from it. Each next state's candidates come in the order r = 0, 1, ... (the
+// else from that state alone; returns the state it reads back from (kvtr_end_state) and, unless
+// wins is NULL (the first pass needs only that state), the windows read back from it. Each next state's candidates come in the order r = 0, 1, ... (the
 // spec's); the loop over r is outside the loop over states, as in the AVX2 version below.
 static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
     uint16_t back[KVTR_MAX_STREAM][KVTR_NS];
@@ -564,7 +564,7 @@ static int kvtr_viterbi(const float * u, const float * w, int n, int k, int star
         }
     }
     const int end = kvtr_end_state(cost, start);
-    for (int t = n - 1, s = end; t >= 0; --t) {
+    for (int t = n - 1, s = end; wins != NULL && t >= 0; --t) {
         wins[t] = back[t][s];
         s = back[t][s] & (KVTR_NS - 1);
     }
@@ -573,61 +573,151 @@ static int kvtr_viterbi(const float * u, const float * w, int n, int k, int star
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
+// The AVX2 Viterbi pass stores the costs in the order its loads want them: a state s's cost at
+// P[(s & (R - 1)) * M + (s >> k)] (R = 2^k candidates, M = 64 / R), i.e. grouped by the low k bits r
+// that a next state's candidate (s2 << k) | r appends, then by m = s >> k. The 64 next states' costs
+// come out of the registers in natural order and are put in that order by an in-register transpose.
+static inline int kvtr_pidx(int s, int k) {
+    return (s & ((1 << k) - 1)) * (KVTR_NS >> k) + (s >> k);
+}
+
+// even and odd elements of the 16 floats a, b
+__attribute__((target("avx2"), always_inline))
+static inline __m256 kvtr_even(__m256 a, __m256 b) {
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+}
+__attribute__((target("avx2"), always_inline))
+static inline __m256 kvtr_odd(__m256 a, __m256 b) {
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+
+// b[0..7]: the 64 costs in natural order -> p[0..7]: the same in kvtr_pidx order for width k
+__attribute__((target("avx2"), always_inline))
+static inline void kvtr_to_pidx(const __m256 * b, __m256 * p, int k) {
+    if (k == 1) {  // P[r * 32 + m] = nat[2m + r]
+        for (int q = 0; q < 4; ++q) {
+            p[q] = kvtr_even(b[2 * q], b[2 * q + 1]);
+            p[4 + q] = kvtr_odd(b[2 * q], b[2 * q + 1]);
+        }
+    } else if (k == 2) {  // P[r * 16 + m] = nat[4m + r]: 4x4 transposes per 128-bit lane, then m in order
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (int h = 0; h < 2; ++h) {
+            const __m256 * A = b + 4 * h;
+            const __m256 t0 = _mm256_unpacklo_ps(A[0], A[1]);
+            const __m256 t1 = _mm256_unpackhi_ps(A[0], A[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(A[2], A[3]);
+            const __m256 t3 = _mm256_unpackhi_ps(A[2], A[3]);
+            p[0 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0x44), order);
+            p[2 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0xEE), order);
+            p[4 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0x44), order);
+            p[6 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0xEE), order);
+        }
+    } else {  // k == 3: P[r * 8 + m] = nat[8m + r], an 8x8 transpose
+        __m256 tt[8];
+        for (int h = 0; h < 2; ++h) {
+            const __m256 * A = b + 4 * h;
+            const __m256 t0 = _mm256_unpacklo_ps(A[0], A[1]);
+            const __m256 t1 = _mm256_unpackhi_ps(A[0], A[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(A[2], A[3]);
+            const __m256 t3 = _mm256_unpackhi_ps(A[2], A[3]);
+            tt[4 * h + 0] = _mm256_shuffle_ps(t0, t2, 0x44);
+            tt[4 * h + 1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+            tt[4 * h + 2] = _mm256_shuffle_ps(t1, t3, 0x44);
+            tt[4 * h + 3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+        }
+        for (int r = 0; r < 4; ++r) {
+            p[r] = _mm256_permute2f128_ps(tt[r], tt[4 + r], 0x20);
+            p[4 + r] = _mm256_permute2f128_ps(tt[r], tt[4 + r], 0x31);
+        }
+    }
+}
+
+// The end of a SIMD pass (costs of every step in kvtr_pidx order): the state to read back from
+// (kvtr_end_state) and, unless wins is NULL, the windows read back from it, each step's candidates
+// of the path's state computed again with the reference's operations, the first least one taken.
+static int kvtr_read_back(const float (*costs)[KVTR_NS], const float * u, const float * w, int n, int k, int start,
+                          uint16_t * wins) {
+    const float * T = kvtr_tables[k];
+    float last[KVTR_NS];
+    for (int s = 0; s < KVTR_NS; ++s) {
+        last[s] = costs[n][kvtr_pidx(s, k)];
+    }
+    const int end = kvtr_end_state(last, start);
+    for (int t = n - 1, s = end; wins != NULL && t >= 0; --t) {
+        float best = INFINITY;
+        int W = s << k;
+        for (int r = 0; r < (1 << k); ++r) {
+            const float diff = u[t] - T[(s << k) | r];
+            const float c = costs[t][kvtr_pidx(((s << k) | r) & (KVTR_NS - 1), k)] + w[t] * (diff * diff);
+            if (c < best) {
+                best = c;
+                W = (s << k) | r;
+            }
+        }
+        wins[t] = (uint16_t) W;
+        s = W & (KVTR_NS - 1);
+    }
+    return end;
+}
+
 // kvtr_viterbi with the 64 next states in 8 registers and no gathers: a state s2's candidate for r
 // reads the window W = (s2 << k) | r, i.e. table[W] (from a copy of the table ordered by r, then
-// s2) and cost[W & 63], which for s2 = 8i .. 8i + 7 is a run of 8 in the cost array reordered by
-// r, then m = W >> k (taken mod 64 >> k): per lane, the reference's float operations in its order.
+// s2) and cost[W & 63], which for s2 = 8i .. 8i + 7 is a run of 8 in the costs in kvtr_pidx order:
+// per lane, the reference's float operations in its order.
+// The forward pass keeps only each state's least cost (a min, which is the reference's value
+// whichever candidate reaches it first) and the costs of every step; reading back, the candidates
+// of the one state on the path are computed again, in the reference's order and operations, and
+// the first least one is taken: the reference's choice, without tracking it for every state.
+// (Keeping each window's w * diff^2 from the first pass for the second made this slower here: the
+// second pass then waits on reading them back.)
 __attribute__((target("avx2")))
 static int kvtr_viterbi_avx2(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
     static_assert(KVTR_NS == 64, "8 registers of 8 states");
-    int32_t back[KVTR_MAX_STREAM][KVTR_NS];  // 64 KiB of stack: stored a register at a time
+    float costs[KVTR_MAX_STREAM + 1][KVTR_NS];  // 65 KiB of stack: the costs before each step, kvtr_pidx order
     const float * T = kvtr_tables[k];
     const int R = 1 << k;
-    const int M = KVTR_NS >> k;  // the distinct m = (W >> k) & (M - 1) ... of a state's candidates
-    float Tr[8 * KVTR_NS];       // Tr[r * 64 + s2] = T[(s2 << k) | r]
+    const int M = KVTR_NS >> k;
+    float Tr[8 * KVTR_NS];  // Tr[r * 64 + s2] = T[(s2 << k) | r]
     for (int r = 0; r < R; ++r) {
         for (int s2 = 0; s2 < KVTR_NS; ++s2) {
             Tr[r * KVTR_NS + s2] = T[(s2 << k) | r];
         }
     }
-    float cost[KVTR_NS];
-    float P[KVTR_NS];  // P[r * M + m] = cost[(m << k) | r]
     for (int s = 0; s < KVTR_NS; ++s) {
-        cost[s] = (start < 0 || s == start) ? 0.0f : INFINITY;
+        costs[0][kvtr_pidx(s, k)] = (start < 0 || s == start) ? 0.0f : INFINITY;
     }
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int t = 0; t < n; ++t) {
-        for (int r = 0; r < R; ++r) {
-            for (int m = 0; m < M; ++m) {
-                P[r * M + m] = cost[(m << k) | r];
-            }
-        }
+        const float * P = costs[t];
         const __m256 ut = _mm256_set1_ps(u[t]);
         const __m256 wt = _mm256_set1_ps(w[t]);
+        __m256 best[8];
         for (int i = 0; i < 8; ++i) {
-            const __m256i s2 = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * i));
-            const __m256i s2k = _mm256_slli_epi32(s2, k);
-            __m256 best = _mm256_set1_ps(INFINITY);
-            __m256i bw = s2k;
-            const int off = (8 * i) & (M - 1);
-            for (int r = 0; r < R; ++r) {
-                const __m256 diff = _mm256_sub_ps(ut, _mm256_loadu_ps(Tr + r * KVTR_NS + 8 * i));
-                const __m256 c = _mm256_add_ps(_mm256_loadu_ps(P + r * M + off), _mm256_mul_ps(wt, _mm256_mul_ps(diff, diff)));
-                const __m256 better = _mm256_cmp_ps(c, best, _CMP_LT_OQ);
-                best = _mm256_blendv_ps(best, c, better);
-                bw = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bw),
-                                                          _mm256_castsi256_ps(_mm256_or_si256(s2k, _mm256_set1_epi32(r))), better));
+            best[i] = _mm256_set1_ps(INFINITY);
+        }
+        for (int r = 0; r < R; ++r) {
+            const float * Tr_r = Tr + r * KVTR_NS;
+            const float * P_r = P + r * M;
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; ++i) {
+                const __m256 diff = _mm256_sub_ps(ut, _mm256_loadu_ps(Tr_r + 8 * i));
+                const __m256 c = _mm256_add_ps(_mm256_loadu_ps(P_r + ((8 * i) & (M - 1))), _mm256_mul_ps(wt, _mm256_mul_ps(diff, diff)));
+                best[i] = _mm256_min_ps(c, best[i]);  // c < best ? c : best, the reference's update
             }
-            _mm256_storeu_ps(cost + 8 * i, best);
-            _mm256_storeu_si256((__m256i *) (back[t] + 8 * i), bw);
+        }
+        __m256 next[8];
+        kvtr_to_pidx(best, next, k);
+        for (int i = 0; i < 8; ++i) {
+            _mm256_storeu_ps(costs[t + 1] + 8 * i, next[i]);
         }
     }
-    const int end = kvtr_end_state(cost, start);
-    for (int t = n - 1, s = end; t >= 0; --t) {
-        wins[t] = (uint16_t) back[t][s];
-        s = back[t][s] & (KVTR_NS - 1);
-    }
-    return end;
+    return kvtr_read_back(costs, u, w, n, k, start, wins);
+}
+
+// A trellis stream with the AVX2 passes (kvtr_trellis's)
+__attribute__((target("avx2")))
+static void kvtr_trellis_avx2(const float * u, const float * w, int n, int k, uint16_t * wins) {
+    const int s0 = kvtr_viterbi_avx2(u, w, n, k, -1, NULL);
+    kvtr_viterbi_avx2(u, w, n, k, s0, wins);
 }
 #endif
 
@@ -647,9 +737,15 @@ static int kvtr_stream_positions(const int * widths, int k, int * pos) {
     return n;
 }
 
-static void kvtr_put_bits(uint8_t * q, int bit, int v, int len) {
-    for (int i = 0; i < len; ++i, ++bit) {
-        q[bit >> 3] |= (uint8_t) (((v >> i) & 1) << (bit & 7));
+// n values of k bits each, little-endian from q's first bit on (n * k is a multiple of 8)
+static void kvtr_put_stream(uint8_t * q, const uint16_t * sym, int n, int k) {
+    uint32_t acc = 0;
+    int nacc = 0;
+    for (int t = 0; t < n; ++t) {
+        acc |= (uint32_t) sym[t] << nacc;
+        for (nacc += k; nacc >= 8; nacc -= 8, acc >>= 8) {
+            *q++ = (uint8_t) acc;
+        }
     }
 }
 
@@ -661,11 +757,18 @@ static int kvtr_get_bits(const uint8_t * q, int bit, int len) {
     return v;
 }
 
+// A trellis stream: the first pass from every state gives the state the second starts and ends
+// at; the windows of the second.
+static void kvtr_trellis(const float * u, const float * w, int n, int k, uint16_t * wins) {
+    const int s0 = kvtr_viterbi(u, w, n, k, -1, NULL);
+    kvtr_viterbi(u, w, n, k, s0, wins);
+}
+
 // The row's payload (the streams) from its scale codes e: u = x * (1 / d) per sub-block.
-typedef int (*kvtr_viterbi_t)(const float *, const float *, int, int, int, uint16_t *);
+typedef void (*kvtr_trellis_t)(const float *, const float *, int, int, uint16_t *);
 
 static void kvtr_encode(const float * xs, const int * e, const int * widths, const kvt_mids * mids, uint8_t * q,
-                        kvtr_viterbi_t viterbi) {
+                        kvtr_trellis_t trellis) {
     float u[PYADAQ_KVTR_QK];
     float w[PYADAQ_KVTR_QK];
     for (int b = 0; b < PYADAQ_KVTR_SUBS; ++b) {
@@ -689,25 +792,25 @@ static void kvtr_encode(const float * xs, const int * e, const int * widths, con
             su[t] = u[pos[t]];
             sw[t] = w[pos[t]];
         }
+        uint16_t sym[KVTR_MAX_STREAM];  // each value's k bits
         if (k > PYADAQ_KVTR_MAX_TRELLIS) {
             for (int t = 0; t < n; ++t) {
-                kvtr_put_bits(q, bit + t * k, kvt_nearest(su[t], mids->m[k], (1 << k) - 1), k);
+                sym[t] = (uint16_t) kvt_nearest(su[t], mids->m[k], (1 << k) - 1);
             }
         } else {
-            uint16_t wins[KVTR_MAX_STREAM];
-            const int s0 = viterbi(su, sw, n, k, -1, wins);
-            viterbi(su, sw, n, k, s0, wins);
+            trellis(su, sw, n, k, sym);
             for (int t = 0; t < n; ++t) {
-                kvtr_put_bits(q, bit + t * k, wins[t] >> PYADAQ_KVTR_STATE_BITS, k);
+                sym[t] >>= PYADAQ_KVTR_STATE_BITS;  // the window's own bits
             }
         }
+        kvtr_put_stream(q + bit / 8, sym, n, k);
         bit += n * k;
     }
 }
 
 static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload, const int * widths, const kvt_mids * mids,
                                  int (*search)(const float *, const float *, const int *, const kvt_mids *, float),
-                                 kvtr_viterbi_t viterbi) {
+                                 kvtr_trellis_t trellis) {
     float xs[PYADAQ_KVTR_QK];
     float wt[PYADAQ_KVT_QK];
     int e[PYADAQ_KVTR_SUBS];
@@ -718,18 +821,18 @@ static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload,
         out[b] = (uint8_t) e[b];
     }
     memset(out + PYADAQ_KVTR_SUBS, 0, payload);
-    kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS, viterbi);
+    kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS, trellis);
 }
 
 // k values (whole rows) into blocks of block_bytes with the given scale search and Viterbi
 static void kvtr_quantize_rows(const float * x, void * y, int64_t k, size_t block_bytes, const int * widths,
                                int (*search)(const float *, const float *, const int *, const kvt_mids *, float),
-                               kvtr_viterbi_t viterbi) {
+                               kvtr_trellis_t trellis) {
     kvt_mids mids;
     kvt_make_mids(&mids);
     for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {
         kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) y + i * block_bytes, block_bytes - PYADAQ_KVTR_SUBS,
-                             widths, &mids, search, viterbi);
+                             widths, &mids, search, trellis);
     }
 }
 
@@ -861,7 +964,7 @@ static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_
 #ifdef PYADAQ_KVT_HAVE_AVX2
 #define PYADAQ_KVTR_QUANTIZE_AVX2_CASE(lower)                                                            \
     if (impl == PYADAQ_IMPL_AVX2 && pyadaq_cpu_has_avx2()) {                                             \
-        kvtr_quantize_rows(x, y, k, sizeof(block_##lower), lower##_widths, kvt_search_avx2, kvtr_viterbi_avx2); \
+        kvtr_quantize_rows(x, y, k, sizeof(block_##lower), lower##_widths, kvt_search_avx2, kvtr_trellis_avx2); \
         return 0;                                                                                        \
     }
 #define PYADAQ_KVTR_DEQUANT_AVX2_CASE(lower)                                                             \
@@ -889,7 +992,7 @@ static_assert(7 + 7 * PYADAQ_KVTR_MAX_TRELLIS + PYADAQ_KVTR_STATE_BITS + PYADAQ_
     PYADAQ_KVTR_AVX2_DEQUANT(lower)                                                                      \
     void quantize_row_##lower##_ref(const float * x, void * y, int64_t k) {                              \
         assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
-        kvtr_quantize_rows(x, y, k, sizeof(block_##lower), lower##_widths, kvt_search, kvtr_viterbi);     \
+        kvtr_quantize_rows(x, y, k, sizeof(block_##lower), lower##_widths, kvt_search, kvtr_trellis);     \
     }                                                                                                    \
     void dequantize_row_##lower##_ref(const void * x, float * y, int64_t k) {                            \
         assert(k % PYADAQ_KVTR_QK == 0);                                                                  \
