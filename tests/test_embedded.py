@@ -52,22 +52,25 @@ def test_embedded_copy_from_the_environment(embedded_model, tiny_model, tmp_path
 
 def test_demo(cache, capsys):
     """`pyadaq demo` (README's first command): an answer with 4.5-bit keys and 2.5-bit values in
-    the model's KV calibration (made here, in an empty cache), and the KL table, where that pair
-    costs far less than q4_0 keys with kvq2 values at the same 3.5 bits per value."""
+    the model's KV calibration (made here, in an empty cache; the row-trellis values, the model's
+    value heads being 256), and the KL table, where the pairs cost far less than q4_0 keys with
+    kvq2 values at the same 3.5 bits per value."""
     from pyadaq.cli import main
 
     assert main(["demo", "--chunks", "1", "--tokens", "12", "--threads", "2"]) == 0
     out = capsys.readouterr().out
-    assert "KV cache: K=kvt4s, V=kvt2 in the model's KV calibration (3.5 bits per value" in out
+    assert "KV cache: K=kvt4s, V=kvt2r in the model's KV calibration (3.5 bits per value" in out  # heads of 256
     assert "the last 128 tokens also in f16" in out
     answer = out.split("> What are the three primary colors?", 1)[1].strip().splitlines()[0]
     assert answer.strip()
     rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.split() and line.split()[0] in ("f16:f16", "q4_0:kvq2", "kvt4s:kvt2+cal", "q8_0:kvt2+cal")}
-    assert set(rows) == {"f16:f16", "q4_0:kvq2", "kvt4s:kvt2+cal", "q8_0:kvt2+cal"}
+            if line.split() and line.split()[0] in ("f16:f16", "q4_0:kvq2", "kvt4s:kvt2+cal", "q8_0:kvt2+cal",
+                                                    "kvt4s:kvt2r+cal")}
+    assert set(rows) == {"f16:f16", "q4_0:kvq2", "kvt4s:kvt2+cal", "q8_0:kvt2+cal", "kvt4s:kvt2r+cal"}
     kl = {name: float(r[4]) for name, r in rows.items()}
     assert kl["f16:f16"] == 0.0
     assert kl["kvt4s:kvt2+cal"] < 0.5 * kl["q4_0:kvq2"]
+    assert kl["kvt4s:kvt2r+cal"] < 0.5 * kl["q4_0:kvq2"]
 
 
 def _decode_logits(model, cfg, prompt, continuation, kv_window=0):

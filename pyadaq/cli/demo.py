@@ -1,14 +1,17 @@
 """`pyadaq demo`: one chat answer from the embedded model with 4.5-bit keys and 2.5-bit values in
-the model's KV calibration (K=kvt4s, V=kvt2: 3.5 bits per value; the calibration is made once,
-about a minute on 2 cores, and cached) and the K/V rows of the last 128 tokens also kept in f16
-(a KV window: a short exchange is attended as with an f16 cache), then the KV size and the KL
-divergence against an f16 cache of a few configurations."""
+the model's KV calibration (K=kvt4s, V=kvt2r: 3.5 bits per value, the values' low bits coded by a
+trellis across each row of 256, the best 3.5-bit pair measured; V=kvt2 for a model whose value
+heads are not a multiple of 256; the calibration is made once, about a minute on 2 cores, and
+cached) and the K/V rows of the last 128 tokens also kept in f16 (a KV window: a short exchange is
+attended as with an f16 cache), then the KV size and the KL divergence against an f16 cache of a
+few configurations."""
 
 from __future__ import annotations
 
 import sys
 
 CONFIGS = "f16:f16,q8_0:q4_0,q4_0:q4_0,q8_0:kvq2,q4_0:kvq2,q8_0:kvt2+cal,kvt4s:kvt2+cal"
+ROW_CONFIGS = ",q8_0:kvt2r+cal,kvt4s:kvt2r+cal"  # added where the value heads fit rows of 256
 WINDOW = 128  # the answer's KV window (cells; read by the CPU kernels: the answer runs on the CPU)
 
 
@@ -29,14 +32,18 @@ def run(args) -> int:
     from pyadaq.plan.calibrate import kv_calibration_for
     from pyadaq.plan.spec import parse_configs, resolve_configs
     from pyadaq.report.markdown import fixed
+    from pyadaq.types import cache_type
 
     model, info = resolve_model(args.model)
     calibration = kv_calibration_for(model, info, "default")
-    model, info, llm = load_llama("demo", model, cache_type_k="kvt4s", cache_type_v="kvt2", ctx=2048,
+    rows = all(h % cache_type("kvt2r").block_size == 0 for h in info.head_sizes_v())
+    type_v = "kvt2r" if rows else "kvt2"
+    configs_spec = CONFIGS + (ROW_CONFIGS if rows else "")
+    model, info, llm = load_llama("demo", model, cache_type_k="kvt4s", cache_type_v=type_v, ctx=2048,
                                   threads=args.threads, kv_calibration=calibration, kv_window=WINDOW, gpu_layers=0,
                                   seed=0)
     bits = (llm.cache_type_k.bits_per_value + llm.cache_type_v.bits_per_value) / 2
-    print(f"model: {model}\nKV cache: K=kvt4s, V=kvt2 in the model's KV calibration ({bits:g} bits per value; "
+    print(f"model: {model}\nKV cache: K=kvt4s, V={type_v} in the model's KV calibration ({bits:g} bits per value; "
           f"{calibration.path}), the last {WINDOW} tokens also in f16 ({llm.kv_window_bytes / 2**20:.2f} MiB)\n")
     print(f"> {args.prompt}")
     try:
@@ -45,7 +52,7 @@ def run(args) -> int:
         print(chat.stats())
     finally:
         llm.close()
-    n_configs = len(parse_configs(CONFIGS))
+    n_configs = len(parse_configs(configs_spec))
     announce("demo", f"the KL table ({n_configs} configurations on {counted(args.chunks, 'chunk')} of "
              "512 tokens)",
              n_configs * args.chunks + missing_reference(info, 512, args.chunks), model, 512, args.threads,
@@ -54,7 +61,7 @@ def run(args) -> int:
              faster_passes=n_configs + missing_reference(info, 512, 1))
     print(f"\nKL divergence against an f16 cache, {counted(args.chunks, 'chunk')} of 512 tokens of pydoc_data.topics "
           "(`pyadaq eval` for more):")
-    configs = resolve_configs(parse_configs(CONFIGS), model, calibration=calibration)
+    configs = resolve_configs(parse_configs(configs_spec), model, calibration=calibration)
     res = compare(model, configs, n_ctx=512, n_chunks=args.chunks, n_threads=args.threads, store=True)
     f16 = res["f16_kv_bytes"]
     print(f"{'K:V':<15} {'bits/value':>10} {'KV MiB':>8} {'of f16':>7} {'KL mean':>9} {'top-1':>7}")
