@@ -150,7 +150,8 @@ def test_results_calibrated_section_is_measured_and_rendered(tiny_model, tmp_pat
     """`results --from-json M --calibrated` measures the kvt matrix with the model's default
     calibration on M's text, context and chunks, writes its JSON, and RESULTS.md gets a section
     whose figures are that JSON's; rendering again from the saved JSON gives the same section."""
-    from pyadaq.cli.calibrated_results import K_TYPES, V_TYPES
+    from pyadaq.cli.calibrated_results import K_TYPES, V_TYPES, v_types
+    from pyadaq.model.header import read_model_info
 
     path = tiny_model(arch="llama", head_dim=64, n_head_kv=2, dtype="f32")
     matrix = tmp_path / "m.json"
@@ -160,6 +161,7 @@ def test_results_calibrated_section_is_measured_and_rendered(tiny_model, tmp_pat
     out = tmp_path / "out"
     assert main(["results", "--from-json", str(matrix), "--calibrated", "--out", str(out)]) == 0
     cr = json.loads((out / "results-calibrated.json").read_text())
+    assert v_types(read_model_info(path)) == V_TYPES  # heads of 64: no row-trellis columns
     assert [r["config"] for r in cr["results"]] == [f"{k}:{v}+cal" for k in K_TYPES for v in V_TYPES]
     assert cr["calibration"]["held_out"] and cr["chunks"] == 2 and cr["settings"]["ctx"] == 64
     assert len({r["calibration_fingerprint"] for r in cr["results"]}) == 1

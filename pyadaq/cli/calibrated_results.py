@@ -15,25 +15,37 @@ from pyadaq.cli._common import DEFAULT_OUT
 # value profiles at 4.5, 3.5 and 2.5 bits per value
 K_TYPES = ["q8_0", "kvt4s", "kvt3s", "kvt2s"]
 V_TYPES = ["q8_0", "kvt4", "kvt3", "kvt2"]
+# the row-trellis values, added where every value head is a multiple of their rows of 256
+ROW_V_TYPES = ["kvt3r", "kvt2r"]
 # (calibrated pair, flat pair of the same size in the matrix run)
 AGAINST_FLAT = ((("q8_0", "kvt2"), ("q8_0", "kvq2")), (("q8_0", "kvt3"), ("q8_0", "kvq3")),
                 (("kvt2s", "q8_0"), ("kvq2", "q8_0")), (("kvt4s", "kvt2"), ("q4_0", "kvq2")),
-                (("kvt4s", "kvt4"), ("q4_0", "q4_0")), (("kvt3s", "kvt2"), ("kvq3", "kvq2")))
+                (("kvt4s", "kvt4"), ("q4_0", "q4_0")), (("kvt3s", "kvt2"), ("kvq3", "kvq2")),
+                (("q8_0", "kvt2r"), ("q8_0", "kvq2")), (("q8_0", "kvt3r"), ("q8_0", "kvq3")),
+                (("kvt4s", "kvt2r"), ("q4_0", "kvq2")), (("kvt3s", "kvt2r"), ("kvq3", "kvq2")))
 # the paper's comparison: (more bits for keys, more bits for values), each pair at equal size
-PAPER = ((("kvt4s", "kvt2"), ("kvt2s", "kvt4")), (("q8_0", "kvt4"), ("kvt4s", "q8_0")),
-         (("kvt3s", "kvt2"), ("kvt2s", "kvt3")))
+PAPER = ((("kvt4s", "kvt2"), ("kvt2s", "kvt4")), (("kvt4s", "kvt2r"), ("kvt2s", "kvt4")),
+         (("q8_0", "kvt4"), ("kvt4s", "q8_0")), (("kvt3s", "kvt2"), ("kvt2s", "kvt3")))
 
 
-def configs() -> str:
-    return ",".join(f"{k}:{v}+cal" for k in K_TYPES for v in V_TYPES)
+def v_types(info) -> list[str]:
+    """The matrix's value types for a model: V_TYPES, and ROW_V_TYPES where its value heads fit."""
+    from pyadaq.types import cache_type
+
+    rows = all(h % cache_type(t).block_size == 0 for t in ROW_V_TYPES for h in info.head_sizes_v())
+    return V_TYPES + (ROW_V_TYPES if rows else [])
 
 
-def work(n_chunks: int) -> tuple:
+def configs(info) -> str:
+    return ",".join(f"{k}:{v}+cal" for k in K_TYPES for v in v_types(info))
+
+
+def work(info, n_chunks: int) -> tuple:
     """(what measure() computes, its forward passes) for the announcement; the default
     calibration, when it is not cached yet, is made first (a few minutes)."""
     from pyadaq.cli._common import counted
 
-    n = len(K_TYPES) * len(V_TYPES)
+    n = len(K_TYPES) * len(v_types(info))
     return (f"the calibrated matrix ({n} configurations on {counted(n_chunks, 'chunk')}, with the model's "
             "default KV calibration, made first if it is not cached)"), n * n_chunks
 
@@ -55,7 +67,7 @@ def measure(res: dict, json_out: Path) -> dict:
         raise ValueError("the matrix run read another text than the default one; measure the calibrated matrix "
                          "with a matrix run of the default text")
     t0 = time.time()
-    resolved = resolve_configs(parse_configs(configs()), model)
+    resolved = resolve_configs(parse_configs(configs(info)), model)
     t_cal = time.time() - t0
     cal = resolved[0].calibration
     out = evaluate(model, info, resolved, text=text, text_name=s["text"], ctx=s["ctx"], chunks=res["chunks"],
@@ -85,7 +97,8 @@ def render_calibrated(cr: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
     s, cal = cr["settings"], cr["calibration"]
     by = {(r["k"], r["v"]): r for r in cr["results"]}
     flat = {(r["k"], r["v"]): r for r in res["results"] if not r.get("per_layer")}
-    grid = {"ks": K_TYPES, "vs": V_TYPES}
+    present = {v for _, v in by}
+    grid = {"ks": K_TYPES, "vs": [v for v in V_TYPES + ROW_V_TYPES if v in present]}
     out = [
         "## Calibrated transform coding (kvt types)",
         "",

@@ -150,7 +150,7 @@ def announce_work(args, model: str, chunks: int, budgets: list) -> None:
     if args.calibrated:
         from pyadaq.cli.calibrated_results import work as calibrated_work
 
-        what, more = calibrated_work(chunks)
+        what, more = calibrated_work(info, chunks)
         work.append(what)
         passes += more
     cached = "f16 reference and the calibration" if args.adaptive or args.calibrated else "f16 reference"
