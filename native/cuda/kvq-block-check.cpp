@@ -16,14 +16,17 @@
 // levels without the scale, pyadaq_kvt_unscaled: flash attention's K.Q and V operands) for a
 // whole number of 64-value blocks; for a row-trellis type (pyadaq-kvtr-block.h) the same from
 // pyadaq_kvtr_quantize_row (the warp's program, its lanes run in turn), pyadaq_kvt_row_dequant2 and
-// pyadaq_kvtr_unscaled, for a whole number of 256-value rows.
+// pyadaq_kvtr_unscaled, for a whole number of 256-value rows, and exits 1 if a row read with a
+// stride of 2 (CPY's strided source) gives other bytes.
 // Compile with -ffp-contract=off, as the reference is.
 
 #include "pyadaq-kvq-block.h"
 #include "pyadaq-kvt-block.h"
 #include "pyadaq-kvtr-block.h"
 
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -75,9 +78,21 @@ static int run_kvt(const std::vector<float> & x, const std::string & out) {
     std::vector<float> deq(x.size());
     std::vector<float> lev(x.size());
     pyadaq_kvtr_scratch scratch;
+    std::vector<float> strided(2 * qk);
     for (size_t b = 0; b < nb; ++b) {
         if constexpr (pyadaq_kvt_is_row<ID>()) {
             pyadaq_kvtr_quantize_row<ID>(x.data() + b * qk, 1, &q[b], &scratch);
+            // CPY's strided source: the same row every other float, NaN between, the same bytes
+            for (int j = 0; j < qk; ++j) {
+                strided[2 * j] = x[b * qk + j];
+                strided[2 * j + 1] = NAN;
+            }
+            block_t again;
+            pyadaq_kvtr_quantize_row<ID>(strided.data(), 2, &again, &scratch);
+            if (std::memcmp(&again, &q[b], sizeof(block_t)) != 0) {
+                std::fprintf(stderr, "row %zu: the strided source gave other bytes\n", b);
+                return 1;
+            }
         } else {
             pyadaq_kvt_quantize_block<ID>(x.data() + b * qk, &q[b]);
         }

@@ -173,7 +173,7 @@ PYADAQ_HD void pyadaq_kvt_row_dequant2(const void * row, int64_t i, float * v0, 
 #    define PYADAQ_WARP_SYNC()    ((void) 0)
 #endif
 
-// What one warp's encoder keeps between phases (about 19.5 KiB: shared memory on the GPU).
+// What one warp's encoder keeps between phases (20,772 bytes: shared memory on the GPU).
 struct pyadaq_kvtr_scratch {
     float xs[PYADAQ_KVTR_QK];     // the row, non-finite values as 0
     float u[PYADAQ_KVTR_QK];      // x / d per sub-block
@@ -187,13 +187,15 @@ struct pyadaq_kvtr_scratch {
     int end;
 };
 
-// One Viterbi pass over width k's stream (the reference's kvtr_viterbi): from every state when
+// One Viterbi pass over width K's stream (the reference's kvtr_viterbi; K a template parameter so
+// that the candidate loop unrolls and the table is known): from every state when
 // start < 0, else from start alone; leaves the state it reads back from in s->end and, for a
 // pass from one state, the values' own bits (the window's high k bits) in s->sym. Called by the whole warp.
-template <int ID>
-PYADAQ_HD void pyadaq_kvtr_viterbi(pyadaq_kvtr_scratch * s, int k, int start) {
+template <int ID, int k>
+PYADAQ_HD void pyadaq_kvtr_viterbi(pyadaq_kvtr_scratch * s, int start) {
+    static_assert(k >= 1 && k <= PYADAQ_KVTR_MAX_TRELLIS, "a trellis width");
     const int n = pyadaq_kvtr_stream_len<ID>(k);
-    const int R = 1 << k;
+    constexpr int R = 1 << k;
     PYADAQ_WARP_FOR(lane) {
         for (int st = lane; st < PYADAQ_KVTR_NS; st += 32) {
             s->cost[0][st] = (start < 0 || st == start) ? 0.0f : INFINITY;
@@ -210,7 +212,7 @@ PYADAQ_HD void pyadaq_kvtr_viterbi(pyadaq_kvtr_scratch * s, int k, int start) {
             for (int s2 = lane; s2 < PYADAQ_KVTR_NS; s2 += 32) {
                 float best = INFINITY;
                 int br = 0;
-                for (int r = 0; r < R; ++r) {
+                for (int r = 0; r < R; ++r) {  // R a constant: unrolled
                     const int W = (s2 << k) | r;
                     const float diff = pyadaq_fsub(ut, pyadaq_kvtr_table(k, W));
                     const float c = pyadaq_fadd(cost[W & (PYADAQ_KVTR_NS - 1)], pyadaq_fmul(wt, pyadaq_fmul(diff, diff)));
@@ -249,11 +251,22 @@ PYADAQ_HD void pyadaq_kvtr_viterbi(pyadaq_kvtr_scratch * s, int k, int start) {
     PYADAQ_WARP_SYNC();
 }
 
+// The two passes of width k's stream: the first from every state gives the state the second
+// starts and ends at.
+template <int ID, int k>
+PYADAQ_HD void pyadaq_kvtr_trellis(pyadaq_kvtr_scratch * s) {
+    pyadaq_kvtr_viterbi<ID, k>(s, -1);
+    const int s0 = s->end;
+    PYADAQ_WARP_SYNC();  // every lane has read s->end before the next pass writes it
+    pyadaq_kvtr_viterbi<ID, k>(s, s0);
+}
+
 // Quantizes one row: x[j * stride] for j = 0..255 into y. Called by the whole warp (on the host:
-// once, with the lanes run in turn); s is the warp's scratch.
+// once, with the lanes run in turn); s is the warp's scratch (not __restrict__: the lanes read
+// through it what other lanes wrote before a sync).
 template <int ID>
 PYADAQ_HD void pyadaq_kvtr_quantize_row(const float * __restrict__ x, int64_t stride, typename pyadaq_kvt_block<ID>::type * __restrict__ y,
-                                        pyadaq_kvtr_scratch * __restrict__ s) {
+                                        pyadaq_kvtr_scratch * s) {
     typedef typename pyadaq_kvt_block<ID>::type block_t;
     constexpr int P = (int) sizeof(block_t) - PYADAQ_KVTR_SUBS;  // payload bytes
     static_assert(sizeof(block_t) == sizeof(((block_t *) nullptr)->e) + sizeof(((block_t *) nullptr)->q), "no padding");
@@ -326,11 +339,12 @@ PYADAQ_HD void pyadaq_kvtr_quantize_row(const float * __restrict__ x, int64_t st
                 }
             }
             PYADAQ_WARP_SYNC();
+        } else if (k == 1) {
+            pyadaq_kvtr_trellis<ID, 1>(s);
+        } else if (k == 2) {
+            pyadaq_kvtr_trellis<ID, 2>(s);
         } else {
-            pyadaq_kvtr_viterbi<ID>(s, k, -1);
-            const int s0 = s->end;
-            PYADAQ_WARP_SYNC();  // every lane has read s->end before the next pass writes it
-            pyadaq_kvtr_viterbi<ID>(s, k, s0);
+            pyadaq_kvtr_trellis<ID, 3>(s);
         }
         const int first = pyadaq_kvtr_stream_bit<ID>(k) / 8;
         const int bytes = n * k / 8;
