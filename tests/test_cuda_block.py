@@ -81,6 +81,21 @@ KVT = [t for t in pyadaq.cache_types() if t.name in qr.KVT_TYPES]
 KVTR = [t for t in pyadaq.cache_types() if t.name in qr.KVTR_TYPES]
 
 
+def _run_kvt_checker(checker: Path, t, case: str, x: np.ndarray, tmp: Path):
+    """The host build on x for a transform-coded type: its blocks and dequantized values must be
+    the reference's; returns (the reference's blocks, its values, the build's unscaled values)."""
+    src = tmp / "in.f32"
+    x.astype(np.float32).tofile(src)
+    subprocess.run([str(checker), str(t.id), str(src), str(tmp / "out")], check=True)
+    q = np.fromfile(tmp / "out.q", dtype=np.uint8)
+    ref_q = qr.quantize(t.name, x)
+    assert np.array_equal(q, ref_q), f"{t.name}/{case}: blocks differ from the reference's"
+    ref = qr.dequantize(t.name, ref_q, len(x))
+    deq = np.fromfile(tmp / "out.deq", dtype=np.float32)
+    assert np.array_equal(deq.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: dequantized values"
+    return ref_q, ref, np.fromfile(tmp / "out.lev", dtype=np.float32)
+
+
 @pytest.mark.parametrize("t", KVT, ids=[t.name for t in KVT])
 def test_cuda_kvt_block_arithmetic_matches_reference(t, checker, tmp_path):
     """native/cuda/pyadaq-kvt-block.h (SET_ROWS/CPY quantizer, GET_ROWS/CPY/conversion
@@ -89,16 +104,7 @@ def test_cuda_kvt_block_arithmetic_matches_reference(t, checker, tmp_path):
     from test_kvt import _cases
 
     for case, x in _cases(t.id + 300).items():
-        src = tmp_path / "in.f32"
-        x.astype(np.float32).tofile(src)
-        subprocess.run([str(checker), str(t.id), str(src), str(tmp_path / "out")], check=True)
-        q = np.fromfile(tmp_path / "out.q", dtype=np.uint8)
-        ref_q = qr.quantize(t.name, x)
-        assert np.array_equal(q, ref_q), f"{t.name}/{case}: blocks differ from the reference's"
-        ref = qr.dequantize(t.name, ref_q, len(x))
-        deq = np.fromfile(tmp_path / "out.deq", dtype=np.float32)
-        assert np.array_equal(deq.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: dequantized values"
-        lev = np.fromfile(tmp_path / "out.lev", dtype=np.float32)
+        ref_q, ref, lev = _run_kvt_checker(checker, t, case, x, tmp_path)
         d = np.repeat(qr.kvt_scales()[ref_q.reshape(len(x) // 64, -1)[:, 0]], 64)
         coded = np.tile(np.repeat(np.array(qr.KVT_TYPES[t.name].widths) > 0, 8), len(x) // 64)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -116,16 +122,7 @@ def test_cuda_kvtr_row_arithmetic_matches_reference(t, checker, tmp_path):
     from test_kvtr import _rows
 
     for case, x in _rows(t.id + 300).items():
-        src = tmp_path / "in.f32"
-        x.astype(np.float32).tofile(src)
-        subprocess.run([str(checker), str(t.id), str(src), str(tmp_path / "out")], check=True)
-        q = np.fromfile(tmp_path / "out.q", dtype=np.uint8)
-        ref_q = qr.quantize(t.name, x)
-        assert np.array_equal(q, ref_q), f"{t.name}/{case}: rows differ from the reference's"
-        ref = qr.dequantize(t.name, ref_q, len(x))
-        deq = np.fromfile(tmp_path / "out.deq", dtype=np.float32)
-        assert np.array_equal(deq.view(np.uint32), ref.view(np.uint32)), f"{t.name}/{case}: dequantized values"
-        lev = np.fromfile(tmp_path / "out.lev", dtype=np.float32)
+        ref_q, ref, lev = _run_kvt_checker(checker, t, case, x, tmp_path)
         codes = ref_q.reshape(len(x) // 256, -1)[:, :4]
         d = np.repeat(qr.kvt_scales()[codes].reshape(-1), 64)
         with np.errstate(invalid="ignore", over="ignore"):

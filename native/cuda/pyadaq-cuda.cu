@@ -107,10 +107,6 @@ static __global__ void __launch_bounds__(WARP_SIZE) pyadaq_cpy_kvtr_quantize(con
     pyadaq_kvtr_quantize_row<ID>((const float *) src, s.nb00 / (int64_t) sizeof(float), (block_t *) dst, &scratch);
 }
 
-static int64_t pyadaq_cuda_block_size(ggml_type t) {
-    return pyadaq_cuda_is_kvtr(t) ? PYADAQ_KVTR_QK : pyadaq_cuda_is_kvt(t) ? PYADAQ_KVT_QK : PYADAQ_KVQ_QK;
-}
-
 bool pyadaq_cuda_cpy_supported(const ggml_tensor * src0, const ggml_tensor * src1) {
     const ggml_type a = src0->type;
     const ggml_type b = src1->type;
@@ -119,7 +115,7 @@ bool pyadaq_cuda_cpy_supported(const ggml_tensor * src0, const ggml_tensor * src
     }
     // one thread (or warp) per block: a block never straddles a row on either side; the row
     // types' encoder reads its source with a stride of whole floats
-    const int64_t qk = pyadaq_cuda_block_size(a == GGML_TYPE_F32 ? b : a);
+    const int64_t qk = ggml_blck_size(a == GGML_TYPE_F32 ? b : a);
     return src0->ne[0] % qk == 0 && src1->ne[0] % qk == 0 && (!pyadaq_cuda_is_kvtr(b) || src0->nb[0] % sizeof(float) == 0);
 }
 
@@ -140,7 +136,7 @@ bool pyadaq_cuda_cpy(const ggml_tensor * src0, ggml_tensor * src1, cudaStream_t 
     };
     const bool quantize = src0->type == GGML_TYPE_F32;
     const ggml_type t = quantize ? src1->type : src0->type;
-    const int64_t n_blocks = ne / pyadaq_cuda_block_size(t);
+    const int64_t n_blocks = ne / ggml_blck_size(t);
     const int64_t grid = (n_blocks + PYADAQ_CPY_BLOCK_SIZE - 1) / PYADAQ_CPY_BLOCK_SIZE;
     GGML_ASSERT(grid <= INT_MAX);
 

@@ -530,8 +530,9 @@ static int kvtr_end_state(const float * cost, int start) {
 
 // One Viterbi pass over the stream u (weights w) of width k: start < 0 starts from every state,
 // else from that state alone; returns the state it reads back from (kvtr_end_state) and, unless
-// wins is NULL (the first pass needs only that state), the windows read back from it. Each next state's candidates come in the order r = 0, 1, ... (the
-// spec's); the loop over r is outside the loop over states, as in the AVX2 version below.
+// wins is NULL (the first pass needs only that state), the windows read back from it. Each next
+// state's candidates come in the order r = 0, 1, ... (the spec's); the loop over r is outside the
+// loop over states, as in the AVX2 version below.
 static int kvtr_viterbi(const float * u, const float * w, int n, int k, int start, uint16_t * wins) {
     uint16_t back[KVTR_MAX_STREAM][KVTR_NS];
     const float * T = kvtr_tables[k];
@@ -599,32 +600,30 @@ static inline void kvtr_to_pidx(const __m256 * b, __m256 * p, int k) {
             p[q] = kvtr_even(b[2 * q], b[2 * q + 1]);
             p[4 + q] = kvtr_odd(b[2 * q], b[2 * q + 1]);
         }
-    } else if (k == 2) {  // P[r * 16 + m] = nat[4m + r]: 4x4 transposes per 128-bit lane, then m in order
+        return;
+    }
+    // k = 2, 3: 4x4 transposes within each 128-bit lane of b[4h .. 4h+3]: tt[4h + c] holds element c
+    // of each 128-bit row, lane 0 from the rows' first halves, lane 1 from their second
+    __m256 tt[8];
+    for (int h = 0; h < 2; ++h) {
+        const __m256 * A = b + 4 * h;
+        const __m256 t0 = _mm256_unpacklo_ps(A[0], A[1]);
+        const __m256 t1 = _mm256_unpackhi_ps(A[0], A[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(A[2], A[3]);
+        const __m256 t3 = _mm256_unpackhi_ps(A[2], A[3]);
+        tt[4 * h + 0] = _mm256_shuffle_ps(t0, t2, 0x44);
+        tt[4 * h + 1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+        tt[4 * h + 2] = _mm256_shuffle_ps(t1, t3, 0x44);
+        tt[4 * h + 3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+    }
+    if (k == 2) {  // P[r * 16 + m] = nat[4m + r]: m in order within each register
         const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (int h = 0; h < 2; ++h) {
-            const __m256 * A = b + 4 * h;
-            const __m256 t0 = _mm256_unpacklo_ps(A[0], A[1]);
-            const __m256 t1 = _mm256_unpackhi_ps(A[0], A[1]);
-            const __m256 t2 = _mm256_unpacklo_ps(A[2], A[3]);
-            const __m256 t3 = _mm256_unpackhi_ps(A[2], A[3]);
-            p[0 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0x44), order);
-            p[2 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0xEE), order);
-            p[4 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0x44), order);
-            p[6 + h] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0xEE), order);
+            for (int r = 0; r < 4; ++r) {
+                p[2 * r + h] = _mm256_permutevar8x32_ps(tt[4 * h + r], order);
+            }
         }
     } else {  // k == 3: P[r * 8 + m] = nat[8m + r], an 8x8 transpose
-        __m256 tt[8];
-        for (int h = 0; h < 2; ++h) {
-            const __m256 * A = b + 4 * h;
-            const __m256 t0 = _mm256_unpacklo_ps(A[0], A[1]);
-            const __m256 t1 = _mm256_unpackhi_ps(A[0], A[1]);
-            const __m256 t2 = _mm256_unpacklo_ps(A[2], A[3]);
-            const __m256 t3 = _mm256_unpackhi_ps(A[2], A[3]);
-            tt[4 * h + 0] = _mm256_shuffle_ps(t0, t2, 0x44);
-            tt[4 * h + 1] = _mm256_shuffle_ps(t0, t2, 0xEE);
-            tt[4 * h + 2] = _mm256_shuffle_ps(t1, t3, 0x44);
-            tt[4 * h + 3] = _mm256_shuffle_ps(t1, t3, 0xEE);
-        }
         for (int r = 0; r < 4; ++r) {
             p[r] = _mm256_permute2f128_ps(tt[r], tt[4 + r], 0x20);
             p[4 + r] = _mm256_permute2f128_ps(tt[r], tt[4 + r], 0x31);
@@ -764,7 +763,8 @@ static void kvtr_trellis(const float * u, const float * w, int n, int k, uint16_
     kvtr_viterbi(u, w, n, k, s0, wins);
 }
 
-// The row's payload (the streams) from its scale codes e: u = x * (1 / d) per sub-block.
+// The row's payload (the streams) from its scale codes e: u = x * (1 / d) per sub-block. The streams
+// fill the payload (4 * sum of the widths bytes), each byte written once.
 typedef void (*kvtr_trellis_t)(const float *, const float *, int, int, uint16_t *);
 
 static void kvtr_encode(const float * xs, const int * e, const int * widths, const kvt_mids * mids, uint8_t * q,
@@ -808,7 +808,7 @@ static void kvtr_encode(const float * xs, const int * e, const int * widths, con
     }
 }
 
-static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload, const int * widths, const kvt_mids * mids,
+static void kvtr_quantize_row256(const float * x, uint8_t * out, const int * widths, const kvt_mids * mids,
                                  int (*search)(const float *, const float *, const int *, const kvt_mids *, float),
                                  kvtr_trellis_t trellis) {
     float xs[PYADAQ_KVTR_QK];
@@ -820,7 +820,6 @@ static void kvtr_quantize_row256(const float * x, uint8_t * out, size_t payload,
         e[b] = rms > 0.0f ? search(xb, wt, widths, mids, rms) : 0;
         out[b] = (uint8_t) e[b];
     }
-    memset(out + PYADAQ_KVTR_SUBS, 0, payload);
     kvtr_encode(xs, e, widths, mids, out + PYADAQ_KVTR_SUBS, trellis);
 }
 
@@ -831,8 +830,7 @@ static void kvtr_quantize_rows(const float * x, void * y, int64_t k, size_t bloc
     kvt_mids mids;
     kvt_make_mids(&mids);
     for (int64_t i = 0; i < k / PYADAQ_KVTR_QK; ++i) {
-        kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) y + i * block_bytes, block_bytes - PYADAQ_KVTR_SUBS,
-                             widths, &mids, search, trellis);
+        kvtr_quantize_row256(x + i * PYADAQ_KVTR_QK, (uint8_t *) y + i * block_bytes, widths, &mids, search, trellis);
     }
 }
 

@@ -30,9 +30,9 @@ PAPER = ((("kvt4s", "kvt2"), ("kvt2s", "kvt4")), (("kvt4s", "kvt2r"), ("kvt2s", 
 
 def v_types(info) -> list[str]:
     """The matrix's value types for a model: V_TYPES, and ROW_V_TYPES where its value heads fit."""
-    from pyadaq.types import cache_type
+    from pyadaq.runtime.llama import undivided_head_sizes
 
-    rows = all(h % cache_type(t).block_size == 0 for t in ROW_V_TYPES for h in info.head_sizes_v())
+    rows = not any(undivided_head_sizes(info, t, "v") for t in ROW_V_TYPES)
     return V_TYPES + (ROW_V_TYPES if rows else [])
 
 

@@ -32,11 +32,11 @@ def run(args) -> int:
     from pyadaq.plan.calibrate import kv_calibration_for
     from pyadaq.plan.spec import parse_configs, resolve_configs
     from pyadaq.report.markdown import fixed
-    from pyadaq.types import cache_type
+    from pyadaq.runtime.llama import undivided_head_sizes
 
     model, info = resolve_model(args.model)
     calibration = kv_calibration_for(model, info, "default")
-    rows = all(h % cache_type("kvt2r").block_size == 0 for h in info.head_sizes_v())
+    rows = not undivided_head_sizes(info, "kvt2r", "v")
     type_v = "kvt2r" if rows else "kvt2"
     configs_spec = CONFIGS + (ROW_CONFIGS if rows else "")
     model, info, llm = load_llama("demo", model, cache_type_k="kvt4s", cache_type_v=type_v, ctx=2048,

@@ -84,6 +84,14 @@ def _compatible_names(sizes: list[int]) -> str:
     return ", ".join(names) if names else "none"
 
 
+def undivided_head_sizes(info: ModelInfo, cache_type_spec: CacheTypeSpec, which: str) -> list[int]:
+    """The model's K (``which="k"``) or V head sizes that a cache type's block does not divide
+    (none for a float type): the type fits that side when the list is empty."""
+    t = cache_type(cache_type_spec)
+    sizes = info.head_sizes_k() if which == "k" else info.head_sizes_v()
+    return [s for s in sizes if t.quantized and s % t.block_size]
+
+
 def validate_cache_types(
     model: ModelInfo | str | os.PathLike,
     cache_type_k: CacheTypeSpec = "f16",
@@ -100,9 +108,7 @@ def validate_cache_types(
     tv = cache_type(cache_type_v)
     info = model if isinstance(model, ModelInfo) else read_model_info(model)
     for which, t, sizes in (("K", tk, info.head_sizes_k()), ("V", tv, info.head_sizes_v())):
-        if not t.quantized:
-            continue
-        bad = [s for s in sizes if s % t.block_size]
+        bad = undivided_head_sizes(info, t, which.lower())
         if bad:
             head = bad[0]
             swa = ""
