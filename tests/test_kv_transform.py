@@ -27,7 +27,13 @@ from pyadaq.model.calibration import (
     write_calibration,
 )
 from pyadaq.runtime.context import Batch, Context, Model
-from pyadaq.runtime.kv_transform import LayerTransform, hadamard, kv_transforms
+from pyadaq.runtime.kv_transform import (
+    LayerTransform,
+    context_settings,
+    coordinates_fingerprint,
+    hadamard,
+    kv_transforms,
+)
 from pyadaq.runtime.layer_types import context_transform_layers, next_context, pending
 
 L = pyadaq.native().llama_cpp
@@ -162,7 +168,8 @@ def test_uncalibrated_context_is_unchanged_bit_for_bit(setup):
 def test_transform_memory(setup):
     """The matrices are [d, d] per KV head and layer, plus the key means, in the cache's buffer
     type: f16 where their cache (K for the keys', V for the values') is quantized and in host
-    memory, f32 for f16/f32 caches (and a GPU's); values get a transform only with a
+    memory, f32 for f16/f32 caches (and a GPU's); keys of flat types keep only their means
+    (keys_by_mean) unless llama.cpp's rotation is off; values get a transform only with a
     transform-coded V type; they go with the context."""
     m, cals = setup
     n = pyadaq.native()
@@ -174,16 +181,19 @@ def test_transform_memory(setup):
         per = 2 if quantized and on_host else 4
         return sum(per * part[il].n_head * part[il].head_size ** 2 + 4 * part[il].mean.size for il in cal.layers())
 
+    means = sum(4 * cal.k[il].mean.size for il in cal.layers())
     # values with a kvt type: matrix and scales (their mean stays in the cache)
-    for k, v, want in (("q8_0", "kvq2", side_bytes(cal.k, True)),
-                       ("q8_0", "kvt2", side_bytes(cal.k, True) + side_bytes(cal.v, True)),
-                       ("f16", "kvt2", side_bytes(cal.k, False) + side_bytes(cal.v, True)),
-                       ("f16", "kvq2", side_bytes(cal.k, False))):
+    for k, v, rot, want in (("q8_0", "kvq2", True, means),
+                            ("q8_0", "kvq2", False, side_bytes(cal.k, True)),
+                            ("q8_0", "kvt2", True, means + side_bytes(cal.v, True)),
+                            ("kvt2s", "kvt2", True, side_bytes(cal.k, True) + side_bytes(cal.v, True)),
+                            ("f16", "kvt2", True, means + side_bytes(cal.v, True)),
+                            ("f16", "kvq2", True, means)):
         # kvt K scales add one vector per head too
-        c = Context(m, k, v, 512, THREADS, kv_calibration=cal)
+        c = Context(m, k, v, 512, THREADS, kv_calibration=cal, attn_rot=rot)
         try:
             got = int(n.llama.pyadaq_kv_transform_bytes(n.ffi.cast("void *", c.ptr)))
-            assert want <= got <= want + 4096 * 2 * len(cal.layers()), (v, got, want)
+            assert want <= got <= want + 4096 * 2 * len(cal.layers()), (k, v, rot, got, want)
             assert got == c.kv_transform_bytes
             ptr = c.ptr
         finally:
@@ -263,7 +273,8 @@ def test_several_sequences_and_layer_types(setup):
     p.n_threads = p.n_threads_batch = THREADS
     p.type_k = p.type_v = 1
     p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    with next_context(*types, model_ptr=m.ptr, attn_rot=(False, None), transforms=kv_transforms(cals["pca"], *types)):
+    transforms, rot = context_settings(cals["pca"], *types)
+    with next_context(*types, model_ptr=m.ptr, attn_rot=rot, transforms=transforms):
         ctx = L.llama_init_from_model(m.ptr, p)
     assert ctx
     batch = Batch(512, 2)
@@ -309,6 +320,12 @@ def test_state_under_another_calibration_is_refused(setup, tmp_path):
         plain.eval(x[:60])
         with pytest.raises(ValueError, match="no calibration"):
             b.load_state(plain.save_state())
+        # the same calibration, other coordinates (a pyadaq whose keys took principal directions)
+        old = a.save_state()
+        old.pyadaq_calibration = coordinates_fingerprint(*context_settings(cals["pca"], ["q8_0"] * m.info.n_layer,
+                                                                           ["kvq2"] * m.info.n_layer, False))
+        with pytest.raises(ValueError, match="coordinates"):
+            b.load_state(old)
         # a state from a pyadaq with other cache formats, or a calibrated one from before the stamp
         for formats in ("0123456789abcdef", None):
             st.pyadaq_formats = formats
@@ -544,6 +561,40 @@ def test_quantized_layers_get_the_rotation(setup):
         assert np.array_equal(tf[(il0, True)].mean, cal.v_first[il0])
     else:
         assert tf[(il0, True)].mean is None
+
+
+def test_flat_keys_take_out_only_their_mean(setup):
+    """Without a transform-coded K type the keys keep llama.cpp's rotation and only lose their
+    mean (no matrix: nothing multiplies the queries and keys); a kvt K type anywhere, or the
+    rotation turned off, brings back the principal directions (followed by the Hadamard blocks
+    for quantized layers). The identity part with f16 caches stays exact, and with q8_0 keys
+    it is the rotated q8_0 cache with the mean out."""
+    from pyadaq.runtime.kv_transform import keys_by_mean
+
+    m, cals = setup
+    cal = cals["pca"]
+    n = m.info.n_layer
+    assert keys_by_mean(cal, ["q8_0"] * n) and keys_by_mean(cal, ["f16"] * n) and keys_by_mean(cal, ["q4_0"] * n, True)
+    assert not keys_by_mean(cal, ["q8_0"] * n, attn_rot=False)
+    assert keys_by_mean(cal, ["f16"] * n, attn_rot=False)  # nothing to rotate
+    assert not keys_by_mean(cal, ["kvt2s"] + ["q8_0"] * (n - 1))
+    tfs, rot = context_settings(cal, ["q8_0"] * n, ["kvt2"] * n)
+    keys = [t for t in tfs if not t.is_v]
+    assert rot == (None, False) and len(keys) == len(cal.layers())
+    assert all(t.matrix is None and t.scale is None and np.array_equal(t.mean, cal.k[t.layer].mean) for t in keys)
+    tfs, rot = context_settings(cal, ["kvt2s"] * n, ["kvq2"] * n)
+    assert rot == (False, None) and all(t.matrix is not None for t in tfs) and not any(t.is_v for t in tfs)
+    # the native side: an identity part takes a mean and nothing else
+    nat = pyadaq.native()
+    err = nat.ffi.new("char[]", 256)
+    d = cal.k[cal.layers()[0]].head_size
+    ones = np.ones((1, d), dtype=np.float32)
+    for mean, scale in ((None, None), (ones, ones)):
+        rc = nat.llama.pyadaq_next_context_kv_transform(
+            0, 0, 1, d, nat.ffi.NULL, nat.ffi.NULL if scale is None else nat.ffi.from_buffer("float[]", scale),
+            nat.ffi.NULL if mean is None else nat.ffi.from_buffer("float[]", mean), nat.ffi.NULL, err, 256)
+        assert rc == -1 and b"identity" in nat.ffi.string(err)
+    assert pending() == 0
 
 
 def test_whitening_exponent(setup, monkeypatch):

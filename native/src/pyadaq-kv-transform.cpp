@@ -36,9 +36,11 @@ extern "C" {
 // scales s[h] (head_size values; NULL: all 1), the mean[h] (head_size values; NULL: none) and
 // the inverse N[h] of M[h] (the same layout; NULL: M is orthonormal and N = M^T). The cache
 // then holds x~ = ((x - mean) . M) / s, queries become q . N^T * s (keys: q~ . k~ = q . (k - mean)),
-// and attention's output out~ goes back as (out~ * s) . N + mean (values). Returns 0, or -1 with
-// a message in err (may be NULL) and nothing stored for a bad argument, a scale <= 0 or a value
-// that is not finite. A layer given twice keeps the last call.
+// and attention's output out~ goes back as (out~ * s) . N + mean (values). matrix NULL: M is the
+// identity, which nothing multiplies (scale and inverse must then be NULL and mean given: the
+// part only takes out the mean; llama.cpp's own rotation, if on, still applies after it).
+// Returns 0, or -1 with a message in err (may be NULL) and nothing stored for a bad argument, a
+// scale <= 0 or a value that is not finite. A layer given twice keeps the last call.
 PYADAQ_API int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
                                                     const float * matrix, const float * scale,
                                                     const float * mean, const float * inverse, char * err,
@@ -52,8 +54,11 @@ PYADAQ_API int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx);
 
 // one side (K or V) of a layer's transform, as ggml_mul_mat's first operands
 struct pyadaq_kv_part {
+    bool on = false;               // the side is stored transformed (else nothing below is set)
+    int64_t d = 0;                 // head size
     ggml_tensor * u = nullptr;     // [d, d, n_head_kv]: row j of head h is column j of M, so that
-                                   // mul_mat(u, x) gives x . M; with `rows`, row j is row j of M
+                                   // mul_mat(u, x) gives x . M; with `rows`, row j is row j of M;
+                                   // nullptr: M is the identity (only the mean comes out)
     bool rows = false;             // u holds M row by row (see forward and inverse)
     ggml_tensor * mean = nullptr;  // [d, n_head_kv]: the mean taken out (nullptr: kept)
     ggml_tensor * s = nullptr;     // [d, n_head_kv]: the scales (nullptr: all 1)
@@ -63,7 +68,7 @@ struct pyadaq_kv_part {
 struct pyadaq_kv_transform {
     ggml_context_ptr ctx;
     ggml_backend_buffer_ptr buf;
-    pyadaq_kv_part k, v;  // k.u / v.u nullptr: no transform of that side
+    pyadaq_kv_part k, v;  // k.on / v.on false: that side is not transformed
     // queries of a key transform with an explicit inverse: q . N^T, as mul_mat's first operand
     // (the rows of N); nullptr: k.u
     ggml_tensor * q = nullptr;
@@ -76,7 +81,7 @@ namespace pyadaq_tf {
 struct layer_calib {
     int32_t n_head = 0;
     int32_t d = 0;
-    std::vector<float> basis;  // as given: [h][i][j], columns are directions
+    std::vector<float> basis;  // as given: [h][i][j], columns are directions; empty: the identity
     std::vector<float> scale;    // empty: all 1
     std::vector<float> mean;     // empty: none
     std::vector<float> inverse;  // empty: the transpose of basis
@@ -169,6 +174,14 @@ constexpr int64_t PYADAQ_TF_OUT_PROD_TOKENS = 32;
 // (rows: the values' layout, which the inverse uses as it is).
 ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml_tensor * mean, ggml_tensor * s,
                       bool mul_scale, bool rows = false) {
+    if (u == nullptr) {  // the identity: the mean alone (no scales with it)
+        GGML_ASSERT(s == nullptr);
+        if (mean == nullptr) {
+            return x;
+        }
+        GGML_ASSERT(x->ne[0] == mean->ne[0] && x->ne[1] == mean->ne[1] && x->ne[3] == 1);
+        return ggml_sub(ctx, x, ggml_reshape_3d(ctx, mean, mean->ne[0], mean->ne[1], 1));
+    }
     const int64_t d = u->ne[0];
     GGML_ASSERT(x->ne[0] == d && x->ne[3] == 1);
     if (mean != nullptr) {
@@ -211,7 +224,10 @@ ggml_tensor * forward(ggml_context * ctx, ggml_tensor * x, ggml_tensor * u, ggml
 // x~ [d, heads, tokens] -> (x~ * s) . N per head, contiguous (the mean is added by the caller);
 // N as mul_mat's first operand: part.n, else M^T (part.u by rows as it is, or transposed)
 ggml_tensor * inverse(ggml_context * ctx, ggml_tensor * x, const pyadaq_kv_part & part) {
-    GGML_ASSERT(x->ne[0] == part.u->ne[0] && x->ne[3] == 1);
+    GGML_ASSERT(x->ne[0] == part.d && x->ne[3] == 1);
+    if (part.u == nullptr) {
+        return x;  // the identity
+    }
     ggml_tensor * ut = part.n != nullptr ? part.n
                        : part.rows       ? part.u
                                          : ggml_cont(ctx, ggml_transpose(ctx, part.u));  // rows of M: x~ . M^T
@@ -248,16 +264,18 @@ std::vector<float> transposed(const std::vector<float> & m, int32_t n_head, int3
 // inverse, on every query head of every batch, then reads it as it is.
 void make_part(ggml_context * ctx, pyadaq_kv_part & part, const layer_calib * c, int64_t d, int64_t n_head_kv,
                bool drop_mean, char side, uint32_t il, ggml_type matrix_type) {
-    if (c == nullptr) {
-        return;
+    if (c == nullptr || (c->basis.empty() && !drop_mean)) {
+        return;  // none, or an identity whose mean stays
     }
+    part.on = true;
+    part.d = d;
     auto add = [&](const char * what, bool matrix) {
         ggml_tensor * t = matrix ? ggml_new_tensor_3d(ctx, matrix_type, d, d, n_head_kv)
                                  : ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, n_head_kv);
         ggml_format_name(t, "pyadaq_%s%c_l%u", what, side, il);
         return t;
     };
-    part.u = add("u", true);
+    part.u = c->basis.empty() ? nullptr : add("u", true);
     part.mean = drop_mean ? add("m", false) : nullptr;
     part.s = c->scale.empty() ? nullptr : add("s", false);
     part.n = c->inverse.empty() ? nullptr : add("n", true);
@@ -279,10 +297,12 @@ void set_matrix(ggml_tensor * t, const std::vector<float> & m) {
 
 // uploads one side's values into its tensors (after the buffer is allocated)
 void fill_part(const pyadaq_kv_part & part, const layer_calib * c) {
-    if (c == nullptr) {
+    if (!part.on) {
         return;
     }
-    set_matrix(part.u, part.rows ? c->basis : transposed(c->basis, c->n_head, c->d));
+    if (part.u != nullptr) {
+        set_matrix(part.u, part.rows ? c->basis : transposed(c->basis, c->n_head, c->d));
+    }
     if (part.mean != nullptr) {
         ggml_backend_tensor_set(part.mean, c->mean.data(), 0, ggml_nbytes(part.mean));
     }
@@ -301,15 +321,21 @@ using namespace pyadaq_tf;
 int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_head, int32_t head_size,
                                          const float * basis, const float * scale, const float * mean,
                                          const float * inverse, char * err, size_t err_size) {
-    if (il < 0 || (is_v != 0 && is_v != 1) || n_head <= 0 || head_size <= 0 || basis == nullptr) {
-        tf_set_err(err, err_size, "a K/V transform needs a layer >= 0, is_v 0 or 1, n_head > 0, head_size > 0 and a matrix");
+    if (il < 0 || (is_v != 0 && is_v != 1) || n_head <= 0 || head_size <= 0) {
+        tf_set_err(err, err_size, "a K/V transform needs a layer >= 0, is_v 0 or 1, n_head > 0 and head_size > 0");
+        return -1;
+    }
+    if (basis == nullptr && (mean == nullptr || scale != nullptr || inverse != nullptr)) {
+        tf_set_err(err, err_size, "a K/V transform without a matrix (the identity) takes a mean and no scales or inverse");
         return -1;
     }
     layer_calib c;
     c.n_head = n_head;
     c.d = head_size;
     const size_t nb = (size_t) n_head * head_size * head_size;
-    c.basis.assign(basis, basis + nb);
+    if (basis != nullptr) {
+        c.basis.assign(basis, basis + nb);
+    }
     if (mean != nullptr) {
         c.mean.assign(mean, mean + (size_t) n_head * head_size);
     }
@@ -424,6 +450,9 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
         tf->q = ggml_new_tensor_3d(c0, k_matrix, dk, dk, n_head_kv);
         ggml_format_name(tf->q, "pyadaq_qk_l%u", il);
     }
+    if (!tf->k.on && !tf->v.on) {
+        return;  // an identity for keys whose mean stays (soft-capped logits, sinks): nothing to do
+    }
     tf->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(c0, ggml_backend_buffer_get_type(k->buffer)));
     if (!tf->buf) {
         throw std::runtime_error(where + "could not allocate the buffer of its K/V transform");
@@ -483,22 +512,24 @@ void pyadaq_attn_transform_in(ggml_context * ctx0, const pyadaq_kv_transform * t
     if (tf == nullptr) {
         return;
     }
-    if (tf->k.u != nullptr) {
-        *q = forward(ctx0, *q, tf->q != nullptr ? tf->q : tf->k.u, nullptr, tf->k.s, true);
+    if (tf->k.on) {
+        if (tf->k.u != nullptr) {  // the identity leaves the queries as they are
+            *q = forward(ctx0, *q, tf->q != nullptr ? tf->q : tf->k.u, nullptr, tf->k.s, true);
+        }
         if (*k != nullptr) {
             *k = forward(ctx0, *k, tf->k.u, tf->k.mean, tf->k.s, false);
         }
     }
-    if (tf->v.u != nullptr && *v != nullptr) {
+    if (tf->v.on && *v != nullptr) {
         *v = forward(ctx0, *v, tf->v.u, tf->v.mean, tf->v.s, false, tf->v.rows);
     }
 }
 
 ggml_tensor * pyadaq_attn_transform_out(ggml_context * ctx0, const pyadaq_kv_transform * tf, ggml_tensor * cur) {
-    if (tf == nullptr || tf->v.u == nullptr) {
+    if (tf == nullptr || !tf->v.on) {
         return cur;
     }
-    const int64_t d = tf->v.u->ne[0];
+    const int64_t d = tf->v.d;
     const int64_t n_tokens = ggml_nelements(cur) / cur->ne[0];
     const int64_t n_head = cur->ne[0] / d;
     GGML_ASSERT(cur->ne[0] == d * n_head && n_head % tf->n_head_kv == 0);
@@ -517,10 +548,10 @@ ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_te
         return nullptr;
     }
     const auto tf = find(k);
-    if (tf == nullptr || tf->k.u == nullptr) {
+    if (tf == nullptr || !tf->k.on) {
         return nullptr;
     }
-    const int64_t d = tf->k.u->ne[0];
+    const int64_t d = tf->k.d;
     ggml_tensor * x = k->type == GGML_TYPE_F32 ? k : ggml_cast(ctx, k, GGML_TYPE_F32);
     x = ggml_reshape_3d(ctx, x, d, tf->n_head_kv, ggml_nelements(k) / (d * tf->n_head_kv));
     if (rot != nullptr) {
@@ -535,7 +566,7 @@ ggml_tensor * pyadaq_kv_shift_begin(ggml_context * ctx, ggml_tensor * k, ggml_te
 
 ggml_tensor * pyadaq_kv_shift_end(ggml_context * ctx, ggml_tensor * x, ggml_tensor * k, ggml_tensor * rot) {
     const auto tf = find(k);
-    GGML_ASSERT(tf != nullptr && tf->k.u != nullptr);
+    GGML_ASSERT(tf != nullptr && tf->k.on);
     ggml_tensor * y = forward(ctx, x, tf->k.u, tf->k.mean, tf->k.s, false, tf->k.rows);
     if (rot != nullptr) {
         y = llama_mul_mat_hadamard(ctx, y, rot);

@@ -61,7 +61,9 @@ DEFAULT_TYPES = ("f16", "q8_0", "q4_0", "kvq3", "kvq2")
 CALIBRATED_TYPES = ("f16", "q8_0", "kvt4s", "kvt4", "q4_0", "kvt3s", "kvt3", "kvq3", "kvt2s", "kvt2", "kvq2",
                     "kvt1")
 SOURCES = ("kl", "norms", "spectra")
-CALIBRATION_VERSION = 2
+# 3: under a KV calibration, keys of flat types measured with their mean out and llama.cpp's
+# rotation (kv_transform.keys_by_mean), no longer in principal directions
+CALIBRATION_VERSION = 3
 
 
 def cache_dir() -> Path:

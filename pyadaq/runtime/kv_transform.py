@@ -5,14 +5,17 @@ libllama applies, per layer and KV head, x~ = ((x - mean) . M) / s to the keys a
 caches, q . M * s to the queries, and (out~ * s) . M^T + mean to attention's output
 (native/src/pyadaq-kv-transform.h); this module chooses M, s and the means. Keys are always
 transformed; values only when a layer's V type is transform-coded (:func:`transforms_values`),
-otherwise they keep llama.cpp's rotation. Per cache type:
+otherwise they keep llama.cpp's rotation. When no layer's K type is transform-coded (and
+llama.cpp rotates quantized keys), the keys only take out their mean (M is the identity, which
+costs no product) and keep llama.cpp's rotation (:func:`keys_by_mean`). Every other part is
+stored, per cache type:
 
 * a float cache (f32, f16, bf16): M = the calibration's principal directions, s = 1: the
   cache holds each head's principal coordinates, less the mean;
 * a block-quantized cache of one bit width (q8_0, q4_0, kvq2, ...): M = the principal
   directions followed by a Hadamard rotation (of the largest power-of-two blocks that make up
   the head size), s = 1: the mean comes out, and every block still sees values of one size,
-  as with llama.cpp's own rotation, which a calibrated context does not use for its keys;
+  as with llama.cpp's own rotation, which is then off for the keys;
 * a transform-coded type (kvt1, kvt2, kvt3, kvt4 and the steep kvt*s, :attr:`CacheType.calibrated`):
   the principal directions interleaved by rank, so that position p of block b (of the head's
   d/64 blocks of 64) holds direction p * d/64 + b, and s = the square root of each direction's
@@ -53,15 +56,16 @@ import numpy as np
 
 from pyadaq.types import cache_type
 
-__all__ = ["LayerTransform", "context_settings", "hadamard", "interleave", "kv_transforms", "matrix_and_scale",
-           "part_components", "part_offset", "require_calibration", "transforms_values"]
+__all__ = ["LayerTransform", "context_settings", "coordinates_fingerprint", "hadamard", "interleave", "keys_by_mean",
+           "kv_transforms", "matrix_and_scale", "part_components", "part_offset", "require_calibration",
+           "transforms_values"]
 
 
 @dataclass(frozen=True)
 class LayerTransform:
     layer: int
     is_v: bool
-    matrix: np.ndarray  # [heads, d, d], orthonormal columns: the cache's coordinates
+    matrix: np.ndarray | None  # [heads, d, d], orthonormal columns: the cache's coordinates (None: the identity)
     scale: np.ndarray | None  # [heads, d] or None (all 1)
     mean: np.ndarray | None  # [heads, d]: the offset taken out (part_offset), or None
     inverse: np.ndarray | None = None  # [heads, d, d]: the inverse of matrix (None: its transpose)
@@ -182,13 +186,33 @@ def transforms_values(types_v) -> bool:
     return any(cache_type(t).calibrated for t in types_v)
 
 
-def kv_transforms(calibration, types_k, types_v) -> list[LayerTransform]:
+def keys_by_mean(calibration, types_k, attn_rot=None) -> bool:
+    """Whether a calibrated context's keys only take out their mean (M the identity) and leave
+    their rotation to llama.cpp: when no layer's K type is transform-coded and either no K type is
+    quantized (a float cache gains nothing from a basis) or llama.cpp rotates the keys (its
+    rotation not turned off, every head size a multiple of 64: its condition). The principal
+    directions followed by a Hadamard rotation, which such keys took before, cost a d x d product
+    per query head and key on every token (on the embedded model 2.5 % of prompt processing at
+    depth 4096) for no measured gain (docs/CALIBRATION.md, "Keys of the flat types")."""
+    types = [cache_type(t) for t in types_k]
+    if any(t.calibrated for t in types):
+        return False
+    if not any(t.quantized for t in types):
+        return True
+    return attn_rot is not False and all(calibration.k[il].head_size % 64 == 0 for il in calibration.layers())
+
+
+def kv_transforms(calibration, types_k, types_v, by_mean: bool = False) -> list[LayerTransform]:
     """The transforms of every calibrated layer, for one K and one V cache type per layer: keys
-    always, values when :func:`transforms_values`."""
+    always, values when :func:`transforms_values`. by_mean: the keys only take out their mean
+    (:func:`keys_by_mean`)."""
     out = []
     values = transforms_values(types_v)
     for il in calibration.layers():
-        for is_v in (False, True) if values else (False,):
+        if by_mean:
+            out.append(LayerTransform(il, False, None, None, np.ascontiguousarray(calibration.k[il].mean,
+                                                                                  dtype=np.float32)))
+        for is_v in ([] if by_mean else [False]) + ([True] if values else []):
             t = (types_v if is_v else types_k)[il]
             comps, offset = part_components(calibration, il, is_v, t), part_offset(calibration, il, is_v, t)
             matrix, scale = matrix_and_scale(comps, cache_type(t))
@@ -209,13 +233,34 @@ def require_calibration(types, calibration) -> None:
                          "config)")
 
 
+def coordinates_fingerprint(transforms, attn_rot) -> str | None:
+    """Hex sha256 of what a calibrated context stores its K/V in: every transform's matrix (or
+    the identity), scales and offset, and llama.cpp's rotations (:func:`context_settings`' two
+    results; None without transforms). A saved state loads only where this agrees: the same
+    calibration once gave other coordinates (keys took principal directions before
+    :func:`keys_by_mean`)."""
+    if transforms is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256(repr(attn_rot).encode())
+    for t in transforms:
+        h.update(f"{t.layer}:{int(t.is_v)}".encode())
+        for a in (t.matrix, t.scale, t.mean, t.inverse):
+            h.update(b"-" if a is None else np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def context_settings(calibration, types_k, types_v, attn_rot=None) -> tuple:
     """What a context with these per-layer types needs of the next-context slot
     (pyadaq.runtime.layer_types.next_context): ``(transforms, attn_rot)``. Without a calibration:
     no transforms and attn_rot as given (a kvt type raises, :func:`require_calibration`). With
-    one: its transforms, llama.cpp's key rotation off (the transforms rotate the keys), and its
-    value rotation off when the values are transformed, else as given."""
+    one: its transforms; llama.cpp's key rotation as given where the keys only take out their
+    mean (:func:`keys_by_mean`), else off (the transforms rotate the keys); its value rotation off
+    when the values are transformed, else as given."""
     require_calibration([*types_k, *types_v], calibration)
     if calibration is None:
         return None, attn_rot
-    return kv_transforms(calibration, types_k, types_v), (False, False if transforms_values(types_v) else attn_rot)
+    by_mean = keys_by_mean(calibration, types_k, attn_rot)
+    rot = (attn_rot if by_mean else False, False if transforms_values(types_v) else attn_rot)
+    return kv_transforms(calibration, types_k, types_v, by_mean), rot

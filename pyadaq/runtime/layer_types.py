@@ -47,12 +47,13 @@ def _set_transforms(transforms) -> None:
     n = native()
     err = n.ffi.new("char[]", 512)
     for t in transforms:
-        heads, d, _ = t.matrix.shape
+        heads, d = t.mean.shape if t.matrix is None else t.matrix.shape[:2]
+        matrix = n.ffi.NULL if t.matrix is None else n.ffi.from_buffer("float[]", t.matrix)
         scale = n.ffi.NULL if t.scale is None else n.ffi.from_buffer("float[]", t.scale)
         mean = n.ffi.NULL if t.mean is None else n.ffi.from_buffer("float[]", t.mean)
         inverse = n.ffi.NULL if t.inverse is None else n.ffi.from_buffer("float[]", t.inverse)
         rc = n.llama.pyadaq_next_context_kv_transform(
-            t.layer, int(t.is_v), heads, d, n.ffi.from_buffer("float[]", t.matrix), scale, mean, inverse, err, 512)
+            t.layer, int(t.is_v), heads, d, matrix, scale, mean, inverse, err, 512)
         if rc != 0:
             raise ValueError(f"calibration refused by libllama: {n.ffi.string(err).decode()}")
 

@@ -58,7 +58,7 @@ from pyadaq.model.calibration import Calibration, calibration_for_model
 from pyadaq.model.header import ModelInfo, read_model_info
 from pyadaq.runtime import rpc
 from pyadaq.runtime.context import default_gpu_layers
-from pyadaq.runtime.kv_transform import context_settings
+from pyadaq.runtime.kv_transform import context_settings, coordinates_fingerprint
 from pyadaq.runtime.kv_window import check_kv_window, check_window_made, window_bytes
 from pyadaq.runtime.kvplan import load_checked
 from pyadaq.runtime.layer_types import context_layer_types, context_transform_layers, next_context
@@ -330,6 +330,8 @@ class Llama(llama_cpp.Llama):
         self.layer_types_v: list[CacheType] = types_v
         self.kv_plan = plan
         self.kv_calibration: Calibration | None = calibration
+        # what the cache's K/V are stored in: saved states carry it (save_state / load_state)
+        self._kv_coordinates: str | None = coordinates_fingerprint(transforms, rot)
         self.kv_window: int = kv_window
         self.model_info: ModelInfo = info
         self.rpc_servers: list[str] = servers
@@ -426,17 +428,19 @@ class Llama(llama_cpp.Llama):
 
     def save_state(self):
         state = super().save_state()
-        state.pyadaq_calibration = None if self.kv_calibration is None else self.kv_calibration.fingerprint
+        state.pyadaq_calibration = self._kv_coordinates
         state.pyadaq_formats = formats_fingerprint()
         return state
 
     def load_state(self, state) -> None:
         """llama_cpp's load_state, refused (ValueError) for a state saved under another
         calibration, or under none by a calibrated Llama and the other way round (the cache holds
-        K and V in the calibration's coordinates), and for one saved by a pyadaq whose cache
-        formats differ (the same type names once stood for other bytes: the kvt blocks' fp16
-        scale); a calibrated state without the formats' stamp comes from such a pyadaq."""
-        ours = None if self.kv_calibration is None else self.kv_calibration.fingerprint
+        K and V in the calibration's coordinates; the state carries their fingerprint, which also
+        changes where a pyadaq derives other transforms from the same calibration), and for one
+        saved by a pyadaq whose cache formats differ (the same type names once stood for other
+        bytes: the kvt blocks' fp16 scale); a calibrated state without the formats' stamp comes
+        from such a pyadaq."""
+        ours = self._kv_coordinates
         theirs = getattr(state, "pyadaq_calibration", None)
         formats = getattr(state, "pyadaq_formats", None)
         if formats != formats_fingerprint() and (formats is not None or theirs is not None):
@@ -444,7 +448,7 @@ class Llama(llama_cpp.Llama):
                              "its K/V bytes would decode as other values")
         if theirs != ours:
             def name(fp):
-                return "no calibration" if fp is None else f"calibration {fp[:12]}"
+                return "no calibration" if fp is None else f"calibrated coordinates {fp[:12]}"
 
             raise ValueError(f"this state was saved with {name(theirs)}, this Llama has {name(ours)}: "
                              "its K/V cache would be read in the wrong coordinates")
