@@ -114,7 +114,8 @@ def render_calibrated(cr: dict, res: dict, out_dir: str = DEFAULT_OUT) -> str:
          f"the f16 cache; {s['machine']}, {s['date']}, {s['seconds_quality']:.0f} s of wall time."),
         "",
         (f"Rerun: `pyadaq results --from-json {Path(out_dir) / 'results-matrix.json'} --calibrated --out {out_dir}` "
-         "(this section only; without --from-json the flat matrix is measured again too)."),
+         "(this section only; without --from-json the flat matrix is measured again too; the pass-key section "
+         "is kept only with the same `--passkey-from` file that wrote it)."),
         "",
         "### Mean KL divergence against f16 (nats)",
         "", *kv_grid(by, "kl_mean", "{:.4f}", **grid), "",
