@@ -563,7 +563,7 @@ def test_quantized_layers_get_the_rotation(setup):
         assert tf[(il0, True)].mean is None
 
 
-def test_flat_keys_take_out_only_their_mean(setup):
+def test_flat_keys_take_out_only_their_mean(setup, monkeypatch):
     """Without a transform-coded K type the keys keep llama.cpp's rotation and only lose their
     mean (no matrix: nothing multiplies the queries and keys); a kvt K type anywhere, or the
     rotation turned off, brings back the principal directions (followed by the Hadamard blocks
@@ -578,6 +578,9 @@ def test_flat_keys_take_out_only_their_mean(setup):
     assert not keys_by_mean(cal, ["q8_0"] * n, attn_rot=False)
     assert keys_by_mean(cal, ["f16"] * n, attn_rot=False)  # nothing to rotate
     assert not keys_by_mean(cal, ["kvt2s"] + ["q8_0"] * (n - 1))
+    with monkeypatch.context() as mp:  # llama.cpp's own switch: no rotation, so the directions stay
+        mp.setenv("LLAMA_ATTN_ROT_DISABLE", "1")
+        assert not keys_by_mean(cal, ["q8_0"] * n) and keys_by_mean(cal, ["f16"] * n)
     tfs, rot = context_settings(cal, ["q8_0"] * n, ["kvt2"] * n)
     keys = [t for t in tfs if not t.is_v]
     assert rot == (None, False) and len(keys) == len(cal.layers())

@@ -49,6 +49,7 @@ covariance + (mean - offset)(mean - offset)^T), :func:`part_offset`:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -190,7 +191,8 @@ def keys_by_mean(calibration, types_k, attn_rot=None) -> bool:
     """Whether a calibrated context's keys only take out their mean (M the identity) and leave
     their rotation to llama.cpp: when no layer's K type is transform-coded and either no K type is
     quantized (a float cache gains nothing from a basis) or llama.cpp rotates the keys (its
-    rotation not turned off, every head size a multiple of 64: its condition). The principal
+    rotation not turned off, here or by LLAMA_ATTN_ROT_DISABLE, and every head size a multiple of
+    64: its condition). The principal
     directions followed by a Hadamard rotation, which such keys took before, cost a d x d product
     per query head and key on every token (on the embedded model 2.5 % of prompt processing at
     depth 4096) for no measured gain (docs/CALIBRATION.md, "Keys of the flat types")."""
@@ -199,7 +201,10 @@ def keys_by_mean(calibration, types_k, attn_rot=None) -> bool:
         return False
     if not any(t.quantized for t in types):
         return True
-    return attn_rot is not False and all(calibration.k[il].head_size % 64 == 0 for il in calibration.layers())
+    # llama.cpp's own switch (LLAMA_ATTN_ROT_DISABLE=1) turns its rotation off for every context
+    env_off = os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0").strip() not in ("", "0")
+    return (attn_rot is not False and not env_off
+            and all(calibration.k[il].head_size % 64 == 0 for il in calibration.layers()))
 
 
 def kv_transforms(calibration, types_k, types_v, by_mean: bool = False) -> list[LayerTransform]:
