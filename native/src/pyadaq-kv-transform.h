@@ -12,8 +12,10 @@
 // The query heads of a group use their KV head's transform; the means stay in the keys (values)
 // of layers with attention-logit soft-capping or learned sinks, where the identities do not
 // hold. The matrices live in a buffer of the layer's KV-cache device, made when the cache is made
-// and freed with the context. Upstream's Hadamard rotation, if it is on, is applied after the
-// transform (and undone before its inverse); pyadaq turns it off for calibrated contexts.
+// and freed with the context. M may be the identity (no matrix: the part only takes out its
+// mean). Upstream's Hadamard rotation, if it is on, is applied after the transform (and undone
+// before its inverse); pyadaq keeps it for keys that only lose their mean and turns it off for
+// every side a matrix transforms.
 // Without a calibration every hook returns at once and the graph is upstream's, node for node.
 #pragma once
 

@@ -7,8 +7,9 @@ Gaussian with the calibration's spectrum:
 * a float cache (16 bits or more): 0;
 * a block type of one bit width (q8_0, q4_0, kvq2, ...): the type's error on unit-variance
   Gaussian values (``unit_error``) times the part's total variance: a calibrated context's keys
-  (principal directions, then a Hadamard rotation) and llama.cpp's rotated values both give
-  every block values of the same spread, and each block's scale follows it;
+  (their mean out, then llama.cpp's rotation; principal directions, then a Hadamard rotation,
+  where a kvt K type is present) and llama.cpp's rotated values all give every block values of
+  the same spread, and each block's scale follows it;
 * a transform-coded type (kvt*): what the context stores is whitened (``matrix_and_scale`` of
   :mod:`pyadaq.runtime.kv_transform`: position j holds unit-variance data of scale s_j), so the
   error is the sum over positions of s_j**2 times the type's error at that position of a block of

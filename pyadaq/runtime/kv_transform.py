@@ -182,8 +182,8 @@ def transforms_values(types_v) -> bool:
     """Whether a calibrated context transforms its values: only when some layer's V type is
     transform-coded. Otherwise the values are left as they are (a transform gains them nothing,
     docs/CALIBRATION.md, and would cost d x d floats per KV head and layer), with llama.cpp's
-    own rotation for quantized ones; the keys are always transformed and never rotated by
-    llama.cpp."""
+    own rotation for quantized ones; the keys are always transformed (their mean at least,
+    :func:`keys_by_mean`)."""
     return any(cache_type(t).calibrated for t in types_v)
 
 
