@@ -450,19 +450,21 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
         tf->q = ggml_new_tensor_3d(c0, k_matrix, dk, dk, n_head_kv);
         ggml_format_name(tf->q, "pyadaq_qk_l%u", il);
     }
-    if (!tf->k.on && !tf->v.on) {
-        return;  // an identity for keys whose mean stays (soft-capped logits, sinks): nothing to do
-    }
-    tf->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(c0, ggml_backend_buffer_get_type(k->buffer)));
-    if (!tf->buf) {
-        throw std::runtime_error(where + "could not allocate the buffer of its K/V transform");
-    }
-    ggml_backend_buffer_set_usage(tf->buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    fill_part(tf->k, ck);
-    fill_part(tf->v, cv);
-    if (tf->q != nullptr) {
-        // q . N^T: the first operand's row j is column j of N^T, row j of N, as N is stored
-        set_matrix(tf->q, ck->inverse);
+    // Keys given as the identity in a layer whose key mean stays (soft-capped logits, sinks), with
+    // no value part, leave nothing to apply: the layer still gets its (empty) transform, so that
+    // every layer given counts as calibrated (pyadaq_kv_transform_layers), and no buffer.
+    if (tf->k.on || tf->v.on) {
+        tf->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(c0, ggml_backend_buffer_get_type(k->buffer)));
+        if (!tf->buf) {
+            throw std::runtime_error(where + "could not allocate the buffer of its K/V transform");
+        }
+        ggml_backend_buffer_set_usage(tf->buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        fill_part(tf->k, ck);
+        fill_part(tf->v, cv);
+        if (tf->q != nullptr) {
+            // q . N^T: the first operand's row j is column j of N^T, row j of N, as N is stored
+            set_matrix(tf->q, ck->inverse);
+        }
     }
     {
         std::lock_guard<std::mutex> lock(g_mutex);
@@ -586,7 +588,7 @@ int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx) {
     int64_t total = 0;
     if (it != g_by_ctx.end()) {
         for (const auto & tf : it->second) {
-            total += (int64_t) ggml_backend_buffer_get_size(tf->buf.get());
+            total += tf->buf ? (int64_t) ggml_backend_buffer_get_size(tf->buf.get()) : 0;
         }
     }
     return total;
