@@ -203,7 +203,7 @@ def keys_by_mean(calibration, types_k, attn_rot=None) -> bool:
         return True
     # llama.cpp's own switch (LLAMA_ATTN_ROT_DISABLE=1) turns its rotation off for every context
     env_off = os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0").strip() not in ("", "0")
-    return (attn_rot is not False and not env_off
+    return ((attn_rot is None or bool(attn_rot)) and not env_off
             and all(calibration.k[il].head_size % 64 == 0 for il in calibration.layers()))
 
 
