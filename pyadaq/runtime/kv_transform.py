@@ -192,10 +192,10 @@ def keys_by_mean(calibration, types_k, attn_rot=None) -> bool:
     their rotation to llama.cpp: when no layer's K type is transform-coded and either no K type is
     quantized (a float cache gains nothing from a basis) or llama.cpp rotates the keys (its
     rotation not turned off, here or by LLAMA_ATTN_ROT_DISABLE, and every head size a multiple of
-    64: its condition). The principal
-    directions followed by a Hadamard rotation, which such keys took before, cost a d x d product
-    per query head and key on every token (on the embedded model 2.5 % of prompt processing at
-    depth 4096) for no measured gain (docs/CALIBRATION.md, "Keys of the flat types")."""
+    64: its condition). The principal directions followed by a Hadamard rotation, which such keys
+    took before, cost a d x d product per query head and key on every token (on the embedded model
+    2.5 % of prompt processing at depth 4096) for no measured gain (docs/CALIBRATION.md, "Keys of
+    the flat types")."""
     types = [cache_type(t) for t in types_k]
     if any(t.calibrated for t in types):
         return False
@@ -212,12 +212,13 @@ def kv_transforms(calibration, types_k, types_v, by_mean: bool = False) -> list[
     always, values when :func:`transforms_values`. by_mean: the keys only take out their mean
     (:func:`keys_by_mean`)."""
     out = []
-    values = transforms_values(types_v)
+    # the sides a matrix transforms (keys by their mean alone get only their offset)
+    sides = ([] if by_mean else [False]) + ([True] if transforms_values(types_v) else [])
     for il in calibration.layers():
         if by_mean:
-            out.append(LayerTransform(il, False, None, None, np.ascontiguousarray(calibration.k[il].mean,
-                                                                                  dtype=np.float32)))
-        for is_v in ([] if by_mean else [False]) + ([True] if values else []):
+            offset = part_offset(calibration, il, False, types_k[il])
+            out.append(LayerTransform(il, False, None, None, np.ascontiguousarray(offset, dtype=np.float32)))
+        for is_v in sides:
             t = (types_v if is_v else types_k)[il]
             comps, offset = part_components(calibration, il, is_v, t), part_offset(calibration, il, is_v, t)
             matrix, scale = matrix_and_scale(comps, cache_type(t))
