@@ -7,7 +7,7 @@ the right shape, no extra tensors are present (the loader rejects files with
 unused tensors), and all hyper-parameter keys have the GGUF types the loader
 expects.  Only the ``gguf`` Python package and numpy are needed.
 
-Three architectures are supported:
+Four architectures are supported:
 
 ``llama``
     Standard pre-norm llama: ``token_embd``, ``output_norm``, ``output``, and
@@ -23,6 +23,15 @@ Three architectures are supported:
     last layer of every period of ``swa_pattern`` layers uses full attention).
     In a sliding-window layer a query at position p sees keys at positions
     ``p - sliding_window < k <= p``.
+
+``gemma2``
+    Gemma 2: the gemma3 layout without ``attn_q_norm``/``attn_k_norm``, with the
+    output matrix tied to ``token_embd`` (llama.cpp loads no ``output.weight``
+    for it), soft-capped attention logits (``cap * tanh(s / cap)``, 5 here by
+    default, so that the cap bites on these weights; Gemma 2 uses 50) and final
+    logits (30), one rope base for every layer, and sliding-window attention in
+    every other layer (``swa_pattern`` 2) unless ``sliding_window=0``.  The key
+    mean cannot be taken out of soft-capped logits, which is what it is for.
 
 ``qwen2``
     The llama layout with attention biases (``attn_q/k/v.bias``), rope type NEOX
@@ -85,7 +94,8 @@ __all__ = [
     "simple_tokenize",
 ]
 
-ARCHS = ("llama", "gemma3", "qwen2")
+ARCHS = ("llama", "gemma2", "gemma3", "qwen2")
+GEMMA = ("gemma2", "gemma3")
 
 # llama.cpp token types (LLAMA_TOKEN_TYPE_*; gguf.TokenType)
 TT_NORMAL = 1
@@ -246,6 +256,8 @@ class TinyConfig:
     seed: int
     suppress_special: bool = True
     swa_layers: tuple[bool, ...] = field(default=())
+    attn_softcap: float = 0.0  # gemma2: cap of the attention logits (0: none)
+    final_softcap: float = 0.0  # gemma2: cap of the output logits (0: none)
 
     @property
     def n_embd_q(self) -> int:
@@ -277,6 +289,7 @@ def build_config(
     dtype: str = "f16",
     swa_pattern: int | None = None,
     suppress_special: bool = True,
+    attn_softcap: float | None = None,
 ) -> TinyConfig:
     """Validate arguments and fill in defaults (see ``make_tiny_model``)."""
     if arch not in ARCHS:
@@ -306,10 +319,12 @@ def build_config(
 
     if arch in ("llama", "qwen2"):
         if sliding_window not in (None, 0):
-            raise ValueError("sliding_window is only supported for arch='gemma3' "
+            raise ValueError("sliding_window is only supported for the gemma archs "
                              f"(llama.cpp's {arch} arch has no sliding-window attention)")
         if swa_pattern is not None:
-            raise ValueError("swa_pattern is only supported for arch='gemma3'")
+            raise ValueError("swa_pattern is only supported for the gemma archs")
+        if attn_softcap is not None:
+            raise ValueError("attn_softcap is only supported for arch='gemma2'")
         qwen = arch == "qwen2"
         return TinyConfig(
             arch=arch, n_vocab=int(n_vocab), n_embd=int(n_embd), n_ff=int(n_ff), n_layer=int(n_layer),
@@ -320,13 +335,23 @@ def build_config(
             suppress_special=bool(suppress_special), swa_layers=tuple([False] * n_layer),
         )
 
-    # gemma3
+    # gemma2, gemma3
+    g2 = arch == "gemma2"
+    if attn_softcap is not None and not g2:
+        raise ValueError("attn_softcap is only supported for arch='gemma2'")
+    if attn_softcap is None:
+        attn_softcap = 5.0 if g2 else 0.0
+    if g2 and not attn_softcap > 0:
+        raise ValueError(f"attn_softcap must be > 0, got {attn_softcap}")
     if sliding_window is None:
         sliding_window = 64
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0, got {sliding_window}")
+    if g2 and sliding_window == 0:
+        raise ValueError("gemma2 has sliding-window layers in llama.cpp (its window defaults to 4096): "
+                         "sliding_window must be > 0")
     if swa_pattern is None:
-        swa_pattern = min(6, n_layer)  # Gemma 3 uses 5 local : 1 global
+        swa_pattern = 2 if g2 else min(6, n_layer)  # Gemma 2: 1 local : 1 global; Gemma 3: 5 : 1
     if swa_pattern < 1:
         raise ValueError(f"swa_pattern must be >= 1, got {swa_pattern}")
     if sliding_window > 0:
@@ -336,9 +361,10 @@ def build_config(
     return TinyConfig(
         arch=arch, n_vocab=int(n_vocab), n_embd=int(n_embd), n_ff=int(n_ff), n_layer=int(n_layer),
         n_head=int(n_head), n_head_kv=int(n_head_kv), head_dim=int(head_dim),
-        n_ctx_train=int(n_ctx_train), rms_eps=1e-6, rope_freq_base=1_000_000.0,
-        rope_freq_base_swa=10000.0, sliding_window=int(sliding_window), swa_pattern=int(swa_pattern),
-        dtype=dtype, seed=int(seed), suppress_special=bool(suppress_special), swa_layers=swa_layers,
+        n_ctx_train=int(n_ctx_train), rms_eps=1e-6, rope_freq_base=10000.0 if g2 else 1_000_000.0,
+        rope_freq_base_swa=None if g2 else 10000.0, sliding_window=int(sliding_window),
+        swa_pattern=int(swa_pattern), dtype=dtype, seed=int(seed), suppress_special=bool(suppress_special),
+        swa_layers=swa_layers, attn_softcap=float(attn_softcap), final_softcap=30.0 if g2 else 0.0,
     )
 
 
@@ -353,8 +379,9 @@ def expected_tensors(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
     t: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (E, V),
         "output_norm.weight": (E,),
-        "output.weight": (E, V),
     }
+    if cfg.arch != "gemma2":  # gemma2's output matrix is token_embd
+        t["output.weight"] = (E, V)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         t[p + "attn_norm.weight"] = (E,)
@@ -366,15 +393,16 @@ def expected_tensors(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
             t[p + "attn_q.bias"] = (Q,)
             t[p + "attn_k.bias"] = (KV,)
             t[p + "attn_v.bias"] = (KV,)
-        if cfg.arch == "gemma3":
+        if cfg.arch in GEMMA:
             t[p + "post_attention_norm.weight"] = (E,)
+        if cfg.arch == "gemma3":
             t[p + "attn_k_norm.weight"] = (D,)
             t[p + "attn_q_norm.weight"] = (D,)
         t[p + "ffn_norm.weight"] = (E,)
         t[p + "ffn_gate.weight"] = (E, F)
         t[p + "ffn_up.weight"] = (E, F)
         t[p + "ffn_down.weight"] = (F, E)
-        if cfg.arch == "gemma3":
+        if cfg.arch in GEMMA:
             t[p + "post_ffw_norm.weight"] = (E,)
     return t
 
@@ -394,6 +422,9 @@ _SUPPRESS = -10.0      # output weight on the bias channel for suppressed tokens
 _Q_BIAS = 0.5          # qwen2: std of the query bias per channel
 _K_BIAS = 3.0          # qwen2: std of the key bias per channel (a large per-head mean)
 _V_BIAS = 1.0          # qwen2: std of the value bias per channel
+_POST_GAIN_TIED = 16.0 # gemma2: post-norm gains, so that the layers' outputs outweigh the embedding
+                       # in the residual (with the output tied to it, the input token's own logit
+                       # would otherwise take all the probability)
 
 
 def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
@@ -401,7 +432,8 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
     E, V, F = cfg.n_embd, cfg.n_vocab, cfg.n_ff
     Q, KV, D = cfg.n_embd_q, cfg.n_embd_kv, cfg.head_dim
-    gemma = cfg.arch == "gemma3"
+    gemma = cfg.arch in GEMMA
+    tied = cfg.arch == "gemma2"  # the output matrix is token_embd
 
     def normal(shape, std):
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
@@ -410,22 +442,31 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
         return np.ones((n,), dtype=np.float32)
 
     w: dict[str, np.ndarray] = {}
-    # Gemma multiplies the embeddings by sqrt(n_embd) in the graph.
-    emb_std = 1.0 / math.sqrt(E) if gemma else 1.0
+    # Gemma multiplies the embeddings by sqrt(n_embd) in the graph; tied to the output, they
+    # have the output's scale.
+    emb_std = (_OUT_GAIN if tied else 1.0) / math.sqrt(E) if gemma else 1.0
     tok = normal((V, E), emb_std)
-    out = normal((V, E), _OUT_GAIN / math.sqrt(E))
+    out = None if tied else normal((V, E), _OUT_GAIN / math.sqrt(E))
     if cfg.suppress_special:
         # channel 0 is a constant "bias" unit: same value for every token and
         # no layer writes to it (rows of attn_output/ffn_down, or the post-norm
         # weights, are zero there), so after the final RMS norm h[0] > 0 always.
         tok[:, 0] = _BIAS_CHANNEL / math.sqrt(E) if gemma else _BIAS_CHANNEL
-        out[:, 0] = 0.0
-        out[_suppressed_ids(V), 0] = _SUPPRESS
+        if tied:
+            # a suppressed token's channel 0 is its output weight too, and only its own
+            # input position loses the constant; BOS keeps it, as it starts every input. The
+            # channel is as large as the residual (_POST_GAIN_TIED) to reach the logits.
+            tok[:, 0] = _POST_GAIN_TIED * _BIAS_CHANNEL / math.sqrt(E)
+            tok[[i for i in _suppressed_ids(V) if i != BOS_ID], 0] = 2 * _SUPPRESS
+        else:
+            out[:, 0] = 0.0
+            out[_suppressed_ids(V), 0] = _SUPPRESS
     w["token_embd.weight"] = tok
     w["output_norm.weight"] = ones(E)
-    w["output.weight"] = out
+    if out is not None:
+        w["output.weight"] = out
 
-    qk_gain = 1.0 if gemma else _QK_GAIN_LLAMA  # gemma normalizes q and k itself
+    qk_gain = 1.0 if cfg.arch == "gemma3" else _QK_GAIN_LLAMA  # gemma3 normalizes q and k itself
     o_gain = 1.0 if gemma else _O_GAIN_LLAMA    # gemma post-norms the attention output
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
@@ -439,12 +480,13 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
             w[p + "attn_v.bias"] = normal((KV,), _V_BIAS)
         wo = normal((E, Q), o_gain / math.sqrt(Q))
         if gemma:
-            post_attn = ones(E)
+            post_attn = ones(E) * np.float32(_POST_GAIN_TIED if tied else 1.0)
             if cfg.suppress_special:
                 post_attn[0] = 0.0
             w[p + "post_attention_norm.weight"] = post_attn
-            w[p + "attn_k_norm.weight"] = ones(D)
-            w[p + "attn_q_norm.weight"] = ones(D)
+            if cfg.arch == "gemma3":
+                w[p + "attn_k_norm.weight"] = ones(D)
+                w[p + "attn_q_norm.weight"] = ones(D)
         elif cfg.suppress_special:
             wo[0, :] = 0.0
         w[p + "attn_output.weight"] = wo
@@ -453,7 +495,7 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
         w[p + "ffn_up.weight"] = normal((F, E), 1.0 / math.sqrt(E))
         down = normal((E, F), 1.0 / math.sqrt(F))
         if gemma:
-            post_ffw = ones(E)
+            post_ffw = ones(E) * np.float32(_POST_GAIN_TIED if tied else 1.0)
             if cfg.suppress_special:
                 post_ffw[0] = 0.0
             w[p + "post_ffw_norm.weight"] = post_ffw
@@ -482,10 +524,15 @@ def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: dict[str, np.ndarr
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
     writer.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)
     writer.add_float32(f"{a}.rope.freq_base", cfg.rope_freq_base)
-    if a == "gemma3" and cfg.sliding_window > 0:
+    if a in GEMMA and cfg.sliding_window > 0:
         writer.add_uint32(f"{a}.attention.sliding_window", cfg.sliding_window)
         writer.add_uint32(f"{a}.attention.sliding_window_pattern", cfg.swa_pattern)
+    if cfg.rope_freq_base_swa is not None and cfg.sliding_window > 0:
         writer.add_float32(f"{a}.rope.freq_base_swa", float(cfg.rope_freq_base_swa))
+    if cfg.attn_softcap:
+        writer.add_float32(f"{a}.attn_logit_softcapping", cfg.attn_softcap)
+    if cfg.final_softcap:
+        writer.add_float32(f"{a}.final_logit_softcapping", cfg.final_softcap)
 
     tokens, scores, types = build_vocab(cfg.n_vocab)
     writer.add_string("tokenizer.ggml.model", "llama")
@@ -535,6 +582,7 @@ def make_tiny_model(
     dtype: str = "f16",
     swa_pattern: int | None = None,
     suppress_special: bool = True,
+    attn_softcap: float | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
 
@@ -543,10 +591,12 @@ def make_tiny_model(
     ``attention.value_length`` and ``rope.dimension_count`` are always written
     as ``head_dim``.
 
-    ``sliding_window`` / ``swa_pattern`` are gemma3-only (ValueError for llama).
-    For gemma3 ``sliding_window`` defaults to 64 (0 disables SWA, giving a plain
-    KV cache) and ``swa_pattern`` to ``min(6, n_layer)``, so the default 2-layer
+    ``sliding_window`` / ``swa_pattern`` are for the gemma archs only (ValueError
+    for llama and qwen2).  ``sliding_window`` defaults to 64; for gemma3 0
+    disables SWA, giving a plain KV cache.  ``swa_pattern`` defaults to
+    ``min(6, n_layer)`` for gemma3 and 2 for gemma2, so the default 2-layer
     model has layer 0 = sliding window, layer 1 = full attention.
+    ``attn_softcap`` (gemma2 only, default 5) caps the attention logits.
 
     ``dtype`` is the storage type of the 2-D weights: "f16" (default), "f32" or
     "bf16"; 1-D norm weights are always f32.  The output is a deterministic
@@ -556,7 +606,7 @@ def make_tiny_model(
         arch=arch, head_dim=head_dim, n_head=n_head, n_head_kv=n_head_kv, n_layer=n_layer,
         n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train,
         sliding_window=sliding_window, seed=seed, dtype=dtype, swa_pattern=swa_pattern,
-        suppress_special=suppress_special,
+        suppress_special=suppress_special, attn_softcap=attn_softcap,
     )
     path = pathlib.Path(path)
     if path.parent and not path.parent.exists():
@@ -610,8 +660,8 @@ def read_config(path) -> TinyConfig:
     n_layer = int(md[f"{a}.block_count"])
     sw = int(md.get(f"{a}.attention.sliding_window", 0) or 0)
     pat = int(md.get(f"{a}.attention.sliding_window_pattern", 0) or 0)
-    if a == "gemma3" and sw > 0:
-        pat_eff = pat if pat else 6
+    if a in GEMMA and sw > 0:
+        pat_eff = pat if pat else (2 if a == "gemma2" else 6)
         swa_layers = tuple(il % pat_eff < pat_eff - 1 for il in range(n_layer))
     else:
         swa_layers = tuple([False] * n_layer)
@@ -631,6 +681,8 @@ def read_config(path) -> TinyConfig:
         rms_eps=float(f"{float(md[f'{a}.attention.layer_norm_rms_epsilon']):.7g}"),
         rope_freq_base=float(md.get(f"{a}.rope.freq_base", 10000.0)),
         rope_freq_base_swa=(float(md.get(f"{a}.rope.freq_base_swa", 10000.0)) if a == "gemma3" else None),
+        attn_softcap=float(md.get(f"{a}.attn_logit_softcapping", 0.0)),
+        final_softcap=float(md.get(f"{a}.final_logit_softcapping", 0.0)),
         sliding_window=sw,
         swa_pattern=pat,
         dtype=inv_ftype.get(int(md.get("general.file_type", 1)), "f16"),
@@ -680,14 +732,17 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -> np.ndarray:
+def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None,
+                     attn_softcap: float | None = None) -> np.ndarray:
     """Float64 numpy forward pass of a tiny model over ``tokens`` (one sequence,
-    positions 0..T-1, causal; sliding window on gemma3 SWA layers).
+    positions 0..T-1, causal; sliding window on the gemma archs' SWA layers).
 
     Returns float32 logits of shape (T, n_vocab); row t predicts token t+1.
     This mirrors llama.cpp's graphs for these archs (models/llama.cpp,
-    models/gemma3.cpp, models/qwen2.cpp) and so can be compared with ``llama_get_logits_ith``.
-    ``n_swa`` overrides the sliding window (e.g. 0 to disable it).
+    models/gemma2.cpp, models/gemma3.cpp, models/qwen2.cpp) and so can be compared with
+    ``llama_get_logits_ith``.
+    ``n_swa`` overrides the sliding window (e.g. 0 to disable it), ``attn_softcap`` the
+    cap of the attention logits (0: none).
     """
     cfg = read_config(path)
     W = _read_tensors(path)
@@ -698,9 +753,10 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
         raise ValueError("token id out of range")
     T, E, D = len(toks), cfg.n_embd, cfg.head_dim
     H, HKV = cfg.n_head, cfg.n_head_kv
-    gemma = cfg.arch == "gemma3"
+    gemma = cfg.arch in GEMMA
     eps = cfg.rms_eps
     sw = cfg.sliding_window if n_swa is None else n_swa
+    cap = cfg.attn_softcap if attn_softcap is None else attn_softcap
     pos = np.arange(T)
 
     x = W["token_embd.weight"][toks]
@@ -719,9 +775,10 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
             v = v + W[p + "attn_v.bias"].reshape(HKV, D)
         is_swa = gemma and sw > 0 and cfg.swa_layers[il]
         if gemma:
-            q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
-            k = _rms_norm(k, W[p + "attn_k_norm.weight"], eps)
-            base = cfg.rope_freq_base_swa if is_swa else cfg.rope_freq_base
+            if cfg.arch == "gemma3":
+                q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
+                k = _rms_norm(k, W[p + "attn_k_norm.weight"], eps)
+            base = cfg.rope_freq_base_swa if is_swa and cfg.rope_freq_base_swa else cfg.rope_freq_base
             q = _rope(q, pos, base, "neox")
             k = _rope(k, pos, base, "neox")
             q = q / math.sqrt(D)  # f_attention_scale (model type is never 27B here)
@@ -739,6 +796,8 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
         for hh in range(H):
             kh, vh = k[:, hh // g, :], v[:, hh // g, :]
             s = (q[:, hh, :] @ kh.T) * scale
+            if cap:
+                s = cap * np.tanh(s / cap)
             s = np.where(mask, s, -np.inf)
             s = s - s.max(axis=1, keepdims=True)
             pr = np.exp(s)
@@ -757,7 +816,10 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None) -
             f = _rms_norm(f, W[p + "post_ffw_norm.weight"], eps)
         x = x + f
     h = _rms_norm(x, W["output_norm.weight"], eps)
-    return (h @ W["output.weight"].T).astype(np.float32)
+    logits = h @ W.get("output.weight", W["token_embd.weight"]).T
+    if cfg.final_softcap:
+        logits = cfg.final_softcap * np.tanh(logits / cfg.final_softcap)
+    return logits.astype(np.float32)
 
 
 def simple_tokenize(text: str, n_vocab: int = 512, *, add_bos: bool = True) -> list[int]:
@@ -845,8 +907,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-vocab", type=int, default=512)
     ap.add_argument("--n-ctx-train", type=int, default=4096)
     ap.add_argument("--sliding-window", type=int, default=None,
-                    help="gemma3 only (default 64; 0 disables SWA)")
-    ap.add_argument("--swa-pattern", type=int, default=None, help="gemma3 only (default min(6, n_layer))")
+                    help="gemma archs only (default 64; for gemma3 0 disables SWA)")
+    ap.add_argument("--swa-pattern", type=int, default=None,
+                    help="gemma archs only (default: gemma3 min(6, n_layer), gemma2 2)")
+    ap.add_argument("--attn-softcap", type=float, default=None, help="gemma2 only (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=tuple(_FTYPE), default="f16")
     ap.add_argument("--no-suppress-special", action="store_true",
@@ -859,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_head_kv=args.n_head_kv, n_layer=args.n_layer, n_embd=args.n_embd, n_ff=args.n_ff,
             n_vocab=args.n_vocab, n_ctx_train=args.n_ctx_train, sliding_window=args.sliding_window,
             seed=args.seed, dtype=args.dtype, swa_pattern=args.swa_pattern,
-            suppress_special=not args.no_suppress_special,
+            suppress_special=not args.no_suppress_special, attn_softcap=args.attn_softcap,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,8 +3,9 @@ context made with a calibration stores K~ = (K - muK) UK and V~ = (V - muV) UV, 
 and out = out~ UV^T + muV. The identities: with f32 caches (no flash attention: its CPU kernel
 rounds Q to f16) a calibrated context gives the logits of an uncalibrated one to float
 rounding, on a GQA llama and on an iSWA gemma3, for the calibration `pyadaq calibrate` makes
-and for random orthonormal bases with large means, and on a qwen2 with attention biases (a
-large key mean), where the calibration also lowers the 2-bit KL; with f16 caches and flash attention it is as
+and for random orthonormal bases with large means, on a qwen2 with attention biases (a
+large key mean), where the calibration also lowers the 2-bit KL, and on a gemma2 with
+soft-capped attention logits, where the key mean must stay in the keys; with f16 caches and flash attention it is as
 close to the f32 reference as the uncalibrated context is. Without a calibration the logits
 are the same bit for bit, also while a calibrated context exists. Context shift, several
 sequences, per-layer types, state save/load (refused under another calibration), the
@@ -55,13 +56,17 @@ def _random_calibration(cal, seed: int, mean_scale: float | None):
                                v={il: rand(c) for il, c in cal.v.items()}, path=None)
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen2", "gemma2"])
 def setup(request, tiny_model):
     """(model, {"pca": calibration from the model, "random": random bases and means of 3.0 (the
-    identities' stress test), "rotation": random bases with the model's means})."""
+    identities' stress test), "rotation": random bases with the model's means}). gemma2
+    soft-caps its attention logits, so its key means must stay in the keys: the identities with
+    means of 3.0 hold there only if they do."""
     kw = {"arch": request.param, "head_dim": 64, "n_head": 4, "n_head_kv": 2, "dtype": "f32"}
     if request.param == "gemma3":
         kw.update(n_layer=3, sliding_window=32)  # layers 0, 1 sliding-window, 2 full: the iSWA cache
+    if request.param == "gemma2":
+        kw.update(n_layer=2, sliding_window=32)  # layer 0 sliding-window, 1 full
     path = tiny_model(**kw)
     cal = calibrate(path, TEXT, n_ctx=256, n_chunks=2, n_threads=THREADS, progress=False)
     m = Model(str(path))
@@ -177,11 +182,15 @@ def test_transform_memory(setup):
     # else the cache, and its transforms, live on the GPU
     on_host = m.n_gpu_layers == 0 or not pyadaq.native().gpu_devices()
 
+    # gemma2 soft-caps its attention logits: the key means stay in the keys, and take no memory
+    k_means = m.info.architecture != "gemma2"
+
     def side_bytes(part, quantized: bool) -> int:
         per = 2 if quantized and on_host else 4
-        return sum(per * part[il].n_head * part[il].head_size ** 2 + 4 * part[il].mean.size for il in cal.layers())
+        return sum(per * part[il].n_head * part[il].head_size ** 2 + 4 * part[il].mean.size * (part is cal.v or k_means)
+                   for il in cal.layers())
 
-    means = sum(4 * cal.k[il].mean.size for il in cal.layers())
+    means = sum(4 * cal.k[il].mean.size for il in cal.layers()) if k_means else 0
     # values with a kvt type: matrix and scales (their mean stays in the cache)
     for k, v, rot, want in (("q8_0", "kvq2", True, means),
                             ("q8_0", "kvq2", False, side_bytes(cal.k, True)),
@@ -467,7 +476,7 @@ def test_small_batches_with_an_explicit_inverse(setup):
 def test_f16_key_matrices(setup):
     """With a quantized K cache the keys' matrices (and the queries' N) are f16: generation in
     small batches with explicit inverses stays close to the exact logits: KL 1.4-2.9e-3 measured on
-    the three architectures, most of it q8_0's rounding in these ill-conditioned random
+    llama, gemma3 and qwen2, most of it q8_0's rounding in these ill-conditioned random
     coordinates (scales e^-1..e^1); a wrong f16 matrix gives KL of order 1."""
     m, cals = setup
     got, want, _, _ = _small_batch_logits(m, _inverse_transforms(cals["random"], seed=7), k="q8_0", flash_attn=True)
@@ -737,5 +746,24 @@ def test_qwen2_biases_calibrated(tiny_model):
         assert kl("kvt2s", "f16", cal) < 0.5 * kl("kvq2", "f16")
         assert kl("q8_0", "kvt2", cal) < 0.5 * kl("q8_0", "kvq2")
         assert kl("q4_0", "f16", cal) < kl("q4_0", "f16")
+    finally:
+        m.close()
+
+
+def test_gemma2_soft_cap(tiny_model):
+    """The tiny gemma2 is what llama.cpp computes (numpy reference, with and without flash
+    attention, whose CPU kernel soft-caps in its own loop), and its cap of 5 bites: without it
+    the logits move by KL ~0.03. (The identities on it are the setup fixture's.)"""
+    import tiny
+
+    path = tiny_model(arch="gemma2", head_dim=64, n_head=4, n_head_kv=2, n_layer=2, sliding_window=32, dtype="f32")
+    assert tiny.read_config(path).attn_softcap == 5.0
+    m = Model(str(path))
+    try:
+        toks = _toks(m)
+        ref = tiny.reference_logits(path, toks)
+        assert float(token_kl(ref, _logits(m, "f32", "f32", toks, flash_attn=False)).mean()) < 1e-6
+        assert float(token_kl(ref, _logits(m, "f16", "f16", toks)).mean()) < 1e-5
+        assert float(token_kl(ref, tiny.reference_logits(path, toks, attn_softcap=0.0)).mean()) > 1e-2
     finally:
         m.close()
