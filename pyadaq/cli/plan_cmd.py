@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from pyadaq.plan.calibrate import CALIBRATED_TYPES, DEFAULT_TYPES
+
     p = sub.add_parser("plan", help="per-layer K/V cache types for a bit budget", description=__doc__)
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--budget", required=True,
@@ -24,8 +26,8 @@ def add_parser(sub) -> None:
                    help="plan for contexts run with this KV calibration (`pyadaq calibrate`; 'default': the "
                         "model's default one, made once and cached): kl measures with its transforms and the "
                         "types include the transform-coded kvt*s; run the plan with the same --kv-calibration")
-    p.add_argument("--types", help="candidate cache types (default f16,q8_0,q4_0,kvq3,kvq2; with "
-                                   "--kv-calibration f16,q8_0,kvt4s,q4_0,kvt3s,kvq3,kvt2s,kvq2)")
+    p.add_argument("--types", help=f"candidate cache types (default {','.join(DEFAULT_TYPES)}; with "
+                                   f"--kv-calibration and a kl or spectra source {','.join(CALIBRATED_TYPES)})")
     p.add_argument("--method", choices=("dp", "greedy"), default="dp",
                    help="dp: exact optimum of the error model; greedy: the paper's greedy (default dp)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk")
