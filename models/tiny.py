@@ -7,7 +7,7 @@ the right shape, no extra tensors are present (the loader rejects files with
 unused tensors), and all hyper-parameter keys have the GGUF types the loader
 expects.  Only the ``gguf`` Python package and numpy are needed.
 
-Four architectures are supported:
+Five architectures are supported:
 
 ``llama``
     Standard pre-norm llama: ``token_embd``, ``output_norm``, ``output``, and
@@ -32,6 +32,17 @@ Four architectures are supported:
     logits (30), one rope base for every layer, and sliding-window attention in
     every other layer (``swa_pattern`` 2) unless ``sliding_window=0``.  The key
     mean cannot be taken out of soft-capped logits, which is what it is for.
+
+``gpt-oss``
+    OpenAI's gpt-oss (llama.cpp's openai-moe): attention biases (as qwen2), a
+    bias on the attention output, learned attention sinks (one logit per query
+    head that joins the softmax and takes its share of the weight, with no
+    value), ``post_attention_norm`` before a mixture of ``n_expert`` experts of
+    which ``n_expert_used`` run per token (router with a bias, softmax over the
+    chosen experts' logits, clamped SwiGLU with biases), rope type NEOX and
+    sliding-window attention in every other layer.  With sinks the attention
+    weights of the cached tokens no longer sum to one, so neither the key nor
+    the value mean can be taken out.
 
 ``qwen2``
     The llama layout with attention biases (``attn_q/k/v.bias``), rope type NEOX
@@ -94,8 +105,9 @@ __all__ = [
     "simple_tokenize",
 ]
 
-ARCHS = ("llama", "gemma2", "gemma3", "qwen2")
+ARCHS = ("llama", "gemma2", "gemma3", "qwen2", "gpt-oss")
 GEMMA = ("gemma2", "gemma3")
+SWA_ARCHS = ("gemma2", "gemma3", "gpt-oss")  # archs with sliding-window layers
 
 # llama.cpp token types (LLAMA_TOKEN_TYPE_*; gguf.TokenType)
 TT_NORMAL = 1
@@ -258,6 +270,8 @@ class TinyConfig:
     swa_layers: tuple[bool, ...] = field(default=())
     attn_softcap: float = 0.0  # gemma2: cap of the attention logits (0: none)
     final_softcap: float = 0.0  # gemma2: cap of the output logits (0: none)
+    n_expert: int = 0  # gpt-oss: experts per layer (each of n_ff), n_expert_used of them per token
+    n_expert_used: int = 0
 
     @property
     def n_embd_q(self) -> int:
@@ -319,10 +333,10 @@ def build_config(
 
     if arch in ("llama", "qwen2"):
         if sliding_window not in (None, 0):
-            raise ValueError("sliding_window is only supported for the gemma archs "
+            raise ValueError(f"sliding_window is only supported for {', '.join(SWA_ARCHS)} "
                              f"(llama.cpp's {arch} arch has no sliding-window attention)")
         if swa_pattern is not None:
-            raise ValueError("swa_pattern is only supported for the gemma archs")
+            raise ValueError(f"swa_pattern is only supported for {', '.join(SWA_ARCHS)}")
         if attn_softcap is not None:
             raise ValueError("attn_softcap is only supported for arch='gemma2'")
         qwen = arch == "qwen2"
@@ -335,8 +349,9 @@ def build_config(
             suppress_special=bool(suppress_special), swa_layers=tuple([False] * n_layer),
         )
 
-    # gemma2, gemma3
+    # gemma2, gemma3, gpt-oss
     g2 = arch == "gemma2"
+    oss = arch == "gpt-oss"
     if attn_softcap is not None and not g2:
         raise ValueError("attn_softcap is only supported for arch='gemma2'")
     if attn_softcap is None:
@@ -347,11 +362,10 @@ def build_config(
         sliding_window = 64
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0, got {sliding_window}")
-    if g2 and sliding_window == 0:
-        raise ValueError("gemma2 has sliding-window layers in llama.cpp (its window defaults to 4096): "
-                         "sliding_window must be > 0")
+    if (g2 or oss) and sliding_window == 0:
+        raise ValueError(f"{arch} has sliding-window layers in llama.cpp: sliding_window must be > 0")
     if swa_pattern is None:
-        swa_pattern = 2 if g2 else min(6, n_layer)  # Gemma 2: 1 local : 1 global; Gemma 3: 5 : 1
+        swa_pattern = 2 if g2 or oss else min(6, n_layer)  # Gemma 2, gpt-oss: 1 local : 1 global; Gemma 3: 5 : 1
     if swa_pattern < 1:
         raise ValueError(f"swa_pattern must be >= 1, got {swa_pattern}")
     if sliding_window > 0:
@@ -361,10 +375,12 @@ def build_config(
     return TinyConfig(
         arch=arch, n_vocab=int(n_vocab), n_embd=int(n_embd), n_ff=int(n_ff), n_layer=int(n_layer),
         n_head=int(n_head), n_head_kv=int(n_head_kv), head_dim=int(head_dim),
-        n_ctx_train=int(n_ctx_train), rms_eps=1e-6, rope_freq_base=10000.0 if g2 else 1_000_000.0,
-        rope_freq_base_swa=None if g2 else 10000.0, sliding_window=int(sliding_window),
+        n_ctx_train=int(n_ctx_train), rms_eps=1e-5 if oss else 1e-6,
+        rope_freq_base=10000.0 if g2 or oss else 1_000_000.0,
+        rope_freq_base_swa=None if g2 or oss else 10000.0, sliding_window=int(sliding_window),
         swa_pattern=int(swa_pattern), dtype=dtype, seed=int(seed), suppress_special=bool(suppress_special),
         swa_layers=swa_layers, attn_softcap=float(attn_softcap), final_softcap=30.0 if g2 else 0.0,
+        n_expert=4 if oss else 0, n_expert_used=2 if oss else 0,
     )
 
 
@@ -389,6 +405,17 @@ def expected_tensors(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
         t[p + "attn_k.weight"] = (E, KV)
         t[p + "attn_v.weight"] = (E, KV)
         t[p + "attn_output.weight"] = (Q, E)
+        if cfg.arch == "gpt-oss":
+            X = cfg.n_expert
+            for name, shape in (("attn_q.bias", (Q,)), ("attn_k.bias", (KV,)), ("attn_v.bias", (KV,)),
+                                ("attn_output.bias", (E,)), ("attn_sinks.weight", (cfg.n_head,)),
+                                ("post_attention_norm.weight", (E,)),
+                                ("ffn_gate_inp.weight", (E, X)), ("ffn_gate_inp.bias", (X,)),
+                                ("ffn_gate_exps.weight", (E, F, X)), ("ffn_gate_exps.bias", (F, X)),
+                                ("ffn_up_exps.weight", (E, F, X)), ("ffn_up_exps.bias", (F, X)),
+                                ("ffn_down_exps.weight", (F, E, X)), ("ffn_down_exps.bias", (E, X))):
+                t[p + name] = shape
+            continue
         if cfg.arch == "qwen2":
             t[p + "attn_q.bias"] = (Q,)
             t[p + "attn_k.bias"] = (KV,)
@@ -470,6 +497,9 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
     o_gain = 1.0 if gemma else _O_GAIN_LLAMA    # gemma post-norms the attention output
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
+        if cfg.arch == "gpt-oss":
+            w.update(_gpt_oss_layer(cfg, p, normal, ones))
+            continue
         w[p + "attn_norm.weight"] = ones(E)
         w[p + "attn_q.weight"] = normal((Q, E), qk_gain / math.sqrt(E))
         w[p + "attn_k.weight"] = normal((KV, E), qk_gain / math.sqrt(E))
@@ -505,6 +535,45 @@ def _make_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
     return w
 
 
+_SINK_STD = 1.5        # gpt-oss: std of the sink logits (the scores' std is ~_QK_GAIN_LLAMA^2)
+_EXPERT_BIAS = 0.1     # gpt-oss: std of the experts' and the attention output's biases
+
+
+def _gpt_oss_layer(cfg: TinyConfig, p: str, normal, ones) -> dict[str, np.ndarray]:
+    """One gpt-oss layer's tensors (numpy shapes). Channel 0 of the residual stays constant as
+    in the other archs: the attention output's and the experts' rows 0, and their biases' entry
+    0, are zero when suppress_special."""
+    E, F, X = cfg.n_embd, cfg.n_ff, cfg.n_expert
+    Q, KV = cfg.n_embd_q, cfg.n_embd_kv
+    w = {
+        p + "attn_norm.weight": ones(E),
+        p + "attn_q.weight": normal((Q, E), _QK_GAIN_LLAMA / math.sqrt(E)),
+        p + "attn_k.weight": normal((KV, E), _QK_GAIN_LLAMA / math.sqrt(E)),
+        p + "attn_v.weight": normal((KV, E), 1.0 / math.sqrt(E)),
+        p + "attn_q.bias": normal((Q,), _Q_BIAS),
+        p + "attn_k.bias": normal((KV,), _K_BIAS),
+        p + "attn_v.bias": normal((KV,), _V_BIAS),
+        p + "attn_output.weight": normal((E, Q), _O_GAIN_LLAMA / math.sqrt(Q)),
+        p + "attn_output.bias": normal((E,), _EXPERT_BIAS),
+        p + "attn_sinks.weight": normal((cfg.n_head,), _SINK_STD),
+        p + "post_attention_norm.weight": ones(E),
+        p + "ffn_gate_inp.weight": normal((X, E), 1.0 / math.sqrt(E)),
+        p + "ffn_gate_inp.bias": normal((X,), 0.5),
+        p + "ffn_gate_exps.weight": normal((X, F, E), 1.0 / math.sqrt(E)),
+        p + "ffn_gate_exps.bias": normal((X, F), _EXPERT_BIAS),
+        p + "ffn_up_exps.weight": normal((X, F, E), 1.0 / math.sqrt(E)),
+        p + "ffn_up_exps.bias": normal((X, F), _EXPERT_BIAS),
+        p + "ffn_down_exps.weight": normal((X, E, F), 1.0 / math.sqrt(F)),
+        p + "ffn_down_exps.bias": normal((X, E), _EXPERT_BIAS),
+    }
+    if cfg.suppress_special:
+        w[p + "attn_output.weight"][0, :] = 0.0
+        w[p + "attn_output.bias"][0] = 0.0
+        w[p + "ffn_down_exps.weight"][:, 0, :] = 0.0
+        w[p + "ffn_down_exps.bias"][:, 0] = 0.0
+    return w
+
+
 def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: dict[str, np.ndarray]) -> None:
     import gguf
 
@@ -524,7 +593,11 @@ def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: dict[str, np.ndarr
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
     writer.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)
     writer.add_float32(f"{a}.rope.freq_base", cfg.rope_freq_base)
-    if a in GEMMA and cfg.sliding_window > 0:
+    if cfg.n_expert:
+        writer.add_uint32(f"{a}.expert_count", cfg.n_expert)
+        writer.add_uint32(f"{a}.expert_used_count", cfg.n_expert_used)
+        writer.add_uint32(f"{a}.expert_feed_forward_length", cfg.n_ff)
+    if a in SWA_ARCHS and cfg.sliding_window > 0:
         writer.add_uint32(f"{a}.attention.sliding_window", cfg.sliding_window)
         writer.add_uint32(f"{a}.attention.sliding_window_pattern", cfg.swa_pattern)
     if cfg.rope_freq_base_swa is not None and cfg.sliding_window > 0:
@@ -551,7 +624,7 @@ def _write_gguf(path: pathlib.Path, cfg: TinyConfig, weights: dict[str, np.ndarr
              "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16}[cfg.dtype]
     for name, arr in weights.items():
-        if arr.ndim == 1 or cfg.dtype == "f32":
+        if arr.ndim == 1 or cfg.dtype == "f32" or name.endswith(".bias"):  # biases f32, as converters write them
             writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         elif cfg.dtype == "f16":
             writer.add_tensor(name, np.ascontiguousarray(arr.astype(np.float16)))
@@ -660,8 +733,8 @@ def read_config(path) -> TinyConfig:
     n_layer = int(md[f"{a}.block_count"])
     sw = int(md.get(f"{a}.attention.sliding_window", 0) or 0)
     pat = int(md.get(f"{a}.attention.sliding_window_pattern", 0) or 0)
-    if a in GEMMA and sw > 0:
-        pat_eff = pat if pat else (2 if a == "gemma2" else 6)
+    if a in SWA_ARCHS and sw > 0:
+        pat_eff = pat if pat else (6 if a == "gemma3" else 2)
         swa_layers = tuple(il % pat_eff < pat_eff - 1 for il in range(n_layer))
     else:
         swa_layers = tuple([False] * n_layer)
@@ -683,6 +756,8 @@ def read_config(path) -> TinyConfig:
         rope_freq_base_swa=(float(md.get(f"{a}.rope.freq_base_swa", 10000.0)) if a == "gemma3" else None),
         attn_softcap=float(md.get(f"{a}.attn_logit_softcapping", 0.0)),
         final_softcap=float(md.get(f"{a}.final_logit_softcapping", 0.0)),
+        n_expert=int(md.get(f"{a}.expert_count", 0) or 0),
+        n_expert_used=int(md.get(f"{a}.expert_used_count", 0) or 0),
         sliding_window=sw,
         swa_pattern=pat,
         dtype=inv_ftype.get(int(md.get("general.file_type", 1)), "f16"),
@@ -735,12 +810,12 @@ def _gelu_tanh(x):
 def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None,
                      attn_softcap: float | None = None) -> np.ndarray:
     """Float64 numpy forward pass of a tiny model over ``tokens`` (one sequence,
-    positions 0..T-1, causal; sliding window on the gemma archs' SWA layers).
+    positions 0..T-1, causal; sliding window on the SWA layers of gemma2/3 and gpt-oss).
 
     Returns float32 logits of shape (T, n_vocab); row t predicts token t+1.
     This mirrors llama.cpp's graphs for these archs (models/llama.cpp,
-    models/gemma2.cpp, models/gemma3.cpp, models/qwen2.cpp) and so can be compared with
-    ``llama_get_logits_ith``.
+    models/gemma2.cpp, models/gemma3.cpp, models/qwen2.cpp, models/openai-moe.cpp) and so can be
+    compared with ``llama_get_logits_ith``.
     ``n_swa`` overrides the sliding window (e.g. 0 to disable it), ``attn_softcap`` the
     cap of the attention logits (0: none).
     """
@@ -769,11 +844,11 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None,
         q = (h @ W[p + "attn_q.weight"].T).reshape(T, H, D)
         k = (h @ W[p + "attn_k.weight"].T).reshape(T, HKV, D)
         v = (h @ W[p + "attn_v.weight"].T).reshape(T, HKV, D)
-        if cfg.arch == "qwen2":
+        if p + "attn_q.bias" in W:  # qwen2, gpt-oss
             q = q + W[p + "attn_q.bias"].reshape(H, D)
             k = k + W[p + "attn_k.bias"].reshape(HKV, D)
             v = v + W[p + "attn_v.bias"].reshape(HKV, D)
-        is_swa = gemma and sw > 0 and cfg.swa_layers[il]
+        is_swa = sw > 0 and cfg.swa_layers[il]
         if gemma:
             if cfg.arch == "gemma3":
                 q = _rms_norm(q, W[p + "attn_q_norm.weight"], eps)
@@ -784,7 +859,7 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None,
             q = q / math.sqrt(D)  # f_attention_scale (model type is never 27B here)
             scale = 1.0
         else:
-            mode = "neox" if cfg.arch == "qwen2" else "norm"
+            mode = "norm" if cfg.arch == "llama" else "neox"
             q = _rope(q, pos, cfg.rope_freq_base, mode)
             k = _rope(k, pos, cfg.rope_freq_base, mode)
             scale = 1.0 / math.sqrt(D)
@@ -799,14 +874,21 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None,
             if cap:
                 s = cap * np.tanh(s / cap)
             s = np.where(mask, s, -np.inf)
-            s = s - s.max(axis=1, keepdims=True)
-            pr = np.exp(s)
-            pr /= pr.sum(axis=1, keepdims=True)
+            # a sink: one more logit in the softmax, whose weight goes to no value
+            sink = W[p + "attn_sinks.weight"][hh] if p + "attn_sinks.weight" in W else -np.inf
+            top = np.maximum(s.max(axis=1, keepdims=True), sink)
+            pr = np.exp(s - top)
+            pr /= pr.sum(axis=1, keepdims=True) + np.exp(sink - top)
             heads.append(pr @ vh)
         o = np.concatenate(heads, axis=1) @ W[p + "attn_output.weight"].T
+        if p + "attn_output.bias" in W:
+            o = o + W[p + "attn_output.bias"]
         if gemma:
             o = _rms_norm(o, W[p + "post_attention_norm.weight"], eps)
         x = x + o
+        if cfg.arch == "gpt-oss":
+            x = x + _experts(cfg, W, p, _rms_norm(x, W[p + "post_attention_norm.weight"], eps))
+            continue
         h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
         gate = h @ W[p + "ffn_gate.weight"].T
         up = h @ W[p + "ffn_up.weight"].T
@@ -820,6 +902,28 @@ def reference_logits(path, tokens: Sequence[int], *, n_swa: int | None = None,
     if cfg.final_softcap:
         logits = cfg.final_softcap * np.tanh(logits / cfg.final_softcap)
     return logits.astype(np.float32)
+
+
+def _experts(cfg: TinyConfig, W, p: str, h) -> np.ndarray:
+    """gpt-oss's mixture of experts on h (T, E): each token runs the n_expert_used experts whose
+    router logits are largest, weighted by the softmax of those logits; an expert is a SwiGLU
+    whose gate is capped at 7 and whose linear part is clamped to [-7, 7] and shifted by one
+    (llama.cpp's swiglu_oai, alpha 1.702)."""
+    logits = h @ W[p + "ffn_gate_inp.weight"].T + W[p + "ffn_gate_inp.bias"]  # (T, X)
+    chosen = np.argsort(-logits, axis=1)[:, :cfg.n_expert_used]
+    sel = np.take_along_axis(logits, chosen, axis=1)
+    wsel = np.exp(sel - sel.max(axis=1, keepdims=True))
+    wsel /= wsel.sum(axis=1, keepdims=True)
+    weight = np.zeros_like(logits)
+    np.put_along_axis(weight, chosen, wsel, axis=1)
+    out = np.zeros_like(h)
+    for e in range(cfg.n_expert):
+        gate = h @ W[p + "ffn_gate_exps.weight"][e].T + W[p + "ffn_gate_exps.bias"][e]
+        up = h @ W[p + "ffn_up_exps.weight"][e].T + W[p + "ffn_up_exps.bias"][e]
+        g = np.minimum(gate, 7.0)
+        act = g / (1.0 + np.exp(-1.702 * g)) * (np.clip(up, -7.0, 7.0) + 1.0)
+        out += weight[:, e:e + 1] * (act @ W[p + "ffn_down_exps.weight"][e].T + W[p + "ffn_down_exps.bias"][e])
+    return out
 
 
 def simple_tokenize(text: str, n_vocab: int = 512, *, add_bos: bool = True) -> list[int]:

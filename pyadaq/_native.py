@@ -95,6 +95,7 @@ int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, int32_t n_hea
                                          const float * inverse, char * err, size_t err_size);
 int32_t pyadaq_kv_transform_layers(void * ctx);
 int64_t pyadaq_kv_transform_bytes(void * ctx);
+int32_t pyadaq_model_kv_offsets(void * model, int32_t il);
 int32_t pyadaq_kv_layer_types(void * ctx, int32_t n_max, int32_t * types_k, int32_t * types_v);
 int32_t pyadaq_kv_offload_check(void * ctx, char * err, size_t err_size);
 int32_t pyadaq_kv_plan_file(const char * path, char * err, size_t err_size);

@@ -2,8 +2,8 @@
 the K/V rows of the last W cells written, kept in f16 beside a quantized cache and read by the
 CPU flash-attention kernels instead of the quantized rows. A window that covers every cell
 makes every quantized pairing give the same logits, bit for bit, in prompt processing and in
-generation, on a GQA llama, an iSWA gemma3, a qwen2 with attention biases and a gemma2 with
-soft-capped attention logits; a shorter one lies
+generation, on a GQA llama, an iSWA gemma3, a qwen2 with attention biases, a gemma2 with
+soft-capped attention logits and a gpt-oss with attention sinks and experts; a shorter one lies
 in between. Rewritten cells, a K-shift and a state read keep it consistent; its memory; bad input."""
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ THREADS = 2
 TEXT = " ".join(f"Line {i} of the log says the pump ran {i % 5} hours and the valve stayed shut." for i in range(200))
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen2", "gemma2"])
+@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen2", "gemma2", "gpt-oss"])
 def model(request, tiny_model):
     kw = {"arch": request.param, "head_dim": 64, "n_head": 4, "n_head_kv": 2}
     if request.param == "gemma3":
         kw.update(n_layer=3, sliding_window=32)  # the iSWA cache: two caches, two windows
-    if request.param == "gemma2":
-        kw.update(n_layer=2, sliding_window=32)  # soft-capped logits in the kernels that read the window
+    if request.param in ("gemma2", "gpt-oss"):
+        kw.update(n_layer=2, sliding_window=32)  # soft-capped logits, sinks: in the kernels that read the window
     m = Model(str(tiny_model(**kw)), n_gpu_layers=0)  # the window is read on the CPU (also under gpu-check.sh)
     yield m
     m.close()

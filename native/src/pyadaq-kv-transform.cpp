@@ -49,6 +49,12 @@ PYADAQ_API int32_t pyadaq_next_context_kv_transform(int32_t il, int32_t is_v, in
 PYADAQ_API int32_t pyadaq_kv_transform_layers(const struct llama_context * ctx);
 // Bytes of the device buffers that hold a context's transforms (0 without a calibration).
 PYADAQ_API int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx);
+// Which offsets layer il of the model lets a transform take out: bit 0 the keys' (it shifts every
+// logit of a query alike, which softmax ignores, unless the logits are soft-capped or the layer
+// has learned attention sinks), bit 1 the values' (it comes back whole because the attention
+// weights sum to one, unless sinks take part of them). An offset given for a layer that does
+// not let it out is kept in the data (not subtracted). -1: no such layer.
+PYADAQ_API int32_t pyadaq_model_kv_offsets(const struct llama_model * model, int32_t il);
 
 }
 
@@ -417,11 +423,9 @@ void pyadaq_kv_transform_create(const llama_model & model, uint32_t il, ggml_ten
                                      " KV heads of size " + std::to_string(d));
         }
     }
-    // the identities that let the means out: no soft-capping of the logits (keys), no learned
-    // sinks (keys and values: the weights of the cached tokens no longer sum to one)
-    const bool sinks = il < model.layers.size() && model.layers[il].attn_sinks != nullptr;
-    const bool drop_k_mean = ck != nullptr && !ck->mean.empty() && !hp.attn_soft_cap && !sinks;
-    const bool drop_v_mean = cv != nullptr && !cv->mean.empty() && !sinks;
+    const int32_t offsets = pyadaq_model_kv_offsets(&model, (int32_t) il);
+    const bool drop_k_mean = ck != nullptr && !ck->mean.empty() && (offsets & 1);
+    const bool drop_v_mean = cv != nullptr && !cv->mean.empty() && (offsets & 2);
 
     auto tf = std::make_shared<pyadaq_kv_transform>();
     tf->n_head_kv = n_head_kv;
@@ -580,6 +584,16 @@ int32_t pyadaq_kv_transform_layers(const struct llama_context * ctx) {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_by_ctx.find(ctx);
     return it == g_by_ctx.end() ? 0 : (int32_t) it->second.size();
+}
+
+int32_t pyadaq_model_kv_offsets(const struct llama_model * model, int32_t il) {
+    if (model == nullptr || il < 0 || il >= (int32_t) model->hparams.n_layer()) {
+        return -1;
+    }
+    // the identities that let the offsets out: no soft-capping of the logits (keys), no learned
+    // sinks (keys and values: the weights of the cached tokens no longer sum to one)
+    const bool sinks = il < (int32_t) model->layers.size() && model->layers[il].attn_sinks != nullptr;
+    return (!model->hparams.attn_soft_cap && !sinks ? 1 : 0) | (!sinks ? 2 : 0);
 }
 
 int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx) {

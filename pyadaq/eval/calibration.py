@@ -26,7 +26,7 @@ from pyadaq.model.calibration import (
 )
 from pyadaq.model.header import read_model_info
 
-__all__ = ["DEFAULT_CHUNKS", "DEFAULT_CTX", "cache_dir", "cached_path", "calibrate"]
+__all__ = ["DEFAULT_CHUNKS", "DEFAULT_CTX", "cache_dir", "cached_path", "calibrate", "offsets_kept"]
 
 # 8192 tokens in chunks of 4096: keys are cached after RoPE, and a calibration covers the
 # positions it read (one made of chunks of 2048 cost kvt keys up to twice their KL at 4096; one of
@@ -57,6 +57,23 @@ def cached_path(model_path: str | Path, text: str | None = None, n_ctx: int = DE
                         n_chunks)
 
 
+def offsets_kept(model_path) -> frozenset[tuple[int, bool]]:
+    """(layer, is_v) whose K or V offset the model keeps in the data: libllama's answer
+    (pyadaq_model_kv_offsets; soft-capped attention logits keep the keys', attention sinks both)."""
+    from pyadaq.runtime.context import Model
+
+    n = native()
+    m = Model(str(model_path))
+    try:
+        out = set()
+        for il in range(m.info.n_layer):
+            lets = int(n.llama.pyadaq_model_kv_offsets(n.ffi.cast("void *", m.ptr), il))
+            out |= {(il, is_v) for is_v, bit in ((False, 1), (True, 2)) if lets >= 0 and not lets & bit}
+        return frozenset(out)
+    finally:
+        m.close()
+
+
 def _measure(model_path, info, text: str, n_ctx: int, n_chunks: int, n_threads, progress: bool) -> Calibration:
     tokens, n_read, layers = capture_moments(model_path, text, n_ctx, n_chunks, n_threads, progress,
                                              desc="calibrating (K/V means and principal components)")
@@ -75,6 +92,7 @@ def _measure(model_path, info, text: str, n_ctx: int, n_chunks: int, n_threads, 
         first_token=None if first is None else first[0],
         k_first=None if first is None else {il: rows["k"] for il, rows in first[1].items()},
         v_first=None if first is None else {il: rows["v"] for il, rows in first[1].items()},
+        offsets_kept=offsets_kept(model_path),
     )
 
 

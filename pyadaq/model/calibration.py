@@ -19,7 +19,13 @@ The file is a GGUF file (written and read with the ``gguf`` package):
   with a cache, ``blk.N.k_first`` and ``blk.N.v_first`` [heads, d] (float32), the key and value
   that every sequence starting with that token caches at position 0. Attention puts much of its
   weight on that token (up to half in Gemma 3's global layers), so the transforms store the
-  other rows relative to it and it exactly (pyadaq.runtime.kv_transform).
+  other rows relative to it and it exactly (pyadaq.runtime.kv_transform);
+* when some layer does not let a transform take its offsets out (libllama's
+  ``pyadaq_model_kv_offsets``: soft-capped attention logits keep the keys' offset in, learned
+  attention sinks both), ``pyadaq.offsets_kept.k`` and ``pyadaq.offsets_kept.v``: the layers
+  whose key or value offset stays in the data (arrays of layer indices; absent: none; written
+  since this field was added, format 2 still: older files of such models lack it). Their
+  parts are then stored about zero, not about an offset (pyadaq.runtime.kv_transform.part_offset).
 
 Format 1 files (without the first-token rows) are still read.
 
@@ -51,6 +57,7 @@ __all__ = [
     "CalibrationMismatchError",
     "Components",
     "calibration_for_model",
+    "check_finite",
     "check_for_model",
     "components_from_moments",
     "read_calibration",
@@ -135,6 +142,8 @@ class Calibration:
     first_token: int | None = None  # the BOS token whose rows k_first / v_first are; None: not recorded
     k_first: dict[int, np.ndarray] | None = None  # per layer [heads, d]
     v_first: dict[int, np.ndarray] | None = None
+    # (layer, is_v) whose offset the model keeps in the data (soft-capped logits, attention sinks)
+    offsets_kept: frozenset[tuple[int, bool]] = frozenset()
 
     def layers(self) -> list[int]:
         return sorted(self.k)
@@ -155,6 +164,8 @@ class Calibration:
                 if self.k_first is not None:
                     for rows in (self.k_first[il], self.v_first[il]):
                         h.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+            if self.offsets_kept:  # (absent from the hash when empty: earlier fingerprints stand)
+                h.update(repr(sorted(self.offsets_kept)).encode())
             fp = h.hexdigest()
             object.__setattr__(self, "_fingerprint", fp)
         return fp
@@ -186,6 +197,10 @@ def write_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
             w.add_string("pyadaq.created", cal.created)
             if cal.first_token is not None:
                 w.add_uint32("pyadaq.first_token", cal.first_token)
+            for kind, is_v in (("k", False), ("v", True)):
+                kept = sorted(il for il, v in cal.offsets_kept if v == is_v)
+                if kept:
+                    w.add_array(f"pyadaq.offsets_kept.{kind}", kept)
             for il in cal.layers():
                 for kind, comps in (("k", cal.k[il]), ("v", cal.v[il])):
                     w.add_tensor(f"blk.{il}.{kind}_mean", np.ascontiguousarray(comps.mean, dtype=np.float32))
@@ -237,6 +252,15 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
         "model.sha256", "model.name", "model.architecture", "model.n_layer", "n_head_kv", "head_size_k",
         "head_size_v", "tokens", "text.sha256", "text.tokens", "n_ctx", "chunks", "version", "build", "created")}
     n_layer = int(meta["model.n_layer"])
+    kept = set()
+    for kind, is_v in (("k", False), ("v", True)):
+        key = f"pyadaq.offsets_kept.{kind}"
+        if key not in reader.fields:
+            continue
+        vals = _field(reader, key, spath)
+        if not isinstance(vals, list) or any(not isinstance(x, int) or not 0 <= x < n_layer for x in vals):
+            raise CalibrationFileError(f"{spath}: '{key}' must list layer indices below {n_layer}", spath)
+        kept |= {(x, is_v) for x in vals}
     per_layer = {}
     for key in ("n_head_kv", "head_size_k", "head_size_v", "tokens"):
         vals = meta[key]
@@ -288,7 +312,23 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
         created=str(meta["created"]), k=comps["k"], v=comps["v"], path=p, first_token=first_token,
         k_first=first["k"] if first_token is not None else None,
         v_first=first["v"] if first_token is not None else None,
+        offsets_kept=frozenset(kept),
     )
+
+
+def check_finite(cal: Calibration) -> None:
+    """CalibrationFileError when a calibration holds a value that is not finite (one made or
+    edited in Python: read_calibration checks what it reads)."""
+    where = f"{cal.path}" if cal.path else "the calibration"
+    for il in cal.layers():
+        for kind, comps, first in (("K", cal.k[il], cal.k_first), ("V", cal.v[il], cal.v_first)):
+            parts = {"mean": comps.mean, "basis": comps.basis, "variances": comps.var}
+            if first is not None:
+                parts["first-token row"] = first[il]
+            for name, a in parts.items():
+                if not np.isfinite(a).all():
+                    raise CalibrationFileError(f"{where}: layer {il} {kind} {name} holds values that are not finite",
+                                               cal.path)
 
 
 def check_for_model(cal: Calibration, info: ModelInfo) -> None:
@@ -318,5 +358,7 @@ def calibration_for_model(cal: Calibration | str | os.PathLike, info: ModelInfo)
     CalibrationFileError / CalibrationMismatchError otherwise."""
     if not isinstance(cal, Calibration):
         cal = read_calibration(cal)
+    else:
+        check_finite(cal)  # a file's values are checked as it is read
     check_for_model(cal, info)
     return cal

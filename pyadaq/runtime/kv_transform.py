@@ -41,8 +41,10 @@ covariance + (mean - offset)(mean - offset)^T), :func:`part_offset`:
   better than the rotated flat types instead of worse: their squared error per token was half
   of kvq2's, but the BOS row, unlike the data the directions were fitted to, came back with 5
   times kvq2's error, and in the global layers that row carries half the attention;
-* otherwise: the key mean for keys (libllama keeps it in layers with soft-capped logits or
-  attention sinks, where the identity does not hold), nothing for values. Taking the value mean
+* otherwise: the key mean for keys, nothing for values;
+* nothing where the model keeps the offset in the data (``Calibration.offsets_kept``: the keys
+  of layers with soft-capped logits, keys and values of layers with attention sinks, where the
+  identities do not hold): such parts are stored about zero. Taking the value mean
   out makes the near-zero values of the sink tokens large (K f16 with V kvq2 on the embedded
   model, 2 chunks of 512: KL 0.084 without a calibration, 0.134 with the value mean out).
 """
@@ -160,6 +162,8 @@ def _about(comps, offset):
 def part_offset(calibration, il: int, is_v: bool, t=None) -> np.ndarray | None:
     """What a layer's K or V part stored in cache type `t` subtracts before its transform
     ([heads, d]; None: nothing): see the module doc."""
+    if (il, is_v) in calibration.offsets_kept:
+        return None
     first = calibration.v_first if is_v else calibration.k_first
     if t is not None and cache_type(t).calibrated and first is not None:
         return first[il]
@@ -216,7 +220,10 @@ def kv_transforms(calibration, types_k, types_v, by_mean: bool = False) -> list[
     sides = ([] if by_mean else [False]) + ([True] if transforms_values(types_v) else [])
     for il in calibration.layers():
         if by_mean:
+            # an identity part takes a mean: zero where the model keeps the keys' offset in
             offset = part_offset(calibration, il, False, types_k[il])
+            if offset is None:
+                offset = np.zeros_like(calibration.k[il].mean)
             out.append(LayerTransform(il, False, None, None, np.ascontiguousarray(offset, dtype=np.float32)))
         for is_v in sides:
             t = (types_v if is_v else types_k)[il]
