@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pyadaq._atomic import atomic_write, atomic_write_text
 from pyadaq._native import native
 from pyadaq._paths import cache_dir
-from pyadaq.eval.metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax
+from pyadaq.eval.metrics import Accumulator, decode_logprobs, encode_logprobs, log_softmax, row_blocks
 from pyadaq.eval.texts import default_text
 from pyadaq.model.header import read_model_info
 from pyadaq.runtime.context import Context, Model, quiet_native_logs
@@ -127,10 +127,11 @@ class ReferenceStore:
         return self.dir / f"chunk{i:04d}-lp.npy", self.dir / f"chunk{i:04d}-top1.npy"
 
     def load(self, i: int):
-        """(log-probs, top-1) of chunk i, or None if it is not stored (or damaged)."""
+        """(log-probs as stored, :func:`encode_logprobs`; top-1) of chunk i, or None if it is not
+        stored (or damaged)."""
         lp, top1 = self._paths(i)
         try:
-            return decode_logprobs(np.load(lp, mmap_mode="r")), np.load(top1)
+            return np.load(lp, mmap_mode="r"), np.load(top1)
         except (OSError, ValueError):
             return None  # missing or damaged: computed again
 
@@ -154,18 +155,20 @@ class ReferenceStore:
             (self.dir / "used").touch()
 
     def put(self, i: int, logits: np.ndarray):
-        """Store the reference of chunk i from its logits; return (log-probs, top-1) as stored."""
+        """Store the reference of chunk i from its logits; return (log-probs, top-1) as stored
+        (log-probs encoded, :func:`encode_logprobs`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
             atomic_write_text(meta, json.dumps(self.meta, indent=1))
-        q = encode_logprobs(log_softmax(logits))
-        top1 = np.asarray(logits).argmax(-1).astype(np.int32)
+        logits = np.asarray(logits)
+        q = np.concatenate([encode_logprobs(log_softmax(logits[s])) for s in row_blocks(*logits.shape)])
+        top1 = logits.argmax(-1).astype(np.int32)
         for path, arr in zip(self._paths(i), (q, top1)):
             atomic_write(path, partial(np.save, arr=arr))
         self._touch()
         evict(self.root, self.limit, keep=self.dir)
-        return decode_logprobs(q), top1
+        return q, top1
 
 
 def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = None, n_ctx: int = 512,
@@ -211,14 +214,14 @@ def compare(model_path: str, configs: list[tuple[str, str]], text: str | None = 
             ctx = open_context(model, cfg, n_ctx, n_threads, attn_rot, flash_attn)
             acc, secs = Accumulator(), 0.0
             for i, ch in enumerate(parts):
-                lp_ref, top1 = store.load(i)
+                q_ref, top1 = store.load(i)
                 if n_cfg == 0:
                     nxt = ch[first + 1:]
-                    ref_nll.extend((-lp_ref[np.arange(len(nxt)), nxt]).tolist())
+                    ref_nll.extend((-decode_logprobs(q_ref[np.arange(len(nxt)), nxt])).tolist())
                 t0 = time.perf_counter()
                 lg = ctx.logits(ch, first)[:-1]
                 secs += time.perf_counter() - t0
-                acc.add_logprobs(lp_ref, top1, lg, ch[first + 1:])
+                acc.add_encoded(q_ref, top1, lg, ch[first + 1:])
                 bar.update()
             results.append({
                 **config_row(cfg),

@@ -18,11 +18,27 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def row_blocks(n_rows: int, n_cols: int):
+    """Slices of rows that keep each float64 temporary of a computation over n_cols columns (a
+    vocabulary) near 8 MiB, so that they are reused from the heap: whole-array temporaries of
+    the 256 scored rows of a chunk with a vocabulary of 262144 are 512 MiB each, fresh pages that
+    the kernel zeroes, which took most of the scoring time. Every operation is per row: the
+    results are the same, bit for bit."""
+    step = max(1, (1 << 20) // max(1, n_cols))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _kl_rows(lp_ref: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    return np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=-1)
+
+
 def token_kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(ref || test) per row, in nats."""
-    lp_ref = log_softmax(ref_logits)
-    lp = log_softmax(logits)
-    return np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=-1)
+    ref_logits, logits = np.asarray(ref_logits), np.asarray(logits)
+    if ref_logits.ndim != 2:
+        return _kl_rows(log_softmax(ref_logits), log_softmax(logits))
+    return np.concatenate([_kl_rows(log_softmax(ref_logits[s]), log_softmax(logits[s]))
+                           for s in row_blocks(*ref_logits.shape)])
 
 
 @dataclass
@@ -41,13 +57,23 @@ class Accumulator:
     def add_logprobs(self, lp_ref: np.ndarray, ref_top1: np.ndarray, logits: np.ndarray,
                      next_tokens: np.ndarray) -> None:
         """Like add(), with the reference given as log-probabilities and its top-1 tokens."""
-        lp_ref = np.asarray(lp_ref, dtype=np.float64)
-        lp = log_softmax(logits)
-        rows = np.arange(len(next_tokens))
-        self.kl.extend(np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=-1).tolist())
-        self.top1.extend((np.asarray(ref_top1) == lp.argmax(-1)).tolist())
-        self.nll.extend((-lp[rows, next_tokens]).tolist())
-        self.dp.extend((np.exp(lp[rows, next_tokens]) - np.exp(lp_ref[rows, next_tokens])).tolist())
+        self._add(lambda s: np.asarray(lp_ref[s], dtype=np.float64), ref_top1, logits, next_tokens)
+
+    def add_encoded(self, q_ref: np.ndarray, ref_top1: np.ndarray, logits: np.ndarray,
+                    next_tokens: np.ndarray) -> None:
+        """Like add_logprobs(), with the reference as stored (:func:`encode_logprobs`), decoded a
+        block of rows at a time."""
+        self._add(lambda s: decode_logprobs(q_ref[s]), ref_top1, logits, next_tokens)
+
+    def _add(self, ref_rows, ref_top1, logits, next_tokens) -> None:
+        logits, next_tokens, ref_top1 = np.asarray(logits), np.asarray(next_tokens), np.asarray(ref_top1)
+        for s in row_blocks(len(next_tokens), logits.shape[-1]):
+            lp_ref, lp, nxt = ref_rows(s), log_softmax(logits[s]), next_tokens[s]
+            rows = np.arange(len(nxt))
+            self.kl.extend(_kl_rows(lp_ref, lp).tolist())
+            self.top1.extend((ref_top1[s] == lp.argmax(-1)).tolist())
+            self.nll.extend((-lp[rows, nxt]).tolist())
+            self.dp.extend((np.exp(lp[rows, nxt]) - np.exp(lp_ref[rows, nxt])).tolist())
 
     def summary(self) -> dict:
         kl = np.asarray(self.kl)
