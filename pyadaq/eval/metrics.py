@@ -51,8 +51,8 @@ class Accumulator:
     dp: list = field(default_factory=list)  # p_test(correct) - p_ref(correct)
 
     def add(self, ref_logits: np.ndarray, logits: np.ndarray, next_tokens: np.ndarray) -> None:
-        lp_ref = log_softmax(ref_logits)
-        self.add_logprobs(lp_ref, lp_ref.argmax(-1), logits, next_tokens)
+        ref_logits = np.asarray(ref_logits)
+        self._add(lambda s: log_softmax(ref_logits[s]), None, logits, next_tokens)
 
     def add_logprobs(self, lp_ref: np.ndarray, ref_top1: np.ndarray, logits: np.ndarray,
                      next_tokens: np.ndarray) -> None:
@@ -66,12 +66,15 @@ class Accumulator:
         self._add(lambda s: decode_logprobs(q_ref[s]), ref_top1, logits, next_tokens)
 
     def _add(self, ref_rows, ref_top1, logits, next_tokens) -> None:
-        logits, next_tokens, ref_top1 = np.asarray(logits), np.asarray(next_tokens), np.asarray(ref_top1)
+        """ref_rows(s): the reference's log-probs of the rows s; ref_top1: its top-1 tokens (None:
+        from those log-probs)."""
+        logits, next_tokens = np.asarray(logits), np.asarray(next_tokens)
         for s in row_blocks(len(next_tokens), logits.shape[-1]):
             lp_ref, lp, nxt = ref_rows(s), log_softmax(logits[s]), next_tokens[s]
             rows = np.arange(len(nxt))
+            top1 = lp_ref.argmax(-1) if ref_top1 is None else np.asarray(ref_top1)[s]
             self.kl.extend(_kl_rows(lp_ref, lp).tolist())
-            self.top1.extend((ref_top1[s] == lp.argmax(-1)).tolist())
+            self.top1.extend((top1 == lp.argmax(-1)).tolist())
             self.nll.extend((-lp[rows, nxt]).tolist())
             self.dp.extend((np.exp(lp[rows, nxt]) - np.exp(lp_ref[rows, nxt])).tolist())
 
