@@ -754,8 +754,9 @@ def read_config(path) -> TinyConfig:
         rms_eps=float(f"{float(md[f'{a}.attention.layer_norm_rms_epsilon']):.7g}"),
         rope_freq_base=float(md.get(f"{a}.rope.freq_base", 10000.0)),
         rope_freq_base_swa=(float(md.get(f"{a}.rope.freq_base_swa", 10000.0)) if a == "gemma3" else None),
-        attn_softcap=float(md.get(f"{a}.attn_logit_softcapping", 0.0)),
-        final_softcap=float(md.get(f"{a}.final_logit_softcapping", 0.0)),
+        # llama.cpp's defaults where gemma2's keys are missing (it always caps)
+        attn_softcap=float(md.get(f"{a}.attn_logit_softcapping", 50.0 if a == "gemma2" else 0.0)),
+        final_softcap=float(md.get(f"{a}.final_logit_softcapping", 30.0 if a == "gemma2" else 0.0)),
         n_expert=int(md.get(f"{a}.expert_count", 0) or 0),
         n_expert_used=int(md.get(f"{a}.expert_used_count", 0) or 0),
         sliding_window=sw,

@@ -802,10 +802,25 @@ def test_offsets_the_model_keeps(setup, tmp_path):
     assert back.offsets_kept == cal.offsets_kept and back.fingerprint == cal.fingerprint
     if want:
         assert dataclasses.replace(cal, offsets_kept=frozenset()).fingerprint != cal.fingerprint
+    # numpy ints and 0/1 are the same record (and write as plain ints)
+    loose = dataclasses.replace(cal, offsets_kept={(np.int64(il), int(v)) for il, v in want})
+    assert loose.fingerprint == cal.fingerprint
+    assert read_calibration(write_calibration(loose, tmp_path / "loose.gguf")).offsets_kept == want
     bad = write_calibration(dataclasses.replace(cal, offsets_kept=frozenset({(m.info.n_layer, True)})),
                             tmp_path / "bad.gguf")
     with pytest.raises(CalibrationFileError, match=r"offsets_kept\.v"):
         read_calibration(bad)
+    # a file made before the record (offsets_kept None) in calibrate()'s cache is filled in
+    # from the model, and the cache rewritten with it
+    from pyadaq.eval.calibration import cached_path
+
+    cached = cached_path(m.path, TEXT, n_ctx=256, n_chunks=2)
+    assert cached.exists()
+    write_calibration(dataclasses.replace(cal, offsets_kept=None), cached)
+    assert read_calibration(cached).offsets_kept is None
+    again = calibrate(m.path, TEXT, n_ctx=256, n_chunks=2, n_threads=THREADS, progress=False)
+    assert again.offsets_kept == want and read_calibration(cached).offsets_kept == want
+    assert again.fingerprint == cal.fingerprint
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gpt-oss"])

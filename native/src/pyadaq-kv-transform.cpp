@@ -590,10 +590,12 @@ int32_t pyadaq_model_kv_offsets(const struct llama_model * model, int32_t il) {
     if (model == nullptr || il < 0 || il >= (int32_t) model->hparams.n_layer()) {
         return -1;
     }
-    // the identities that let the offsets out: no soft-capping of the logits (keys), no learned
-    // sinks (keys and values: the weights of the cached tokens no longer sum to one)
+    // the identities that let the offsets out: no soft-capping of the logits (keys; Grok's
+    // graph caps them by architecture, without the flag), no learned sinks (keys and values:
+    // the weights of the cached tokens no longer sum to one)
+    const bool capped = model->hparams.attn_soft_cap || model->arch == LLM_ARCH_GROK;
     const bool sinks = il < (int32_t) model->layers.size() && model->layers[il].attn_sinks != nullptr;
-    return (!model->hparams.attn_soft_cap && !sinks ? 1 : 0) | (!sinks ? 2 : 0);
+    return (!capped && !sinks ? 1 : 0) | (!sinks ? 2 : 0);
 }
 
 int64_t pyadaq_kv_transform_bytes(const struct llama_context * ctx) {

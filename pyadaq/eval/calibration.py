@@ -63,7 +63,7 @@ def offsets_kept(model_path) -> frozenset[tuple[int, bool]]:
     from pyadaq.runtime.context import Model
 
     n = native()
-    m = Model(str(model_path))
+    m = Model(str(model_path), n_gpu_layers=0)  # a flag of the model's layers: no weights on a GPU
     try:
         out = set()
         for il in range(m.info.n_layer):
@@ -110,6 +110,9 @@ def calibrate(model_path: str | Path, text: str | None = None, n_ctx: int = DEFA
             cal = read_calibration(cached)
         except CalibrationFileError:
             cached.unlink(missing_ok=True)  # a damaged cache entry is measured again
+        if cal is not None and cal.offsets_kept is None:  # made before offsets_kept was recorded
+            cal = dataclasses.replace(cal, offsets_kept=offsets_kept(model_path))
+            cal = dataclasses.replace(cal, path=write_calibration(cal, cached))
     if cal is None:
         cal = _measure(model_path, info, text, n_ctx, n_chunks, n_threads, progress)
         cal = dataclasses.replace(cal, path=write_calibration(cal, cached))

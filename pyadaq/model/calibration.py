@@ -23,9 +23,11 @@ The file is a GGUF file (written and read with the ``gguf`` package):
 * when some layer does not let a transform take its offsets out (libllama's
   ``pyadaq_model_kv_offsets``: soft-capped attention logits keep the keys' offset in, learned
   attention sinks both), ``pyadaq.offsets_kept.k`` and ``pyadaq.offsets_kept.v``: the layers
-  whose key or value offset stays in the data (arrays of layer indices; absent: none; written
-  since this field was added, format 2 still: older files of such models lack it). Their
-  parts are then stored about zero, not about an offset (pyadaq.runtime.kv_transform.part_offset).
+  whose key or value offset stays in the data (arrays of layer indices; absent: none), and
+  ``pyadaq.offsets_kept = true`` saying that they were recorded. Files made before (format 2
+  still) lack the record: ``offsets_kept`` is then None, and ``pyadaq calibrate``'s cache
+  fills it in from the model when it reads such a file. Those parts are stored about zero, not
+  about an offset (pyadaq.runtime.kv_transform.part_offset).
 
 Format 1 files (without the first-token rows) are still read.
 
@@ -142,8 +144,14 @@ class Calibration:
     first_token: int | None = None  # the BOS token whose rows k_first / v_first are; None: not recorded
     k_first: dict[int, np.ndarray] | None = None  # per layer [heads, d]
     v_first: dict[int, np.ndarray] | None = None
-    # (layer, is_v) whose offset the model keeps in the data (soft-capped logits, attention sinks)
-    offsets_kept: frozenset[tuple[int, bool]] = frozenset()
+    # (layer, is_v) whose offset the model keeps in the data (soft-capped logits, attention
+    # sinks); None: not recorded (a file made before the record existed)
+    offsets_kept: frozenset[tuple[int, bool]] | None = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.offsets_kept is not None:  # one form, whatever ints or bools it was given
+            object.__setattr__(self, "offsets_kept",
+                               frozenset((int(il), bool(is_v)) for il, is_v in self.offsets_kept))
 
     def layers(self) -> list[int]:
         return sorted(self.k)
@@ -197,10 +205,12 @@ def write_calibration(cal: Calibration, path: str | os.PathLike) -> Path:
             w.add_string("pyadaq.created", cal.created)
             if cal.first_token is not None:
                 w.add_uint32("pyadaq.first_token", cal.first_token)
-            for kind, is_v in (("k", False), ("v", True)):
-                kept = sorted(il for il, v in cal.offsets_kept if v == is_v)
-                if kept:
-                    w.add_array(f"pyadaq.offsets_kept.{kind}", kept)
+            if cal.offsets_kept is not None:
+                w.add_bool("pyadaq.offsets_kept", True)
+                for kind, is_v in (("k", False), ("v", True)):
+                    kept = sorted(il for il, v in cal.offsets_kept if v == is_v)
+                    if kept:
+                        w.add_array(f"pyadaq.offsets_kept.{kind}", kept)
             for il in cal.layers():
                 for kind, comps in (("k", cal.k[il]), ("v", cal.v[il])):
                     w.add_tensor(f"blk.{il}.{kind}_mean", np.ascontiguousarray(comps.mean, dtype=np.float32))
@@ -312,7 +322,7 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
         created=str(meta["created"]), k=comps["k"], v=comps["v"], path=p, first_token=first_token,
         k_first=first["k"] if first_token is not None else None,
         v_first=first["v"] if first_token is not None else None,
-        offsets_kept=frozenset(kept),
+        offsets_kept=frozenset(kept) if "pyadaq.offsets_kept" in reader.fields else None,
     )
 
 

@@ -162,7 +162,7 @@ def _about(comps, offset):
 def part_offset(calibration, il: int, is_v: bool, t=None) -> np.ndarray | None:
     """What a layer's K or V part stored in cache type `t` subtracts before its transform
     ([heads, d]; None: nothing): see the module doc."""
-    if (il, is_v) in calibration.offsets_kept:
+    if calibration.offsets_kept and (il, is_v) in calibration.offsets_kept:
         return None
     first = calibration.v_first if is_v else calibration.k_first
     if t is not None and cache_type(t).calibrated and first is not None:
