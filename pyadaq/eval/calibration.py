@@ -112,7 +112,7 @@ def calibrate(model_path: str | Path, text: str | None = None, n_ctx: int = DEFA
             cached.unlink(missing_ok=True)  # a damaged cache entry is measured again
         if cal is not None and cal.offsets_kept is None:  # made before offsets_kept was recorded
             cal = dataclasses.replace(cal, offsets_kept=offsets_kept(model_path))
-            cal = dataclasses.replace(cal, path=write_calibration(cal, cached))
+            write_calibration(cal, cached)  # (cal.path is already this file)
     if cal is None:
         cal = _measure(model_path, info, text, n_ctx, n_chunks, n_threads, progress)
         cal = dataclasses.replace(cal, path=write_calibration(cal, cached))

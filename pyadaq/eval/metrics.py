@@ -69,10 +69,11 @@ class Accumulator:
         """ref_rows(s): the reference's log-probs of the rows s; ref_top1: its top-1 tokens (None:
         from those log-probs)."""
         logits, next_tokens = np.asarray(logits), np.asarray(next_tokens)
+        ref_top1 = None if ref_top1 is None else np.asarray(ref_top1)
         for s in row_blocks(len(next_tokens), logits.shape[-1]):
             lp_ref, lp, nxt = ref_rows(s), log_softmax(logits[s]), next_tokens[s]
             rows = np.arange(len(nxt))
-            top1 = lp_ref.argmax(-1) if ref_top1 is None else np.asarray(ref_top1)[s]
+            top1 = lp_ref.argmax(-1) if ref_top1 is None else ref_top1[s]
             self.kl.extend(_kl_rows(lp_ref, lp).tolist())
             self.top1.extend((top1 == lp.argmax(-1)).tolist())
             self.nll.extend((-lp[rows, nxt]).tolist())
